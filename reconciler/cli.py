@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require commits signed by a key in this GPG keyring")
     p.add_argument("--outbox-max", type=int, default=100_000,
                    help="events kept for NATS while it is down")
-    p.add_argument("--http-metrics", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--port-offset", type=int, default=0,
+                   help="added to apps' health ports and exported as GITOPS_PORT_OFFSET "
+                        "(several nodes on one host: demo, tests)")
     add_nats_args(p)
 
     p = sub.add_parser("status", help="node status, local (--state-dir) or remote (--nats)")
