@@ -27,6 +27,9 @@ class AppStatus(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
     depends_on: list[str] = Field(default_factory=list)
     suspended: bool = False
+    # Set when an upgrade/reconfigure to this version failed and was rolled back: the app
+    # serves its previous `version`, and the node reports `failed` for this rollout.
+    failed_version: str | None = None
     restarts: int = 0
     pid: int | None = None
     started_at: str | None = None
@@ -83,6 +86,9 @@ def summarize(
     failed = sorted(a.name for a in apps if a.phase in ("failed", "blocked"))
     if failed:
         return "failed", "failed or blocked: " + ", ".join(failed)
+    rolled_back = sorted(f"{a.name} {a.failed_version}" for a in apps if a.failed_version)
+    if rolled_back and not reconciling:
+        return "failed", "rolled back after a failed upgrade: " + ", ".join(rolled_back)
     if reconciling or any(a.phase in _BUSY_PHASES for a in apps):
         return "progressing", "reconciling"
     if not at_desired_revision:
