@@ -199,10 +199,21 @@ def resolve_handler(name: str) -> Callable[[argparse.Namespace], int]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    # The pre-parse only looks for --config and the command: options that are required on
+    # the command line may still come from the config file or env, so relax them for now.
+    commands: dict[str, argparse.ArgumentParser] = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr,assignment]
+    relaxed: list[Any] = []
+    for sp in commands.values():
+        items: list[Any] = [*sp._actions, *sp._mutually_exclusive_groups]
+        relaxed += [i for i in items if i.required and getattr(i, "option_strings", True)]
+    for item in relaxed:
+        item.required = False
     pre, _ = parser.parse_known_args(argv)
+    for item in relaxed:
+        item.required = True
     config = _load_config(pre.config) if pre.config else {}
     if pre.command:
-        subparser = parser._subparsers._group_actions[0].choices[pre.command]  # type: ignore[union-attr]
+        subparser = commands[pre.command]
         subparser.set_defaults(**_option_defaults(subparser, config, dict(os.environ)))
         # options with required=True are satisfied by config/env defaults too
         for action in subparser._actions:
