@@ -1,4 +1,4 @@
-"""Local state store (sqlite, WAL): app inventory, node meta and the event outbox, one transaction per change."""
+"""Local state store (sqlite, WAL): app inventory, node meta and the event outbox."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""OpenTelemetry for the agent: spans around reconciles and actions, a few metrics, OTLP only if asked."""
+"""OpenTelemetry for the agent: spans, a few metrics, OTLP exporters only when asked."""
 
 from __future__ import annotations
 

@@ -144,9 +144,9 @@ def test_read_only_views(tmp_path: Path) -> None:
 
 def test_not_a_store_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "state.db").write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(StoreError, match="state.db"):
+    with pytest.raises(StoreError, match=r"state\.db"):
         Store(tmp_path)
-    with pytest.raises(StoreError, match="state.db"):
+    with pytest.raises(StoreError, match=r"state\.db"):
         read_snapshot(tmp_path)
 
 
