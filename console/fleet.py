@@ -1,0 +1,457 @@
+"""Fleet state: pure aggregation of node statuses (KV) and events (stream) into console views.
+
+No I/O and no clock reads: callers pass status/event bytes in and `now` to every derived view.
+Memory is bounded: one status per node, the last `events_keep` events, `revisions_keep`
+revisions of rollout statistics.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from reconciler.events import Event
+from reconciler.status import NODE_STATES, UNREACHABLE, NodeStatus
+
+STATUSES: tuple[str, ...] = (*NODE_STATES, UNREACHABLE)
+# How many missed heartbeats make a node unreachable (the contract says 3).
+MISSED_HEARTBEATS = 3
+ROLLOUT_BUCKETS: tuple[str, ...] = (
+    "synced", "progressing", "degraded", "failed", "pending", "suspended", UNREACHABLE,
+)
+_FAILED_PHASES = ("failed", "blocked")
+
+
+def parse_time(text: str | None) -> datetime | None:
+    """ISO 8601 (with `Z` or an offset) -> aware datetime; None if absent or unparseable."""
+    if not text:
+        return None
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _iso(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    """Event log filter; `type` is exact, or a prefix when it ends with `.` or `*`."""
+
+    node: str | None = None
+    app: str | None = None
+    type: str | None = None
+
+    def matches(self, event: Event) -> bool:
+        if self.node and event.node != self.node:
+            return False
+        if self.app and event.app != self.app:
+            return False
+        if self.type:
+            if self.type.endswith(("*", ".")):
+                return event.type.startswith(self.type.rstrip("*"))
+            return event.type == self.type
+        return True
+
+
+@dataclass(frozen=True)
+class NodeFilter:
+    """Overview filter: every given clause must hold. `labels` are k=v pairs."""
+
+    labels: tuple[tuple[str, str], ...] = ()
+    layer: str | None = None
+    status: str | None = None
+
+    @classmethod
+    def parse(cls, labels: Iterable[str] = (), layer: str | None = None,
+              status: str | None = None) -> NodeFilter:
+        """From query strings like `role=edge`; raises ValueError naming a bad clause."""
+        pairs = []
+        for text in labels:
+            key, sep, value = text.partition("=")
+            if not sep or not key:
+                raise ValueError(f"label filter {text!r}: expected key=value")
+            pairs.append((key, value))
+        if status and status not in STATUSES:
+            raise ValueError(f"status filter {status!r}: expected one of {', '.join(STATUSES)}")
+        return cls(tuple(pairs), layer or None, status or None)
+
+    def matches(self, card: dict[str, Any]) -> bool:
+        if any(card["labels"].get(k) != v for k, v in self.labels):
+            return False
+        if self.layer and self.layer not in card["layers"]:
+            return False
+        return not (self.status and card["status"] != self.status)
+
+
+@dataclass
+class RevisionStats:
+    """What the event stream tells about one revision across the fleet."""
+
+    revision: str
+    first_seen: datetime
+    reconciles: int = 0
+    total_ms: float = 0.0
+    max_ms: float = 0.0
+    last_success: datetime | None = None
+    failures: int = 0
+    nodes_ok: set[str] = field(default_factory=set)
+
+
+class Fleet:
+    """Everything the console knows, updated by apply_status/apply_event.
+
+    `version` increases on every change, so pushers can tell whether anything moved.
+    """
+
+    def __init__(self, events_keep: int = 5000, revisions_keep: int = 100) -> None:
+        if events_keep < 1:
+            raise ValueError("events_keep must be at least 1")
+        self.nodes: dict[str, NodeStatus] = {}
+        self.events: deque[Event] = deque(maxlen=events_keep)
+        self.revisions: OrderedDict[str, RevisionStats] = OrderedDict()
+        self.revisions_keep = revisions_keep
+        # node -> revision of its latest source.fetched event (rollout targeting)
+        self.fetched: dict[str, str] = {}
+        self.version = 0
+        self.events_total = 0
+        self.rejected = 0
+        self.last_error: str | None = None
+
+    # ---- ingestion -------------------------------------------------------------------
+
+    def apply_status(self, key: str, value: bytes | str | None) -> str | None:
+        """A KV entry for node `key`; None/empty value = the key was deleted or purged.
+
+        Returns an error message (and changes nothing) when the value is not a NodeStatus.
+        """
+        if not value:
+            if self.nodes.pop(key, None) is not None:
+                self.version += 1
+            self.fetched.pop(key, None)
+            return None
+        try:
+            status = NodeStatus.from_json(value)
+        except ValidationError as exc:
+            return self._reject(f"KV key {key!r}: not a node status: {_first_error(exc)}")
+        if status.node != key:
+            return self._reject(f"KV key {key!r}: status is for node {status.node!r}")
+        self.nodes[key] = status
+        self.version += 1
+        return None
+
+    def apply_event(self, data: bytes | str | Event) -> str | None:
+        """One event from the stream; returns an error message if it is not an Event."""
+        if isinstance(data, Event):
+            event = data
+        else:
+            try:
+                event = Event.model_validate_json(data)
+            except ValidationError as exc:
+                return self._reject(f"event: {_first_error(exc)}")
+        self.events.append(event)
+        self.events_total += 1
+        self.version += 1
+        if event.revision:
+            self._count_revision(event)
+        return None
+
+    def _reject(self, message: str) -> str:
+        self.rejected += 1
+        self.last_error = message
+        return message
+
+    def _count_revision(self, event: Event) -> None:
+        rev = event.revision
+        assert rev is not None
+        when = parse_time(event.time)
+        if when is None:
+            return
+        stats = self.revisions.get(rev)
+        if stats is None:
+            stats = self.revisions[rev] = RevisionStats(rev, when)
+            while len(self.revisions) > self.revisions_keep:
+                self.revisions.popitem(last=False)
+        elif when < stats.first_seen:
+            stats.first_seen = when
+        if event.type == "source.fetched":
+            self.fetched[event.node] = rev
+        elif event.type == "reconcile.finished":
+            stats.reconciles += 1
+            if event.duration_ms is not None:
+                stats.total_ms += event.duration_ms
+                stats.max_ms = max(stats.max_ms, event.duration_ms)
+            if event.outcome == "success":
+                stats.nodes_ok.add(event.node)
+                if stats.last_success is None or when > stats.last_success:
+                    stats.last_success = when
+            elif event.outcome == "failure":
+                stats.failures += 1
+
+    # ---- derived values --------------------------------------------------------------
+
+    def node_state(self, status: NodeStatus, now: datetime) -> str:
+        """The reported status, or `unreachable` when the heartbeat is too old."""
+        updated = parse_time(status.updated_at)
+        if updated is None:
+            return UNREACHABLE
+        age = (now - updated).total_seconds()
+        if age > MISSED_HEARTBEATS * status.heartbeat_interval_s:
+            return UNREACHABLE
+        return status.status
+
+    def card(self, status: NodeStatus, now: datetime) -> dict[str, Any]:
+        """One node's overview card."""
+        apps = status.apps
+        return {
+            "node": status.node,
+            "status": self.node_state(status, now),
+            "reported_status": status.status,
+            "message": status.message,
+            "revision": status.revision,
+            "desired_revision": status.desired_revision,
+            "labels": dict(status.labels),
+            "layers": sorted({a.layer for a in apps if a.layer}),
+            "apps": {
+                "total": len(apps),
+                "running": sum(a.phase == "running" for a in apps),
+                "failed": sum(a.phase in _FAILED_PHASES or bool(a.failed_version)
+                              for a in apps),
+                "unhealthy": sum(a.health == "unhealthy" for a in apps),
+            },
+            "updated_at": status.updated_at,
+            "last_reconcile_at": status.last_reconcile_at,
+            "last_reconcile_ms": status.last_reconcile_ms,
+            "agent_version": status.agent_version,
+        }
+
+    def cards(self, now: datetime, where: NodeFilter | None = None) -> list[dict[str, Any]]:
+        cards = [self.card(self.nodes[n], now) for n in sorted(self.nodes)]
+        return [c for c in cards if where is None or where.matches(c)]
+
+    def counters(self, now: datetime) -> dict[str, int]:
+        counts = dict.fromkeys(STATUSES, 0)
+        apps_running = apps_failed = apps_total = 0
+        for status in self.nodes.values():
+            state = self.node_state(status, now)
+            counts[state] = counts.get(state, 0) + 1
+            for app in status.apps:
+                apps_total += 1
+                apps_running += app.phase == "running"
+                apps_failed += app.phase in _FAILED_PHASES or bool(app.failed_version)
+        return {
+            "nodes": len(self.nodes), **counts,
+            "apps": apps_total, "apps_running": apps_running, "apps_failed": apps_failed,
+        }
+
+    def filter_choices(self) -> dict[str, Any]:
+        """Label keys/values and layers present in the fleet, for the overview's filters."""
+        labels: dict[str, set[str]] = {}
+        layers: set[str] = set()
+        for status in self.nodes.values():
+            for key, value in status.labels.items():
+                labels.setdefault(key, set()).add(value)
+            layers.update(a.layer for a in status.apps if a.layer)
+        return {
+            "labels": {k: sorted(v) for k, v in sorted(labels.items())},
+            "layers": sorted(layers),
+            "statuses": list(STATUSES),
+        }
+
+    def overview(self, now: datetime, where: NodeFilter | None = None) -> dict[str, Any]:
+        return {
+            "now": _iso(now),
+            "counters": self.counters(now),
+            "nodes": self.cards(now, where),
+            "filters": self.filter_choices(),
+            "rollouts": self.recent_rollouts(now),
+        }
+
+    def node_view(self, node: str, now: datetime, events: int = 50) -> dict[str, Any] | None:
+        status = self.nodes.get(node)
+        if status is None:
+            return None
+        return {
+            "now": _iso(now),
+            "card": self.card(status, now),
+            "status": status.model_dump(mode="json"),
+            "events": self.event_log(EventFilter(node=node), events),
+        }
+
+    def app_view(self, name: str, now: datetime, events: int = 50) -> dict[str, Any] | None:
+        rows = []
+        versions: dict[str, int] = {}
+        phases: dict[str, int] = {}
+        for node in sorted(self.nodes):
+            status = self.nodes[node]
+            for app in status.apps:
+                if app.name != name:
+                    continue
+                rows.append({
+                    "node": node,
+                    "node_status": self.node_state(status, now),
+                    **app.model_dump(mode="json", exclude={"name", "depends_on", "labels"}),
+                })
+                versions[app.version] = versions.get(app.version, 0) + 1
+                phases[app.phase] = phases.get(app.phase, 0) + 1
+        log = self.event_log(EventFilter(app=name), events)
+        if not rows and not log:
+            return None
+        return {
+            "now": _iso(now), "app": name, "nodes": rows,
+            "versions": dict(sorted(versions.items())), "phases": dict(sorted(phases.items())),
+            "events": log,
+        }
+
+    def apps_index(self) -> list[dict[str, Any]]:
+        """Every app name with how many nodes run it and how many have it failed."""
+        index: dict[str, dict[str, Any]] = {}
+        for status in self.nodes.values():
+            for app in status.apps:
+                row = index.setdefault(app.name, {
+                    "app": app.name, "nodes": 0, "running": 0, "failed": 0, "versions": set(),
+                    "layer": app.layer,
+                })
+                row["nodes"] += 1
+                row["running"] += app.phase == "running"
+                row["failed"] += app.phase in _FAILED_PHASES or bool(app.failed_version)
+                row["versions"].add(app.version)
+        return [{**row, "versions": sorted(row["versions"])} for _, row in sorted(index.items())]
+
+    def resolve_revision(self, prefix: str) -> str | None:
+        """A full revision from a unique prefix (short SHA), or None."""
+        known = set(self.revisions)
+        for status in self.nodes.values():
+            known.update(r for r in (status.revision, status.desired_revision) if r)
+        if prefix in known:
+            return prefix
+        matches = {r for r in known if r.startswith(prefix)} if len(prefix) >= 4 else set()
+        return matches.pop() if len(matches) == 1 else None
+
+    def rollout_bucket(self, status: NodeStatus, revision: str, now: datetime) -> str | None:
+        """Where a node stands in the rollout of `revision`, or None if it is not targeted."""
+        reported = status.revision == revision
+        desired = status.desired_revision == revision
+        fetched = self.fetched.get(status.node) == revision
+        if not (reported or desired or fetched):
+            return None
+        state = self.node_state(status, now)
+        if state in (UNREACHABLE, "suspended"):
+            return state
+        if state == "failed" and (reported or desired):
+            return "failed"
+        if reported:
+            return state if state in ("synced", "degraded") else "progressing"
+        if desired or state == "progressing":
+            return "progressing"
+        return "pending"
+
+    def rollout_view(self, revision: str, now: datetime) -> dict[str, Any] | None:
+        full = self.resolve_revision(revision)
+        if full is None:
+            return None
+        buckets: dict[str, list[str]] = {b: [] for b in ROLLOUT_BUCKETS}
+        failing = []
+        for node in sorted(self.nodes):
+            status = self.nodes[node]
+            bucket = self.rollout_bucket(status, full, now)
+            if bucket is None:
+                continue
+            buckets[bucket].append(node)
+            if bucket in ("failed", "degraded"):
+                failing.append({"node": node, "status": bucket, "error": _node_error(status)})
+        targeted = sum(len(v) for v in buckets.values())
+        stats = self.revisions.get(full)
+        return {
+            "now": _iso(now),
+            "revision": full,
+            "targeted": targeted,
+            "counts": {b: len(v) for b, v in buckets.items()},
+            "nodes": buckets,
+            "failing": failing,
+            "progress": round(len(buckets["synced"]) / targeted, 4) if targeted else 0.0,
+            "first_seen": _iso(stats.first_seen) if stats else None,
+            "last_success": _iso(stats.last_success) if stats and stats.last_success else None,
+        }
+
+    def recent_rollouts(self, now: datetime, limit: int = 5) -> list[dict[str, Any]]:
+        """The newest revisions (by first sighting) with their synced/targeted counts."""
+        revs = sorted(self.revisions.values(), key=lambda s: s.first_seen, reverse=True)
+        seen = {s.revision for s in revs}
+        # Revisions only known from KV (events not replayed) still deserve a line.
+        extra = sorted({s.revision for s in self.nodes.values() if s.revision} - seen)
+        out = []
+        for rev in [s.revision for s in revs] + extra:
+            view = self.rollout_view(rev, now)
+            if view is None or not view["targeted"]:
+                continue
+            out.append({
+                "revision": rev, "targeted": view["targeted"], "synced": view["counts"]["synced"],
+                "failed": view["counts"]["failed"] + view["counts"]["degraded"],
+                "progress": view["progress"], "first_seen": view["first_seen"],
+            })
+            if len(out) >= limit:
+                break
+        return out
+
+    def event_log(self, where: EventFilter | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        """Newest first, at most `limit` events matching `where`."""
+        out: list[dict[str, Any]] = []
+        for event in reversed(self.events):
+            if where is None or where.matches(event):
+                out.append(event.model_dump(mode="json", exclude_none=True))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def series(self, now: datetime, window_s: float = 6 * 3600) -> list[dict[str, Any]]:
+        """Per revision seen in the window, oldest first: reconcile durations and convergence.
+
+        Convergence = last successful reconcile at the revision - its first sighting (a fetch
+        or reconcile start anywhere in the fleet).
+        """
+        out = []
+        for stats in sorted(self.revisions.values(), key=lambda s: s.first_seen):
+            if (now - stats.first_seen).total_seconds() > window_s:
+                continue
+            convergence = (
+                round((stats.last_success - stats.first_seen).total_seconds(), 3)
+                if stats.last_success else None
+            )
+            out.append({
+                "revision": stats.revision,
+                "first_seen": _iso(stats.first_seen),
+                "reconciles": stats.reconciles,
+                "failures": stats.failures,
+                "mean_ms": round(stats.total_ms / n, 1) if (n := stats.reconciles) else None,
+                "max_ms": round(stats.max_ms, 1) if n else None,
+                "nodes_synced": len(stats.nodes_ok),
+                "convergence_s": convergence,
+            })
+        return out
+
+
+def _node_error(status: NodeStatus) -> str:
+    """The most specific reason a node gives for failing."""
+    parts = [status.message] if status.message else []
+    for app in status.apps:
+        if (app.phase in _FAILED_PHASES or app.failed_version) and app.message:
+            parts.append(f"{app.name}: {app.message}")
+    if status.source_error:
+        parts.append(f"source: {status.source_error}")
+    parts.extend(status.spec_errors[:3])
+    return "; ".join(parts) or status.status
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "value"
+    return f"{where}: {err.get('msg', 'invalid')}"

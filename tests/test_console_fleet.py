@@ -1,0 +1,186 @@
+"""console.fleet: pure aggregation of statuses and events, asserted as whole values."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from console.fleet import EventFilter, Fleet, NodeFilter
+from reconciler.events import make_event
+from reconciler.status import AppStatus, NodeStatus
+
+T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+REV1 = "a" * 40
+REV2 = "b" * 40
+
+
+def iso(when: datetime) -> str:
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def status(node: str, state: str = "synced", *, at: datetime = T0, **kw: Any) -> bytes:
+    return NodeStatus(node=node, status=state, updated_at=iso(at), **kw).to_json_bytes()
+
+
+def app(name: str, phase: str = "running", health: str = "healthy", **kw: Any) -> AppStatus:
+    return AppStatus(name=name, version=kw.pop("version", "1.0"), phase=phase, health=health,
+                     **kw)
+
+
+def event(type: str, node: str, at: datetime = T0, eid: str = "", **kw: Any) -> bytes:
+    return make_event(type, node, at, event_id=eid or None, **kw).to_json_bytes()
+
+
+def test_counters_and_cards_with_unreachable_derived_from_heartbeat_age() -> None:
+    fleet = Fleet()
+    fleet.apply_status("n1", status("n1", labels={"role": "edge"}, revision=REV1,
+                                    apps=[app("web", layer="frontend"), app("db")]))
+    fleet.apply_status("n2", status("n2", "failed", revision=REV1, message="failed: web",
+                                    apps=[app("web", "failed", "unhealthy", message="exit 1")]))
+    # heartbeat 10s: 31s of silence is more than 3 missed heartbeats
+    fleet.apply_status("n3", status("n3", at=T0 - timedelta(seconds=31)))
+    now = T0 + timedelta(seconds=0.5)
+
+    assert fleet.counters(now) == {
+        "nodes": 3, "synced": 1, "progressing": 0, "degraded": 0, "failed": 1,
+        "suspended": 0, "unreachable": 1, "apps": 3, "apps_running": 2, "apps_failed": 1,
+    }
+    assert fleet.cards(now, NodeFilter.parse(["role=edge"])) == [{
+        "node": "n1", "status": "synced", "reported_status": "synced", "message": "",
+        "revision": REV1, "desired_revision": None, "labels": {"role": "edge"},
+        "layers": ["frontend"],
+        "apps": {"total": 2, "running": 2, "failed": 0, "unhealthy": 0},
+        "updated_at": iso(T0), "last_reconcile_at": None, "last_reconcile_ms": None,
+        "agent_version": "",
+    }]
+    assert [c["node"] for c in fleet.cards(now, NodeFilter.parse(status="unreachable"))] == ["n3"]
+    assert [c["node"] for c in fleet.cards(now, NodeFilter.parse(layer="frontend"))] == ["n1"]
+    # unreachable is shown, never dropped: the node is still there with its last report
+    assert [c["node"] for c in fleet.cards(now)] == ["n1", "n2", "n3"]
+
+
+def test_node_filter_rejects_bad_clauses_with_a_clear_message() -> None:
+    with pytest.raises(ValueError, match="label filter 'role': expected key=value"):
+        NodeFilter.parse(["role"])
+    with pytest.raises(ValueError, match="status filter 'fine'"):
+        NodeFilter.parse(status="fine")
+
+
+def test_bad_values_are_rejected_and_change_nothing() -> None:
+    fleet = Fleet()
+    fleet.apply_status("n1", status("n1"))
+    before = fleet.version
+    assert fleet.apply_status("n1", b"{not json") is not None
+    assert fleet.apply_status("n1", status("n2")) == (
+        "KV key 'n1': status is for node 'n2'")
+    assert fleet.apply_event(b'{"id": "x"}') is not None
+    assert (fleet.version, fleet.rejected, list(fleet.nodes)) == (before, 3, ["n1"])
+    # a deleted key removes the node (an operator decommissioned it)
+    assert fleet.apply_status("n1", None) is None
+    assert fleet.nodes == {}
+
+
+def test_event_log_is_bounded_newest_first_and_filterable() -> None:
+    fleet = Fleet(events_keep=3)
+    for i, (typ, node, app_name) in enumerate([
+        ("app.deployed", "n1", "web"), ("app.failed", "n2", "web"),
+        ("app.deployed", "n2", "db"), ("reconcile.finished", "n1", None),
+    ]):
+        fleet.apply_event(event(typ, node, T0 + timedelta(seconds=i), eid=f"e{i}", app=app_name))
+
+    assert [e["id"] for e in fleet.event_log()] == ["e3", "e2", "e1"]  # e0 fell out
+    assert fleet.event_log(EventFilter(node="n2", app="web")) == [{
+        "id": "e1", "type": "app.failed", "node": "n2", "time": iso(T0 + timedelta(seconds=1)),
+        "app": "web",
+    }]
+    assert [e["id"] for e in fleet.event_log(EventFilter(type="app."))] == ["e2", "e1"]
+    assert [e["id"] for e in fleet.event_log(EventFilter(type="app.deployed"))] == ["e2"]
+    assert fleet.events_total == 4
+
+
+def test_rollout_view_buckets_targeted_nodes_and_lists_failing_ones_with_errors() -> None:
+    fleet = Fleet()
+    fleet.apply_status("done", status("done", revision=REV2))
+    fleet.apply_status("busy", status("busy", "progressing", revision=REV1,
+                                      desired_revision=REV2))
+    fleet.apply_status("broke", status(
+        "broke", "failed", revision=REV1, desired_revision=REV2, message="failed: web",
+        apps=[app("web", "running", failed_version="2.0", message="health check failed")]))
+    fleet.apply_status("late", status("late", revision=REV1))      # only fetched it
+    fleet.apply_status("other", status("other", revision=REV1))    # not targeted
+    fleet.apply_status("gone", status("gone", revision=REV2, at=T0 - timedelta(minutes=5)))
+    fleet.apply_event(event("source.fetched", "late", T0, revision=REV2))
+    fleet.apply_event(event("reconcile.finished", "done", T0 + timedelta(seconds=4),
+                            revision=REV2, outcome="success", duration_ms=1500))
+
+    assert fleet.rollout_view(REV2[:7], T0) == {
+        "now": iso(T0), "revision": REV2, "targeted": 5,
+        "counts": {"synced": 1, "progressing": 1, "degraded": 0, "failed": 1, "pending": 1,
+                   "suspended": 0, "unreachable": 1},
+        "nodes": {"synced": ["done"], "progressing": ["busy"], "degraded": [],
+                  "failed": ["broke"], "pending": ["late"], "suspended": [],
+                  "unreachable": ["gone"]},
+        "failing": [{"node": "broke", "status": "failed",
+                     "error": "failed: web; web: health check failed"}],
+        "progress": 0.2,
+        "first_seen": iso(T0),
+        "last_success": iso(T0 + timedelta(seconds=4)),
+    }
+    assert fleet.rollout_view("ffffffff", T0) is None
+
+
+def test_series_gives_durations_and_convergence_per_revision_in_the_window() -> None:
+    fleet = Fleet()
+    old = T0 - timedelta(hours=7)
+    fleet.apply_event(event("source.fetched", "n1", old, revision="c" * 40))
+    fleet.apply_event(event("source.fetched", "n1", T0, revision=REV1))
+    fleet.apply_event(event("reconcile.finished", "n1", T0 + timedelta(seconds=2),
+                            revision=REV1, outcome="success", duration_ms=1000))
+    fleet.apply_event(event("reconcile.finished", "n2", T0 + timedelta(seconds=9),
+                            revision=REV1, outcome="success", duration_ms=3000))
+    fleet.apply_event(event("reconcile.finished", "n3", T0 + timedelta(seconds=5),
+                            revision=REV1, outcome="failure", duration_ms=200))
+
+    assert fleet.series(T0 + timedelta(minutes=1)) == [{
+        "revision": REV1, "first_seen": iso(T0), "reconciles": 3, "failures": 1,
+        "mean_ms": 1400.0, "max_ms": 3000.0, "nodes_synced": 2, "convergence_s": 9.0,
+    }]
+
+
+def test_app_view_across_nodes() -> None:
+    fleet = Fleet()
+    fleet.apply_status("n1", status("n1", apps=[app("web", version="2.0", restarts=1)]))
+    fleet.apply_status("n2", status("n2", "failed", apps=[app("web", "failed", "unhealthy")]))
+    fleet.apply_status("n3", status("n3", apps=[app("db")]))
+    view = fleet.app_view("web", T0)
+    assert view is not None
+    assert (view["versions"], view["phases"]) == ({"1.0": 1, "2.0": 1},
+                                                  {"failed": 1, "running": 1})
+    assert view["nodes"][0] == {
+        "node": "n1", "node_status": "synced", "version": "2.0", "phase": "running",
+        "health": "healthy", "message": "", "layer": None, "suspended": False,
+        "failed_version": None, "restarts": 1, "pid": None, "started_at": None,
+        "uptime_s": None, "cpu_percent": None, "rss_bytes": None,
+    }
+    assert fleet.app_view("nope", T0) is None
+    assert fleet.apps_index() == [
+        {"app": "db", "nodes": 1, "running": 1, "failed": 0, "versions": ["1.0"],
+         "layer": None},
+        {"app": "web", "nodes": 2, "running": 1, "failed": 1, "versions": ["1.0", "2.0"],
+         "layer": None},
+    ]
+
+
+def test_recent_rollouts_summarise_the_newest_revisions() -> None:
+    fleet = Fleet()
+    fleet.apply_status("n1", status("n1", revision=REV1))
+    fleet.apply_status("n2", status("n2", "progressing", revision=REV1, desired_revision=REV2))
+    fleet.apply_event(event("source.fetched", "n2", T0, revision=REV2))
+    assert fleet.recent_rollouts(T0) == [
+        {"revision": REV2, "targeted": 1, "synced": 0, "failed": 0, "progress": 0.0,
+         "first_seen": iso(T0)},
+        {"revision": REV1, "targeted": 2, "synced": 1, "failed": 0, "progress": 0.5,
+         "first_seen": None},
+    ]
