@@ -1,0 +1,565 @@
+"""The node's NATS shell: connection options, the outbox publisher, status KV, RPC, triggers.
+
+`Mesh` ties an agent (AgentAPI) and its event outbox (Outbox) to NATS. It never blocks the
+agent: connecting and reconnecting run in the background, events wait in the outbox while
+NATS is away, and each outbox entry is deleted only after JetStream acknowledged it (the
+stream deduplicates re-sends by Nats-Msg-Id = event id).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import StorageType, StreamConfig
+from nats.js.kv import KeyValue
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from reconciler import __version__
+from reconciler.agent_api import AgentAPI, Outbox, OutboxEntry
+from reconciler.bus_wire import (
+    BadRequest,
+    parse_app_body,
+    parse_body,
+    parse_fleet_request,
+    parse_source_changed,
+    source_matches,
+)
+from reconciler.errors import TransientError
+from reconciler.events import iso_time
+from reconciler.status import NodeStatus
+from reconciler.subjects import (
+    EVENTS_STREAM,
+    EVENTS_SUBJECTS,
+    FLEET_RECONCILE,
+    KV_BUCKET,
+    RPC_SERVICE,
+    SOURCE_CHANGED,
+    rpc_subject,
+)
+
+log = logging.getLogger("reconciler.bus")
+
+EVENTS_MAX_AGE_S = 7 * 24 * 3600.0
+# Re-sends after an outage dedupe only within this window; outages of minutes must fit.
+EVENTS_DEDUP_WINDOW_S = 20 * 60.0
+KV_HISTORY = 5
+PUBLISH_BATCH = 512
+ACK_TIMEOUT_S = 5.0
+STATUS_DEBOUNCE_S = 0.15
+
+
+class MeshError(TransientError):
+    """NATS could not be reached or refused a request (the message names the server)."""
+
+
+@dataclass
+class NatsOptions:
+    """How to reach NATS. Secrets live only here and are never logged or put in errors."""
+
+    servers: list[str] = field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    nkey_seed_file: str | None = None
+    creds_file: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    name: str | None = None
+    # Replies come to <inbox_prefix>.>; least-privilege configs give each identity its own.
+    inbox_prefix: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> NatsOptions:
+        raw = getattr(args, "nats", None) or "nats://127.0.0.1:4222"
+        servers = [s.strip() for s in str(raw).split(",") if s.strip()]
+        return cls(
+            servers=servers,
+            user=getattr(args, "nats_user", None),
+            password=getattr(args, "nats_password", None),
+            token=getattr(args, "nats_token", None),
+            nkey_seed_file=getattr(args, "nats_nkey", None),
+            creds_file=getattr(args, "nats_creds", None),
+            ca_file=getattr(args, "nats_ca", None),
+            cert_file=getattr(args, "nats_cert", None),
+            key_file=getattr(args, "nats_key", None),
+        )
+
+    def describe(self) -> str:
+        """The server list without any user:password@ part (safe for logs and errors)."""
+        return ",".join(redact_url(s) for s in self.servers)
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for nats.connect (credentials included: do not log)."""
+        for label, path in (
+            ("nkey seed file", self.nkey_seed_file), ("creds file", self.creds_file),
+            ("CA file", self.ca_file), ("client certificate", self.cert_file),
+            ("client key", self.key_file),
+        ):
+            if path and not os.path.isfile(path):
+                raise MeshError(f"NATS {label} {path!r} does not exist")
+        kw: dict[str, Any] = {"servers": list(self.servers)}
+        if self.user:
+            kw["user"] = self.user
+            kw["password"] = self.password or ""
+        if self.token:
+            kw["token"] = self.token
+        if self.nkey_seed_file:
+            kw["nkeys_seed"] = self.nkey_seed_file
+        if self.creds_file:
+            kw["user_credentials"] = self.creds_file
+        if self.ca_file or self.cert_file:
+            ctx = ssl.create_default_context(cafile=self.ca_file)
+            if self.cert_file:
+                ctx.load_cert_chain(self.cert_file, self.key_file)
+            kw["tls"] = ctx
+        if self.name:
+            kw["name"] = self.name
+        if self.inbox_prefix:
+            kw["inbox_prefix"] = self.inbox_prefix
+        return kw
+
+
+def redact_url(url: str) -> str:
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.removeprefix("nats: ")
+
+
+async def connect(opts: NatsOptions, timeout: float = 5.0, **kw: Any) -> NATS:
+    """One-shot connection for CLI commands: bounded, and a clear error naming the server."""
+    errors: list[BaseException] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    options = {
+        "connect_timeout": min(2.0, timeout),
+        "max_reconnect_attempts": 1,
+        "reconnect_time_wait": 0.2,
+        "error_cb": on_error,
+        **opts.connect_kwargs(),
+        **kw,
+    }
+    nc = NATS()
+    try:
+        await asyncio.wait_for(nc.connect(**options), timeout)
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        with contextlib.suppress(Exception):
+            await nc.close()
+        cause = errors[-1] if errors else exc
+        raise MeshError(f"cannot connect to NATS at {opts.describe()}: {_reason(cause)}") from None
+    return nc
+
+
+class Mesh:
+    """Runs beside an agent: publishes its outbox, writes its status, answers RPC."""
+
+    def __init__(
+        self,
+        agent: AgentAPI,
+        outbox: Outbox,
+        options: NatsOptions,
+        heartbeat: float = 10.0,
+        *,
+        batch: int = PUBLISH_BATCH,
+        debounce: float = STATUS_DEBOUNCE_S,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.agent = agent
+        self.outbox = outbox
+        self.options = options
+        self.heartbeat = heartbeat
+        self.node = agent.node_id
+        self._batch = batch
+        self._debounce = debounce
+        self._now = now
+        self._nc: NATS | None = None
+        self._kv: KeyValue | None = None
+        self._service: Service | None = None
+        self._stream_ready = False
+        self._closing = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wake_publisher = asyncio.Event()
+        self._status_dirty = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._trouble: str | None = None  # last NATS problem logged (log once per change)
+        self.published = 0  # events acknowledged by JetStream (for tests and benchmarks)
+
+    # ---- lifecycle -------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    async def start(self) -> None:
+        """Return at once; connect, set up and publish in the background."""
+        self._loop = asyncio.get_running_loop()
+        self.agent.add_listener(self._on_agent_change)
+        self._tasks.append(asyncio.create_task(self._run(), name=f"mesh-{self.node}"))
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Publish what is pending (bounded), write a last status, and disconnect."""
+        self._closing = True
+        self._wake_publisher.set()
+        self._status_dirty.set()
+        loops = self._tasks[1:]  # publisher and status writer finish their last pass
+        if loops:
+            await asyncio.wait(loops, timeout=timeout)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self._tasks.clear()
+        nc, self._nc = self._nc, None
+        if nc is None:
+            return
+        if self._service is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._service.stop(), 1.0)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.drain() if nc.is_connected else nc.close(), timeout)
+        if not nc.is_closed:
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    def _on_agent_change(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._wake()
+        else:  # the agent called from a worker thread
+            loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        self._wake_publisher.set()
+        self._status_dirty.set()
+
+    async def _run(self) -> None:
+        nc = NATS()
+        self._nc = nc
+        try:
+            kwargs = self.options.connect_kwargs()
+        except MeshError as exc:
+            log.error("NATS disabled: %s", exc)
+            return
+        kwargs.setdefault("name", f"gitops-node {self.node}")
+        kwargs.setdefault("inbox_prefix", f"_INBOX.{self.node}")
+        # Endless background connect: the agent reconciles whether NATS is up or not.
+        await nc.connect(
+            **kwargs,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            connect_timeout=2,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+        )
+        self._set_trouble(None, f"NATS connected to {redact_url(nc.connected_url.geturl())}"
+                          if nc.connected_url else "NATS connected")
+        await self._setup(nc)
+        self._tasks.append(asyncio.create_task(self._publisher(), name=f"pub-{self.node}"))
+        self._tasks.append(asyncio.create_task(self._status_writer(), name=f"kv-{self.node}"))
+
+    def _set_trouble(self, trouble: str | None, ok_message: str = "") -> None:
+        """Log NATS problems once per state change, not once per retry."""
+        if trouble == self._trouble:
+            return
+        if trouble is None:
+            log.info("%s", ok_message or "NATS ok again")
+        else:
+            log.warning("%s", trouble)
+        self._trouble = trouble
+
+    async def _on_error(self, exc: Exception) -> None:
+        self._set_trouble(f"NATS at {self.options.describe()}: {_reason(exc)} (retrying)")
+
+    async def _on_disconnected(self) -> None:
+        if not self._closing:
+            self._set_trouble("NATS disconnected; events wait in the outbox (reconnecting)")
+
+    async def _on_reconnected(self) -> None:
+        self._set_trouble(None, "NATS reconnected")
+        self._wake()
+
+    # ---- setup: RPC service and trigger subscriptions -----------------------------------
+    async def _setup(self, nc: NATS) -> None:
+        service = await add_service(
+            nc,
+            name=RPC_SERVICE,
+            version=__version__,
+            description="gitops-mesh node agent",
+            metadata={"node": self.node},
+        )
+        handlers: dict[str, Callable[[bytes], Awaitable[Any]]] = {
+            "status": self._rpc_status,
+            "state": self._rpc_state,
+            "plan": self._rpc_plan,
+            "reconcile": self._rpc_reconcile,
+            "health": self._rpc_health,
+            "suspend": self._rpc_suspend,
+            "resume": self._rpc_resume,
+        }
+        for endpoint, fn in handlers.items():
+            await service.add_endpoint(
+                name=endpoint, subject=rpc_subject(self.node, endpoint), handler=_rpc(fn)
+            )
+        self._service = service
+        await nc.subscribe(FLEET_RECONCILE, cb=self._on_fleet_reconcile)
+        await nc.subscribe(SOURCE_CHANGED, cb=self._on_source_changed)
+        await nc.flush()
+
+    def _known_apps(self) -> list[str]:
+        return [a.name for a in self.agent.status().apps]
+
+    async def _rpc_status(self, data: bytes) -> Any:
+        parse_body(data)
+        return self.snapshot().model_dump(mode="json")
+
+    async def _rpc_state(self, data: bytes) -> Any:
+        parse_body(data)
+        return self.agent.state()
+
+    async def _rpc_plan(self, data: bytes) -> Any:
+        parse_body(data)
+        return (await self.agent.plan()).to_json()
+
+    async def _rpc_reconcile(self, data: bytes) -> Any:
+        body = parse_body(data, allowed=("reason",))
+        reason = body.get("reason", "rpc")
+        if not isinstance(reason, str):
+            raise BadRequest("'reason' must be a string")
+        return {"node": self.node, "run_id": self.agent.trigger(reason or "rpc")}
+
+    async def _rpc_health(self, data: bytes) -> Any:
+        app = parse_app_body(data, self._known_apps())
+        return {"node": self.node, "health": await self.agent.check_health(app)}
+
+    async def _rpc_suspend(self, data: bytes) -> Any:
+        app = parse_app_body(data, self._known_apps())
+        await self.agent.suspend(app)
+        return {"node": self.node, "app": app, "suspended": True}
+
+    async def _rpc_resume(self, data: bytes) -> Any:
+        app = parse_app_body(data, self._known_apps())
+        await self.agent.resume(app)
+        return {"node": self.node, "app": app, "suspended": False}
+
+    async def _on_fleet_reconcile(self, msg: Msg) -> None:
+        try:
+            selector = parse_fleet_request(msg.data)
+        except BadRequest as exc:
+            log.warning("ignoring %s request: %s", FLEET_RECONCILE, exc)
+            return
+        if selector is not None and not selector.matches(self.agent.labels):
+            return  # not for us: stay silent so the caller counts only matching nodes
+        run_id = self.agent.trigger("fleet")
+        if msg.reply:
+            with contextlib.suppress(nats.errors.Error):
+                await msg.respond(json.dumps({"node": self.node, "run_id": run_id}).encode())
+
+    async def _on_source_changed(self, msg: Msg) -> None:
+        try:
+            change = parse_source_changed(msg.data)
+        except BadRequest as exc:
+            log.warning("ignoring %s message: %s", SOURCE_CHANGED, exc)
+            return
+        if source_matches(
+            change.__class__(_local_path(change.repo), change.branch, change.revision),
+            _local_path(self.agent.repo_url),
+            self.agent.branch,
+        ):
+            log.info("push to %s at %s: reconciling now", change.branch, change.revision[:12])
+            self.agent.trigger(f"source.changed {change.revision[:12]}")
+
+    # ---- status KV ----------------------------------------------------------------------
+    def snapshot(self) -> NodeStatus:
+        """The agent's status plus what only the mesh knows (outbox, heartbeat, write time)."""
+        status = self.agent.status()
+        backlog, dropped = self.outbox.outbox_stats()
+        return status.model_copy(
+            update={
+                "outbox_backlog": backlog,
+                "outbox_dropped": dropped,
+                "heartbeat_interval_s": self.heartbeat,
+                "updated_at": iso_time(self._now()),
+            }
+        )
+
+    async def _ensure_kv(self, nc: NATS) -> KeyValue:
+        if self._kv is None:
+            js = nc.jetstream()
+            try:
+                self._kv = await js.key_value(KV_BUCKET)
+            except nats.js.errors.BucketNotFoundError:
+                self._kv = await js.create_key_value(
+                    bucket=KV_BUCKET, history=KV_HISTORY, description="gitops-mesh node status"
+                )
+        return self._kv
+
+    async def write_status(self) -> None:
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            return
+        try:
+            kv = await self._ensure_kv(nc)
+            await kv.put(self.node, self.snapshot().to_json_bytes())
+        except (TimeoutError, nats.errors.Error) as exc:
+            self._kv = None  # look the bucket up again (it may have been deleted)
+            if not self._closing:
+                self._set_trouble(f"status KV write failed: {_reason(exc)} (will retry)")
+
+    async def _status_writer(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._status_dirty.wait(), self.heartbeat)
+            if self._status_dirty.is_set() and not self._closing:
+                await asyncio.sleep(self._debounce)  # coalesce bursts of changes
+            self._status_dirty.clear()
+            await self.write_status()
+            if self._closing:
+                return
+
+    # ---- events: outbox -> JetStream ---------------------------------------------------
+    async def _ensure_stream(self, nc: NATS) -> None:
+        js = nc.jetstream()
+        try:
+            await js.stream_info(EVENTS_STREAM)
+        except nats.js.errors.NotFoundError:
+            try:
+                await js.add_stream(
+                    StreamConfig(
+                        name=EVENTS_STREAM,
+                        subjects=[EVENTS_SUBJECTS],
+                        max_age=EVENTS_MAX_AGE_S,
+                        duplicate_window=EVENTS_DEDUP_WINDOW_S,
+                        storage=StorageType.FILE,
+                        description="gitops-mesh events",
+                    )
+                )
+            except nats.js.errors.BadRequestError:
+                await js.stream_info(EVENTS_STREAM)  # another node created it meanwhile
+        self._stream_ready = True
+
+    async def _publisher(self) -> None:
+        backoff = 0.2
+        while True:
+            if not self._closing:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake_publisher.wait(), 1.0)
+            self._wake_publisher.clear()
+            drained = await self.publish_pending()
+            if self._closing:
+                return
+            if drained:
+                backoff = 0.2
+            else:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def publish_pending(self) -> bool:
+        """Publish the outbox until it is empty; False if NATS failed on the way."""
+        nc = self._nc
+        while nc is not None and nc.is_connected:
+            batch = self.outbox.outbox_batch(self._batch)
+            if not batch:
+                return True
+            if not await self._publish_batch(nc, batch):
+                return False
+        return False
+
+    async def _publish_batch(self, nc: NATS, batch: list[OutboxEntry]) -> bool:
+        """Pipeline a batch (all in flight, then wait for acks); delete only what was acked."""
+        try:
+            if not self._stream_ready:
+                await self._ensure_stream(nc)
+            js = nc.jetstream()
+            futures = [
+                await js.publish_async(
+                    entry.subject, entry.payload, headers={"Nats-Msg-Id": entry.event_id}
+                )
+                for entry in batch
+            ]
+        except (TimeoutError, nats.errors.Error) as exc:
+            self._set_trouble(f"publishing events failed: {_reason(exc)} (will retry)")
+            return False
+        done, pending = await asyncio.wait(futures, timeout=ACK_TIMEOUT_S)
+        for fut in pending:
+            fut.cancel()
+        acked: list[int] = []
+        failure: BaseException | None = None
+        for entry, fut in zip(batch, futures, strict=True):
+            if fut in done and fut.exception() is None:
+                acked.append(entry.seq)
+            elif failure is None:
+                failure = fut.exception() if fut in done else TimeoutError("no JetStream ack")
+        if acked:
+            self.outbox.outbox_ack(acked)
+            self.published += len(acked)
+        if failure is not None:
+            if isinstance(failure, nats.js.errors.NoStreamResponseError):
+                self._stream_ready = False  # the stream is gone: create it again
+            self._set_trouble(f"publishing events failed: {_reason(failure)} (will retry)")
+            return False
+        if self._trouble and self._trouble.startswith("publishing"):
+            self._set_trouble(None, "publishing events again")
+        return True
+
+
+def _rpc(fn: Callable[[bytes], Awaitable[Any]]) -> Callable[[Request], Awaitable[None]]:
+    """A micro handler: JSON out, BadRequest -> 400, anything else -> 500 (never a crash)."""
+
+    async def handler(req: Request) -> None:
+        try:
+            result = await fn(req.data)
+        except BadRequest as exc:
+            await req.respond_error("400", str(exc))
+            return
+        except Exception as exc:
+            log.exception("RPC %s failed", req.subject)
+            await req.respond_error("500", f"{type(exc).__name__}: {exc}")
+            return
+        await req.respond(json.dumps(result).encode())
+
+    return handler
+
+
+def _local_path(url: str) -> str:
+    """Local repo paths compared by their real location (a hook reports its own cwd)."""
+    if "://" not in url and os.path.exists(url):
+        return os.path.realpath(url)
+    if url.startswith("file://") and os.path.exists(url[7:]):
+        return os.path.realpath(url[7:])
+    return url
