@@ -43,7 +43,7 @@ class Hooks(Protocol):
     def watch(self, spec: AppSpec, launch: LaunchSpec | None) -> None:
         """Start periodic health probing of a running app."""
 
-    def unwatch(self, name: str) -> None: ...
+    async def unwatch(self, name: str) -> None: ...
 
     async def wait_healthy(
         self, spec: AppSpec, launch: LaunchSpec | None, is_alive: Callable[[], bool]
@@ -281,7 +281,7 @@ class Executor:
         return launch
 
     async def _stop(self, name: str) -> None:
-        self.hooks.unwatch(name)
+        await self.hooks.unwatch(name)
         await self.runtime.stop(name)
 
     def _gc(self, name: str, keep: set[str | None]) -> None:

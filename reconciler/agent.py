@@ -1,0 +1,758 @@
+"""The node agent: the reconcile loop tying source, loader, planner, executor, runtime and store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from reconciler import __version__
+from reconciler.errors import ReconcileError, SignatureError, SourceError
+from reconciler.events import Event, iso_time, make_event
+from reconciler.executor import ActionFailed, ActionResult, Executor
+from reconciler.plan import Plan
+from reconciler.runtimes.base import LaunchSpec, ProcessRecord, Runtime
+from reconciler.spec import AppSpec
+from reconciler.state import CurrentState, DesiredState
+from reconciler.status import AppStatus, NodeStatus, summarize
+from reconciler.store import AppRecord, Store
+from reconciler.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+REDACTED = "***"
+# A reconcile running longer than this is considered stuck: the systemd watchdog stops
+# being fed so systemd can restart the agent (apps keep running and are adopted).
+STUCK_AFTER = 900.0
+
+
+@dataclass
+class AgentConfig:
+    node_id: str
+    repo_url: str
+    state_dir: Path
+    labels: dict[str, str] = field(default_factory=dict)
+    branch: str = "main"
+    apps_path: str = "apps"
+    interval: float = 30.0
+    jitter: float = 0.1  # fraction of the interval
+    heartbeat: float = 10.0
+    fetch_timeout: float = 30.0
+    port_offset: int = 0
+    outbox_max: int = 100_000
+    allowed_signers: Path | None = None
+    gpg_keyring: Path | None = None
+
+
+@dataclass
+class RunInfo:
+    """What the last (or current) reconcile saw and did."""
+
+    run_id: str | None = None
+    started_at: float | None = None
+    finished_at: str | None = None
+    duration_ms: float | None = None
+    outcome: str | None = None
+    message: str = ""
+    trace_id: str | None = None
+
+
+def redact_spec(spec: AppSpec) -> dict[str, Any]:
+    """JSON-ready spec with env values replaced by "***" (safe to publish)."""
+    data = spec.model_dump(mode="json", by_alias=True)
+    run = data.get("run")
+    if run and run.get("env"):
+        run["env"] = {key: REDACTED for key in run["env"]}
+    return data
+
+
+class Agent:
+    """One node's agent. Implements agent_api.AgentAPI (for the mesh), runtimes.RuntimeListener
+    (supervision callbacks) and executor.Hooks (events and health for the executor)."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        runtime: Runtime | None = None,
+        telemetry: Telemetry | None = None,
+        notifier: Any = None,
+    ) -> None:
+        from reconciler.artifacts import ArtifactStore
+        from reconciler.health import HealthMonitor
+        from reconciler.loader import ParseCache
+        from reconciler.source import GitSource, SignatureVerifier
+
+        self.config = config
+        self.node_id = config.node_id
+        self.labels = dict(config.labels)
+        self.repo_url = config.repo_url
+        self.branch = config.branch
+        state_dir = Path(config.state_dir)
+        self.store = Store(state_dir, outbox_max=config.outbox_max)
+        verifier = None
+        if config.allowed_signers or config.gpg_keyring:
+            verifier = SignatureVerifier(allowed_signers=config.allowed_signers,
+                                         gpg_keyring=config.gpg_keyring)
+        self.source = GitSource(config.repo_url, config.branch, state_dir / "source",
+                                fetch_timeout=config.fetch_timeout, verifier=verifier)
+        self.artifacts = ArtifactStore(state_dir / "apps")
+        if runtime is None:
+            from reconciler.runtimes.process import ProcessRuntime
+
+            runtime = ProcessRuntime(self)
+        self.runtime = runtime
+        self.telemetry = telemetry or Telemetry(config.node_id, agent_version=__version__)
+        self.telemetry.set_phase_source(self._phase_counts)
+        self.monitor = HealthMonitor(self._on_health_change)
+        self.parse_cache = ParseCache()
+        self.executor = Executor(
+            node_id=config.node_id, store=self.store, runtime=self.runtime,
+            artifacts=self.artifacts, hooks=self, log_dir=state_dir / "logs",
+            port_offset=config.port_offset, telemetry=self.telemetry,
+        )
+        if notifier is None:
+            try:
+                from reconciler.sdnotify import SdNotifier
+
+                notifier = SdNotifier.from_env()
+            except ImportError:
+                notifier = None
+        self.notifier = notifier
+        self._listeners: list[Callable[[], None]] = []
+        self._notify_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = asyncio.Event()
+        self._pending_run: tuple[str, str] | None = None
+        self._run_done: dict[str, asyncio.Future[RunInfo]] = {}
+        self._worker: asyncio.Task[None] | None = None
+        self._scheduler: Any = None
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self._source_failures = 0
+        self._reconciling = False
+        self._current_run: str | None = None
+        self._current_revision: str | None = None
+        self._desired: DesiredState | None = None
+        self._desired_revision: str | None = self.store.get_meta("desired_revision")
+        self._source_error: str | None = None
+        self._spec_errors: list[str] = []
+        self._last = RunInfo()
+        self._ready_sent = False
+        self._closed = False
+        self._launches: dict[str, LaunchSpec | None] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self, first_reconcile: bool = True) -> None:
+        """Adopt what a previous agent left running, start the poll schedule and (by default)
+        the first reconcile. Returns at once; reconciles run in the background."""
+        self._loop = asyncio.get_running_loop()
+        with self.store.transaction():
+            self.record("node.started", message=f"agent {__version__} started")
+        await self._adopt_all()
+        self._worker = asyncio.create_task(self._work(), name=f"reconcile-{self.node_id}")
+        self._start_scheduler()
+        if first_reconcile:
+            self.trigger("startup")
+
+    def _start_scheduler(self) -> None:
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+        scheduler = AsyncIOScheduler(event_loop=self._loop)
+        interval = max(self.config.interval, 0.05)
+        scheduler.add_job(
+            self.trigger, "interval", args=["poll"], seconds=interval,
+            jitter=max(0.0, interval * self.config.jitter) or None, id="poll",
+            coalesce=True, max_instances=1, misfire_grace_time=None,
+        )
+        scheduler.add_job(self._heartbeat, "interval", seconds=self._heartbeat_period(),
+                          id="heartbeat", coalesce=True, max_instances=1)
+        scheduler.start()
+        self._scheduler = scheduler
+
+    def _heartbeat_period(self) -> float:
+        period = self.config.heartbeat
+        watchdog = self.notifier.watchdog_interval() if self.notifier else None
+        if watchdog:
+            period = min(period, watchdog / 2)
+        return max(period, 0.05)
+
+    def _heartbeat(self) -> None:
+        """Feed the systemd watchdog while the loop makes progress; refresh observers."""
+        stuck = (self._reconciling and self._last.started_at is not None
+                 and time.monotonic() - self._last.started_at > STUCK_AFTER)
+        if self.notifier and not stuck:
+            self.notifier.watchdog()
+        self._notify_soon()
+
+    async def close(self, stop_apps: bool = False) -> None:
+        """Stop reconciling. Apps keep running (the next agent adopts them) unless
+        `stop_apps`: then they stop, dependents first."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.notifier:
+            self.notifier.stopping("stopping")
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        await self.monitor.close()
+        if stop_apps:
+            await self.executor.stop_all(self._stop_order())
+            with self.store.transaction():
+                for name in self.store.apps():
+                    self.store.set_process(name, None)
+        await self.runtime.close(stop_apps=stop_apps)
+        try:
+            with self.store.transaction():
+                self.record("node.stopping", message="apps stopped" if stop_apps
+                            else "apps left running")
+        except Exception:  # the store may be gone in a broken shutdown; nothing to add
+            log.debug("could not record node.stopping", exc_info=True)
+        await asyncio.to_thread(self.source.close)
+        self.telemetry.shutdown()
+        self.store.close()
+
+    def _stop_order(self) -> list[list[str]]:
+        from reconciler.graph import DependencyGraph
+
+        records = self.store.apps()
+        specs = {name: r.spec for name, r in records.items()}
+        try:
+            return DependencyGraph.from_apps(specs).removal_order(list(specs))
+        except Exception:  # a broken graph must not keep apps running: stop all at once
+            return [sorted(specs)]
+
+    # -- AgentAPI -------------------------------------------------------------------------
+    def add_listener(self, on_change: Callable[[], None]) -> None:
+        self._listeners.append(on_change)
+
+    def _notify_soon(self) -> None:
+        if self._notify_scheduled or self._loop is None or self._loop.is_closed():
+            return
+        self._notify_scheduled = True
+        self._loop.call_soon(self._notify)
+
+    def _notify(self) -> None:
+        self._notify_scheduled = False
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception:
+                log.exception("status listener failed")
+
+    def trigger(self, reason: str) -> str:
+        """Ask for a reconcile; at most one runs and one waits. Returns the run id that will
+        cover this request (the queued one's when one is queued already)."""
+        if self._pending_run is not None:
+            return self._pending_run[0]
+        run_id = uuid.uuid4().hex[:12]
+        self._pending_run = (run_id, reason)
+        self._wake.set()
+        return run_id
+
+    async def wait_run(self, run_id: str) -> RunInfo:
+        """Until the reconcile `run_id` finished (for --once, tests and benchmarks)."""
+        assert self._loop is not None
+        if self._last.run_id == run_id and not self._reconciling:
+            return self._last
+        future = self._run_done.setdefault(run_id, self._loop.create_future())
+        return await asyncio.shield(future)
+
+    async def reconcile_now(self, reason: str = "manual") -> RunInfo:
+        return await self.wait_run(self.trigger(reason))
+
+    async def _work(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._pending_run is None:
+                continue
+            run_id, reason = self._pending_run
+            self._pending_run = None
+            try:
+                info = await self._reconcile(run_id, reason)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never let one bad run end the loop
+                log.exception("reconcile %s crashed", run_id)
+                info = RunInfo(run_id=run_id, outcome="failure", message=str(exc))
+            future = self._run_done.pop(run_id, None)
+            if future is not None and not future.done():
+                future.set_result(info)
+
+    # -- reconcile ------------------------------------------------------------------------
+    async def _reconcile(self, run_id: str, reason: str) -> RunInfo:
+        self._current_run = run_id
+        self._reconciling = True
+        started = time.monotonic()
+        self._last = RunInfo(run_id=run_id, started_at=started)
+        info = self._last
+        try:
+            with self.telemetry.span("reconcile", node=self.node_id, run_id=run_id,
+                                     reason=reason):
+                info.trace_id = self.telemetry.trace_id()
+                if self.store.node_suspended:
+                    info.outcome, info.message = "skipped", "node suspended"
+                    return info
+                with self.store.transaction():
+                    self.record("reconcile.started", message=reason)
+                outcome, message = await self._reconcile_steps()
+                info.outcome, info.message = outcome, message
+                info.duration_ms = round((time.monotonic() - started) * 1000, 1)
+                with self.store.transaction():
+                    self.store.set_meta("last_reconcile", iso_time(self._now()))
+                    self.record("reconcile.finished", outcome=outcome,
+                                duration_ms=info.duration_ms, message=message or None)
+                self.telemetry.reconcile_duration.record(
+                    info.duration_ms / 1000, {"outcome": outcome}
+                )
+                return info
+        finally:
+            info.finished_at = iso_time(self._now())
+            if info.duration_ms is None:
+                info.duration_ms = round((time.monotonic() - started) * 1000, 1)
+            self._reconciling = False
+            self._current_run = None
+            self._current_revision = None
+            if not self._ready_sent and self.notifier:
+                self._ready_sent = True
+                self.notifier.ready(f"first reconcile: {info.outcome}")
+            if self.notifier:
+                self.notifier.status(self._summary_line())
+            self._notify_soon()
+
+    async def _fetch(self) -> str:
+        """ls-remote, then fetch only when the remote moved (GitSource.poll)."""
+        fetch_started = time.monotonic()
+        revision = await asyncio.to_thread(self.source.poll)
+        self.telemetry.fetch_duration.record(time.monotonic() - fetch_started)
+        if revision != self._desired_revision:
+            with self.store.transaction():
+                self.store.set_meta("desired_revision", revision)
+                self.record("source.fetched", revision=revision,
+                            message=f"{self.branch} at {revision[:12]}")
+            self._desired_revision = revision
+        return revision
+
+    async def _desired_state(self, revision: str) -> DesiredState:
+        from reconciler.loader import load_files
+        from reconciler.targeting import desired_for_node
+
+        files = await asyncio.to_thread(self.source.spec_files, revision, self.config.apps_path)
+        result = await asyncio.to_thread(load_files, files, self.parse_cache)
+        return desired_for_node(result, self.node_id, self.labels, revision)
+
+    async def _reconcile_steps(self) -> tuple[str, str]:
+        from reconciler.plan import make_plan
+
+        try:
+            revision = await self._fetch()
+            if self.source.verifier is not None:
+                await asyncio.to_thread(self.source.verify, revision)
+        except (SourceError, SignatureError) as exc:
+            return self._source_failed(exc)
+        self._source_failures = 0
+        self._source_error = None
+        self._current_revision = revision
+        desired = await self._desired_state(revision)
+        self._desired = desired
+        self._spec_errors = [str(p) for p in desired.problems]
+        plan = make_plan(desired, self._current_state())
+        results = await self.executor.apply(
+            plan, desired.apps, lambda path: self.source.read_file(revision, path)
+        )
+        with self.store.transaction():
+            self.store.set_meta("applied_revision", revision)
+            self.store.set_meta("spec_errors", "\n".join(self._spec_errors) or None)
+        return self._outcome(plan, results)
+
+    def _outcome(self, plan: Plan, results: list[ActionResult]) -> tuple[str, str]:
+        problems = [f"{r.action.app}: {r.message}" for r in results if r.outcome != "success"]
+        if self._spec_errors:
+            problems.insert(0, f"{len(self._spec_errors)} spec error(s): "
+                               + "; ".join(self._spec_errors[:3]))
+        if problems:
+            return "failure", "; ".join(problems)
+        changed = len(results)
+        return "success", f"{changed} action(s)" if changed else "no changes"
+
+    def _source_failed(self, exc: ReconcileError) -> tuple[str, str]:
+        """Keep running what runs; retry with backoff (signature problems wait for a poll)."""
+        reason = str(exc)
+        self._source_error = reason
+        with self.store.transaction():
+            self.record("source.failed", outcome="failure", message=reason)
+        if isinstance(exc, SourceError) and not self._closed and self._loop is not None:
+            self._source_failures += 1
+            delay = min(2.0 ** (self._source_failures - 1), max(self.config.interval, 1.0))
+            if self._retry_handle is not None:
+                self._retry_handle.cancel()
+            self._retry_handle = self._loop.call_later(delay, self.trigger, "source retry")
+        return "failure", f"source: {reason}"
+
+    def _current_state(self) -> CurrentState:
+        running = {name for name, record in self.store.apps().items()
+                   if self._is_running(record)}
+        return self.store.current_state(running=running)
+
+    def _is_running(self, record: AppRecord) -> bool:
+        if spec_of(record).run is None:
+            return record.install_dir is not None and record.phase == "running"
+        stats = self.runtime.stats(record.name)
+        return stats is not None and stats.state in ("running", "backoff")
+
+    # -- startup adoption -----------------------------------------------------------------
+    async def _adopt_all(self) -> None:
+        """Take over processes a previous agent left; finish or undo interrupted changes."""
+        adopted: set[int] = set()
+        for name, record in self.store.apps().items():
+            try:
+                pid = await self._adopt(record)
+            except Exception:
+                log.exception("%s: adoption failed", name)
+                pid = None
+            if pid:
+                adopted.add(pid)
+        await asyncio.to_thread(self._sweep_orphans, adopted)
+
+    async def _adopt(self, record: AppRecord) -> int | None:
+        name = record.name
+        proc = record.process
+        interrupted = record.phase in ("upgrading", "rolling-back")
+        spec, install_dir = record.spec, record.install_dir
+        if proc is not None and record.prev_spec_json and proc.version == record.prev_version \
+                and proc.version != record.version:
+            spec, install_dir = record.prev_spec, record.prev_dir  # type: ignore[assignment]
+        launch: LaunchSpec | None = None
+        adopted = False
+        if proc is not None and install_dir and spec is not None:
+            try:
+                launch = self.executor.launch_for(spec, Path(install_dir))
+            except ActionFailed as exc:
+                log.warning("%s: cannot rebuild its launch spec: %s", name, exc)
+            if launch is not None:
+                adopted = self.runtime.adopt(launch, proc)
+        runs_new = adopted and proc is not None and proc.version == record.version
+        if interrupted and not (runs_new and record.phase == "upgrading"):
+            # The change did not finish: go back to the previous version's record (its
+            # process, if it still runs, stays adopted); the planner redoes the change.
+            if adopted and runs_new:
+                await self.runtime.stop(name)  # the failed new version during a rollback
+                adopted = False
+            await self._revert(record, keep_process=adopted)
+        elif interrupted or record.phase == "deploying":
+            with self.store.transaction():
+                self.store.update_app(name, phase="running" if adopted else "pending",
+                                      message="adopted after an agent restart" if adopted
+                                      else "not running after an agent restart")
+        if not adopted and proc is not None:
+            self.store.set_process(name, None)
+        if adopted and spec is not None:
+            self.watch(spec, launch, healthy=False)
+            return proc.pid if proc else None
+        return None
+
+    async def _revert(self, record: AppRecord, keep_process: bool) -> None:
+        rolling_back = record.phase == "rolling-back"
+        with self.store.transaction():
+            if record.prev_spec_json and record.prev_version:
+                self.store.update_app(
+                    record.name, version=record.prev_version,
+                    spec_json=record.prev_spec_json,
+                    spec_hash=record.prev_spec.spec_hash(),  # type: ignore[union-attr]
+                    install_dir=record.prev_dir, prev_version=None, prev_spec_json=None,
+                    prev_dir=None, phase="running" if keep_process else "pending",
+                    message=f"{record.version}: change interrupted by an agent restart",
+                    failed_spec_hash=record.spec_hash if rolling_back else None,
+                    failed_version=record.version if rolling_back else None,
+                )
+            else:
+                self.store.update_app(record.name, phase="pending",
+                                      message="change interrupted by an agent restart")
+            if not keep_process:
+                self.store.set_process(record.name, None)
+
+    def _sweep_orphans(self, adopted: set[int]) -> None:
+        """Stop app processes of this node that no record owns (an agent killed between
+        spawning a process and recording its pid)."""
+        import psutil
+
+        apps_root = str(self.artifacts.root) if hasattr(self.artifacts, "root") else None
+        if apps_root is None:
+            return
+        me = os.getpid()
+        for proc in psutil.process_iter(["pid"]):
+            if proc.pid in adopted or proc.pid == me:
+                continue
+            try:
+                if proc.uids().real != os.getuid():
+                    continue
+                env = proc.environ()
+                if env.get("GITOPS_NODE_ID") != self.node_id or not env.get(
+                        "GITOPS_APP_DIR", "").startswith(apps_root):
+                    continue
+                pgid = os.getpgid(proc.pid)
+                if pgid in adopted:
+                    continue
+                log.warning("stopping orphan app process %d (%s)", proc.pid, proc.name())
+                os.killpg(pgid, signal.SIGKILL)
+            except (psutil.Error, OSError):
+                continue
+
+    # -- RuntimeListener --------------------------------------------------------------------
+    def on_started(self, record: ProcessRecord, restarted: bool) -> None:
+        if self._closed or self.store.get_app(record.name) is None:
+            return
+        with self.store.transaction():
+            self.store.set_process(record.name, record)
+            if restarted:
+                app = self.store.get_app(record.name)
+                assert app is not None
+                self.store.update_app(record.name, restarts=app.restarts + 1)
+                self.record("app.restarted", app=record.name, version=record.version,
+                            message="restarted by the supervisor after it exited")
+        self._notify_soon()
+
+    def on_exited(self, name: str, returncode: int | None, restart_in: float | None) -> None:
+        when = f"restart in {restart_in:.1f}s" if restart_in is not None else "not restarted"
+        log.info("%s exited (code %s), %s", name, returncode, when)
+        self._notify_soon()
+
+    def on_crash_loop(self, name: str, message: str) -> None:
+        app = None if self._closed else self.store.get_app(name)
+        if app is None:
+            return
+        self._launches.pop(name, None)
+        if self._loop is not None:
+            self._loop.create_task(self.monitor.stop(name))
+        with self.store.transaction():
+            self.store.update_app(name, phase="failed", health="unhealthy", message=message,
+                                  failed_spec_hash=app.spec_hash)
+            self.store.set_process(name, None)
+            self.record("app.failed", app=name, version=app.version, outcome="failure",
+                        message=message)
+        self._notify_soon()
+
+    # -- executor.Hooks ---------------------------------------------------------------------
+    def record(self, type: str, **fields: Any) -> Event:
+        """Queue an event (joins the caller's store transaction) and wake observers."""
+        fields.setdefault("revision", self._current_revision
+                          or self.store.get_meta("applied_revision"))
+        fields.setdefault("run_id", self._current_run)
+        fields.setdefault("trace_id", self.telemetry.trace_id())
+        event = make_event(type, self.node_id, self._now(), **fields)
+        self.store.add_event(event)
+        level = logging.WARNING if event.outcome == "failure" else logging.INFO
+        log.log(level, "%s%s%s", type, f" {event.app}" if event.app else "",
+                f": {event.message}" if event.message else "",
+                extra={"event": type, "app": event.app, "run_id": event.run_id})
+        self._notify_soon()
+        return event
+
+    def watch(self, spec: AppSpec, launch: LaunchSpec | None, healthy: bool = True) -> None:
+        self._launches[spec.name] = launch
+        if spec.health.probe_kind is None:
+            return
+        self.monitor.start(
+            spec.name, spec.health,
+            cwd=launch.workdir if launch else self.config.state_dir,
+            env=launch.env if launch else {}, port_offset=self.config.port_offset,
+            initial="healthy" if healthy else "unknown",
+        )
+
+    async def unwatch(self, name: str) -> None:
+        self._launches.pop(name, None)
+        await self.monitor.stop(name)
+
+    async def wait_healthy(
+        self, spec: AppSpec, launch: LaunchSpec | None, is_alive: Callable[[], bool]
+    ) -> tuple[bool, str]:
+        from reconciler.health import wait_healthy
+
+        result = await wait_healthy(
+            spec.health, cwd=launch.workdir if launch else self.config.state_dir,
+            env=launch.env if launch else {}, port_offset=self.config.port_offset,
+            is_alive=is_alive, timeout=spec.health.start_timeout,
+        )
+        return result.ok, result.message
+
+    async def dependency_problem(self, name: str) -> str | None:
+        record = self.store.get_app(name)
+        if record is None:
+            return "not installed"
+        if record.phase in ("failed", "blocked"):
+            return record.phase
+        if not self._is_running(record):
+            return "not running"
+        if record.health == "healthy":
+            return None
+        # unknown (just adopted) or unhealthy: ask the probe now rather than trust old news
+        if spec_of(record).health.probe_kind is None:
+            return None
+        if name not in self.monitor.apps():
+            return f"{record.health} health"
+        result = await self.monitor.probe_now(name)
+        return None if result.ok else f"not healthy: {result.message}"
+
+    def _on_health_change(self, app: str, old: str, new: str, result: Any) -> None:
+        record = None if self._closed else self.store.get_app(app)
+        if record is None or record.health == new:
+            return
+        with self.store.transaction():
+            self.store.update_app(app, health=new)
+            self.record("app.health-changed", app=app, version=record.version,
+                        message=f"{old} -> {new}: {getattr(result, 'message', '')}".strip(": "),
+                        data={"from": old, "to": new})
+        self._notify_soon()
+
+    # -- status / state -------------------------------------------------------------------
+    def _now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def _phase_counts(self) -> Mapping[str, int]:
+        counts: dict[str, int] = {}
+        for record in self.store.apps().values():
+            counts[record.phase] = counts.get(record.phase, 0) + 1
+        return counts
+
+    def _app_status(self, record: AppRecord) -> AppStatus:
+        spec = spec_of(record)
+        stats = self.runtime.stats(record.name)
+        health = record.health
+        if spec.health.probe_kind is None and spec.run is not None and record.phase == "running":
+            health = "healthy" if self._is_running(record) else "unhealthy"
+        started_at = None
+        if stats is not None and stats.started_at is not None:
+            started_at = iso_time(datetime.fromtimestamp(stats.started_at, UTC))
+        return AppStatus(
+            name=record.name, version=record.version, phase=record.phase, health=health,
+            message=record.message, layer=spec.layer, labels=dict(spec.labels),
+            depends_on=list(spec.depends_on), suspended=record.suspended,
+            failed_version=record.failed_version, restarts=record.restarts,
+            pid=stats.pid if stats else None, started_at=started_at,
+            uptime_s=round(stats.uptime_s, 1) if stats and stats.uptime_s else None,
+            cpu_percent=stats.cpu_percent if stats else None,
+            rss_bytes=stats.rss_bytes if stats else None,
+        )
+
+    def status(self) -> NodeStatus:
+        apps = [self._app_status(r) for r in self.store.apps().values()]
+        applied = self.store.get_meta("applied_revision")
+        suspended = self.store.node_suspended
+        state, message = summarize(
+            apps, reconciling=self._reconciling, suspended=suspended,
+            source_error=self._source_error, spec_errors=bool(self._spec_errors),
+            at_desired_revision=applied is not None and applied == self._desired_revision,
+        )
+        backlog, dropped = self.store.outbox_stats()
+        return NodeStatus(
+            node=self.node_id, labels=self.labels, revision=applied, status=state,
+            message=message, apps=apps, updated_at=iso_time(self._now()),
+            agent_version=__version__, desired_revision=self._desired_revision,
+            source_error=self._source_error, spec_errors=list(self._spec_errors),
+            last_reconcile_at=self._last.finished_at or self.store.get_meta("last_reconcile"),
+            last_reconcile_ms=self._last.duration_ms, run_id=self._last.run_id,
+            heartbeat_interval_s=self.config.heartbeat, outbox_backlog=backlog,
+            outbox_dropped=dropped, trace_id=self._last.trace_id,
+        )
+
+    def _summary_line(self) -> str:
+        status = self.status()
+        return f"{status.status}: {status.message}"
+
+    def state(self) -> dict[str, Any]:
+        desired = self._desired
+        current: dict[str, Any] = {}
+        for name, record in self.store.apps().items():
+            current[name] = {
+                "version": record.version, "spec_hash": record.spec_hash,
+                "phase": record.phase, "health": record.health, "message": record.message,
+                "running": self._is_running(record), "suspended": record.suspended,
+                "install_dir": record.install_dir, "previous_version": record.prev_version,
+                "failed_version": record.failed_version,
+                "applied_revision": record.applied_revision, "restarts": record.restarts,
+                "spec": redact_spec(spec_of(record)),
+            }
+        return {
+            "node": self.node_id,
+            "desired": {
+                "revision": desired.revision if desired else None,
+                "apps": {n: redact_spec(s) for n, s in desired.apps.items()} if desired else {},
+                "invalid": sorted(desired.invalid) if desired else [],
+                "problems": [str(p) for p in desired.problems] if desired else [],
+            },
+            "current": current,
+        }
+
+    async def plan(self) -> Plan:
+        from reconciler.plan import make_plan
+
+        revision = await self._fetch()
+        desired = await self._desired_state(revision)
+        return make_plan(desired, self._current_state())
+
+    async def check_health(self, app: str | None = None) -> dict[str, str]:
+        names = [app] if app else sorted(self.store.apps())
+        result: dict[str, str] = {}
+        for name in names:
+            record = self.store.get_app(name)
+            if record is None:
+                raise ValueError(f"unknown app {name!r}")
+            if name in self.monitor.apps():
+                await self.monitor.probe_now(name)
+                result[name] = self.monitor.health(name)
+            else:
+                result[name] = self._app_status(record).health
+        return result
+
+    async def suspend(self, app: str | None = None) -> None:
+        await self._set_suspended(app, True)
+
+    async def resume(self, app: str | None = None) -> None:
+        await self._set_suspended(app, False)
+        self.trigger("resume")
+
+    async def _set_suspended(self, app: str | None, suspended: bool) -> None:
+        with self.store.transaction():
+            if app is None:
+                self.store.set_meta("node_suspended", "1" if suspended else None)
+                log.info("node %s", "suspended" if suspended else "resumed")
+            else:
+                record = self.store.get_app(app)
+                if record is None:
+                    raise ValueError(f"unknown app {app!r}")
+                changes: dict[str, Any] = {"suspended": suspended}
+                if not suspended:
+                    # resume is also how an operator asks to retry a spec that failed
+                    changes.update(failed_spec_hash=None)
+                self.store.update_app(app, **changes)
+                self.record("app.suspended" if suspended else "app.resumed", app=app,
+                            version=record.version)
+        self._notify_soon()
+
+
+_SPEC_CACHE: dict[str, AppSpec] = {}
+
+
+def spec_of(record: AppRecord) -> AppSpec:
+    """The record's spec, parsed once per distinct spec (status runs often)."""
+    spec = _SPEC_CACHE.get(record.spec_json)
+    if spec is None:
+        if len(_SPEC_CACHE) > 4096:
+            _SPEC_CACHE.clear()
+        spec = _SPEC_CACHE[record.spec_json] = record.spec
+    return spec
