@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -99,6 +100,9 @@ class Agent:
         self.branch = config.branch
         state_dir = Path(config.state_dir)
         self.store = Store(state_dir, outbox_max=config.outbox_max)
+        with self.store.transaction():  # for `status --state-dir` while the agent is down
+            self.store.set_meta("node_id", config.node_id)
+            self.store.set_meta("labels", json.dumps(self.labels, sort_keys=True))
         verifier = None
         if config.allowed_signers or config.gpg_keyring:
             verifier = SignatureVerifier(allowed_signers=config.allowed_signers,
@@ -143,7 +147,7 @@ class Agent:
         self._current_revision: str | None = None
         self._desired: DesiredState | None = None
         self._desired_revision: str | None = self.store.get_meta("desired_revision")
-        self._source_error: str | None = None
+        self._source_error: str | None = self.store.get_meta("source_error")
         self._spec_errors: list[str] = []
         self._last = RunInfo()
         self._ready_sent = False
@@ -366,7 +370,9 @@ class Agent:
         except (SourceError, SignatureError) as exc:
             return self._source_failed(exc)
         self._source_failures = 0
-        self._source_error = None
+        if self._source_error is not None:
+            self._source_error = None
+            self.store.set_meta("source_error", None)
         self._current_revision = revision
         desired = await self._desired_state(revision)
         self._desired = desired
@@ -395,6 +401,7 @@ class Agent:
         reason = str(exc)
         self._source_error = reason
         with self.store.transaction():
+            self.store.set_meta("source_error", reason)
             self.record("source.failed", outcome="failure", message=reason)
         if isinstance(exc, SourceError) and not self._closed and self._loop is not None:
             self._source_failures += 1
