@@ -36,6 +36,10 @@ FULL_SHA_RE = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 SPEC_SUFFIXES = (".yaml", ".yml")
 _USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 _REGULAR_FILE_MODES = (0o100644, 0o100755)
+# Roughly `git check-ref-format`: no option-like start, no spaces, no ~^:?*[\ or control chars.
+_REF_NAME_RE = re.compile(r"^[^-\s~^:?*\[\\\x00-\x1f\x7f][^\s~^:?*\[\\\x00-\x1f\x7f]*$")
+# Lock files a killed git leaves behind; nothing else uses the cache, so at start they are stale.
+_STALE_LOCKS = ("packed-refs.lock", "shallow.lock", "config.lock", "HEAD.lock")
 # Run `git gc --auto` after this many successful fetches; fetch itself passes --no-auto-gc so
 # a long repack can never eat the fetch timeout and turn into an endless SourceError loop.
 _GC_EVERY = 50
@@ -149,9 +153,7 @@ class GitSource:
         fetch_timeout: float = 30.0,
         verifier: SignatureVerifier | None = None,
     ) -> None:
-        if not branch or branch.startswith("-") or ".." in branch or any(
-            c.isspace() for c in branch
-        ):
+        if not _REF_NAME_RE.match(branch) or ".." in branch or branch.endswith((".lock", "/")):
             raise ValueError(f"invalid branch, tag or commit {branch!r}")
         if url.startswith("-"):
             raise ValueError(f"invalid repository URL {redact_url(url)!r}")
@@ -193,19 +195,46 @@ class GitSource:
 
     def _repo_or_init(self) -> Repo:
         if self._repo is None:
-            if not (self.cache_dir / "objects").is_dir():
-                self.cache_dir.mkdir(parents=True, exist_ok=True)
-                res = run_git(["init", "-q", "--bare", str(self.cache_dir)], timeout=30)
-                if res.returncode != 0:
-                    raise SourceError(
-                        f"cannot create git cache {self.cache_dir}: "
-                        f"{_first_error_line(res.stderr)}"
-                    )
             try:
-                self._repo = Repo(self.cache_dir)
-            except GitError as exc:
-                raise SourceError(f"git cache {self.cache_dir} is unusable: {exc}") from exc
+                self._repo = self._open_cache()
+            except (GitError, SourceError) as exc:
+                # The cache is only a cache: a half-made one (killed during init) is rebuilt.
+                log.warning("git cache %s is unusable (%s); recreating it", self.cache_dir, exc)
+                shutil.rmtree(self.cache_dir, ignore_errors=True)
+                try:
+                    self._repo = self._open_cache()
+                except GitError as exc2:
+                    raise SourceError(
+                        f"git cache {self.cache_dir} is unusable: {exc2}"
+                    ) from exc2
+            self._remove_stale_locks()
         return self._repo
+
+    def _open_cache(self) -> Repo:
+        if not (self.cache_dir / "objects").is_dir() or not (self.cache_dir / "HEAD").is_file():
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            res = run_git(["init", "-q", "--bare", str(self.cache_dir)], timeout=30)
+            if res.returncode != 0:
+                raise SourceError(
+                    f"cannot create git cache {self.cache_dir}: {_first_error_line(res.stderr)}"
+                )
+        return Repo(self.cache_dir)
+
+    def _remove_stale_locks(self) -> None:
+        # Runs once per process, before our first git command on the cache: a lock that exists
+        # now was left by a git we (or a predecessor) had killed, e.g. at a fetch timeout.
+        locks = [self.cache_dir / name for name in _STALE_LOCKS]
+        locks += (self.cache_dir / "refs" / "gitops").rglob("*.lock")
+        for lock in locks:
+            if lock.is_file():
+                log.warning("removing stale git lock %s", lock)
+                lock.unlink(missing_ok=True)
+
+    def reset_cache(self) -> None:
+        """Delete the local cache; the next fetch clones again (for a corrupted cache)."""
+        with self._lock:
+            self.close()
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
 
     def _git(self, *args: str, timeout: float | None = None, what: str = "git") -> GitResult:
         self._repo_or_init()

@@ -353,3 +353,30 @@ def _empty_home(tmp_path: Path) -> Path:
     home = tmp_path / "empty-gpg"
     home.mkdir(mode=0o700)
     return home
+
+
+def test_cache_survives_a_killed_git_and_a_broken_init(repo: SpecRepo, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with GitSource(repo.url, "main", cache) as src:
+        src.fetch()
+        local_ref = src.local_ref
+    assert local_ref is not None
+    # A fetch killed at its timeout leaves the ref's lock file behind.
+    (cache / f"{local_ref}.lock").write_text("")
+    newer = repo.commit_and_push("after the kill")
+    with GitSource(repo.url, "main", cache) as src:
+        assert src.poll() == newer
+
+    (cache / "HEAD").unlink()  # killed during `git init`: the cache is rebuilt, not fatal
+    with GitSource(repo.url, "main", cache) as src:
+        assert src.local_revision() is None
+        assert src.fetch() == newer
+        src.reset_cache()
+        assert not cache.exists()
+        assert src.fetch() == newer
+
+
+@pytest.mark.parametrize("branch", ["", "-upload-pack=x", "a b", "main:evil", "a..b", "x~1"])
+def test_invalid_branch_names(branch: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="invalid branch"):
+        GitSource("/nowhere", branch, tmp_path / "cache")
