@@ -337,22 +337,25 @@ class Fleet:
         return matches.pop() if len(matches) == 1 else None
 
     def rollout_bucket(self, status: NodeStatus, revision: str, now: datetime) -> str | None:
-        """Where a node stands in the rollout of `revision`, or None if it is not targeted."""
+        """Where a node stands in the rollout of `revision`, or None if it is not targeted.
+
+        A node targets its desired revision (or, without one, the revision it runs); a node
+        whose latest fetch saw `revision` but whose status does not show it yet is pending.
+        A node that moved on to another revision is no longer part of this rollout.
+        """
         reported = status.revision == revision
-        desired = status.desired_revision == revision
-        fetched = self.fetched.get(status.node) == revision
-        if not (reported or desired or fetched):
+        target = status.desired_revision or status.revision
+        if target != revision:
+            if self.fetched.get(status.node) == revision and not reported:
+                state = self.node_state(status, now)
+                return state if state in (UNREACHABLE, "suspended") else "pending"
             return None
         state = self.node_state(status, now)
-        if state in (UNREACHABLE, "suspended"):
+        if state in (UNREACHABLE, "suspended", "failed"):
             return state
-        if state == "failed" and (reported or desired):
-            return "failed"
         if reported:
             return state if state in ("synced", "degraded") else "progressing"
-        if desired or state == "progressing":
-            return "progressing"
-        return "pending"
+        return "progressing"
 
     def rollout_view(self, revision: str, now: datetime) -> dict[str, Any] | None:
         full = self.resolve_revision(revision)

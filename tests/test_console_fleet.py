@@ -181,6 +181,7 @@ def test_recent_rollouts_summarise_the_newest_revisions() -> None:
     assert fleet.recent_rollouts(T0) == [
         {"revision": REV2, "targeted": 1, "synced": 0, "failed": 0, "progress": 0.0,
          "first_seen": iso(T0)},
-        {"revision": REV1, "targeted": 2, "synced": 1, "failed": 0, "progress": 0.5,
+        # n2 moved on to REV2: it is no longer part of the REV1 rollout
+        {"revision": REV1, "targeted": 1, "synced": 1, "failed": 0, "progress": 1.0,
          "first_seen": None},
     ]

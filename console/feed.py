@@ -1,0 +1,257 @@
+"""NATS ingestion for the console: KV status watch + event stream replay/follow into a Fleet.
+
+The I/O shell around console.fleet. It survives NATS restarts: on every (re)connect it
+re-watches the KV bucket (latest value per key) and resumes the event stream right after
+the last stream sequence it applied, so nothing is lost or applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+
+from console.fleet import Fleet
+from reconciler import subjects
+
+log = logging.getLogger("gitops_mesh.console.feed")
+
+# Same shape the agents create (reconciler.bus): 7 days of events, dedup by Nats-Msg-Id
+# within 2 minutes; the status bucket keeps a short history per node.
+EVENTS_MAX_AGE_S = 7 * 24 * 3600
+EVENTS_DUPLICATE_WINDOW_S = 120
+KV_HISTORY = 5
+
+
+class Connector(Protocol):
+    def __call__(self, **callbacks: Any) -> Awaitable[NATS]:
+        """Connect with nats-py callbacks (disconnected_cb, reconnected_cb, ...) added."""
+
+
+class Feed:
+    """Keeps `fleet` current from NATS; calls `on_change` after every applied update.
+
+    `replay_s` / `replay_max`: at start, events of the last `replay_s` seconds are replayed,
+    but at most the newest `replay_max` of them are parsed (older ones are skipped cheaply).
+    """
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        connect: Connector,
+        *,
+        on_change: Callable[[], None] = lambda: None,
+        replay_s: float = 3600.0,
+        replay_max: int = 100_000,
+        create_missing: bool = True,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.fleet = fleet
+        self._connect = connect
+        self._on_change = on_change
+        self.replay_s = replay_s
+        self.replay_max = replay_max
+        self.create_missing = create_missing
+        self._clock = clock
+        self.nc: NATS | None = None
+        self.state = "connecting"
+        self.last_error: str | None = None
+        self.last_seq = 0  # last event stream sequence applied
+        self.skipped = 0   # replayed events skipped because of replay_max
+        self.synced = asyncio.Event()  # set once KV and stream subscriptions are in place
+        self._resync = asyncio.Event()
+        self._subs: list[JetStreamContext.PushSubscription] = []
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    async def run(self) -> None:
+        """Connect (retrying forever), subscribe, and re-subscribe after every reconnect."""
+        try:
+            while self.nc is None:
+                try:
+                    self.nc = await self._connect(
+                        disconnected_cb=self._disconnected, reconnected_cb=self._reconnected,
+                        error_cb=self._error, max_reconnect_attempts=-1,
+                        reconnect_time_wait=0.5,
+                    )
+                except Exception as exc:  # connection refused, DNS, TLS, auth
+                    self._set_state("connecting", f"cannot connect to NATS: {exc}")
+                    await asyncio.sleep(1.0)
+            while True:
+                try:
+                    await self._subscribe(self.nc.jetstream())
+                except Exception as exc:  # stream missing and not creatable, timeouts
+                    self._set_state("waiting", f"cannot subscribe: {exc!r}")
+                    await asyncio.sleep(1.0)
+                    continue
+                self._set_state("live", None)
+                self.synced.set()
+                await self._resync.wait()
+                self._resync.clear()
+                self.synced.clear()
+        finally:
+            await self._unsubscribe()
+            if self.nc is not None and not self.nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await self.nc.close()
+
+    def _set_state(self, state: str, error: str | None) -> None:
+        if (state, error) != (self.state, self.last_error):
+            if error:
+                log.warning("%s", error)
+            else:
+                log.info("console feed %s (events from stream seq %d)", state, self.last_seq + 1)
+        self.state, self.last_error = state, error
+
+    async def _disconnected(self) -> None:
+        self._set_state("disconnected", "NATS connection lost; reconnecting")
+
+    async def _reconnected(self) -> None:
+        # A restarted server has forgotten our ephemeral consumers: subscribe again.
+        self._resync.set()
+
+    async def _error(self, exc: Exception) -> None:
+        log.debug("nats: %r", exc)
+
+    async def _unsubscribe(self) -> None:
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _subscribe(self, js: JetStreamContext) -> None:
+        await self._unsubscribe()
+        await self._ensure_stream(js)
+        await self._ensure_bucket(js)
+        kv_sub = await js.subscribe(
+            f"{subjects.KV_SUBJECT_PREFIX}.>", stream=subjects.KV_STREAM, cb=self._on_kv,
+            ordered_consumer=True, deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+            idle_heartbeat=2.0,
+        )
+        self._subs.append(kv_sub)
+        config = api.ConsumerConfig()
+        if self.last_seq:
+            config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = self.last_seq + 1
+        else:
+            config.deliver_policy = api.DeliverPolicy.BY_START_TIME
+            config.opt_start_time = self._clock() - timedelta(seconds=self.replay_s)
+        ev_sub = await js.subscribe(
+            subjects.EVENTS_SUBJECTS, stream=subjects.EVENTS_STREAM, cb=self._on_event,
+            ordered_consumer=True, config=config, idle_heartbeat=2.0,
+            pending_msgs_limit=1_000_000, pending_bytes_limit=512 * 1024 * 1024,
+        )
+        self._subs.append(ev_sub)
+
+    async def _ensure_stream(self, js: JetStreamContext) -> None:
+        try:
+            await js.stream_info(subjects.EVENTS_STREAM)
+            return
+        except nats.js.errors.NotFoundError:
+            if not self.create_missing:
+                raise
+        with contextlib.suppress(nats.js.errors.BadRequestError):  # created meanwhile
+            await js.add_stream(
+                name=subjects.EVENTS_STREAM, subjects=[subjects.EVENTS_SUBJECTS],
+                max_age=EVENTS_MAX_AGE_S, duplicate_window=EVENTS_DUPLICATE_WINDOW_S,
+            )
+
+    async def _ensure_bucket(self, js: JetStreamContext) -> None:
+        try:
+            await js.key_value(subjects.KV_BUCKET)
+            return
+        except nats.js.errors.BucketNotFoundError:
+            if not self.create_missing:
+                raise
+        with contextlib.suppress(nats.js.errors.BadRequestError):
+            await js.create_key_value(bucket=subjects.KV_BUCKET, history=KV_HISTORY)
+
+    async def _on_kv(self, msg: Msg) -> None:
+        key = msg.subject[len(subjects.KV_SUBJECT_PREFIX) + 1:]
+        op = msg.headers.get("KV-Operation") if msg.headers else None
+        if msg.headers and not op and msg.headers.get("Nats-Marker-Reason"):
+            op = "PURGE"  # server-placed expiry marker (nats-server 2.11+)
+        error = self.fleet.apply_status(key, None if op in ("DEL", "PURGE") else msg.data)
+        if error:
+            log.warning("ignored: %s", error)
+        self._on_change()
+
+    async def _on_event(self, msg: Msg) -> None:
+        meta = msg.metadata
+        seq = meta.sequence.stream
+        if seq <= self.last_seq:
+            return  # already applied before a resubscribe
+        self.last_seq = seq
+        if meta.num_pending >= self.replay_max:
+            self.skipped += 1  # replaying more than we keep: skip the parse
+            return
+        error = self.fleet.apply_event(msg.data)
+        if error:
+            log.warning("ignored %s: %s", msg.subject, error)
+        self._on_change()
+
+
+async def rpc(nc: NATS, subject: str, body: dict[str, Any], timeout: float = 5.0) -> RpcReply:
+    """One request to a node's micro service endpoint; errors become RpcReply values."""
+    try:
+        msg = await nc.request(subject, json.dumps(body).encode(), timeout=timeout)
+    except nats.errors.NoRespondersError:
+        return RpcReply(503, {"error": f"no node answers on {subject}"})
+    except nats.errors.TimeoutError:
+        return RpcReply(504, {"error": f"no reply on {subject} within {timeout:g}s"})
+    headers = msg.headers or {}
+    if "Nats-Service-Error-Code" in headers or "Nats-Service-Error" in headers:
+        code = headers.get("Nats-Service-Error-Code", "500")
+        text = headers.get("Nats-Service-Error", "error")
+        status = int(code) if code.isdigit() and 400 <= int(code) < 600 else 502
+        return RpcReply(status, {"error": text, "code": int(code) if code.isdigit() else None})
+    try:
+        data = json.loads(msg.data) if msg.data else {}
+    except ValueError:
+        return RpcReply(502, {"error": f"reply on {subject} is not JSON"})
+    return RpcReply(200, data if isinstance(data, dict) else {"result": data})
+
+
+async def collect(nc: NATS, subject: str, body: dict[str, Any], window: float = 1.0
+                  ) -> list[dict[str, Any]]:
+    """Publish a request and gather every JSON reply that arrives within `window` seconds."""
+    replies: list[dict[str, Any]] = []
+    inbox = nc.new_inbox()
+
+    async def on_reply(msg: Msg) -> None:
+        with contextlib.suppress(ValueError):
+            data = json.loads(msg.data)
+            if isinstance(data, dict):
+                replies.append(data)
+
+    sub = await nc.subscribe(inbox, cb=on_reply)
+    try:
+        await nc.publish(subject, json.dumps(body).encode(), reply=inbox)
+        await nc.flush()
+        await asyncio.sleep(window)
+    finally:
+        await sub.unsubscribe()
+    return sorted(replies, key=lambda r: str(r.get("node", "")))
+
+
+class RpcReply:
+    """HTTP-ready outcome of an RPC: status code and JSON body."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        self.status = status
+        self.body = body
+
+    def __repr__(self) -> str:
+        return f"RpcReply({self.status}, {self.body!r})"

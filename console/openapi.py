@@ -1,0 +1,101 @@
+"""The console API's OpenAPI 3.1 description, hand-written so it stays exact. Pure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_JSON = {"application/json": {"schema": {"type": "object"}}}
+_ERROR = {
+    "description": "error",
+    "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"],
+    }}},
+}
+
+
+def _param(name: str, where: str, description: str, required: bool = False,
+           schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"name": name, "in": where, "required": required or where == "path",
+            "description": description, "schema": schema or {"type": "string"}}
+
+
+_NODE_FILTERS = [
+    _param("label", "query", "k=v label the node must have (repeatable)"),
+    _param("layer", "query", "only nodes running an app of this layer"),
+    _param("status", "query", "synced | progressing | degraded | failed | suspended | "
+                              "unreachable"),
+]
+
+
+def _get(summary: str, params: list[dict[str, Any]] | None = None,
+         not_found: bool = False) -> dict[str, Any]:
+    responses: dict[str, Any] = {"200": {"description": "OK", "content": _JSON}}
+    if not_found:
+        responses["404"] = _ERROR
+    responses["400"] = _ERROR
+    return {"get": {"summary": summary, "parameters": params or [], "responses": responses}}
+
+
+def _post(summary: str, params: list[dict[str, Any]], body: dict[str, Any]) -> dict[str, Any]:
+    return {"post": {
+        "summary": summary,
+        "parameters": [*params, _param("X-CSRF-Token", "header",
+                                       "double-submit CSRF token (browsers only)")],
+        "security": [{"bearer": []}],
+        "requestBody": {"required": False,
+                        "content": {"application/json": {"schema": body}}},
+        "responses": {
+            "200": {"description": "the node's reply", "content": _JSON},
+            "400": _ERROR, "401": _ERROR, "403": _ERROR,
+            "503": {**_ERROR, "description": "NATS down or no node answers"},
+            "504": {**_ERROR, "description": "the node did not reply in time"},
+        },
+    }}
+
+
+def document(actions: bool = True) -> dict[str, Any]:
+    """OpenAPI document; action endpoints only when the console runs with actions."""
+    node = _param("node", "path", "node id")
+    paths: dict[str, Any] = {
+        "/api/fleet": _get("counters, node cards, filter choices, recent rollouts, series",
+                           _NODE_FILTERS),
+        "/api/nodes": _get("node cards (filterable)", _NODE_FILTERS),
+        "/api/nodes/{node}": _get("one node: card, full status, recent events", [node], True),
+        "/api/apps": _get("every app with node counts and versions"),
+        "/api/apps/{app}": _get("one app across nodes", [_param("app", "path", "app name")],
+                                True),
+        "/api/rollouts/{revision}": _get(
+            "rollout of a revision (full SHA or unique prefix): buckets, failing nodes",
+            [_param("revision", "path", "git revision")], True),
+        "/api/events": _get("event log, newest first", [
+            _param("node", "query", "only this node"), _param("app", "query", "only this app"),
+            _param("type", "query", "exact type, or a prefix ending in '.' or '*'"),
+            _param("limit", "query", "at most this many (1..5000, default 200)",
+                   schema={"type": "integer"}),
+        ]),
+        "/api/series": _get("reconcile duration and convergence time per revision", [
+            _param("hours", "query", "window (default 6)", schema={"type": "number"})]),
+        "/api/health": _get("the console's NATS feed state"),
+        "/api/stream/{kind}": {"get": {
+            "summary": "server-sent events: the view of `kind` (overview, node, app, rollout, "
+                       "events) whenever it changes, at most every 250 ms",
+            "parameters": [_param("kind", "path", "view"),
+                           _param("name", "query", "node id / app name / revision")],
+            "responses": {"200": {"description": "text/event-stream"}},
+        }},
+    }
+    if actions:
+        app_body = {"type": "object", "properties": {"app": {"type": "string"}}}
+        for action in ("reconcile", "health", "suspend", "resume"):
+            paths[f"/api/nodes/{{node}}/{action}"] = _post(
+                f"RPC gitops.rpc.<node>.{action}", [node],
+                {"type": "object"} if action == "reconcile" else app_body)
+        paths["/api/fleet/reconcile"] = _post(
+            "gitops.fleet.reconcile: every matching node replies {node, run_id} (~1 s)", [],
+            {"type": "object", "properties": {"selector": {"type": "object"}}})
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "gitops-mesh console", "version": "1"},
+        "paths": paths,
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }
