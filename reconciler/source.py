@@ -129,6 +129,10 @@ class SignatureVerifier:
     gpg_home: Path | None = None
 
     def __post_init__(self) -> None:
+        for field in ("allowed_signers", "gpg_keyring", "gpg_home"):  # accept str paths too
+            value = getattr(self, field)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, field, Path(value))
         if not (self.allowed_signers or self.gpg_keyring or self.gpg_home):
             raise ValueError("a SignatureVerifier needs allowed_signers, gpg_keyring or gpg_home")
         if self.gpg_keyring and self.gpg_home:
@@ -136,6 +140,17 @@ class SignatureVerifier:
         for path in (self.allowed_signers, self.gpg_keyring, self.gpg_home):
             if path is not None and not path.exists():
                 raise ValueError(f"{path}: no such file or directory")
+
+    def stamp(self) -> tuple[tuple[int, int], ...]:
+        """Changes when a trust file is edited: cached verdicts are then checked again."""
+        stamps = []
+        for path in (self.allowed_signers, self.gpg_keyring, self.gpg_home):
+            try:
+                st = path.stat() if path is not None else None
+            except OSError:
+                st = None
+            stamps.append((st.st_mtime_ns, st.st_size) if st else (0, -1))
+        return tuple(stamps)
 
     @property
     def trusts_gpg(self) -> bool:
@@ -171,6 +186,7 @@ class GitSource:
         self._lock = threading.RLock()
         self._fetches = 0
         self._gnupg_home: Path | None = None
+        self._verified: dict[str, tuple[tuple[tuple[int, int], ...], str]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -444,6 +460,10 @@ class GitSource:
         if verifier is None:
             return ""
         with self._lock:
+            stamp = verifier.stamp()
+            cached = self._verified.get(revision)
+            if cached is not None and cached[0] == stamp:
+                return cached[1]  # a commit's signature never changes; only trust files do
             if self._resolve(revision) is None:
                 raise SourceError(f"revision {revision} is not in the cache of {self.display_url}")
             header = self._git("cat-file", "commit", revision).stdout.split("\n\n", 1)[0]
@@ -478,7 +498,11 @@ class GitSource:
                 raise SignatureError(
                     f"commit {short} is signed by a key that is not trusted ({kind}): {detail}"
                 )
-            return _signer(kind, res.stderr)
+            signer = _signer(kind, res.stderr)
+            if len(self._verified) > 64:
+                self._verified.clear()
+            self._verified[revision] = (stamp, signer)
+            return signer
 
     def _gnupg_dir(self, verifier: SignatureVerifier) -> Path:
         if verifier.gpg_home is not None:

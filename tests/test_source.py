@@ -283,7 +283,7 @@ def test_ssh_signatures(repo: SpecRepo, tmp_path: Path) -> None:
 
     good = _signed_commit(repo, "signed", *sign_with(trusted))
     with GitSource(repo.url, "main", tmp_path / "cache",
-                   verifier=SignatureVerifier(allowed_signers=allowed)) as src:
+                   verifier=SignatureVerifier(allowed_signers=str(allowed))) as src:  # type: ignore[arg-type]
         assert src.fetch() == good
         assert src.verify(good).startswith("ssh:release@example.invalid SHA256:")
 
@@ -296,6 +296,12 @@ def test_ssh_signatures(repo: SpecRepo, tmp_path: Path) -> None:
         src.fetch()
         with pytest.raises(SignatureError, match=r"not trusted .*not in allowed_signers"):
             src.verify(untrusted)
+
+        # Revoking the key (editing allowed_signers) takes effect for commits verified before.
+        assert src.verify(good).startswith("ssh:release@example.invalid")
+        allowed.write_text("# nobody is trusted any more\n")
+        with pytest.raises(SignatureError, match="not in allowed_signers"):
+            src.verify(good)
 
     with GitSource(repo.url, "main", tmp_path / "cache2") as plain:
         assert plain.verify(plain.fetch()) == ""  # no verifier: nothing to check
