@@ -294,6 +294,19 @@ async def test_restart_policies(tmp_path: Path) -> None:
     await runtime.close(stop_apps=True)
 
 
+async def test_what_an_exited_app_leaves_behind_is_stopped(tmp_path: Path) -> None:
+    rec = Recorder()
+    runtime = ProcessRuntime(rec)
+    app = launch(tmp_path, "leaky", ["/bin/sh", "-c", "sleep 60 & echo left $!; exit 1"],
+                 restart=RestartPolicy("never"))
+    record = await runtime.start(app)
+    await until(lambda: rec.exited, what="exit seen")
+    left = int(log_text(tmp_path, "leaky").split("left ")[1].split()[0])
+    assert rec.exited == [("leaky", 1, None)]
+    assert not alive(left) and group_members(record.pgid) == []
+    await runtime.close(stop_apps=True)
+
+
 async def test_stop_cancels_a_pending_restart(tmp_path: Path) -> None:
     rec = Recorder()
     runtime = ProcessRuntime(rec)

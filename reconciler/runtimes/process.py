@@ -175,6 +175,17 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
             os.kill(pid, sig)
 
 
+async def _wait_stopped(
+    popen: subprocess.Popen[bytes] | None, pgid: int, timeout: float
+) -> bool:
+    """Wait until our child (reaped, so it is no zombie) and every group member are gone."""
+    deadline = time.monotonic() + timeout
+    if popen is not None:
+        while popen.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+    return await _wait_group_gone(pgid, max(0.0, deadline - time.monotonic()))
+
+
 async def _wait_group_gone(pgid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     delay = 0.01
@@ -453,11 +464,30 @@ class ProcessRuntime:
         """Wait for this process to exit, then apply the restart policy."""
         record = app.record
         assert record is not None
-        await self._wait_exit(record.pid, app.popen, proc)
-        returncode = app.popen.poll() if app.popen is not None else None
-        if app.stopping or self._apps.get(app.launch.name) is not app or app.record is not record:
-            return
-        self._on_exit(app, returncode)
+
+        def superseded() -> bool:
+            return (
+                app.stopping
+                or self._apps.get(app.launch.name) is not app
+                or app.record is not record
+            )
+
+        try:
+            popen = app.popen
+            await self._wait_exit(record.pid, popen, proc)
+            returncode = popen.poll() if popen is not None else None
+            if superseded():
+                return
+            # The app is its process group: what the leader left behind goes with it, so a
+            # restart never runs next to leftovers of the old instance.
+            if await asyncio.to_thread(group_members, record.pgid):
+                log.info("%s exited; stopping what is left of its process group", record.name)
+                await self._stop_group(app.launch, record.pgid, None)
+            if superseded():
+                return
+            self._on_exit(app, returncode)
+        except Exception:  # a bug here must not go unnoticed as a never-retrieved task error
+            log.exception("supervising %s failed", app.launch.name)
 
     async def _wait_exit(
         self, pid: int, popen: subprocess.Popen[bytes] | None, proc: psutil.Process | None
@@ -528,13 +558,19 @@ class ProcessRuntime:
 
     async def _restart_later(self, app: _App, delay: float) -> None:
         await asyncio.sleep(delay)
+        try:
+            self._restart_now(app)
+        except Exception:
+            log.exception("restarting %s failed", app.launch.name)
+
+    def _restart_now(self, app: _App) -> None:
         if app.stopping or self._apps.get(app.launch.name) is not app:
             return
         app.restart_times.append(self._clock())
         app.restarts += 1
         try:
             record = self._spawn(app)
-        except RuntimeFailure as exc:
+        except RuntimeFailure as exc:  # e.g. the program was removed meanwhile
             # counts as a failed attempt: backoff grows, a crash loop ends it
             app.started_at = self._clock()
             self._on_exit(app, None, what=str(exc))
@@ -549,28 +585,25 @@ class ProcessRuntime:
         pgid = record.pgid
         if app.popen is None and app.proc is not None and not _alive(app.proc):
             return  # adopted and already gone: its pgid may belong to someone else by now
-        sig = signal.Signals[launch.stop_signal]
-        _signal_group(pgid, sig)
-        gone = await self._wait_stopped(app, pgid, launch.stop_timeout)
-        if not gone:
+        popen = app.popen
+        await self._stop_group(launch, pgid, popen)
+        if popen is not None:
+            app.last_exit_code = popen.poll()
+        app.message = "stopped"
+
+    async def _stop_group(
+        self, launch: LaunchSpec, pgid: int, popen: subprocess.Popen[bytes] | None
+    ) -> None:
+        """stop_signal to the group, SIGKILL after stop_timeout, until no member is left."""
+        _signal_group(pgid, signal.Signals[launch.stop_signal])
+        if not await _wait_stopped(popen, pgid, launch.stop_timeout):
             log.warning("%s did not stop within %gs: SIGKILL", launch.name, launch.stop_timeout)
             _signal_group(pgid, signal.SIGKILL)
-            if not await self._wait_stopped(app, pgid, 10.0):
+            if not await _wait_stopped(popen, pgid, 10.0):
                 raise RuntimeFailure(
                     f"{launch.name}: processes of group {pgid} survived SIGKILL: "
                     f"{await asyncio.to_thread(group_members, pgid)}"
                 )
-        if app.popen is not None:
-            app.last_exit_code = app.popen.poll()
-        app.message = "stopped"
-
-    async def _wait_stopped(self, app: _App, pgid: int, timeout: float) -> bool:
-        if app.popen is not None:  # reap our child so it does not linger as a zombie
-            deadline = time.monotonic() + timeout
-            while app.popen.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-            timeout = max(0.0, deadline - time.monotonic())
-        return await _wait_group_gone(pgid, timeout)
 
     def _ensure_rotation(self) -> None:
         if self._rotate_task is None or self._rotate_task.done():
