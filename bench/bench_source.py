@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reconciler.source import GitSource
+from reconciler.source import GitSource, SignatureVerifier
 
 ENV = {
     **os.environ,
@@ -100,6 +101,29 @@ def main() -> None:
                     lambda: source.spec_files(head))
             measure("changed_paths (first..head)", args.rounds,
                     lambda: source.changed_paths(first, head, "apps"))
+        if shutil.which("ssh-keygen"):
+            bench_verify(tmp, work, bare, args.rounds)
+
+
+def bench_verify(tmp: Path, work: Path, bare: Path, rounds: int) -> None:
+    key = tmp / "signing-key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    allowed = tmp / "allowed_signers"
+    public = " ".join(key.with_suffix(".pub").read_text().split()[:2])
+    allowed.write_text(f"bench@example.invalid {public}\n")
+    git(work, "-c", "gpg.format=ssh", "-c", f"user.signingkey={key}",
+        "commit", "-q", "-S", "--allow-empty", "-m", "signed")
+    git(work, "push", "-q", "origin", "HEAD:main")
+    verifier = SignatureVerifier(allowed_signers=allowed)
+    with GitSource(str(bare), "main", tmp / "cache-verify", verifier=verifier) as source:
+        head = source.fetch()
+
+        def fresh() -> None:
+            source._verified.clear()  # bench the first check of a revision, not the cache
+
+        measure("verify (ssh signature, first time)", rounds, lambda: source.verify(head),
+                before=fresh)
+        measure("verify (same revision again, cached)", rounds, lambda: source.verify(head))
 
 
 if __name__ == "__main__":
