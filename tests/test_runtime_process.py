@@ -307,6 +307,26 @@ async def test_what_an_exited_app_leaves_behind_is_stopped(tmp_path: Path) -> No
     await runtime.close(stop_apps=True)
 
 
+async def test_a_restart_that_cannot_spawn_counts_toward_the_crash_loop(tmp_path: Path) -> None:
+    rec = Recorder()
+    runtime = ProcessRuntime(rec, stable_after=30.0)
+    script = tmp_path / "once.sh"
+    script.write_text('#!/bin/sh\nrm -f "$0"\nexit 1\n')  # removes itself: restarts fail
+    script.chmod(0o755)
+    policy = RestartPolicy("always", backoff_initial=0.01, backoff_max=1.0, max_restarts=2)
+    await runtime.start(launch(tmp_path, "vanish", [str(script)], restart=policy))
+    await until(lambda: rec.crash_loops, what="crash loop")
+    assert rec.exited == [("vanish", 1, 0.01), ("vanish", None, 0.02), ("vanish", None, None)]
+    assert rec.crash_loops == [("vanish", (
+        f"vanish: cannot start '{script}': no such file or directory; "
+        "restarted 2 times within 300s, not restarting (crash loop)"
+    ))]
+    assert [restarted for _, restarted in rec.started] == [False]
+    await runtime.close(stop_apps=True)
+    with pytest.raises(RuntimeFailure, match="closed"):
+        await runtime.start(launch(tmp_path, "late", ["/bin/sleep", "1"]))
+
+
 async def test_stop_cancels_a_pending_restart(tmp_path: Path) -> None:
     rec = Recorder()
     runtime = ProcessRuntime(rec)
