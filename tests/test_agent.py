@@ -1,0 +1,469 @@
+"""The node agent end to end, in process: real git pushes, real child processes, real probes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from reconciler.agent import Agent, AgentConfig
+from reconciler.store import read_snapshot
+from tests.conftest import SpecRepo, free_port, git, make_spec_repo
+
+APP_SCRIPT = textwrap.dedent('''
+    """Test app: serves its version over HTTP on argv port (+ GITOPS_PORT_OFFSET)."""
+    import http.server, os, sys, time
+    port = int(sys.argv[1]) + int(os.environ.get("GITOPS_PORT_OFFSET", "0"))
+    version, mode = sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "ok"
+    with open(os.path.join(os.environ["GITOPS_APP_DIR"], "started"), "a") as out:
+        out.write(repr(time.time()) + chr(10))
+    if mode == "exit":
+        sys.exit(3)
+    if mode.startswith("slow"):
+        time.sleep(float(mode[4:]))
+    if mode.startswith("die"):
+        time.sleep(float(mode[3:]))
+        sys.exit(4)
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = (version + " " + os.environ.get("GITOPS_NODE_ID", "")).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *args):
+            pass
+    http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+''')
+
+SECRET = "hunter2-very-secret-value"
+
+
+@pytest.fixture(scope="module")
+def app_script(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("app") / "app.py"
+    path.write_text(APP_SCRIPT)
+    return path
+
+
+def app_yaml(
+    script: Path, name: str, version: str, port: int, mode: str = "ok", *,
+    depends_on: tuple[str, ...] = (), extra: str = "", start_timeout: str = "5s",
+) -> str:
+    deps = f"depends_on: [{', '.join(depends_on)}]\n" if depends_on else ""
+    return (
+        f"name: {name}\nversion: \"{version}\"\n{deps}"
+        f"run:\n  command: [{sys.executable}, {script}, \"{port}\", \"{version}\", {mode}]\n"
+        f"  env: {{API_TOKEN: {SECRET}}}\n  stop_timeout: 2s\n"
+        f"health:\n  http: {{url: \"http://127.0.0.1:{port}/\"}}\n"
+        f"  interval: 1s\n  timeout: 1s\n  start_timeout: {start_timeout}\n"
+        f"restart:\n  backoff: {{initial: 50ms, max: 200ms}}\n" + extra
+    )
+
+
+def get(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as resp:
+        return resp.read().decode()
+
+
+def answers(port: int) -> str | None:
+    """get(), or None while nothing listens (for eventually-checks)."""
+    try:
+        return get(port)
+    except OSError:
+        return None
+
+
+def events(agent: Agent) -> list[dict[str, Any]]:
+    return [json.loads(e.payload) for e in agent.store.outbox_batch(100_000)]
+
+
+def kinds(agent: Agent, app: str | None = None) -> list[str]:
+    return [e["type"] for e in events(agent) if app is None or e.get("app") == app]
+
+
+def app_pids(node: str) -> dict[str, list[int]]:
+    """Live processes started for `node`'s apps (by the env the agent gives them)."""
+    found: dict[str, list[int]] = {}
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            env = proc.environ()
+            if env.get("GITOPS_NODE_ID") == node and proc.status() != psutil.STATUS_ZOMBIE:
+                app = Path(env["GITOPS_APP_DIR"]).parent.name
+                found.setdefault(app, []).append(proc.pid)
+        except (psutil.Error, KeyError):
+            continue
+    return found
+
+
+MakeAgent = Callable[..., Awaitable[Agent]]
+
+
+@pytest.fixture
+async def make_agent(tmp_path: Path) -> AsyncIterator[MakeAgent]:
+    agents: list[Agent] = []
+
+    async def factory(repo: SpecRepo, node: str = "n1", **options: Any) -> Agent:
+        config = AgentConfig(
+            node_id=node, repo_url=repo.url, state_dir=tmp_path / f"state-{node}",
+            interval=3600, heartbeat=3600, **options,
+        )
+        agent = Agent(config)
+        await agent.start(first_reconcile=False)
+        agents.append(agent)
+        return agent
+
+    yield factory
+    for agent in agents:
+        await agent.close(stop_apps=True)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> SpecRepo:
+    return make_spec_repo(tmp_path / "specs")
+
+
+async def test_deploy_upgrade_rollback(
+    repo: SpecRepo, make_agent: MakeAgent, app_script: Path
+) -> None:
+    port = free_port()
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "1.0", port))
+    rev1 = repo.commit_and_push("web 1.0")
+    agent = await make_agent(repo)
+
+    run = await agent.reconcile_now()
+    assert run.outcome == "success", run.message
+    assert get(port) == "1.0 n1"
+    status = agent.status()
+    assert (status.status, status.revision) == ("synced", rev1)
+    web = status.apps[0]
+    assert (web.name, web.version, web.phase, web.health) == ("web", "1.0", "running", "healthy")
+    assert web.pid is not None and web.pid == agent.store.get_app("web").pid  # type: ignore[union-attr]
+    assert kinds(agent) == ["node.started", "reconcile.started", "source.fetched",
+                            "app.deployed", "reconcile.finished"]
+    deployed = events(agent)[3]
+    assert deployed["revision"] == rev1 and deployed["outcome"] == "success"
+    assert deployed["run_id"] == run.run_id and len(deployed["trace_id"]) == 32
+    assert deployed["duration_ms"] > 0
+
+    # upgrade
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "1.1", port))
+    rev2 = repo.commit_and_push("web 1.1")
+    run = await agent.reconcile_now()
+    assert run.outcome == "success", run.message
+    assert get(port) == "1.1 n1"
+    upgraded = [e for e in events(agent) if e["type"] == "app.upgraded"]
+    assert [(e["version"], e["from_version"], e["revision"]) for e in upgraded] == [
+        ("1.1", "1.0", rev2)]
+    assert agent.status().status == "synced"
+
+    # a broken version: rolled back, 1.1 keeps serving, the node reports the failed rollout
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "1.2", port, "exit"))
+    rev3 = repo.commit_and_push("web 1.2 (broken)")
+    run = await agent.reconcile_now()
+    assert run.outcome == "failure"
+    assert get(port) == "1.1 n1"
+    rolled = [e for e in events(agent) if e["type"] == "app.rolled-back"]
+    assert len(rolled) == 1
+    assert (rolled[0]["version"], rolled[0]["from_version"], rolled[0]["outcome"]) == (
+        "1.1", "1.2", "failure")
+    assert "exited before it became healthy" in rolled[0]["message"]
+    status = agent.status()
+    web = status.apps[0]
+    assert (web.version, web.phase, web.health, web.failed_version) == (
+        "1.1", "running", "healthy", "1.2")
+    assert web.message.startswith("rolled back from 1.2: ")
+    assert (status.status, status.revision) == ("failed", rev3)
+    assert "web 1.2" in status.message
+    assert app_pids("n1") == {"web": [web.pid]}
+
+    # the failed spec is not retried on the next poll
+    before = len(events(agent))
+    run = await agent.reconcile_now()
+    assert [e["type"] for e in events(agent)[before:]] == ["reconcile.started",
+                                                            "reconcile.finished"]
+    assert get(port) == "1.1 n1"
+
+    # the secret env value is nowhere in what the agent publishes
+    published = b"".join(e.payload for e in agent.store.outbox_batch(100_000))
+    assert SECRET.encode() not in published
+    assert SECRET not in agent.status().model_dump_json()
+    assert SECRET not in json.dumps(agent.state())
+    assert agent.state()["current"]["web"]["spec"]["run"]["env"] == {"API_TOKEN": "***"}
+
+
+async def test_dependency_chain_order_and_removal(
+    repo: SpecRepo, make_agent: MakeAgent, app_script: Path
+) -> None:
+    ports = {name: free_port() for name in "abc"}
+    repo.write("apps/a.yaml", app_yaml(app_script, "a", "1", ports["a"], "slow0.3"))
+    repo.write("apps/b.yaml", app_yaml(app_script, "b", "1", ports["b"], "slow0.3",
+                                       depends_on=("a",)))
+    repo.write("apps/c.yaml", app_yaml(app_script, "c", "1", ports["c"], depends_on=("b",)))
+    repo.commit_and_push("chain")
+    agent = await make_agent(repo)
+    run = await agent.reconcile_now()
+    assert run.outcome == "success", run.message
+    deployed = [e for e in events(agent) if e["type"] == "app.deployed"]
+    assert [e["app"] for e in deployed] == ["a", "b", "c"]
+    # each process started only after its dependency was reported healthy
+    started = {a: float(Path(agent.store.get_app(a).install_dir, "started").read_text())  # type: ignore[arg-type, union-attr]
+               for a in "abc"}
+    healthy_at = {e["app"]: _epoch(e["time"]) for e in deployed}
+    assert started["b"] >= healthy_at["a"] - 0.01
+    assert started["c"] >= healthy_at["b"] - 0.01
+
+    # remove a and b together: dependents first
+    repo.remove("apps/a.yaml")
+    repo.remove("apps/b.yaml")
+    repo.remove("apps/c.yaml")
+    repo.commit_and_push("remove all")
+    run = await agent.reconcile_now()
+    assert run.outcome == "success", run.message
+    removed = [e["app"] for e in events(agent) if e["type"] == "app.removed"]
+    assert removed == ["c", "b", "a"]
+    assert app_pids("n1") == {}
+    assert agent.status().apps == []
+    assert not (agent.config.state_dir / "apps" / "a").exists()
+
+
+def _epoch(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+async def test_failed_dependency_blocks_dependents_only(
+    repo: SpecRepo, make_agent: MakeAgent, app_script: Path
+) -> None:
+    p = {name: free_port() for name in ("db", "api", "solo")}
+    repo.write("apps/db.yaml", app_yaml(app_script, "db", "1", p["db"], "exit"))
+    repo.write("apps/api.yaml", app_yaml(app_script, "api", "1", p["api"],
+                                         depends_on=("db",)))
+    repo.write("apps/solo.yaml", app_yaml(app_script, "solo", "1", p["solo"]))
+    repo.commit_and_push("db broken")
+    agent = await make_agent(repo)
+    run = await agent.reconcile_now()
+    assert run.outcome == "failure"
+    phases = {a.name: (a.phase, a.message) for a in agent.status().apps}
+    assert phases["solo"] == ("running", "")
+    assert phases["db"][0] == "failed"
+    assert "exited before it became healthy" in phases["db"][1]
+    assert phases["api"] == ("blocked", "dependency db failed")
+    assert get(p["solo"]) == "1 n1"
+    blocked = [e for e in events(agent) if e["type"] == "app.blocked"]
+    assert [(e["app"], e["message"]) for e in blocked] == [("api", "dependency db failed")]
+    status = agent.status()
+    assert status.status == "failed" and "api" in status.message and "db" in status.message
+    assert set(app_pids("n1")) == {"solo"}
+
+    # fixing the dependency lets the blocked app start on the next reconcile
+    repo.write("apps/db.yaml", app_yaml(app_script, "db", "2", p["db"]))
+    repo.commit_and_push("db fixed")
+    run = await agent.reconcile_now()
+    assert run.outcome == "success", run.message
+    assert agent.status().status == "synced"
+    assert get(p["api"]) == "1 n1"
+
+
+async def test_supervision_restart_and_crash_loop(
+    repo: SpecRepo, make_agent: MakeAgent, app_script: Path
+) -> None:
+    port, flaky_port = free_port(), free_port()
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "1", port))
+    # no probe: healthy while it runs; it dies after 0.3 s each time -> crash loop
+    repo.write("apps/flaky.yaml", textwrap.dedent(f"""\
+        name: flaky
+        version: "1"
+        run: {{command: [{sys.executable}, {app_script}, "{flaky_port}", "1", die0.3]}}
+        restart: {{backoff: {{initial: 50ms, max: 100ms}}, max_restarts: 2, window: 60s}}
+    """))
+    repo.commit_and_push("two apps")
+    agent = await make_agent(repo)
+    run = await agent.reconcile_now()
+    assert run.outcome == "success", run.message
+    first_pid = agent.status().apps[1].pid
+    assert first_pid is not None
+    os.kill(first_pid, 9)
+
+    def restarted() -> bool:
+        web = agent.store.get_app("web")
+        assert web is not None and web.restarts == 1 and web.pid != first_pid
+        return answers(port) == "1 n1"
+
+    await _eventually_async(restarted, what="web restarted after kill -9")
+    web = agent.store.get_app("web")
+    assert web is not None and web.process is not None
+    assert psutil.Process(web.pid).create_time() == pytest.approx(web.create_time, abs=0.05)
+    assert "app.restarted" in kinds(agent, "web")
+
+    def crash_looped() -> bool:
+        flaky = agent.store.get_app("flaky")
+        assert flaky is not None and flaky.phase == "failed"
+        return True
+
+    await _eventually_async(crash_looped, what="flaky marked failed")
+    failed = [e for e in events(agent) if e["type"] == "app.failed"]
+    assert [e["app"] for e in failed] == ["flaky"]
+    status = agent.status()
+    assert status.status == "failed" and "flaky" in status.message
+    assert {a.name: a.phase for a in status.apps} == {"flaky": "failed", "web": "running"}
+
+
+async def _eventually_async(check: Callable[[], bool], what: str, timeout: float = 15) -> None:
+    from tests.conftest import eventually_async
+
+    async def wrapped() -> bool:
+        return check()
+
+    await eventually_async(wrapped, timeout=timeout, what=what)
+
+
+async def test_invalid_spec_touches_nothing(
+    repo: SpecRepo, make_agent: MakeAgent, app_script: Path
+) -> None:
+    port, other = free_port(), free_port()
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "1", port))
+    repo.write("apps/other.yaml", app_yaml(app_script, "other", "1", other))
+    repo.commit_and_push()
+    agent = await make_agent(repo)
+    assert (await agent.reconcile_now()).outcome == "success"
+    pids = app_pids("n1")
+
+    # a typo in one file, the other file deleted: nothing stops, nothing restarts
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "2", port).replace(
+        "health:", "helth:"))
+    repo.remove("apps/other.yaml")
+    repo.commit_and_push("broken")
+    run = await agent.reconcile_now()
+    assert run.outcome == "failure"
+    assert "apps/web.yaml:" in run.message
+    status = agent.status()
+    assert status.spec_errors and status.spec_errors[0].startswith("apps/web.yaml:")
+    line_col = status.spec_errors[0].split(":")[1:3]
+    assert all(part.isdigit() for part in line_col), status.spec_errors
+    assert app_pids("n1") == pids
+    assert get(port) == "1 n1" and get(other) == "1 n1"
+    assert status.status == "degraded"
+    finished = [e for e in events(agent) if e["type"] == "reconcile.finished"][-1]
+    assert finished["outcome"] == "failure" and "apps/web.yaml:" in finished["message"]
+
+
+async def test_source_gone_keeps_running_then_recovers(
+    repo: SpecRepo, make_agent: MakeAgent, app_script: Path
+) -> None:
+    port = free_port()
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "1", port))
+    rev = repo.commit_and_push()
+    agent = await make_agent(repo)
+    assert (await agent.reconcile_now()).outcome == "success"
+    moved = repo.bare.with_name("moved.git")
+    repo.bare.rename(moved)
+    run = await agent.reconcile_now()
+    assert run.outcome == "failure" and run.message.startswith("source: ")
+    failed = [e for e in events(agent) if e["type"] == "source.failed"]
+    assert failed and failed[0]["outcome"] == "failure"
+    status = agent.status()
+    assert status.source_error and status.revision == rev
+    assert status.status == "degraded"
+    assert get(port) == "1 n1"
+    # the agent retries by itself with backoff (1 s first) and recovers when it is back
+    moved.rename(repo.bare)
+
+    def recovered() -> bool:
+        return agent.status().source_error is None and agent.status().status == "synced"
+
+    await _eventually_async(recovered, what="source error cleared by the retry", timeout=10)
+
+
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen is not installed")
+async def test_unsigned_commit_refused(
+    repo: SpecRepo, make_agent: MakeAgent, app_script: Path, tmp_path: Path
+) -> None:
+    key = tmp_path / "signing"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    public = " ".join(key.with_suffix(".pub").read_text().split()[:2])
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text(f"release@example.invalid {public}\n")
+    port = free_port()
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "1", port))
+    git(repo.work, "add", "-A")
+    git(repo.work, "-c", "gpg.format=ssh", "-c", f"user.signingkey={key}",
+        "commit", "-q", "-S", "-m", "signed")
+    git(repo.work, "push", "-q", "origin", "HEAD:main")
+    agent = await make_agent(repo, allowed_signers=allowed)
+    assert (await agent.reconcile_now()).outcome == "success"
+
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "2", port))
+    unsigned = repo.commit_and_push("unsigned")
+    run = await agent.reconcile_now()
+    assert run.outcome == "failure"
+    assert f"commit {unsigned[:12]} is not signed" in run.message
+    assert get(port) == "1 n1"
+    assert agent.status().apps[0].version == "1"
+    assert [e["type"] for e in events(agent)].count("source.failed") == 1
+
+
+async def test_wrong_archive_digest_fails_only_that_app(
+    repo: SpecRepo, make_agent: MakeAgent, app_script: Path, tmp_path: Path
+) -> None:
+    import tarfile
+
+    archive = tmp_path / "bundle.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(app_script, arcname="app.py")
+    port, good_port = free_port(), free_port()
+    repo.write("apps/bundle.yaml", textwrap.dedent(f"""\
+        name: bundle
+        version: "1"
+        source: {{type: archive, url: "file://{archive}", sha256: "{'0' * 64}"}}
+        run: {{command: [{sys.executable}, app.py, "{port}", "1"]}}
+    """))
+    repo.write("apps/good.yaml", app_yaml(app_script, "good", "1", good_port))
+    repo.commit_and_push()
+    agent = await make_agent(repo)
+    run = await agent.reconcile_now()
+    assert run.outcome == "failure"
+    apps = {a.name: a for a in agent.status().apps}
+    assert apps["good"].phase == "running" and get(good_port) == "1 n1"
+    assert apps["bundle"].phase == "failed"
+    assert "sha256" in apps["bundle"].message
+    assert set(app_pids("n1")) == {"good"}
+
+
+async def test_suspend_and_resume(
+    repo: SpecRepo, make_agent: MakeAgent, app_script: Path
+) -> None:
+    port = free_port()
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "1", port))
+    repo.commit_and_push()
+    agent = await make_agent(repo)
+    assert (await agent.reconcile_now()).outcome == "success"
+    await agent.suspend("web")
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "2", port))
+    repo.commit_and_push("v2 while suspended")
+    await agent.reconcile_now()
+    assert get(port) == "1 n1"
+    assert agent.status().apps[0].suspended
+    await agent.resume("web")  # resume triggers a reconcile
+    await _eventually_async(lambda: answers(port) == "2 n1", what="upgraded after resume")
+
+    await agent.suspend()
+    assert agent.status().status == "suspended"
+    run = await agent.reconcile_now()
+    assert run.outcome == "skipped"
+    await agent.resume()
+    assert "app.suspended" in kinds(agent, "web") and "app.resumed" in kinds(agent, "web")
+    with pytest.raises(ValueError, match="unknown app 'ghost'"):
+        await agent.suspend("ghost")
+    assert read_snapshot(agent.config.state_dir).meta.get("node_suspended") is None  # type: ignore[union-attr]
