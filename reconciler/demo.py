@@ -258,18 +258,30 @@ def make_repo(layout: Layout, specs: Path) -> str:
     return _git(layout.repo, "rev-parse", "main")
 
 
+def hook_wrapper(nats_url: str, cli: str) -> str:
+    """post-receive: the demo's settings, then the shipped notify hook. A push from a user's
+    shell runs hooks with the user's environment, so the NATS URL has to live in the repo."""
+    q = shlex.quote
+    return (
+        "#!/bin/sh\n"
+        "# written by gitops-mesh demo: announce pushes to the demo's nats-server\n"
+        f"GITOPS_MESH_NATS={q(nats_url)}\n"
+        f"GITOPS_MESH_BIN={q(cli)}\n"
+        "export GITOPS_MESH_NATS GITOPS_MESH_BIN\n"
+        'exec "$(dirname "$0")/post-receive.gitops-mesh"\n'
+    )
+
+
 def install_hook(layout: Layout, nats_url: str, cli: str) -> bool:
-    """Install the post-receive notify hook and point it at this run's nats-server."""
+    """Install the notify hook, pointed at this run's nats-server (its port changes per run)."""
     hook = find_hook()
     if hook is None:
         return False
-    target = layout.repo / "hooks" / "post-receive"
-    shutil.copyfile(hook, target)
-    target.chmod(0o755)
-    # A push from a user's shell runs the hook with the user's environment, not ours: the
-    # hook's settings live in the repo's own git config.
-    _git(layout.repo, "config", "gitops-mesh.nats", nats_url)
-    _git(layout.repo, "config", "gitops-mesh.command", cli)
+    hooks = layout.repo / "hooks"
+    shutil.copyfile(hook, hooks / "post-receive.gitops-mesh")
+    (hooks / "post-receive.gitops-mesh").chmod(0o755)
+    (hooks / "post-receive").write_text(hook_wrapper(nats_url, cli))
+    (hooks / "post-receive").chmod(0o755)
     return True
 
 
@@ -389,8 +401,10 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-async def _watch(demo: Demo, nats_url: str, nodes: list[str], stop: asyncio.Event) -> None:
-    """Print the readiness line once, then each node's status changes, until `stop`."""
+async def _watch(
+    demo: Demo, nats_url: str, nodes: list[str], stop: asyncio.Event, tour: str
+) -> None:
+    """Print the readiness line and the tour once, then each node's status changes."""
     import nats
 
     nc = await nats.connect(nats_url, name="gitops-mesh-demo", max_reconnect_attempts=-1)
@@ -413,6 +427,8 @@ async def _watch(demo: Demo, nats_url: str, nodes: list[str], stop: asyncio.Even
                 if not ready and fleet_ready(statuses, nodes, head):
                     ready = True
                     _say(f"demo ready: {len(nodes)} nodes synced at {head[:8]}")
+                    _say(tour)
+                    _say("node status (changes are printed as they happen):")
                 if ready:
                     for node, status in sorted(statuses.items()):
                         key = (status.get("status"), status.get("revision"), status.get("message"))
@@ -518,9 +534,9 @@ async def _run(demo: Demo, stop: asyncio.Event) -> int:
     _say(f"  console:  {url}")
     _say(f"  token:    {token}  (console actions ask for it)")
     _say(f"  logs:     {layout.logs}")
-    _say(try_this(cli, layout.repo, nats_url, url, Path(tempfile.gettempdir())))
-    _say(f"waiting for {len(nodes)} nodes to sync...")
-    await _watch(demo, nats_url, [n.node_id for n in nodes], stop)
+    _say(f"waiting for {len(nodes)} nodes to sync (first start installs every app)...")
+    tour = try_this(cli, layout.repo, nats_url, url, Path(tempfile.gettempdir()))
+    await _watch(demo, nats_url, [n.node_id for n in nodes], stop, tour)
     return 0
 
 
