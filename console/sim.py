@@ -97,3 +97,109 @@ async def connect(url: str) -> tuple[NATS, JetStreamContext, KeyValue]:
     nc = await nats.connect(url)
     js = nc.jetstream()
     return nc, js, await ensure(js)
+
+
+class FakeNode:
+    """A tiny real RPC responder for one node: the `gitops-node` micro service endpoints
+    (reconcile, health, suspend, resume) and the fleet trigger. `reconcile` publishes the
+    reconcile.started event an agent would publish. Requests are recorded in `calls`."""
+
+    def __init__(self, nc: NATS, node: str, labels: dict[str, str] | None = None) -> None:
+        self.nc = nc
+        self.node = node
+        self.labels = labels or {}
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.runs = 0
+        self._service: Any = None
+        self._fleet_sub: Any = None
+
+    async def start(self) -> FakeNode:
+        import json
+
+        from nats import micro
+
+        self._service = await micro.add_service(self.nc, name=subjects.RPC_SERVICE,
+                                                version="0.0.0")
+
+        def handler(endpoint: str) -> Any:
+            async def handle(req: Any) -> None:
+                body = json.loads(req.data) if req.data else {}
+                self.calls.append((endpoint, body))
+                app = body.get("app")
+                if app is not None and app != "web":
+                    await req.respond_error("400", f"unknown app {app!r}; this node has: web")
+                    return
+                if endpoint == "reconcile":
+                    await req.respond(json.dumps(await self._reconcile()).encode())
+                elif endpoint == "health":
+                    await req.respond(json.dumps({"web": "healthy"}).encode())
+                else:
+                    await req.respond(json.dumps({"node": self.node, endpoint: True}).encode())
+            return handle
+
+        for endpoint in ("reconcile", "health", "suspend", "resume"):
+            await self._service.add_endpoint(
+                name=endpoint, subject=subjects.rpc_subject(self.node, endpoint),
+                handler=handler(endpoint))
+
+        async def on_fleet(msg: Any) -> None:
+            body = json.loads(msg.data) if msg.data else {}
+            match = (body.get("selector") or {}).get("match", {})
+            if all(self.labels.get(k) == v for k, v in match.items()):
+                self.calls.append(("fleet", body))
+                await msg.respond(json.dumps(await self._reconcile()).encode())
+
+        self._fleet_sub = await self.nc.subscribe(subjects.FLEET_RECONCILE, cb=on_fleet)
+        await self.nc.flush()
+        return self
+
+    async def _reconcile(self) -> dict[str, str]:
+        self.runs += 1
+        run_id = f"{self.node}-run-{self.runs}"
+        event = make_event("reconcile.started", self.node, datetime.now(UTC), run_id=run_id,
+                           message="requested from the console")
+        await publish_event(self.nc.jetstream(), event)
+        return {"node": self.node, "run_id": run_id}
+
+    async def stop(self) -> None:
+        if self._fleet_sub is not None:
+            await self._fleet_sub.unsubscribe()
+        if self._service is not None:
+            await self._service.stop()
+
+
+class ConsoleThread:
+    """Runs a console (uvicorn) in a background thread on a free port; for tests and demos."""
+
+    def __init__(self, config: Any, connect: Any, port: int, **app_kwargs: Any) -> None:
+        from console.cli import make_server
+
+        self.port = port
+        self.server = make_server(config, connect, port, **app_kwargs)
+        self.thread: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def app(self) -> Any:
+        return self.server.config.app
+
+    def start(self, timeout: float = 10.0) -> ConsoleThread:
+        import threading
+        import time
+
+        self.thread = threading.Thread(target=self.server.run, name="console", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the console did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(10)

@@ -1,0 +1,299 @@
+"""Console JSON API, live stream and actions against a real nats-server, with status and
+events written the way agents write them, and a real micro-service responder per node."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+
+from console import sim
+from console.app import ConsoleConfig
+from console.cli import _plain_connector
+from reconciler.events import make_event
+from tests.conftest import NatsServer, eventually_async, free_port, start_nats
+
+TOKEN = "s3cret-token"
+REV1 = "1" * 40
+REV2 = "2" * 40
+
+
+def connector(url: str) -> Any:
+    class Args:
+        nats = url
+    return _plain_connector(Args())  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def console(nats_server: NatsServer) -> Iterator[sim.ConsoleThread]:
+    config = ConsoleConfig(token=TOKEN, fleet_window=0.5, rpc_timeout=2.0)
+    thread = sim.ConsoleThread(config, connector(nats_server.url), free_port()).start()
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
+    client = await nats.connect(nats_server.url)
+    await sim.ensure(client.jetstream())
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def http(console: sim.ConsoleThread) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=console.url, timeout=10) as client:
+        yield client
+
+
+async def get(http: httpx.AsyncClient, path: str, status: int = 200) -> Any:
+    res = await http.get(path)
+    assert res.status_code == status, res.text
+    return res.json()
+
+
+async def test_api_mirrors_kv_status_and_stream_events(nc: NATS, http: httpx.AsyncClient
+                                                       ) -> None:
+    js = nc.jetstream()
+    kv = await js.key_value("gitops_nodes")
+    now = datetime.now(UTC)
+    await sim.put_status(kv, sim.node_status("api-a1", revision=REV2, labels={"role": "edge"}))
+    await sim.put_status(kv, sim.node_status("api-a2", "failed", revision=REV1,
+                                             desired_revision=REV2, labels={"role": "gw"}))
+    await sim.put_status(kv, sim.node_status("api-a3", revision=REV1, labels={"role": "gw"},
+                                             now=now - timedelta(minutes=5)))
+    await kv.put("api-bad", b"{not a status")
+    await sim.publish_many(js, [
+        *sim.reconcile_events("api-a1", REV2, now, 1200),
+        *sim.reconcile_events("api-a2", REV2, now, 800, ok=False),
+        make_event("app.failed", "api-a2", now, app="web", version="1.0.0",
+                   message="health check failed"),
+    ])
+
+    async def fleet_seen() -> Any:
+        fleet = await get(http, "/api/fleet?label=role=gw")
+        assert fleet["counters"]["nodes"] == 3 and fleet["feed"]["events_total"] >= 7, fleet
+        return fleet
+
+    fleet = await eventually_async(fleet_seen, what="console saw the KV and events")
+    assert {k: fleet["counters"][k] for k in ("nodes", "synced", "failed", "unreachable")} == {
+        "nodes": 3, "synced": 1, "failed": 1, "unreachable": 1}
+    assert [c["node"] for c in fleet["nodes"]] == ["api-a2", "api-a3"]  # the label filter
+    assert fleet["feed"]["rejected"] == 1  # the bad KV value, ignored
+
+    cards = await get(http, "/api/nodes?status=unreachable")
+    assert [(c["node"], c["reported_status"]) for c in cards] == [("api-a3", "synced")]
+
+    node = await get(http, "/api/nodes/api-a2")
+    assert (node["card"]["status"], node["status"]["desired_revision"]) == ("failed", REV2)
+    assert [e["type"] for e in node["events"]] == [
+        "app.failed", "reconcile.finished", "reconcile.started", "source.fetched"]
+
+    rollout = await get(http, f"/api/rollouts/{REV2[:8]}")
+    assert (rollout["revision"], rollout["targeted"], rollout["nodes"]["synced"],
+            rollout["nodes"]["failed"]) == (REV2, 2, ["api-a1"], ["api-a2"])
+    assert rollout["failing"][0]["error"].startswith("failed: web; web: health check failed")
+
+    app = await get(http, "/api/apps/web")
+    assert [(r["node"], r["phase"]) for r in app["nodes"]] == [
+        ("api-a1", "running"), ("api-a2", "failed"), ("api-a3", "running")]
+
+    events = await get(http, "/api/events?node=api-a2&type=app.")
+    assert [(e["type"], e["app"], e["message"]) for e in events] == [
+        ("app.failed", "web", "health check failed")]
+    series = await get(http, "/api/series")
+    assert [(s["revision"], s["reconciles"], s["failures"]) for s in series] == [(REV2, 2, 1)]
+
+    assert await get(http, "/api/nodes/nope", 404) == {"error": "no node 'nope' in the fleet"}
+    assert (await get(http, "/api/rollouts/zzzz", 404))["error"].startswith("revision 'zzzz'")
+    assert await get(http, "/api/nodes?label=role", 400) == {
+        "error": "label filter 'role': expected key=value"}
+    assert await get(http, "/api/events?limit=x", 400) == {"error": "?limit='x': expected a number"}
+
+    spec = await get(http, "/api/openapi.json")
+    assert spec["openapi"] == "3.1.0"
+    assert {"/api/fleet", "/api/nodes/{node}", "/api/rollouts/{revision}", "/api/events",
+            "/api/nodes/{node}/reconcile", "/api/fleet/reconcile"} <= set(spec["paths"])
+
+
+async def read_sse(res: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    async for line in res.aiter_lines():
+        if line.startswith("data: "):
+            yield json.loads(line[6:])
+
+
+async def test_stream_pushes_changes_coalesced(nc: NATS, http: httpx.AsyncClient) -> None:
+    kv = await nc.jetstream().key_value("gitops_nodes")
+    await sim.put_status(kv, sim.node_status("sse-n1", "progressing"))
+    async with http.stream("GET", "/api/stream/node?name=sse-n1") as res:
+        assert res.headers["content-type"].startswith("text/event-stream")
+        messages = read_sse(res)
+        first = await anext(messages)
+        assert first["full"]["card"]["node"] == "sse-n1"
+        # 40 quick status changes: the browser gets a few coalesced pushes, not 40
+        for i in range(40):
+            await sim.put_status(kv, sim.node_status(
+                "sse-n1", "synced" if i == 39 else "progressing", message=f"step {i}"))
+        pushes = 0
+        async for msg in messages:
+            pushes += 1
+            if msg["full"]["status"]["message"] == "step 39":
+                break
+        assert msg["full"]["card"]["status"] == "synced"
+        assert pushes < 20, f"{pushes} pushes for 40 changes: not coalesced"
+
+
+async def test_overview_stream_sends_only_changed_cards(nc: NATS, http: httpx.AsyncClient
+                                                        ) -> None:
+    kv = await nc.jetstream().key_value("gitops_nodes")
+    await sim.put_status(kv, sim.node_status("ov-n1"))
+    await sim.put_status(kv, sim.node_status("ov-n2"))
+    async with http.stream("GET", "/api/stream/overview") as res:
+        messages = read_sse(res)
+        first = await anext(messages)
+        assert {"ov-n1", "ov-n2"} <= {c["node"] for c in first["full"]["nodes"]}
+        await sim.put_status(kv, sim.node_status("ov-n2", "degraded"))
+        async for msg in messages:
+            delta = msg["delta"]
+            if any(c["node"] == "ov-n2" for c in delta["upsert"]):
+                break
+        assert [(c["node"], c["status"]) for c in delta["upsert"]] == [("ov-n2", "degraded")]
+        assert delta["counters"]["degraded"] >= 1
+
+
+def headers(token: str | None = TOKEN, **extra: str) -> dict[str, str]:
+    out = {"Authorization": f"Bearer {token}"} if token else {}
+    return {**out, **extra}
+
+
+async def test_actions_reach_the_node_rpc_only_with_the_token(
+        nc: NATS, http: httpx.AsyncClient) -> None:
+    node = await sim.FakeNode(nc, "act-n1", {"role": "edge"}).start()
+    other = await sim.FakeNode(nc, "act-n2", {"role": "gw"}).start()
+    try:
+        res = await http.post("/api/nodes/act-n1/reconcile")
+        assert (res.status_code, res.json()) == (
+            401, {"error": "action token required (Authorization: Bearer <token>)"})
+        res = await http.post("/api/nodes/act-n1/reconcile", headers=headers("wrong"))
+        assert (res.status_code, res.json()) == (403, {"error": "wrong action token"})
+        assert node.calls == []
+
+        res = await http.post("/api/nodes/act-n1/reconcile", headers=headers())
+        assert (res.status_code, res.json()) == (200, {
+            "node": "act-n1", "action": "reconcile", "run_id": "act-n1-run-1"})
+        # the event the node published arrives in the console's event log
+        async def event_seen() -> Any:
+            return await get(http, "/api/events?node=act-n1&type=reconcile.started")
+        assert (await eventually_async(event_seen))[0]["run_id"] == "act-n1-run-1"
+
+        res = await http.post("/api/nodes/act-n1/suspend", json={"app": "web"},
+                              headers=headers())
+        assert res.json() == {"node": "act-n1", "action": "suspend", "suspend": True}
+        res = await http.post("/api/nodes/act-n1/health", json={"app": "db"}, headers=headers())
+        assert (res.status_code, res.json()["error"]) == (
+            400, "unknown app 'db'; this node has: web")
+        res = await http.post("/api/nodes/nobody/reconcile", headers=headers())
+        assert (res.status_code, res.json()["error"]) == (
+            503, "no node answers on gitops.rpc.nobody.reconcile")
+        assert [c[0] for c in node.calls] == ["reconcile", "suspend", "health"]
+
+        res = await http.post("/api/fleet/reconcile", headers=headers(),
+                              json={"selector": {"match": {"role": "gw"}}})
+        assert res.json() == {"replies": [{"node": "act-n2", "run_id": "act-n2-run-1"}],
+                              "count": 1}
+        res = await http.post("/api/fleet/reconcile", headers=headers())
+        assert [r["node"] for r in res.json()["replies"]] == ["act-n1", "act-n2"]
+    finally:
+        await node.stop()
+        await other.stop()
+
+
+async def test_browser_requests_need_same_origin_and_the_csrf_token(
+        http: httpx.AsyncClient, console: sim.ConsoleThread) -> None:
+    page = await http.get("/")
+    csrf = page.cookies["gm_csrf"]
+    assert f'<meta name="csrf" content="{csrf}">' in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    origin = console.url
+    cases = [
+        ({"Origin": "http://evil.example", "X-CSRF-Token": csrf},
+         "cross-origin request refused (Origin: http://evil.example)"),
+        ({"Sec-Fetch-Site": "cross-site", "X-CSRF-Token": csrf},
+         "cross-site request refused (Sec-Fetch-Site: cross-site)"),
+        ({"Origin": origin, "X-CSRF-Token": "forged"},
+         "missing or wrong CSRF token: reload the page and try again"),
+    ]
+    for extra, error in cases:
+        res = await http.post("/api/nodes/act-n1/reconcile", headers=headers(**extra))
+        assert (res.status_code, res.json()) == (403, {"error": error})
+    # a page on another host name (DNS rebinding) is not served at all on a loopback bind
+    res = await http.get("/", headers={"Host": "evil.example"})
+    assert res.status_code == 400
+
+
+async def test_read_only_console_has_no_action_endpoints() -> None:
+    from console.app import create_app
+
+    app = create_app(ConsoleConfig(read_only=True), None)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+        assert (await client.post("/api/nodes/n1/reconcile")).status_code == 404
+        assert (await client.post("/api/fleet/reconcile")).status_code == 404
+        spec = (await client.get("/api/openapi.json")).json()
+        assert "/api/fleet/reconcile" not in spec["paths"]
+        page = await client.get("/")
+        assert "read-only" in page.text and 'data-action="reconcile"' not in page.text
+
+
+def test_cli_refuses_to_start_with_actions_and_no_token(tmp_path: Path) -> None:
+    env = {"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-m", "reconciler", "console", "--nats", "nats://127.0.0.1:1"],
+        capture_output=True, text=True, env=env, timeout=30)
+    assert out.returncode == 2
+    assert "no token is set: pass --token or GITOPS_MESH_TOKEN" in out.stderr
+
+
+async def test_feed_resumes_after_a_nats_restart_without_losing_or_repeating_events(
+        tmp_path: Path) -> None:
+    server = start_nats(tmp_path)
+    thread = sim.ConsoleThread(ConsoleConfig(read_only=True), connector(server.url),
+                               free_port()).start()
+    try:
+        async with httpx.AsyncClient(base_url=thread.url, timeout=10) as http:
+            client = await nats.connect(server.url, max_reconnect_attempts=-1,
+                                        reconnect_time_wait=0.2)
+            js = client.jetstream()
+            kv = await sim.ensure(js)
+            now = datetime.now(UTC)
+            await sim.publish_many(js, sim.reconcile_events("rs-n1", REV1, now))
+            await sim.put_status(kv, sim.node_status("rs-n1", "progressing"))
+
+            async def health(events: int, status: str) -> Any:
+                h = await get(http, "/api/health")
+                node = await get(http, "/api/nodes/rs-n1")
+                assert (h["events_total"], node["card"]["status"]) == (events, status), h
+                return h
+
+            await eventually_async(lambda: health(3, "progressing"))
+            server.stop()
+            await eventually_async(lambda: health(3, "progressing"))
+            server.start()  # same port, same store dir
+            await eventually_async(lambda: get(http, "/api/health"))
+            await sim.publish_many(js, sim.reconcile_events("rs-n1", REV2, now))
+            await sim.put_status(kv, sim.node_status("rs-n1", revision=REV2))
+            h = await eventually_async(lambda: health(6, "synced"), timeout=20)
+            assert (h["state"], h["last_seq"]) == ("live", 6)
+            await client.close()
+    finally:
+        thread.stop()
+        server.stop()
