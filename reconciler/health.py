@@ -28,7 +28,11 @@ log = logging.getLogger(__name__)
 
 OUTPUT_LIMIT = 300  # characters of an exec probe's output kept in its message
 REDACT_MIN_LEN = 6  # env values at least this long are masked in probe output
-FIRST_POLL = 0.05  # wait_healthy: first re-probe delay; grows x1.5 up to POLL_CAP
+# wait_healthy re-probes every FAST_POLL (EXEC_POLL for exec probes, which spawn a process)
+# during the first FAST_PHASE seconds, where most apps come up, then backs off x1.5 to POLL_CAP
+FAST_POLL = 0.025
+EXEC_POLL = 0.1
+FAST_PHASE = 1.0
 POLL_CAP = 1.0
 ALIVE_CHECK = 0.05  # wait_healthy checks that the process still runs this often
 
@@ -234,13 +238,14 @@ async def wait_healthy(
     timeout: float | None = None,
 ) -> ProbeResult:
     """Probe until one passes, the process dies (fail fast) or `timeout` (default: the spec's
-    start_timeout) passes. Re-probes after 50 ms, backing off to min(interval, 1 s): the
-    first healthy probe decides push-to-healthy latency. `duration_ms` is the whole wait."""
+    start_timeout) passes. Re-probes every 25 ms (exec: 100 ms) for the first second, then
+    backs off to min(interval, 1 s): the first passing probe decides push-to-healthy
+    latency. `duration_ms` is the whole wait."""
     limit = health.start_timeout if timeout is None else timeout
     started = time.monotonic()
     deadline = started + limit
-    delay = FIRST_POLL
-    cap = max(FIRST_POLL, min(health.interval, POLL_CAP))
+    delay = EXEC_POLL if health.exec is not None else FAST_POLL
+    cap = max(delay, min(health.interval, POLL_CAP))
 
     def result(ok: bool, message: str) -> ProbeResult:
         return ProbeResult(ok, message, (time.monotonic() - started) * 1000)
@@ -266,7 +271,8 @@ async def wait_healthy(
             if not is_alive():
                 break
             await asyncio.sleep(min(ALIVE_CHECK, max(0.0, wake - time.monotonic())))
-        delay = min(delay * 1.5, cap)
+        if time.monotonic() - started >= FAST_PHASE:
+            delay = min(delay * 1.5, cap)
 
 
 # --- periodic monitoring ----------------------------------------------------------------------

@@ -180,9 +180,11 @@ async def _wait_stopped(
 ) -> bool:
     """Wait until our child (reaped, so it is no zombie) and every group member are gone."""
     deadline = time.monotonic() + timeout
+    delay = 0.002  # most apps exit within milliseconds of SIGTERM
     if popen is not None:
         while popen.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
     return await _wait_group_gone(pgid, max(0.0, deadline - time.monotonic()))
 
 
