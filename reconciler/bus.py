@@ -217,6 +217,11 @@ class Mesh:
     def connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
 
+    @property
+    def ready(self) -> bool:
+        """Connected, and RPC plus the trigger subscriptions are in place."""
+        return self.connected and self._service is not None
+
     async def start(self) -> None:
         """Return at once; connect, set up and publish in the background."""
         self._loop = asyncio.get_running_loop()
@@ -290,6 +295,7 @@ class Mesh:
         self._set_trouble(None, f"NATS connected to {redact_url(nc.connected_url.geturl())}"
                           if nc.connected_url else "NATS connected")
         await self._setup(nc)
+        self._wake()  # first status write and outbox drain right away
         self._tasks.append(asyncio.create_task(self._publisher(), name=f"pub-{self.node}"))
         self._tasks.append(asyncio.create_task(self._status_writer(), name=f"kv-{self.node}"))
 

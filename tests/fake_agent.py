@@ -136,7 +136,7 @@ class FakeAgent:
             self.runs += 1
             self.reconciling = True
             self.record("reconcile.started", run_id=run_id)
-            if self.repo_url:
+            if self.repo_url and Path(self.repo_url, "HEAD").exists():
                 rev, spec = await asyncio.to_thread(self._read_spec)
                 self.desired_revision = rev
                 self.record("source.fetched", revision=rev, run_id=run_id)

@@ -1,0 +1,362 @@
+"""The mesh against a real nats-server: events, status KV, RPC, discovery, fleet/push triggers.
+
+Agents here are tests/fake_agent.FakeAgent over a real reconciler.store.Store outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+import pytest
+from conftest import NatsServer, SpecRepo, eventually_async, free_port, start_nats
+from fake_agent import FakeAgent
+from nats.aio.client import Client as NATS
+from nats.js.kv import KeyValue
+
+from reconciler.bus import Mesh, NatsOptions, connect
+from reconciler.bus_wire import SourceChanged
+from reconciler.cli_mesh import fleet_reconcile
+from reconciler.spec import Selector
+from reconciler.status import NodeStatus
+from reconciler.store import Store
+from reconciler.subjects import (
+    EVENTS_STREAM,
+    KV_BUCKET,
+    SOURCE_CHANGED,
+    node_events_subject,
+    rpc_subject,
+)
+
+TESTS = Path(__file__).parent
+
+
+@asynccontextmanager
+async def running(
+    tmp: Path, url: str, node: str, labels: dict[str, str] | None = None,
+    repo: str = "", branch: str = "main", heartbeat: float = 10.0,
+) -> AsyncIterator[tuple[FakeAgent, Mesh]]:
+    store = Store(tmp / f"state-{node}")
+    agent = FakeAgent(store, node, labels, repo_url=repo, branch=branch)
+    mesh = Mesh(agent, store, NatsOptions(servers=[url]), heartbeat=heartbeat)
+    await mesh.start()
+    await eventually_async(lambda: _async(mesh.ready), what=f"{node} mesh ready")
+    try:
+        yield agent, mesh
+    finally:
+        await mesh.close()
+        store.close()
+
+
+@pytest.fixture
+async def client(nats_server: NatsServer) -> AsyncIterator[NATS]:
+    nc = await connect(NatsOptions(servers=[nats_server.url]))
+    yield nc
+    await nc.close()
+
+
+async def stream_events(nc: NATS, node: str) -> list[tuple[dict[str, Any], dict[str, str]]]:
+    """Every stored event of `node`, in stream order: (payload, headers)."""
+    js = nc.jetstream()
+    subject = node_events_subject(node)
+    try:
+        info = await js.stream_info(EVENTS_STREAM, subjects_filter=subject)
+    except nats.js.errors.NotFoundError:
+        return []
+    count = sum((info.state.subjects or {}).values())
+    if not count:
+        return []
+    sub = await js.subscribe(subject, ordered_consumer=True)
+    out = []
+    for _ in range(count):
+        msg = await sub.next_msg(timeout=5)
+        out.append((json.loads(msg.data), dict(msg.headers or {})))
+    await sub.unsubscribe()
+    return out
+
+
+async def kv_status(nc: NATS, node: str) -> NodeStatus | None:
+    try:
+        kv = await nc.jetstream().key_value(KV_BUCKET)
+        entry = await kv.get(node)
+    except (nats.js.errors.BucketNotFoundError, nats.js.errors.KeyNotFoundError):
+        return None
+    return NodeStatus.from_json(entry.value or b"{}")
+
+
+async def request(nc: NATS, node: str, endpoint: str, body: bytes = b"") -> tuple[Any, dict]:
+    msg = await nc.request(rpc_subject(node, endpoint), body, timeout=5)
+    headers = dict(msg.headers or {})
+    return (json.loads(msg.data) if msg.data else None), headers
+
+
+async def test_events_reach_the_stream_in_order_with_msg_id(
+    tmp_path: Path, nats_server: NatsServer, client: NATS
+) -> None:
+    store = Store(tmp_path / "state")
+    agent = FakeAgent(store, "ev1")
+    for i in range(40):  # a backlog from before NATS was configured
+        agent.record("app.deployed", app="web", version=str(i), revision="r1")
+    mesh = Mesh(agent, store, NatsOptions(servers=[nats_server.url]))
+    await mesh.start()
+    for i in range(40, 60):
+        agent.record("app.health-changed", app="web", message=f"change {i}")
+    ids = [e.event_id for e in store.outbox_batch(100)]
+    assert len(ids) == 60
+
+    async def all_published() -> list[tuple[dict[str, Any], dict[str, str]]]:
+        events = await stream_events(client, "ev1")
+        assert len(events) == 60, len(events)
+        return events
+
+    events = await eventually_async(all_published, what="60 events in the stream")
+    assert [e["id"] for e, _ in events] == ids
+    assert [h["Nats-Msg-Id"] for _, h in events] == ids
+    first = events[0][0]
+    assert {k: first[k] for k in ("type", "node", "app", "version", "revision")} == {
+        "type": "app.deployed", "node": "ev1", "app": "web", "version": "0", "revision": "r1",
+    }
+    assert first["time"].endswith("Z")
+    assert store.outbox_stats() == (0, 0)
+    await mesh.close()
+    store.close()
+
+
+async def test_status_kv_follows_changes_and_heartbeats(
+    tmp_path: Path, nats_server: NatsServer, client: NATS
+) -> None:
+    async with running(tmp_path, nats_server.url, "kv1", {"role": "edge"}, heartbeat=0.3) as (
+        agent, _mesh,
+    ):
+        first = await eventually_async(lambda: kv_status(client, "kv1"))
+        assert first.labels == {"role": "edge"}
+        assert first.status == "synced"
+        assert first.heartbeat_interval_s == 0.3
+        assert first.agent_version == "fake"
+        agent.suspended = True
+        agent.record("app.suspended")
+
+        async def suspended() -> bool:
+            st = await kv_status(client, "kv1")
+            return st is not None and st.status == "suspended"
+
+        await eventually_async(suspended, timeout=5, what="KV shows the change")
+        kv: KeyValue = await client.jetstream().key_value(KV_BUCKET)
+        rev = (await kv.get("kv1")).revision or 0
+
+        async def heartbeat() -> bool:
+            entry = await kv.get("kv1")
+            return (entry.revision or 0) > rev  # rewritten with nothing changed
+
+        await eventually_async(heartbeat, timeout=5, what="a heartbeat write")
+        status = await kv.status()
+        assert status.history == 5
+
+
+async def test_rpc_endpoints_and_bad_bodies(
+    tmp_path: Path, nats_server: NatsServer, client: NATS, spec_repo: SpecRepo
+) -> None:
+    spec_repo.write("apps.json", json.dumps({"web": {"version": "1"}}))
+    spec_repo.commit_and_push()
+    async with running(tmp_path, nats_server.url, "rpc1", repo=spec_repo.url) as (agent, _):
+        plan, _h = await request(client, "rpc1", "plan")
+        assert plan["actions"][0]["app"] == "web" and plan["actions"][0]["kind"] == "deploy"
+        reply, _h = await request(client, "rpc1", "reconcile")
+        assert reply == {"node": "rpc1", "run_id": reply["run_id"]} and reply["run_id"]
+        await eventually_async(lambda: _async(agent.revision == spec_repo.head()))
+        status, _h = await request(client, "rpc1", "status")
+        assert status["node"] == "rpc1" and status["status"] == "synced"
+        assert [a["name"] for a in status["apps"]] == ["web"]
+        state, _h = await request(client, "rpc1", "state")
+        assert state["current"] == {"web": {"version": "1"}}
+        health, _h = await request(client, "rpc1", "health", b'{"app": "web"}')
+        assert health == {"node": "rpc1", "health": {"web": "healthy"}}
+        reply, _h = await request(client, "rpc1", "suspend", b'{"app": "web"}')
+        assert reply == {"node": "rpc1", "app": "web", "suspended": True}
+        assert agent.apps["web"].suspended
+        reply, _h = await request(client, "rpc1", "resume", b"{}")
+        assert reply == {"node": "rpc1", "app": None, "suspended": False}
+
+        for endpoint, body, message in [
+            ("health", b'{"app": "nope"}', "unknown app 'nope'; this node has: web"),
+            ("suspend", b"{not json", "invalid JSON body"),
+            ("resume", b'{"app": 7}', "'app' must be a string, got int"),
+            ("status", b'"x"', "body must be a JSON object, got str"),
+            ("reconcile", b'{"reason": []}', "'reason' must be a string"),
+        ]:
+            _data, headers = await request(client, "rpc1", endpoint, body)
+            assert headers["Nats-Service-Error-Code"] == "400", endpoint
+            assert headers["Nats-Service-Error"].startswith(message), headers
+        assert not agent.suspended  # nothing was touched by the bad requests
+        # the service still answers after the errors
+        status, headers = await request(client, "rpc1", "status")
+        assert status["node"] == "rpc1" and not headers
+
+
+async def _async(value: Any) -> Any:
+    return value
+
+
+async def test_discovery_with_srv_ping_and_info(
+    tmp_path: Path, nats_server: NatsServer, client: NATS
+) -> None:
+    async with running(tmp_path, nats_server.url, "disc1"):
+        await eventually_async(lambda: kv_status(client, "disc1"))
+        ping = json.loads((await client.request("$SRV.PING.gitops-node", b"", timeout=5)).data)
+        assert ping["name"] == "gitops-node" and ping["type"].endswith("ping_response")
+        info = json.loads(
+            (await client.request(f"$SRV.INFO.gitops-node.{ping['id']}", b"", timeout=5)).data
+        )
+        assert info["metadata"] == {"node": ping["metadata"]["node"]}
+        node = info["metadata"]["node"]
+        assert sorted(e["subject"] for e in info["endpoints"]) == sorted(
+            rpc_subject(node, ep)
+            for ep in ("status", "state", "plan", "reconcile", "health", "suspend", "resume")
+        )
+
+
+async def test_fleet_trigger_reaches_only_matching_nodes(
+    tmp_path: Path, nats_server: NatsServer, client: NATS
+) -> None:
+    async with (
+        running(tmp_path, nats_server.url, "fe1", {"role": "edge", "zone": "a"}) as (e1, _),
+        running(tmp_path, nats_server.url, "fe2", {"role": "edge", "zone": "b"}) as (e2, _),
+        running(tmp_path, nats_server.url, "fg1", {"role": "gateway"}) as (g1, _),
+    ):
+        for node in ("fe1", "fe2", "fg1"):
+            await eventually_async(lambda n=node: kv_status(client, n))  # type: ignore[misc]
+        replies = await fleet_reconcile(client, Selector(match={"role": "edge"}), timeout=5)
+        assert [r["node"] for r in replies] == ["fe1", "fe2"]
+        assert all(r["run_id"] for r in replies)
+        assert e1.triggers == ["fleet"] and e2.triggers == ["fleet"] and g1.triggers == []
+        replies = await fleet_reconcile(
+            client, Selector(**{"in": {"zone": ["b"]}}), timeout=5  # type: ignore[arg-type]
+        )
+        assert [r["node"] for r in replies] == ["fe2"]
+        # a malformed request is ignored, not answered, and crashes nothing
+        await client.publish("gitops.fleet.reconcile", b'{"selector": 5}')
+        replies = await fleet_reconcile(client, None, timeout=1)
+        assert {r["node"] for r in replies} >= {"fe1", "fe2", "fg1"}
+
+
+async def test_source_changed_triggers_nodes_tracking_that_repo_and_branch(
+    tmp_path: Path, nats_server: NatsServer, client: NATS
+) -> None:
+    repo = str(tmp_path / "specs.git")
+    os.makedirs(repo)
+    async with (
+        running(tmp_path, nats_server.url, "sc1", repo=repo) as (same, _),
+        running(tmp_path, nats_server.url, "sc2", repo=repo, branch="prod") as (other_branch, _),
+        running(tmp_path, nats_server.url, "sc3", repo=str(tmp_path)) as (other_repo, _),
+    ):
+        for node in ("sc1", "sc2", "sc3"):
+            await eventually_async(lambda n=node: kv_status(client, n))  # type: ignore[misc]
+        # spelled differently from the agent's URL: trailing slash, file:// and refs/heads/
+        change = SourceChanged(f"file://{repo}/", "refs/heads/main", "c0ffee" * 6 + "ab")
+        await client.publish(SOURCE_CHANGED, change.to_json_bytes())
+        await eventually_async(lambda: _async(same.triggers), timeout=5)
+        await client.flush()
+        assert same.triggers == ["source.changed c0ffeec0ffee"]
+        assert other_branch.triggers == [] and other_repo.triggers == []
+
+
+async def test_outage_loses_nothing_and_duplicates_nothing(tmp_path: Path) -> None:
+    server = start_nats(tmp_path / "own")
+    store = Store(tmp_path / "state")
+    agent = FakeAgent(store, "out1")
+    mesh = Mesh(agent, store, NatsOptions(servers=[server.url]), heartbeat=1.0)
+    await mesh.start()
+    recorded: list[str] = []
+
+    def emit(n: int) -> None:
+        for _ in range(n):
+            agent.record("app.health-changed", app="web")
+        recorded[:] = [*recorded, *(e.event_id for e in store.outbox_batch(10_000)
+                                    if e.event_id not in recorded)]
+
+    emit(30)
+    await eventually_async(lambda: _async(store.outbox_stats()[0] == 0), what="first batch")
+    server.stop()  # NATS goes away while the agent keeps recording
+    for _ in range(5):
+        emit(20)
+        await asyncio.sleep(0.05)
+    assert store.outbox_stats()[0] == 100
+    await eventually_async(lambda: _async(not mesh.connected), what="disconnect noticed")
+    server.start()  # same port, same JetStream store
+    emit(10)
+    await eventually_async(lambda: _async(store.outbox_stats()[0] == 0), timeout=20,
+                           what="backlog published after the restart")
+    # an agent restart re-sending an already-acked event (crash before the delete) dedupes
+    with store.transaction():
+        store._db.execute(
+            "INSERT INTO outbox (event_id, subject, payload, created) VALUES (?,?,?,?)",
+            (recorded[0], "gitops.events.out1.app.health-changed", b"{}", ""),
+        )
+        store._outbox_count += 1
+    mesh._wake()
+    await eventually_async(lambda: _async(store.outbox_stats()[0] == 0), what="resend acked")
+    nc = await connect(NatsOptions(servers=[server.url]))
+    events = await stream_events(nc, "out1")
+    assert [e["id"] for e, _ in events] == recorded
+    assert len(recorded) == 140
+    await nc.close()
+    await mesh.close()
+    store.close()
+    server.stop()
+
+
+def test_kill9_with_a_backlog_delivers_after_restart(tmp_path: Path) -> None:
+    port = free_port()
+    server = NatsServer(port=port, store_dir=tmp_path / "js")  # not started: NATS is down
+    state = tmp_path / "state"
+    cmd = [sys.executable, str(TESTS / "fake_agent.py"), "--nats", server.url,
+           "--node-id", "k9", "--state-dir", str(state)]
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
+    first = subprocess.Popen([*cmd, "--emit", "50"], stdout=subprocess.PIPE, env=env)
+    assert first.stdout is not None and first.stdout.readline().strip() == b"ready"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    backlog = Store(state)
+    assert backlog.outbox_stats() == (50, 0)
+    ids = [e.event_id for e in backlog.outbox_batch(100)]
+    backlog.close()
+    server.start()
+    second = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
+    try:
+        async def delivered() -> list[str]:
+            nc = await connect(NatsOptions(servers=[server.url]))
+            try:
+                got = [e["id"] for e, _ in await stream_events(nc, "k9")]
+            finally:
+                await nc.close()
+            assert len(got) == 50, len(got)
+            return got
+
+        got = asyncio.run(eventually_async(delivered, timeout=20))
+        assert got == ids
+    finally:
+        second.terminate()
+        second.wait(5)
+        server.stop()
+
+
+async def test_mesh_start_returns_at_once_without_nats(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state")
+    agent = FakeAgent(store, "nonats")
+    mesh = Mesh(agent, store, NatsOptions(servers=[f"nats://127.0.0.1:{free_port()}"]))
+    await asyncio.wait_for(mesh.start(), 1.0)
+    agent.record("node.started")
+    assert not mesh.connected
+    assert store.outbox_stats() == (1, 0)  # kept for later
+    await asyncio.wait_for(mesh.close(), 5.0)
+    store.close()
+
