@@ -155,15 +155,17 @@ class Agent:
         self._launches: dict[str, LaunchSpec | None] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
-    async def start(self, first_reconcile: bool = True) -> None:
-        """Adopt what a previous agent left running, start the poll schedule and (by default)
-        the first reconcile. Returns at once; reconciles run in the background."""
+    async def start(self, first_reconcile: bool = True, schedule: bool = True) -> None:
+        """Adopt what a previous agent left running, start the poll schedule (unless not
+        `schedule`: --once) and (by default) the first reconcile. Returns at once;
+        reconciles run in the background."""
         self._loop = asyncio.get_running_loop()
         with self.store.transaction():
             self.record("node.started", message=f"agent {__version__} started")
         await self._adopt_all()
         self._worker = asyncio.create_task(self._work(), name=f"reconcile-{self.node_id}")
-        self._start_scheduler()
+        if schedule:
+            self._start_scheduler()
         if first_reconcile:
             self.trigger("startup")
 

@@ -107,7 +107,7 @@ async def _node(args: argparse.Namespace, config: Any) -> int:
     code = 0
     try:
         if args.once:
-            await agent.start(first_reconcile=False)
+            await agent.start(first_reconcile=False, schedule=False)
             run = asyncio.ensure_future(agent.reconcile_now("once"))
             waiter = asyncio.ensure_future(stop.wait())
             await asyncio.wait({run, waiter}, return_when=asyncio.FIRST_COMPLETED)

@@ -1,0 +1,163 @@
+"""`gitops-mesh node` / `status` as real subprocesses: kill -9 mid-upgrade, --once, SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from reconciler.cli_node import local_status
+from reconciler.store import read_snapshot
+from tests.conftest import SpecRepo, eventually, free_port, make_spec_repo
+from tests.test_agent import APP_SCRIPT, SECRET, answers, app_pids, app_yaml
+
+
+@pytest.fixture
+def app_script(tmp_path: Path) -> Path:
+    path = tmp_path / "app.py"
+    path.write_text(APP_SCRIPT)
+    return path
+
+
+@pytest.fixture
+def cleanup_node() -> Iterator[list[str]]:
+    """Node ids whose app processes are killed after the test (the agent leaves them)."""
+    nodes: list[str] = []
+    yield nodes
+    for node in nodes:
+        for pids in app_pids(node).values():
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    os.killpg(os.getpgid(pid), signal.SIGKILL)
+
+
+def node_cmd(repo: SpecRepo, node: str, state: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "reconciler", "node", "--repo", repo.url, "--node-id", node,
+            "--state-dir", str(state), "--interval", "300ms", "--heartbeat", "1s", *extra]
+
+
+def start_node(repo: SpecRepo, node: str, state: Path, log: Path) -> subprocess.Popen[bytes]:
+    out = log.open("ab")
+    return subprocess.Popen(node_cmd(repo, node, state), stdout=out, stderr=out)
+
+
+def test_kill_9_mid_upgrade_converges_without_duplicates_or_orphans(
+    tmp_path: Path, app_script: Path, cleanup_node: list[str]
+) -> None:
+    cleanup_node.append("k1")
+    repo = make_spec_repo(tmp_path / "specs")
+    state, log = tmp_path / "state", tmp_path / "agent.log"
+    port, other = free_port(), free_port()
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "1", port))
+    repo.write("apps/other.yaml", app_yaml(app_script, "other", "1", other))
+    repo.commit_and_push()
+    agent = start_node(repo, "k1", state, log)
+    try:
+        eventually(lambda: answers(port) == "1 k1" and answers(other) == "1 k1",
+                   what="v1 running")
+        # v2 takes 2 s to listen: the agent is killed while it waits for its health
+        repo.write("apps/web.yaml", app_yaml(app_script, "web", "2", port, "slow2",
+                                             start_timeout="20s"))
+        repo.commit_and_push("web 2")
+
+        def upgrading() -> bool:
+            snap = read_snapshot(state)
+            assert snap is not None
+            web = snap.apps["web"]
+            return web.phase == "upgrading" and web.proc_version == "2"
+
+        eventually(upgrading, what="upgrade in progress")
+    finally:
+        agent.kill()
+        agent.wait()
+    assert agent.returncode == -signal.SIGKILL
+    other_pids = app_pids("k1")["other"]
+
+    agent = start_node(repo, "k1", state, log)
+    try:
+        def converged() -> bool:
+            status = local_status(state)
+            assert status is not None
+            web = {a.name: a for a in status.apps}["web"]
+            assert (web.version, web.phase, web.health) == ("2", "running", "healthy")
+            return answers(port) == "2 k1"
+
+        eventually(converged, timeout=20, what="web 2 running after the restart")
+        snap = read_snapshot(state)
+        assert snap is not None
+        # one process per app, each the recorded one: no duplicates, no orphans
+        assert app_pids("k1") == {"web": [snap.apps["web"].pid],
+                                  "other": [snap.apps["other"].pid]}
+        assert app_pids("k1")["other"] == other_pids  # adopted, not restarted
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(15) == 0
+    # SIGTERM leaves the apps running for the next agent
+    assert answers(port) == "2 k1" and answers(other) == "1 k1"
+    assert SECRET not in log.read_text()
+
+
+def test_once_and_status(tmp_path: Path, app_script: Path, cleanup_node: list[str]) -> None:
+    cleanup_node.append("o1")
+    repo = make_spec_repo(tmp_path / "specs")
+    state = tmp_path / "state"
+    port = free_port()
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "1", port))
+    rev = repo.commit_and_push()
+    run = subprocess.run(node_cmd(repo, "o1", state, "--once", "--label", "role=edge"),
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(f"o1: synced at {rev[:12]}")
+    assert answers(port) == "1 o1"  # --once leaves the app running
+
+    out = subprocess.run([sys.executable, "-m", "reconciler", "status", "--state-dir",
+                          str(state), "--json"], capture_output=True, text=True, check=True)
+    status = json.loads(out.stdout)
+    assert {k: status[k] for k in ("node", "labels", "revision", "status")} == {
+        "node": "o1", "labels": {"role": "edge"}, "revision": rev, "status": "synced"}
+    assert [(a["name"], a["version"], a["phase"], a["health"]) for a in status["apps"]] == [
+        ("web", "1", "running", "healthy")]
+    assert status["apps"][0]["pid"] == app_pids("o1")["web"][0]
+
+    table = subprocess.run([sys.executable, "-m", "reconciler", "status", "--state-dir",
+                            str(state)], capture_output=True, text=True, check=True).stdout
+    assert table.splitlines()[0] == f"node o1  [role=edge]  SYNCED  revision {rev[:12]}"
+    assert "APP" in table and "web" in table and "running" in table
+
+    # a broken upgrade: rolled back, exit 1 naming the app
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "2", port, "exit"))
+    repo.commit_and_push("broken")
+    run = subprocess.run(node_cmd(repo, "o1", state, "--once"), capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 1, run.stderr
+    assert "o1: failed" in run.stderr, run.stderr[-1500:]
+    assert "o1: failed" in run.stderr and "web 1: running/healthy: rolled back from 2" \
+        in run.stderr
+    assert answers(port) == "1 o1"
+
+    # the app died while no agent ran: status says so from /proc
+    os.killpg(os.getpgid(app_pids("o1")["web"][0]), signal.SIGKILL)
+    eventually(lambda: "web" not in app_pids("o1"), what="web gone")
+    status = local_status(state)
+    assert status is not None
+    assert (status.apps[0].health, status.apps[0].pid) == ("unhealthy", None)
+
+
+def test_bad_options_and_missing_store(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "reconciler", "node", "--repo", str(tmp_path), "--node-id"]
+    run = subprocess.run([*cmd, "Bad_Id", "--state-dir", str(tmp_path / "s")],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "--node-id: 'Bad_Id' is not a valid node id" in run.stderr
+    run = subprocess.run([*cmd, "n1", "--interval", "soon", "--state-dir", str(tmp_path / "s")],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "--interval: invalid duration 'soon'" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "reconciler", "status", "--state-dir",
+                          str(tmp_path / "none")], capture_output=True, text=True)
+    assert run.returncode == 1 and "no agent state in" in run.stderr
