@@ -294,11 +294,12 @@ class ProcessRuntime:
         try:
             await self._terminate(app)
         finally:
-            if app.watch_task is not None:
-                app.watch_task.cancel()
             if self._apps.get(name) is app:
                 del self._apps[name]
             app.state = "stopped"
+            if app.watch_task is not None:
+                app.watch_task.cancel()
+                await asyncio.gather(app.watch_task, return_exceptions=True)
 
     def adopt(self, launch: LaunchSpec, record: ProcessRecord) -> bool:
         self._check_open()
@@ -367,21 +368,26 @@ class ProcessRuntime:
         if self._closed:
             return
         self._closed = True
+        tasks: list[asyncio.Task[None]] = []
         if self._rotate_task is not None:
             self._rotate_task.cancel()
+            tasks.append(self._rotate_task)
         if stop_apps:
             await asyncio.gather(*(self.stop(name) for name in list(self._apps)))
-            return
-        # Leave every app running for the next agent to adopt: only drop our watchers.
-        _reap_detached()
-        for app in self._apps.values():
-            app.stopping = True
-            if app.popen is not None:
-                _detached.append(app.popen)
-            for task in (app.watch_task, app.restart_task):
-                if task is not None:
-                    task.cancel()
-        self._apps.clear()
+        else:
+            # Leave every app running for the next agent to adopt: only drop our watchers.
+            _reap_detached()
+            for app in self._apps.values():
+                app.stopping = True
+                if app.popen is not None:
+                    _detached.append(app.popen)
+                for task in (app.watch_task, app.restart_task):
+                    if task is not None:
+                        task.cancel()
+                        tasks.append(task)
+            self._apps.clear()
+        # let cancelled watchers release their pidfds before the loop may close
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- extras --
 
