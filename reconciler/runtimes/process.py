@@ -211,7 +211,6 @@ def _reap_detached() -> None:
     _detached[:] = [popen for popen in _detached if popen.poll() is None]
 
 
-
 @dataclass
 class _App:
     launch: LaunchSpec
