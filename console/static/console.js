@@ -205,8 +205,7 @@
         c.status === "unreachable" ? h("div", { class: "msg" }, "no heartbeat since ", ageEl(c.updated_at))
           : c.status !== "synced" && c.message ? h("div", { class: "msg", title: c.message, text: c.message }) : null,
         h("div", { class: "chips" },
-          Object.entries(c.labels).map(([k, v]) => h("span", { class: "chip", text: `${k}=${v}` })),
-          c.layers.map((l) => h("span", { class: "chip", text: `layer:${l}` }))),
+          Object.entries(c.labels).map(([k, v]) => h("span", { class: "chip", text: `${k}=${v}` }))),
       );
     }
     function putCards(list, removed) {
@@ -304,8 +303,9 @@
     if (!series.length) { el.replaceChildren(h("div", { class: "empty", text: "no reconcile finished in the last hours" })); return; }
     const W = 600, H = 180, L = 44, R = 44, T = 10, B = 26;
     const pts = series.slice(-30);
-    const maxMs = Math.max(1, ...pts.map((p) => p.mean_ms || 0));
-    const maxConv = Math.max(1, ...pts.map((p) => p.convergence_s || 0));
+    // 15% headroom so the highest bar and dot do not touch the top edge
+    const maxMs = 1.15 * Math.max(1, ...pts.map((p) => p.mean_ms || 0));
+    const maxConv = 1.15 * Math.max(1, ...pts.map((p) => p.convergence_s || 0));
     const step = (W - L - R) / pts.length;
     const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "reconcile duration and convergence per revision" });
     svg.append(s("line", { class: "axis", x1: L, y1: H - B, x2: W - R, y2: H - B }));
