@@ -270,9 +270,10 @@ async def test_crash_restarts_with_growing_backoff_until_crash_loop(tmp_path: Pa
     await runtime.close(stop_apps=True)
 
 
-async def test_restart_policies(tmp_path: Path) -> None:
+@pytest.mark.parametrize("use_pidfd", [True, False], ids=["pidfd", "psutil-poll"])
+async def test_restart_policies(tmp_path: Path, use_pidfd: bool) -> None:
     rec = Recorder()
-    runtime = ProcessRuntime(rec)
+    runtime = ProcessRuntime(rec, poll_interval=0.05, use_pidfd=use_pidfd)
     await runtime.start(launch(tmp_path, "clean", ["/bin/sh", "-c", "exit 0"],
                                restart=RestartPolicy("on-failure", 0.01, 0.01)))
     await runtime.start(launch(tmp_path, "never", ["/bin/sh", "-c", "exit 2"],
