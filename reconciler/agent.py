@@ -242,6 +242,10 @@ class Agent:
         except Exception:  # a broken graph must not keep apps running: stop all at once
             return [sorted(specs)]
 
+    @property
+    def reconciling(self) -> bool:
+        return self._reconciling
+
     # -- AgentAPI -------------------------------------------------------------------------
     def add_listener(self, on_change: Callable[[], None]) -> None:
         self._listeners.append(on_change)

@@ -467,3 +467,62 @@ async def test_suspend_and_resume(
     with pytest.raises(ValueError, match="unknown app 'ghost'"):
         await agent.suspend("ghost")
     assert read_snapshot(agent.config.state_dir).meta.get("node_suspended") is None  # type: ignore[union-attr]
+
+
+async def test_telemetry_spans_metrics_and_trace_ids(
+    repo: SpecRepo, tmp_path: Path, app_script: Path
+) -> None:
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from reconciler.telemetry import Telemetry
+
+    spans, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    telemetry = Telemetry("t1", environ={}, span_exporter=spans, metric_reader=reader)
+    port = free_port()
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "1", port))
+    repo.commit_and_push()
+    agent = Agent(AgentConfig(node_id="t1", repo_url=repo.url, state_dir=tmp_path / "s",
+                              interval=3600, heartbeat=3600), telemetry=telemetry)
+    await agent.start(first_reconcile=False, schedule=False)
+    try:
+        run = await agent.reconcile_now()
+        assert run.outcome == "success", run.message
+        finished = {s.name: s for s in spans.get_finished_spans()}
+        assert set(finished) == {"reconcile", "action"}
+        trace_id = format(finished["reconcile"].context.trace_id, "032x")
+        assert finished["action"].parent.span_id == finished["reconcile"].context.span_id
+        assert dict(finished["action"].attributes) == {  # type: ignore[arg-type]
+            "kind": "deploy", "app": "web", "outcome": "success"}
+        assert agent.status().trace_id == trace_id == run.trace_id
+        in_run = [e for e in events(agent) if e.get("run_id") == run.run_id]
+        assert {e["trace_id"] for e in in_run} == {trace_id}
+
+        data = reader.get_metrics_data()
+        assert data is not None
+        metrics = {m.name: m for rm in data.resource_metrics for sm in rm.scope_metrics
+                   for m in sm.metrics}
+        assert set(metrics) == {"gitops.reconcile.duration", "gitops.actions",
+                                "gitops.git.fetch.duration", "gitops.apps"}
+        actions = [(dict(p.attributes), p.value) for p in metrics["gitops.actions"].data.data_points]  # type: ignore[union-attr]
+        assert actions == [({"kind": "deploy", "outcome": "success"}, 1)]
+        phases = [(dict(p.attributes), p.value) for p in metrics["gitops.apps"].data.data_points]  # type: ignore[union-attr]
+        assert phases == [({"phase": "running"}, 1)]
+    finally:
+        await agent.close(stop_apps=True)
+
+
+async def test_trigger_coalesces(repo: SpecRepo, make_agent: MakeAgent) -> None:
+    import asyncio
+
+    agent = await make_agent(repo)
+    first = agent.trigger("a")
+    assert agent.trigger("b") == first  # queued, not yet running: the same run covers it
+    while not agent.reconciling:  # the worker picks it up at once
+        await asyncio.sleep(0.001)
+    queued = agent.trigger("c")  # one runs, one may wait
+    assert queued != first and agent.trigger("d") == queued
+    assert (await agent.wait_run(first)).outcome == "success"
+    assert (await agent.wait_run(queued)).run_id == queued
+    started = [e for e in events(agent) if e["type"] == "reconcile.started"]
+    assert [(e["run_id"], e["message"]) for e in started] == [(first, "a"), (queued, "c")]
