@@ -257,6 +257,8 @@ async def test_crash_restarts_with_growing_backoff_until_crash_loop(tmp_path: Pa
     ]
     assert [restarted for _, restarted in rec.started] == [False, True, True, True]
     assert len({record.pid for record, _ in rec.started}) == 4
+    # every instance appends to the same log
+    assert log_text(tmp_path, "crashy").count("--- gitops-mesh: starting crashy 1.0\n") == 4
     assert rec.crash_loops == [
         ("crashy", "exited with code 3; restarted 3 times within 60s, not restarting (crash loop)")
     ]
