@@ -491,7 +491,8 @@ async def test_telemetry_spans_metrics_and_trace_ids(
         finished = {s.name: s for s in spans.get_finished_spans()}
         assert set(finished) == {"reconcile", "action"}
         trace_id = format(finished["reconcile"].context.trace_id, "032x")
-        assert finished["action"].parent.span_id == finished["reconcile"].context.span_id
+        parent = finished["action"].parent
+        assert parent is not None and parent.span_id == finished["reconcile"].context.span_id
         assert dict(finished["action"].attributes) == {  # type: ignore[arg-type]
             "kind": "deploy", "app": "web", "outcome": "success"}
         assert agent.status().trace_id == trace_id == run.trace_id
@@ -504,10 +505,12 @@ async def test_telemetry_spans_metrics_and_trace_ids(
                    for m in sm.metrics}
         assert set(metrics) == {"gitops.reconcile.duration", "gitops.actions",
                                 "gitops.git.fetch.duration", "gitops.apps"}
-        actions = [(dict(p.attributes), p.value) for p in metrics["gitops.actions"].data.data_points]  # type: ignore[union-attr]
-        assert actions == [({"kind": "deploy", "outcome": "success"}, 1)]
-        phases = [(dict(p.attributes), p.value) for p in metrics["gitops.apps"].data.data_points]  # type: ignore[union-attr]
-        assert phases == [({"phase": "running"}, 1)]
+        def points(name: str) -> list[tuple[dict[str, Any], Any]]:
+            return [(dict(p.attributes or {}), getattr(p, "value", None))
+                    for p in metrics[name].data.data_points]
+
+        assert points("gitops.actions") == [({"kind": "deploy", "outcome": "success"}, 1)]
+        assert points("gitops.apps") == [({"phase": "running"}, 1)]
     finally:
         await agent.close(stop_apps=True)
 
