@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -368,6 +369,49 @@ async def test_adoption_across_runtime_restart(tmp_path: Path, use_pidfd: bool) 
     assert restarted and new_record.pid != record.pid and alive(new_record.pid)
     await second.close(stop_apps=True)
     assert not alive(new_record.pid)
+
+
+AGENT = """
+import asyncio, json, sys
+from pathlib import Path
+from reconciler.runtimes.base import LaunchSpec
+from reconciler.runtimes.process import ProcessRuntime
+
+class Quiet:
+    def on_started(self, record, restarted): pass
+    def on_exited(self, name, returncode, restart_in): pass
+    def on_crash_loop(self, name, message): pass
+
+async def main():
+    root = Path(sys.argv[1])
+    runtime = ProcessRuntime(Quiet())
+    argv = ("/bin/sh", "-c", "while :; do echo tick; sleep 0.05; done")
+    launch = LaunchSpec("survivor", "1.0", argv, {"PATH": "/usr/bin:/bin"}, root, root / "logs")
+    record = await runtime.start(launch)
+    print(json.dumps(vars(record)), flush=True)
+    await asyncio.sleep(60)  # killed -9 by the test, like a crashing agent
+
+asyncio.run(main())
+"""
+
+
+async def test_app_survives_an_agent_killed_with_sigkill(tmp_path: Path) -> None:
+    agent = await asyncio.create_subprocess_exec(
+        PY, "-c", AGENT, str(tmp_path), stdout=asyncio.subprocess.PIPE,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert agent.stdout is not None
+    record = ProcessRecord(**json.loads(await agent.stdout.readline()))
+    agent.kill()
+    await agent.wait()
+    size = (tmp_path / "logs" / "survivor.log").stat().st_size
+    await until(lambda: (tmp_path / "logs" / "survivor.log").stat().st_size > size + 20,
+                what="the app keeps writing its log after the agent died")
+    app = LaunchSpec("survivor", "1.0", ("/bin/sh",), {}, tmp_path, tmp_path / "logs")
+    runtime = ProcessRuntime(Recorder())
+    assert runtime.adopt(app, record)
+    await runtime.stop("survivor")
+    assert not alive(record.pid)
 
 
 async def test_adopted_app_is_stopped_with_its_group(tmp_path: Path) -> None:
