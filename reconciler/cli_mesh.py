@@ -169,17 +169,9 @@ async def _node_status(nc: NATS, node: str, as_json: bool) -> int:
         data["status"] = state
         print(json.dumps(data, indent=2))
         return 0
-    print(f"node      {status.node}  ({', '.join(f'{k}={v}' for k, v in status.labels.items())})")
-    print(f"status    {state}: {status.message}")
-    print(f"revision  {status.revision or '-'}")
-    print(f"outbox    {status.outbox_backlog} waiting, {status.outbox_dropped} dropped")
-    if status.apps:
-        rows = [
-            {"app": a.name, "version": a.version, "phase": a.phase, "health": a.health,
-             "message": a.message}
-            for a in status.apps
-        ]
-        print(format_table(rows, ["app", "version", "phase", "health", "message"]))
+    from reconciler.cli_node import format_status
+
+    print(format_status(status.model_copy(update={"status": state})))
     return 0
 
 
@@ -288,6 +280,9 @@ async def wait_for_revision(
             elif entry is not False:
                 _apply(fleet, entry)
             if initial:
+                if time.monotonic() >= deadline:
+                    _err(f"timed out reading {KV_BUCKET}")
+                    return EXIT_FAILED
                 continue
             targets = wait_targets(fleet, nodes, selector)
             if not targets:
