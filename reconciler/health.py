@@ -134,6 +134,8 @@ async def probe(
                 ok, message = True, "no probe configured"
     except TimeoutError:
         ok, message = False, f"{kind} probe timed out after {format_duration(health.timeout)}"
+    except (OSError, ValueError, UnicodeError, ssl.SSLError) as exc:  # a failed probe is data
+        ok, message = False, f"{kind} probe failed: {exc}"
     return ProbeResult(ok, message, (time.perf_counter() - started) * 1000)
 
 

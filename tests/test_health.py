@@ -140,6 +140,8 @@ async def test_http_probe(web: int, tmp_path: Path) -> None:
     )
     # the node's port offset moves the probe to where this node's app listens
     assert await run(f"http://127.0.0.1:{web - 7}/", offset=7) == (True, f"GET {base}/: HTTP 200")
+    tls_ok, tls_message = await run(f"https://127.0.0.1:{web}/")  # TLS to a plain server
+    assert not tls_ok and tls_message.startswith(f"GET https://127.0.0.1:{web}/: "), tls_message
     closed = free_port()
     assert await run(f"http://127.0.0.1:{closed}/") == (
         False, f"GET http://127.0.0.1:{closed}/: connection refused"
