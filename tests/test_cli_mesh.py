@@ -1,0 +1,230 @@
+"""Fleet CLI end to end: real agents (`gitops-mesh node --nats`), a real nats-server, a bare
+spec repo with the shipped post-receive hook, and the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import NatsServer, SpecRepo, eventually, make_spec_repo
+
+import reconciler
+from reconciler.bus import NatsOptions, connect
+from reconciler.subjects import EVENTS_STREAM, KV_BUCKET
+
+SECRET = "sup3r-s3cret-v4lue-91"
+PY = sys.executable
+HOOK = Path(reconciler.__file__).parent / "hooks" / "post-receive"
+
+
+def web_yaml(version: str, broken: bool = False) -> str:
+    code = "import sys; sys.exit(3)" if broken else "import time; time.sleep(3600)"
+    return f"""\
+name: web
+version: "{version}"
+run:
+  command: [{json.dumps(PY)}, "-c", {json.dumps(code)}]
+  env:
+    API_KEY: {SECRET}
+health:
+  start_timeout: 5s
+restart:
+  max_restarts: 1
+"""
+
+
+def cli(url: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PY, "-m", "reconciler", *args, "--nats", url], capture_output=True, text=True,
+        timeout=timeout, env={k: v for k, v in os.environ.items()
+                              if not k.startswith("GITOPS_MESH_")},
+    )
+
+
+@dataclass
+class Fleet:
+    url: str
+    repo: SpecRepo
+    nodes: dict[str, subprocess.Popen[bytes]]
+
+
+@pytest.fixture(scope="module")
+def fleet(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    root = tmp_path_factory.mktemp("fleet")
+    repo = make_spec_repo(root / "specs", {"apps/web.yaml": web_yaml("1")})
+    hook = repo.bare / "hooks" / "post-receive"
+    shutil.copy(HOOK, hook)
+    hook.chmod(0o755)
+    nodes: dict[str, subprocess.Popen[bytes]] = {}
+    for node, role in (("cm-edge", "edge"), ("cm-gw", "gateway")):
+        log = open(root / f"{node}.log", "wb")  # noqa: SIM115 - closed with the process
+        nodes[node] = subprocess.Popen(
+            [PY, "-m", "reconciler", "node", "--repo", repo.url, "--node-id", node,
+             "--label", f"role={role}", "--state-dir", str(root / node), "--nats",
+             nats_server.url, "--interval", "1h", "--heartbeat", "1s", "--stop-apps-on-exit"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        def reported() -> bool:
+            for node, proc in nodes.items():
+                if proc.poll() is not None:
+                    pytest.fail(f"{node} exited: {(root / f'{node}.log').read_text()[-2000:]}")
+            table = cli(nats_server.url, "status")
+            return all(node in table.stdout for node in nodes)
+
+        eventually(reported, timeout=30, what="both agents report to the KV")
+        yield Fleet(nats_server.url, repo, nodes)
+    finally:
+        for proc in nodes.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc in nodes.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def push(fleet: Fleet, text: str, message: str) -> str:
+    """Commit and push through the bare repo's post-receive hook, which runs `notify`."""
+    fleet.repo.write("apps/web.yaml", text)
+    env = {"GITOPS_MESH_NATS": fleet.url, "GITOPS_MESH_BIN": f"{PY} -m reconciler"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return fleet.repo.commit_and_push(message)
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_wait_succeeds_after_a_good_push_announced_by_the_hook(fleet: Fleet) -> None:
+    first = fleet.repo.head()
+    done = cli(fleet.url, "wait", "--revision", first[:10], "--timeout", "60s")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{first[:10]}: synced on 2 node(s): cm-edge, cm-gw"
+
+    # the nodes poll once an hour: only the hook's notify can bring them to the push
+    second = push(fleet, web_yaml("2"), "web 2")
+    done = cli(fleet.url, "wait", "--revision", second, "--selector", "role=edge",
+               "--timeout", "30s")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{second[:12]}: synced on 1 node(s): cm-edge"
+    done = cli(fleet.url, "wait", "--revision", second, "--node", "cm-gw", "--timeout", "30s")
+    assert done.returncode == 0, done.stderr
+
+
+def test_wait_is_not_fooled_by_a_node_still_at_the_old_revision(fleet: Fleet) -> None:
+    # a commit the nodes have not heard of (pushed without the hook): synced, but at the old one
+    fleet.repo.write("apps/note.txt", "not announced")
+    unannounced = fleet.repo.commit_and_push("no hook env")
+    done = cli(fleet.url, "wait", "--revision", unannounced, "--node", "cm-edge",
+               "--timeout", "1s")
+    assert done.returncode == 1
+    assert f"cm-edge: not synced at {unannounced[:12]}" in done.stderr
+    assert "synced at" in done.stderr  # says where it is instead
+    ran = cli(fleet.url, "reconcile", "--node", "cm-edge")
+    assert ran.returncode == 0, ran.stderr
+    node, run_id = ran.stdout.split()
+    assert node == "cm-edge" and len(run_id) >= 8
+    done = cli(fleet.url, "wait", "--revision", unannounced, "--node", "cm-edge",
+               "--timeout", "30s")
+    assert done.returncode == 0, done.stderr
+
+
+def test_wait_fails_naming_the_node_of_a_broken_push(fleet: Fleet) -> None:
+    broken = push(fleet, web_yaml("3", broken=True), "web 3 crashes")
+    done = cli(fleet.url, "wait", "--revision", broken, "--timeout", "60s")
+    assert done.returncode == 1
+    assert f"cm-edge: failed at {broken[:12]}:" in done.stderr
+    assert f"cm-gw: failed at {broken[:12]}:" in done.stderr
+    assert "web" in done.stderr  # the node's message names the app
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == f"{broken[:12]}: 0 synced, not synced: cm-edge, cm-gw"
+
+
+def test_status_and_reconcile_commands(fleet: Fleet) -> None:
+    def both_reported() -> subprocess.CompletedProcess[str]:
+        table = cli(fleet.url, "status")
+        assert table.returncode == 0, table.stderr
+        assert "cm-edge" in table.stdout and "cm-gw" in table.stdout
+        return table
+
+    table = eventually(both_reported, timeout=30)
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:4] == ["NODE", "STATUS", "REVISION", "APPS"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert {"cm-edge", "cm-gw"} <= set(rows)
+    one = cli(fleet.url, "status", "--node", "cm-gw", "--json")
+    assert one.returncode == 0, one.stderr
+    data = json.loads(one.stdout)
+    assert data["node"] == "cm-gw" and data["labels"] == {"role": "gateway"}
+    assert data["heartbeat_interval_s"] == 1.0
+    human = cli(fleet.url, "status", "--node", "cm-edge")
+    assert human.stdout.startswith("node cm-edge  [role=edge]")
+    missing = cli(fleet.url, "status", "--node", "nobody")
+    assert missing.returncode == 1
+    assert "node 'nobody' is not answering" in missing.stderr
+
+    sel = cli(fleet.url, "reconcile", "--selector", "role=gateway", "--json")
+    assert sel.returncode == 0, sel.stderr
+    assert [r["node"] for r in json.loads(sel.stdout)] == ["cm-gw"]
+    every = cli(fleet.url, "reconcile", "--all", "--timeout", "10s")
+    assert sorted(line.split()[0] for line in every.stdout.splitlines()) >= ["cm-edge", "cm-gw"]
+    none = cli(fleet.url, "reconcile", "--selector", "role=nothing", "--timeout", "0.3s")
+    assert none.returncode == 1
+    assert "no node answered (selector: role=nothing)" in none.stderr
+
+
+def test_secrets_never_reach_the_stream_the_kv_or_rpc(fleet: Fleet) -> None:
+    async def everything_published() -> bytes:
+        nc = await connect(NatsOptions(servers=[fleet.url]))
+        js = nc.jetstream()
+        blob = b""
+        sub = await js.subscribe("gitops.events.>", ordered_consumer=True)
+        info = await js.stream_info(EVENTS_STREAM)
+        for _ in range(info.state.messages):
+            msg = await sub.next_msg(timeout=5)
+            blob += msg.data + json.dumps(dict(msg.headers or {})).encode()
+        kv = await js.key_value(KV_BUCKET)
+        for node in fleet.nodes:
+            for entry in await kv.history(node):
+                blob += entry.value or b""
+            for endpoint in ("status", "state", "plan"):
+                blob += (await nc.request(f"gitops.rpc.{node}.{endpoint}", b"", timeout=10)).data
+        await nc.close()
+        return blob
+
+    blob = asyncio.run(everything_published())
+    assert b'"app.deployed"' in blob and b"API_KEY" in blob  # the data is there...
+    assert SECRET.encode() not in blob  # ...but never the env value
+
+
+def test_notify_without_nats_fails_clearly_and_the_hook_never_fails_a_push(
+    tmp_path: Path,
+) -> None:
+    bad = "nats://127.0.0.1:1"
+    res = cli(bad, "notify", "--repo", "/x", "--branch", "main", "--revision", "abc")
+    assert res.returncode == 2
+    assert res.stderr.startswith(f"gitops-mesh: cannot connect to NATS at {bad}:")
+    repo = make_spec_repo(tmp_path / "specs")
+    hook = repo.bare / "hooks" / "post-receive"
+    shutil.copy(HOOK, hook)
+    hook.chmod(0o755)
+    repo.write("a.txt", "x")
+    os.environ["GITOPS_MESH_NATS"] = bad
+    try:
+        repo.commit_and_push("push while NATS is down")  # check=True: the push succeeds
+    finally:
+        os.environ.pop("GITOPS_MESH_NATS")

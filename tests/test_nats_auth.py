@@ -1,0 +1,218 @@
+"""`nats-config` output loaded by a real nats-server: each identity can do its job and no more."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import stat
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats.errors
+import nats.js.errors
+import pytest
+from conftest import NatsServer, eventually_async, start_nats
+from fake_agent import FakeAgent
+from nats.aio.client import Client as NATS
+
+from reconciler.bus import Mesh, MeshError, NatsOptions, connect
+from reconciler.cli_mesh import fleet_reconcile
+from reconciler.natsconfig import NatsConfigError, write_config
+from reconciler.status import NodeStatus
+from reconciler.store import Store
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NatsServer, Path]]:
+    root = tmp_path_factory.mktemp("auth")
+    out = root / "auth"
+    done = subprocess.run(
+        [sys.executable, "-m", "reconciler", "nats-config", "--node", "n1", "--node", "n2",
+         "--out", str(out)], capture_output=True, text=True, check=True,
+    )
+    assert sorted(Path(p).name for p in done.stdout.split()) == sorted(
+        ["auth.conf", *(f"{i}.{ext}" for i in ("n1", "n2", "console", "observer", "notifier")
+                        for ext in ("nk", "env"))]
+    )
+    server = start_nats(root, 'include "auth/auth.conf"\n')
+    yield server, out
+    server.stop()
+
+
+class Client:
+    """A connection as one identity, collecting the server's permission errors."""
+
+    def __init__(self, nc: NATS, errors: list[str]) -> None:
+        self.nc = nc
+        self.errors = errors
+
+    async def violation(self, what: str) -> None:
+        await self.nc.flush()
+        await eventually_async(
+            lambda: _async(any("permissions violation" in e.lower() and what.lower() in e.lower()
+                               for e in self.errors)),
+            timeout=5, what=f"a permissions violation for {what}",
+        )
+
+
+async def _async(value: object) -> object:
+    return value
+
+
+@pytest.fixture
+async def as_identity(secured: tuple[NatsServer, Path]) -> AsyncIterator[object]:
+    server, out = secured
+    clients: list[Client] = []
+
+    async def make(identity: str) -> Client:
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
+
+        opts = NatsOptions(servers=[server.url], nkey_seed_file=str(out / f"{identity}.nk"),
+                           inbox_prefix=f"_INBOX.{identity}")
+        client = Client(await connect(opts, error_cb=on_error), errors)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.nc.close()
+
+
+def test_credential_files_are_private(secured: tuple[NatsServer, Path]) -> None:
+    _server, out = secured
+    for path in out.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    assert (out / "n1.env").read_text() == f"GITOPS_MESH_NATS_NKEY={(out / 'n1.nk').resolve()}\n"
+
+
+async def test_a_node_works_end_to_end_but_cannot_touch_another_node(
+    secured: tuple[NatsServer, Path], as_identity: object, tmp_path: Path
+) -> None:
+    server, out = secured
+    store = Store(tmp_path / "n1")
+    agent = FakeAgent(store, "n1", {"role": "edge"})
+    agent.record("app.deployed", app="web", version="1")
+    mesh = Mesh(agent, store, NatsOptions(servers=[server.url],
+                                          nkey_seed_file=str(out / "n1.nk")))
+    await mesh.start()
+    make = as_identity
+    console = await make("console")  # type: ignore[operator]
+    observer = await make("observer")  # type: ignore[operator]
+    try:
+        # n1's own path: stream + KV created and written, RPC answered, fleet trigger heard
+        await eventually_async(lambda: _async(store.outbox_stats()[0] == 0 and mesh.ready),
+                               what="n1 published with its own identity")
+        js = observer.nc.jetstream()
+
+        async def n1_status() -> object:
+            try:
+                return await (await js.key_value("gitops_nodes")).get("n1")
+            except (nats.js.errors.BucketNotFoundError, nats.js.errors.KeyNotFoundError):
+                return None
+
+        status = await eventually_async(n1_status)
+        kv = await js.key_value("gitops_nodes")
+        assert NodeStatus.from_json(status.value).node == "n1"  # type: ignore[attr-defined]
+        info = await js.stream_info("GITOPS_EVENTS")
+        assert info.state.messages == 1
+        reply = await console.nc.request("gitops.rpc.n1.reconcile", b"", timeout=5)
+        assert json.loads(reply.data)["node"] == "n1"
+        replies = await fleet_reconcile(console.nc, None, timeout=5)
+        assert [r["node"] for r in replies] == ["n1"]
+        assert agent.triggers == ["rpc", "fleet"]
+
+        # n1's credentials used for someone else's business
+        n1 = await make("n1")  # type: ignore[operator]
+        await n1.nc.publish("gitops.events.n2.app.deployed", b"{}")
+        await n1.violation("gitops.events.n2.app.deployed")
+        with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+            await n1.nc.jetstream().publish("$KV.gitops_nodes.n2", b"{}", timeout=1)
+        await n1.violation("$KV.gitops_nodes.n2")
+        await n1.nc.subscribe("gitops.rpc.n2.status")
+        await n1.violation("gitops.rpc.n2.status")
+        await n1.nc.publish("gitops.rpc.n1.reconcile", b"")  # not even its own RPC as a caller
+        await n1.violation("gitops.rpc.n1.reconcile")
+        await n1.nc.publish("gitops.fleet.reconcile", b"")
+        await n1.violation("gitops.fleet.reconcile")
+        await n1.nc.publish("$JS.API.STREAM.DELETE.GITOPS_EVENTS", b"")
+        await n1.violation("$JS.API.STREAM.DELETE.GITOPS_EVENTS")
+        with pytest.raises(nats.js.errors.KeyNotFoundError):
+            await kv.get("n2")  # nothing reached the bucket
+        info = await js.stream_info("GITOPS_EVENTS", subjects_filter="gitops.events.n2.>")
+        assert not info.state.subjects
+    finally:
+        await mesh.close()
+        store.close()
+
+
+async def test_observer_reads_but_cannot_trigger(
+    secured: tuple[NatsServer, Path], as_identity: object, tmp_path: Path
+) -> None:
+    server, out = secured
+    store = Store(tmp_path / "n2")
+    agent = FakeAgent(store, "n2")
+    mesh = Mesh(agent, store, NatsOptions(servers=[server.url],
+                                          nkey_seed_file=str(out / "n2.nk")))
+    await mesh.start()
+    observer = await as_identity("observer")  # type: ignore[operator]
+    notifier = await as_identity("notifier")  # type: ignore[operator]
+    try:
+        await eventually_async(lambda: _async(mesh.ready))
+        reply = await observer.nc.request("gitops.rpc.n2.status", b"", timeout=5)
+        assert json.loads(reply.data)["node"] == "n2"
+        for subject in ("gitops.rpc.n2.reconcile", "gitops.rpc.n2.suspend",
+                        "gitops.fleet.reconcile", "gitops.source.changed"):
+            await observer.nc.publish(subject, b"")
+            await observer.violation(subject)
+        await notifier.nc.publish("gitops.source.changed", b'{"repo":"r","branch":"b",'
+                                  b'"revision":"c"}')
+        await notifier.nc.publish("gitops.fleet.reconcile", b"")
+        await notifier.violation("gitops.fleet.reconcile")
+        await asyncio.sleep(0.2)  # let a (wrongly) delivered trigger arrive before checking
+        assert agent.triggers == []
+        assert not agent.suspended
+    finally:
+        await mesh.close()
+        store.close()
+
+
+async def test_password_mode_and_bad_credentials(tmp_path: Path) -> None:
+    out = tmp_path / "auth"
+    write_config(out, ["p1"], auth="password")
+    env = dict(
+        line.split("=", 1) for line in (out / "p1.env").read_text().splitlines()
+    )
+    assert env["GITOPS_MESH_NATS_USER"] == "p1" and len(env["GITOPS_MESH_NATS_PASSWORD"]) >= 24
+    # re-running keeps existing credentials (running nodes are not locked out)
+    write_config(out, ["p1", "p2"], auth="password")
+    assert (out / "p1.env").read_text().splitlines()[1].endswith(env["GITOPS_MESH_NATS_PASSWORD"])
+    server = start_nats(tmp_path, 'include "auth/auth.conf"\n')
+    try:
+        good = NatsOptions(servers=[server.url], user="p1",
+                           password=env["GITOPS_MESH_NATS_PASSWORD"], inbox_prefix="_INBOX.p1")
+        nc = await connect(good)
+        await nc.close()
+        bad = NatsOptions(servers=[server.url], user="p1", password="wrong-password")
+        with pytest.raises(MeshError) as err:
+            await connect(bad, timeout=3)
+        assert str(err.value).startswith(f"cannot connect to NATS at {server.url}:")
+        assert "authorization" in str(err.value).lower()
+        assert "wrong-password" not in str(err.value)
+    finally:
+        server.stop()
+
+
+def test_bad_input_is_refused_before_writing(tmp_path: Path) -> None:
+    with pytest.raises(NatsConfigError, match="--node 'Bad_Id': node ids are"):
+        write_config(tmp_path / "a", ["n1", "Bad_Id"])
+    with pytest.raises(NatsConfigError, match="reserved"):
+        write_config(tmp_path / "b", ["console"])
+    with pytest.raises(NatsConfigError, match="at least one --node"):
+        write_config(tmp_path / "c", [])
+    assert not (tmp_path / "a").exists()
