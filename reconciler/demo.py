@@ -365,6 +365,8 @@ def _child_env() -> dict[str, str]:
 
 
 async def _wait_listening(port: int, child: Child, timeout: float = 20.0) -> None:
+    # A plain blocking connect on loopback: asyncio's would start a resolver thread, and
+    # children are forked with a preexec_fn, which must not happen while threads run.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if child.process.poll() is not None:
@@ -372,11 +374,8 @@ async def _wait_listening(port: int, child: Child, timeout: float = 20.0) -> Non
                 f"{child.name} exited with code {child.process.returncode}:\n{child.log_tail()}"
             )
         try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            return
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
         except OSError:
             await asyncio.sleep(0.05)
     raise DemoError(f"{child.name} did not listen on 127.0.0.1:{port} within {timeout:.0f}s")

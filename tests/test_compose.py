@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import shutil
 import signal
@@ -10,10 +12,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 import yaml
+from nats.aio.msg import Msg
 
-from tests.conftest import eventually, free_port, git
+from reconciler.subjects import SOURCE_CHANGED
+from tests.conftest import NatsServer, eventually_async, free_port, git
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -129,7 +134,10 @@ def test_dockerfile_copies_only_what_exists() -> None:
     assert "USER gitops" in dockerfile
 
 
-def test_git_server_seeds_the_repo_and_accepts_pushes(tmp_path: Path) -> None:
+async def test_git_server_serves_accepts_pushes_and_announces_them(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """deploy/compose/git-server.sh for real: seed, git daemon, push, notify hook -> NATS."""
     if shutil.which("git") is None:
         pytest.skip("git not installed")
     seed = tmp_path / "seed"
@@ -143,8 +151,19 @@ def test_git_server_seeds_the_repo_and_accepts_pushes(tmp_path: Path) -> None:
         "GITOPS_MESH_GIT_BASE": str(tmp_path / "srv"),
         "GITOPS_MESH_GIT_PORT": str(port),
         "GITOPS_MESH_GIT_LISTEN": "127.0.0.1",
+        # what docker-compose.yml gives the git service
+        "GITOPS_MESH_NATS": nats_server.url,
+        "GITOPS_MESH_REPO": "git://git:9418/specs.git",
     }
     (tmp_path / "srv").mkdir()
+    announced: list[dict[str, str]] = []
+
+    async def on_change(msg: Msg) -> None:
+        announced.append(json.loads(msg.data))
+
+    nc = await nats.connect(nats_server.url)
+    await nc.subscribe(SOURCE_CHANGED, cb=on_change)
+    await nc.flush()
     server = subprocess.Popen(
         ["sh", str(GIT_SERVER)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         start_new_session=True,
@@ -153,19 +172,30 @@ def test_git_server_seeds_the_repo_and_accepts_pushes(tmp_path: Path) -> None:
         url = f"git://127.0.0.1:{port}/specs.git"
         clone = tmp_path / "clone"
 
-        def cloned() -> bool:
+        async def cloned() -> bool:
             assert server.poll() is None, server.stderr.read() if server.stderr else ""
             shutil.rmtree(clone, ignore_errors=True)
-            return subprocess.run(["git", "clone", "-q", url, str(clone)],
-                                  capture_output=True).returncode == 0
+            result = await asyncio.to_thread(
+                subprocess.run, ["git", "clone", "-q", url, str(clone)], capture_output=True
+            )
+            return result.returncode == 0
 
-        eventually(cloned, timeout=20, interval=0.2, what="git daemon serves specs.git")
+        await eventually_async(cloned, timeout=20, interval=0.2, what="git daemon serves specs")
         assert (clone / "apps" / "hello.yaml").read_text() == 'name: hello\nversion: "1"\n'
         (clone / "apps" / "hello.yaml").write_text('name: hello\nversion: "2"\n')
         git(clone, "commit", "-qam", "bump hello")
-        git(clone, "push", "-q", "origin", "HEAD:main")
-        bare = tmp_path / "srv" / "specs.git"
-        assert git(bare, "rev-parse", "main") == git(clone, "rev-parse", "HEAD")
+        await asyncio.to_thread(git, clone, "push", "-q", "origin", "HEAD:main")
+        revision = git(clone, "rev-parse", "HEAD")
+        assert git(tmp_path / "srv" / "specs.git", "rev-parse", "main") == revision
+
+        async def heard() -> list[dict[str, str]]:
+            return announced
+
+        await eventually_async(heard, timeout=20, what="the hook announced the push")
+        assert announced == [
+            {"repo": "git://git:9418/specs.git", "branch": "main", "revision": revision}
+        ]
     finally:
+        await nc.close()
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(10)
