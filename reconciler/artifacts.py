@@ -18,6 +18,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -47,6 +48,7 @@ class Limits:
     max_download_bytes: int = 1 << 30
     max_unpacked_bytes: int = 4 << 30
     max_entries: int = 100_000
+    max_download_seconds: float = 900.0  # the socket timeout alone lets a slow drip run forever
 
 
 class ArtifactStore:
@@ -168,7 +170,14 @@ class ArtifactStore:
     def _copy(self, src: IO[bytes], out: BinaryIO, shown: str) -> str:
         digest = hashlib.sha256()
         total = 0
-        while chunk := src.read(_CHUNK):
+        deadline = time.monotonic() + self.limits.max_download_seconds
+        # read1: whatever has arrived, so a slow drip cannot hold one read() past the deadline.
+        read = getattr(src, "read1", src.read)
+        while chunk := read(_CHUNK):
+            if time.monotonic() > deadline:
+                raise SourceError(
+                    f"{shown}: download took longer than {self.limits.max_download_seconds:g}s"
+                )
             total += len(chunk)
             if total > self.limits.max_download_bytes:
                 raise ArtifactError(f"{shown}: larger than {self.limits.max_download_bytes} bytes")

@@ -6,6 +6,9 @@ import hashlib
 import http.server
 import io
 import os
+import socket
+import subprocess
+import sys
 import tarfile
 import threading
 import zipfile
@@ -20,7 +23,7 @@ from reconciler.artifacts import MARKER, ArtifactStore, Limits
 from reconciler.errors import ArtifactError, SourceError
 from reconciler.source import GitSource
 from reconciler.spec import AppSpec
-from tests.conftest import free_port, git, make_spec_repo
+from tests.conftest import eventually, free_port, git, make_spec_repo
 
 RUN_SH = b"#!/bin/sh\necho hello\n"
 
@@ -361,3 +364,70 @@ def test_gc_keeps_given_dirs_and_remove_app(store: ArtifactStore) -> None:
     assert not (store.root / "web").exists()
     with pytest.raises(ValueError, match="invalid app name"):
         store.gc("../state", set())
+
+
+@pytest.fixture
+def dripping_server() -> Iterator[str]:
+    """An HTTP server that answers 200 and then sends one byte every 50 ms, forever."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n")
+            while not stop.wait(0.05):
+                try:
+                    conn.sendall(b"x")
+                except OSError:
+                    return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}/slow.tgz"
+    stop.set()
+    thread.join(timeout=2)
+    server.close()
+
+
+def test_stalled_download_gives_up(dripping_server: str, tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "apps", timeout=5, limits=Limits(max_download_seconds=0.3))
+    with pytest.raises(SourceError, match=r"download took longer than 0.3s"):
+        store.install(app(archive_source(b"", dripping_server)))
+    assert list((tmp_path / "apps" / "web").iterdir()) == []
+
+
+KILLED_INSTALL = """
+import sys
+from pathlib import Path
+from reconciler.artifacts import ArtifactStore
+from reconciler.spec import AppSpec
+spec = AppSpec.model_validate_json(sys.argv[2])
+ArtifactStore(Path(sys.argv[1])).install(spec)
+"""
+
+
+def test_kill_9_during_install_leaves_no_usable_half_dir(tmp_path: Path) -> None:
+    data = make_tar([member(f"f/{i:05d}.txt", b"data" * 64) for i in range(600)])
+    spec = app(archive_source(data, write(tmp_path, "many.tgz", data)))
+    store = ArtifactStore(tmp_path / "apps")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_INSTALL, str(store.root), spec.model_dump_json()]
+    )
+    try:
+        app_dir = store.root / "web"
+        eventually(lambda: app_dir.is_dir() and any(app_dir.glob(".tmp-*/f/*")),
+                   timeout=30, what="the child started unpacking")
+    finally:
+        proc.kill()
+        proc.wait()
+    final = store.path_for(spec)
+    # Either the rename had not happened (no final dir) or it had and the dir is complete.
+    assert not final.exists() or store.is_installed(spec)
+    installed = store.install(spec)
+    assert len(list((installed / "f").iterdir())) == 600
+    store.gc("web", {installed})
+    assert list(app_dir.iterdir()) == [installed]
