@@ -324,6 +324,8 @@ class GitSource:
             return self._resolve(self.local_ref)
 
     def _resolve(self, rev: str) -> str | None:
+        if not rev or rev.startswith("-"):  # never let a revision be read as an option
+            return None
         res = self._git("rev-parse", "--verify", "-q", rev + "^{commit}")
         return res.stdout.strip() if res.returncode == 0 else None
 
@@ -366,10 +368,14 @@ class GitSource:
     def _after_fetch(self) -> None:
         self._fetches += 1
         if self._fetches % _GC_EVERY == 0:
-            res = self._git(
-                "-c", "gc.autoDetach=false", "gc", "--auto", "--quiet",
-                timeout=max(120.0, 4 * self.fetch_timeout), what="git gc",
-            )
+            try:
+                res = self._git(
+                    "-c", "gc.autoDetach=false", "gc", "--auto", "--quiet",
+                    timeout=max(120.0, 4 * self.fetch_timeout), what="git gc",
+                )
+            except SourceError as exc:  # housekeeping: the fetch itself succeeded
+                log.warning("git gc --auto in %s: %s", self.cache_dir, exc)
+                return
             if res.returncode != 0:
                 log.warning("git gc --auto in %s failed: %s", self.cache_dir,
                             _first_error_line(res.stderr))
@@ -393,6 +399,8 @@ class GitSource:
     def _commit_tree(self, revision: str) -> Tree:
         repo = self._repo_or_init()
         try:
+            if not revision or revision.startswith("-"):
+                raise ValueError(revision)
             return repo.commit(revision).tree
         except (BadName, ValueError, GitError) as exc:
             raise SourceError(

@@ -145,6 +145,9 @@ def test_changed_paths(repo: SpecRepo, source: GitSource) -> None:
         "apps/a.yaml", "apps/b.yaml", "docs/readme.md",
     }
     assert source.changed_paths(new, new, "apps") == set()
+    for unknown in ("0" * 40, "--output=/tmp/pwned"):
+        with pytest.raises(SourceError, match="not in the cache"):
+            source.changed_paths(unknown, new, "apps")
     repo.remove("apps/b.yaml")
     git(repo.work, "mv", "apps/a.yaml", "apps/renamed.yaml")
     newest = repo.commit_and_push("rename and delete")
