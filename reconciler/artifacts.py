@@ -8,6 +8,7 @@ a half-installed dir that a later start would use.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -138,7 +139,7 @@ class ArtifactStore:
         shown = _display(url)
         if scheme in ("http", "https"):
             try:
-                request = urllib.request.Request(url, headers={"User-Agent": "gitops-mesh"})
+                request = _http_request(url)
                 with urllib.request.urlopen(request, timeout=self.timeout) as resp:
                     return self._copy(resp, out, shown)
             except urllib.error.HTTPError as exc:
@@ -276,6 +277,25 @@ def source_hash(spec: AppSpec) -> str:
         ident = "\0".join((source.url, source.ref, source.subdir or ""))
         return hashlib.sha256(ident.encode()).hexdigest()[:12]
     return spec.spec_hash()[:12]
+
+
+def _http_request(url: str) -> urllib.request.Request:
+    """A GET for `url`; `user:password@` in the URL becomes a Basic Authorization header
+    (urllib itself would read it as part of the host)."""
+    parts = urllib.parse.urlsplit(url)
+    headers = {"User-Agent": "gitops-mesh"}
+    if parts.username is not None:
+        user = urllib.parse.unquote(parts.username)
+        password = urllib.parse.unquote(parts.password or "")
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+        netloc = parts.hostname or ""
+        if ":" in netloc:  # an IPv6 literal
+            netloc = f"[{netloc}]"
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        url = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return urllib.request.Request(url, headers=headers)
 
 
 def _display(url: str) -> str:

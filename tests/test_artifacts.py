@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
 import io
@@ -323,6 +324,44 @@ def test_http_download(store: ArtifactStore, http_dir: tuple[str, Path]) -> None
     assert (installed / "conf" / "app.conf").read_text() == "port=8080\n"
     with pytest.raises(SourceError, match="HTTP 404"):
         store.install(app(archive_source(data, f"{base}/missing.tgz"), version="2"))
+
+
+class _AuthHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files only with `Authorization: Basic deploy:s3cr@t`."""
+
+    def do_GET(self) -> None:
+        expected = "Basic " + base64.b64encode(b"deploy:s3cr@t").decode()
+        if self.headers.get("Authorization") != expected:
+            self.send_error(401, "Unauthorized")
+            return
+        super().do_GET()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_http_basic_auth_from_url(store: ArtifactStore, tmp_path: Path) -> None:
+    root = tmp_path / "private"
+    root.mkdir()
+    data = good_tar()
+    (root / "app.tgz").write_bytes(data)
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), partial(_AuthHandler, directory=str(root))
+    )
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        good = f"http://deploy:s3cr%40t@127.0.0.1:{port}/app.tgz"
+        installed = store.install(app(archive_source(data, good, strip_components=1)))
+        assert (installed / "bin" / "run.sh").read_bytes() == RUN_SH
+        bad = f"http://deploy:wrong@127.0.0.1:{port}/app.tgz"
+        with pytest.raises(SourceError, match="HTTP 401") as err:
+            store.install(app(archive_source(data, bad), version="2"))
+        assert "wrong" not in str(err.value)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_git_source_at_tag_with_subdir(store: ArtifactStore, tmp_path: Path) -> None:
