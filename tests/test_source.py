@@ -88,6 +88,15 @@ def test_tag_lightweight_and_annotated(repo: SpecRepo, tmp_path: Path) -> None:
             assert src.poll() == tagged
 
 
+@pytest.mark.parametrize("ref", ["HEAD", "refs/heads/main"])
+def test_remote_head_and_full_ref_names(ref: str, repo: SpecRepo, tmp_path: Path) -> None:
+    with GitSource(repo.url, ref, tmp_path / "cache") as src:
+        assert src.poll() == repo.head()
+        newer = repo.commit_and_push("newer")
+        assert src.remote_revision() == newer
+        assert src.poll() == newer
+
+
 def test_pinned_commit_needs_no_fetch_once_cached(repo: SpecRepo, tmp_path: Path) -> None:
     pinned = repo.head()
     repo.commit_and_push("later")
