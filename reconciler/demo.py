@@ -34,6 +34,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -146,13 +147,28 @@ def node_line(status: Mapping[str, Any]) -> str:
     )
 
 
-def fleet_ready(statuses: Mapping[str, Mapping[str, Any]], nodes: list[str], revision: str) -> bool:
-    """Every demo node reports synced at `revision`."""
+def fleet_ready(
+    statuses: Mapping[str, Mapping[str, Any]], nodes: list[str], revision: str,
+    since: datetime | None = None,
+) -> bool:
+    """Every demo node reports synced at `revision`, after a reconcile that finished at or
+    after `since` (with --keep, the KV still holds the last run's statuses)."""
     return all(
         statuses.get(node, {}).get("status") == "synced"
         and statuses.get(node, {}).get("revision") == revision
+        and (since is None or _at_or_after(statuses[node].get("last_reconcile_at"), since))
         for node in nodes
     )
+
+
+def _at_or_after(text: Any, since: datetime) -> bool:
+    try:
+        when = datetime.fromisoformat(str(text))
+    except ValueError:
+        return False
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when >= since
 
 
 def try_this(cli: str, repo: Path, nats_url: str, url: str, workdir: Path) -> str:
@@ -401,7 +417,8 @@ def _say(text: str) -> None:
 
 
 async def _watch(
-    demo: Demo, nats_url: str, nodes: list[str], stop: asyncio.Event, tour: str
+    demo: Demo, nats_url: str, nodes: list[str], stop: asyncio.Event, tour: str,
+    since: datetime,
 ) -> None:
     """Print the readiness line and the tour once, then each node's status changes."""
     import nats
@@ -423,7 +440,7 @@ async def _watch(
             if kv is not None:
                 statuses = await _read_statuses(kv, nodes)
                 head = _git(demo.layout.repo, "rev-parse", "main")
-                if not ready and fleet_ready(statuses, nodes, head):
+                if not ready and fleet_ready(statuses, nodes, head, since):
                     ready = True
                     _say(f"demo ready: {len(nodes)} nodes synced at {head[:8]}")
                     _say(tour)
@@ -494,6 +511,8 @@ def shutdown(demo: Demo) -> list[int]:
 
 async def _run(demo: Demo, stop: asyncio.Event) -> int:
     args, layout = demo.args, demo.layout
+    # Whole seconds: agents write times with millisecond precision, the clocks are the same.
+    since = datetime.now(UTC).replace(microsecond=0)
     nodes = demo_nodes(args.nodes)
     check_port_free(args.port)
     nats_bin = find_nats_server()
@@ -535,7 +554,7 @@ async def _run(demo: Demo, stop: asyncio.Event) -> int:
     _say(f"  logs:     {layout.logs}")
     _say(f"waiting for {len(nodes)} nodes to sync (first start installs every app)...")
     tour = try_this(cli, layout.repo, nats_url, url, Path(tempfile.gettempdir()))
-    await _watch(demo, nats_url, [n.node_id for n in nodes], stop, tour)
+    await _watch(demo, nats_url, [n.node_id for n in nodes], stop, tour, since)
     return 0
 
 
