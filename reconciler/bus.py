@@ -8,20 +8,15 @@ stream deduplicates re-sends by Nats-Msg-Id = event id).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import logging
 import os
-import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
@@ -34,6 +29,7 @@ from nats.micro.service import Service
 
 from reconciler import __version__
 from reconciler.agent_api import AgentAPI, Outbox, OutboxEntry
+from reconciler.bus_conn import MeshError, NatsOptions, connect, reason_of, redact_url
 from reconciler.bus_wire import (
     BadRequest,
     parse_app_body,
@@ -42,7 +38,6 @@ from reconciler.bus_wire import (
     parse_source_changed,
     source_matches,
 )
-from reconciler.errors import TransientError
 from reconciler.events import iso_time
 from reconciler.status import NodeStatus
 from reconciler.subjects import (
@@ -55,6 +50,8 @@ from reconciler.subjects import (
     rpc_subject,
 )
 
+__all__ = ["Mesh", "MeshError", "NatsOptions", "connect", "redact_url"]
+
 log = logging.getLogger("reconciler.bus")
 
 EVENTS_MAX_AGE_S = 7 * 24 * 3600.0
@@ -64,118 +61,6 @@ KV_HISTORY = 5
 PUBLISH_BATCH = 512
 ACK_TIMEOUT_S = 5.0
 STATUS_DEBOUNCE_S = 0.15
-
-
-class MeshError(TransientError):
-    """NATS could not be reached or refused a request (the message names the server)."""
-
-
-@dataclass
-class NatsOptions:
-    """How to reach NATS. Secrets live only here and are never logged or put in errors."""
-
-    servers: list[str] = field(default_factory=lambda: ["nats://127.0.0.1:4222"])
-    user: str | None = None
-    password: str | None = None
-    token: str | None = None
-    nkey_seed_file: str | None = None
-    creds_file: str | None = None
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    name: str | None = None
-    # Replies come to <inbox_prefix>.>; least-privilege configs give each identity its own.
-    inbox_prefix: str | None = None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> NatsOptions:
-        raw = getattr(args, "nats", None) or "nats://127.0.0.1:4222"
-        servers = [s.strip() for s in str(raw).split(",") if s.strip()]
-        return cls(
-            servers=servers,
-            user=getattr(args, "nats_user", None),
-            password=getattr(args, "nats_password", None),
-            token=getattr(args, "nats_token", None),
-            nkey_seed_file=getattr(args, "nats_nkey", None),
-            creds_file=getattr(args, "nats_creds", None),
-            ca_file=getattr(args, "nats_ca", None),
-            cert_file=getattr(args, "nats_cert", None),
-            key_file=getattr(args, "nats_key", None),
-        )
-
-    def describe(self) -> str:
-        """The server list without any user:password@ part (safe for logs and errors)."""
-        return ",".join(redact_url(s) for s in self.servers)
-
-    def connect_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for nats.connect (credentials included: do not log)."""
-        for label, path in (
-            ("nkey seed file", self.nkey_seed_file), ("creds file", self.creds_file),
-            ("CA file", self.ca_file), ("client certificate", self.cert_file),
-            ("client key", self.key_file),
-        ):
-            if path and not os.path.isfile(path):
-                raise MeshError(f"NATS {label} {path!r} does not exist")
-        kw: dict[str, Any] = {"servers": list(self.servers)}
-        if self.user:
-            kw["user"] = self.user
-            kw["password"] = self.password or ""
-        if self.token:
-            kw["token"] = self.token
-        if self.nkey_seed_file:
-            kw["nkeys_seed"] = self.nkey_seed_file
-        if self.creds_file:
-            kw["user_credentials"] = self.creds_file
-        if self.ca_file or self.cert_file:
-            ctx = ssl.create_default_context(cafile=self.ca_file)
-            if self.cert_file:
-                ctx.load_cert_chain(self.cert_file, self.key_file)
-            kw["tls"] = ctx
-        if self.name:
-            kw["name"] = self.name
-        if self.inbox_prefix:
-            kw["inbox_prefix"] = self.inbox_prefix
-        return kw
-
-
-def redact_url(url: str) -> str:
-    parts = urlsplit(url if "://" in url else f"nats://{url}")
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.removeprefix("nats: ")
-
-
-async def connect(opts: NatsOptions, timeout: float = 5.0, **kw: Any) -> NATS:
-    """One-shot connection for CLI commands: bounded, and a clear error naming the server."""
-    errors: list[BaseException] = []
-
-    async def on_error(exc: Exception) -> None:
-        errors.append(exc)
-
-    options = {
-        "connect_timeout": min(2.0, timeout),
-        "max_reconnect_attempts": 1,
-        "reconnect_time_wait": 0.2,
-        "error_cb": on_error,
-        **opts.connect_kwargs(),
-        **kw,
-    }
-    nc = NATS()
-    try:
-        await asyncio.wait_for(nc.connect(**options), timeout)
-    except (TimeoutError, OSError, nats.errors.Error) as exc:
-        with contextlib.suppress(Exception):
-            await nc.close()
-        cause = errors[-1] if errors else exc
-        raise MeshError(f"cannot connect to NATS at {opts.describe()}: {_reason(cause)}") from None
-    return nc
 
 
 class Mesh:
@@ -310,7 +195,7 @@ class Mesh:
         self._trouble = trouble
 
     async def _on_error(self, exc: Exception) -> None:
-        self._set_trouble(f"NATS at {self.options.describe()}: {_reason(exc)} (retrying)")
+        self._set_trouble(f"NATS at {self.options.describe()}: {reason_of(exc)} (retrying)")
 
     async def _on_disconnected(self) -> None:
         if not self._closing:
@@ -445,7 +330,7 @@ class Mesh:
         except (TimeoutError, nats.errors.Error) as exc:
             self._kv = None  # look the bucket up again (it may have been deleted)
             if not self._closing:
-                self._set_trouble(f"status KV write failed: {_reason(exc)} (will retry)")
+                self._set_trouble(f"status KV write failed: {reason_of(exc)} (will retry)")
 
     async def _status_writer(self) -> None:
         while True:
@@ -519,7 +404,7 @@ class Mesh:
                 for entry in batch
             ]
         except (TimeoutError, nats.errors.Error) as exc:
-            self._set_trouble(f"publishing events failed: {_reason(exc)} (will retry)")
+            self._set_trouble(f"publishing events failed: {reason_of(exc)} (will retry)")
             return False
         done, pending = await asyncio.wait(futures, timeout=ACK_TIMEOUT_S)
         for fut in pending:
@@ -537,7 +422,7 @@ class Mesh:
         if failure is not None:
             if isinstance(failure, nats.js.errors.NoStreamResponseError):
                 self._stream_ready = False  # the stream is gone: create it again
-            self._set_trouble(f"publishing events failed: {_reason(failure)} (will retry)")
+            self._set_trouble(f"publishing events failed: {reason_of(failure)} (will retry)")
             return False
         if self._trouble and self._trouble.startswith("publishing"):
             self._set_trouble(None, "publishing events again")

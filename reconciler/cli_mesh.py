@@ -10,30 +10,22 @@ import sys
 import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
-from nats.js.kv import KeyValue
 
-from reconciler.bus import MeshError, NatsOptions, connect
-from reconciler.bus_wire import (
-    BadRequest,
-    Observed,
-    SourceChanged,
-    fleet_rows,
-    format_table,
-    is_unreachable,
-    observed_state,
-    selector_from_pairs,
-    short_branch,
-    wait_targets,
-    wait_verdict,
-)
-from reconciler.spec import Selector, parse_duration
-from reconciler.status import NodeStatus
+from reconciler.bus_conn import MeshError, NatsOptions, connect
 from reconciler.subjects import FLEET_RECONCILE, KV_BUCKET, SOURCE_CHANGED, rpc_subject
+
+# `notify` runs in a git hook on every push: it must not pay for pydantic models, so the
+# status/selector modules are imported only by the commands that use them.
+if TYPE_CHECKING:
+    from nats.js.kv import KeyValue
+
+    from reconciler.bus_wire import Observed
+    from reconciler.spec import Selector
 
 RPC_TIMEOUT_S = 5.0
 EXIT_FAILED = 1
@@ -47,7 +39,14 @@ def _err(message: str) -> None:
 def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     try:
         return asyncio.run(main())
-    except (MeshError, BadRequest) as exc:
+    except MeshError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except ValueError as exc:
+        from reconciler.bus_wire import BadRequest
+
+        if not isinstance(exc, BadRequest):
+            raise
         _err(str(exc))
         return EXIT_USAGE
 
@@ -86,6 +85,9 @@ async def read_fleet(nc: NATS) -> dict[str, Observed]:
 
 
 def _apply(fleet: dict[str, Observed], entry: KeyValue.Entry) -> None:
+    from reconciler.bus_wire import Observed
+    from reconciler.status import NodeStatus
+
     if entry.operation in ("DEL", "PURGE") or not entry.value:
         fleet.pop(entry.key, None)
         return
@@ -122,6 +124,8 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
+    from reconciler.bus_wire import fleet_rows, format_table, observed_state
+
     nc = await connect(NatsOptions.from_args(args))
     try:
         if args.node:
@@ -147,6 +151,9 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 async def _node_status(nc: NATS, node: str, as_json: bool) -> int:
+    from reconciler.bus_wire import observed_state
+    from reconciler.status import NodeStatus
+
     written_at = None
     try:
         status = NodeStatus.from_json(await rpc(nc, node, "status", timeout=3.0))
@@ -181,6 +188,9 @@ def run_reconcile(args: argparse.Namespace) -> int:
 
 
 async def _reconcile(args: argparse.Namespace) -> int:
+    from reconciler.bus_wire import selector_from_pairs
+    from reconciler.spec import parse_duration
+
     timeout = parse_duration(args.timeout)
     selector = selector_from_pairs(args.selector or [])
     nc = await connect(NatsOptions.from_args(args))
@@ -208,6 +218,8 @@ async def fleet_reconcile(
 ) -> list[dict[str, Any]]:
     """Trigger every matching node; collect replies until the reachable matching nodes known
     from the KV have all answered, or `timeout`."""
+    from reconciler.bus_wire import is_unreachable
+
     now = _now()
     expected = {
         node for node, obs in (await read_fleet(nc)).items()
@@ -243,6 +255,9 @@ def run_wait(args: argparse.Namespace) -> int:
 
 
 async def _wait(args: argparse.Namespace) -> int:
+    from reconciler.bus_wire import selector_from_pairs
+    from reconciler.spec import parse_duration
+
     revision = args.revision.strip()
     timeout = parse_duration(args.timeout)
     selector = selector_from_pairs(args.selector or [])
@@ -258,6 +273,8 @@ async def wait_for_revision(
     nc: NATS, revision: str, selector: Selector | None, nodes: list[str], deadline: float
 ) -> int:
     """Watch the status KV until every targeted node is synced (or failed) at `revision`."""
+    from reconciler.bus_wire import wait_targets, wait_verdict
+
     kv = await _bucket(nc)
     while kv is None:
         if time.monotonic() > deadline:
@@ -319,12 +336,12 @@ def run_notify(args: argparse.Namespace) -> int:
 
 
 async def _notify(args: argparse.Namespace) -> int:
-    change = SourceChanged(
-        repo=args.repo, branch=short_branch(args.branch), revision=args.revision
-    )
+    # the body of bus_wire.SourceChanged, built here without importing it (see the imports)
+    body = {"repo": args.repo, "branch": args.branch.removeprefix("refs/heads/"),
+            "revision": args.revision}
     nc = await connect(NatsOptions.from_args(args), timeout=3.0)
     try:
-        await nc.publish(SOURCE_CHANGED, change.to_json_bytes())
+        await nc.publish(SOURCE_CHANGED, json.dumps(body).encode())
         await nc.flush(timeout=3)
     finally:
         await nc.close()

@@ -1,0 +1,185 @@
+"""Mesh benchmarks (prints numbers, asserts nothing).
+
+    PATH=/tmp/gmvenv/bin:$PATH python bench/bench_mesh.py [--nodes 1,10,50,100] [--events 20000]
+
+1. push -> `gitops-mesh wait` returns, for N nodes: a bare spec repo with the shipped
+   post-receive hook (which runs `gitops-mesh notify`), N agents in this process (the test
+   FakeAgent: reads apps.json with git, no processes; each with its own Store and Mesh), then
+   `git push` and `gitops-mesh wait --revision SHA` as subprocesses, timed together.
+2. event throughput from one agent's sqlite outbox to the GITOPS_EVENTS stream, next to the
+   NATS floor (raw pipelined js.publish_async of the same payloads) in the same run.
+3. RPC `status` round trip p50/p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import git, make_spec_repo, start_nats  # noqa: E402
+from fake_agent import FakeAgent  # noqa: E402
+
+import reconciler  # noqa: E402
+from reconciler.bus import Mesh, NatsOptions, connect  # noqa: E402
+from reconciler.events import make_event  # noqa: E402
+from reconciler.store import Store  # noqa: E402
+from reconciler.subjects import EVENTS_STREAM, rpc_subject  # noqa: E402
+
+PY = sys.executable
+HOOK = Path(reconciler.__file__).parent / "hooks" / "post-receive"
+
+
+async def run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> int:
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, cwd=cwd, env=env, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    if proc.returncode:
+        print(f"  ! {' '.join(cmd[:4])}... exited {proc.returncode}: {err.decode()[-300:]}")
+    return proc.returncode or 0
+
+
+async def bench_push_wait(tmp: Path, url: str, n: int, rounds: int = 3) -> list[float]:
+    repo = make_spec_repo(tmp / f"specs-{n}", {"apps.json": json.dumps({"web": {"version": 0}})})
+    shutil.copy(HOOK, repo.bare / "hooks" / "post-receive")
+    meshes, stores = [], []
+    for i in range(n):
+        store = Store(tmp / f"n{n}-{i}")
+        agent = FakeAgent(store, f"b{n}-{i}", {"bench": str(n)}, repo_url=repo.url)
+        mesh = Mesh(agent, store, NatsOptions(servers=[url]), heartbeat=10.0)
+        await mesh.start()
+        agent.trigger("startup")
+        meshes.append(mesh)
+        stores.append(store)
+    while not all(m.ready for m in meshes):
+        await asyncio.sleep(0.05)
+    env = {**os.environ, "GITOPS_MESH_NATS": url, "GITOPS_MESH_BIN": f"{PY} -m reconciler"}
+    times = []
+    for r in range(1, rounds + 1):
+        repo.write("apps.json", json.dumps({"web": {"version": r}}))
+        git(repo.work, "add", "-A")
+        git(repo.work, "commit", "-q", "-m", f"round {r}")
+        sha = git(repo.work, "rev-parse", "HEAD")
+        start = time.perf_counter()
+        await run(["git", "push", "-q", "origin", "HEAD:main"], cwd=repo.work, env=env)
+        code = await run([PY, "-m", "reconciler", "wait", "--nats", url, "--revision", sha,
+                          "--selector", f"bench={n}", "--timeout", "60s"])
+        times.append(time.perf_counter() - start)
+        if code:
+            print(f"  ! wait failed for {n} nodes")
+    for mesh in meshes:
+        await mesh.close()
+    for store in stores:
+        store.close()
+    return times
+
+
+async def bench_events(tmp: Path, url: str, count: int) -> tuple[float, float]:
+    store = Store(tmp / "events", outbox_max=count + 10)
+    agent = FakeAgent(store, "bench-events")
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC)
+    events = [make_event("app.health-changed", "bench-events", now, app="web",
+                         message="health check") for _ in range(count)]
+    with store.transaction():
+        for event in events:
+            store.add_event(event)
+    nc = await connect(NatsOptions(servers=[url]))
+    js = nc.jetstream()
+    # the floor first (it also makes sure the stream exists): raw pipelined publishes
+    mesh_warm = Mesh(FakeAgent(Store(tmp / "warm"), "bench-warm"), Store(tmp / "warm2"),
+                     NatsOptions(servers=[url]))
+    await mesh_warm.start()
+    while not mesh_warm.ready:
+        await asyncio.sleep(0.05)
+    await mesh_warm.close()
+    start = time.perf_counter()
+    batch = 512
+    for i in range(0, count, batch):
+        futures = [
+            await js.publish_async(f"gitops.events.bench-floor.{e.type}", e.to_json_bytes(),
+                                   headers={"Nats-Msg-Id": "floor-" + e.id})
+            for e in events[i:i + batch]
+        ]
+        await asyncio.gather(*futures)
+    floor = count / (time.perf_counter() - start)
+
+    mesh = Mesh(agent, store, NatsOptions(servers=[url]))
+    start = time.perf_counter()
+    await mesh.start()
+    while store.outbox_stats()[0]:
+        await asyncio.sleep(0.01)
+    mesh_rate = count / (time.perf_counter() - start)
+    info = await js.stream_info(EVENTS_STREAM, subjects_filter="gitops.events.bench-events.>")
+    stored = sum((info.state.subjects or {}).values())
+    assert stored == count, f"{stored} != {count}"
+    await mesh.close()
+    await nc.close()
+    store.close()
+    return mesh_rate, floor
+
+
+async def bench_rpc(tmp: Path, url: str, calls: int) -> tuple[float, float]:
+    store = Store(tmp / "rpc")
+    agent = FakeAgent(store, "bench-rpc")
+    mesh = Mesh(agent, store, NatsOptions(servers=[url]))
+    await mesh.start()
+    while not mesh.ready:
+        await asyncio.sleep(0.05)
+    nc = await connect(NatsOptions(servers=[url]))
+    samples = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        await nc.request(rpc_subject("bench-rpc", "status"), b"", timeout=5)
+        samples.append((time.perf_counter() - start) * 1000)
+    await nc.close()
+    await mesh.close()
+    store.close()
+    samples.sort()
+    return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--nodes", default="1,10,50,100")
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--rpc-calls", type=int, default=1000)
+    args = parser.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-mesh-"))
+    server = start_nats(tmp)
+    try:
+        print(f"nats-server {server.url}, {os.cpu_count()} CPUs, agents: tests/fake_agent.py")
+        print("push -> wait returns (git push with the notify hook + `gitops-mesh wait`):")
+        for n in [int(x) for x in args.nodes.split(",") if x]:
+            times = await bench_push_wait(tmp, server.url, n)
+            print(f"  {n:4d} node(s): median {statistics.median(times):.2f}s  "
+                  f"(rounds: {', '.join(f'{t:.2f}' for t in times)})")
+        rate, floor = await bench_events(tmp, server.url, args.events)
+        print(f"events outbox -> stream: {rate:,.0f} events/s; NATS floor (raw pipelined "
+              f"js.publish_async) {floor:,.0f} events/s; ratio {rate / floor:.2f}")
+        p50, p99 = await bench_rpc(tmp, server.url, args.rpc_calls)
+        print(f"RPC status round trip: p50 {p50:.2f} ms, p99 {p99:.2f} ms "
+              f"({args.rpc_calls} calls)")
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,130 @@
+"""NATS connection options and the one-shot connect of CLI commands (light: no pydantic)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import nats.errors
+from nats.aio.client import Client as NATS
+
+from reconciler.errors import TransientError
+
+
+class MeshError(TransientError):
+    """NATS could not be reached or refused a request (the message names the server)."""
+
+
+@dataclass
+class NatsOptions:
+    """How to reach NATS. Secrets live only here and are never logged or put in errors."""
+
+    servers: list[str] = field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    nkey_seed_file: str | None = None
+    creds_file: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    name: str | None = None
+    # Replies come to <inbox_prefix>.>; least-privilege configs give each identity its own.
+    inbox_prefix: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> NatsOptions:
+        raw = getattr(args, "nats", None) or "nats://127.0.0.1:4222"
+        servers = [s.strip() for s in str(raw).split(",") if s.strip()]
+        return cls(
+            servers=servers,
+            user=getattr(args, "nats_user", None),
+            password=getattr(args, "nats_password", None),
+            token=getattr(args, "nats_token", None),
+            nkey_seed_file=getattr(args, "nats_nkey", None),
+            creds_file=getattr(args, "nats_creds", None),
+            ca_file=getattr(args, "nats_ca", None),
+            cert_file=getattr(args, "nats_cert", None),
+            key_file=getattr(args, "nats_key", None),
+        )
+
+    def describe(self) -> str:
+        """The server list without any user:password@ part (safe for logs and errors)."""
+        return ",".join(redact_url(s) for s in self.servers)
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for nats.connect (credentials included: do not log)."""
+        for label, path in (
+            ("nkey seed file", self.nkey_seed_file), ("creds file", self.creds_file),
+            ("CA file", self.ca_file), ("client certificate", self.cert_file),
+            ("client key", self.key_file),
+        ):
+            if path and not os.path.isfile(path):
+                raise MeshError(f"NATS {label} {path!r} does not exist")
+        kw: dict[str, Any] = {"servers": list(self.servers)}
+        if self.user:
+            kw["user"] = self.user
+            kw["password"] = self.password or ""
+        if self.token:
+            kw["token"] = self.token
+        if self.nkey_seed_file:
+            kw["nkeys_seed"] = self.nkey_seed_file
+        if self.creds_file:
+            kw["user_credentials"] = self.creds_file
+        if self.ca_file or self.cert_file:
+            ctx = ssl.create_default_context(cafile=self.ca_file)
+            if self.cert_file:
+                ctx.load_cert_chain(self.cert_file, self.key_file)
+            kw["tls"] = ctx
+        if self.name:
+            kw["name"] = self.name
+        if self.inbox_prefix:
+            kw["inbox_prefix"] = self.inbox_prefix
+        return kw
+
+
+def redact_url(url: str) -> str:
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def reason_of(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.removeprefix("nats: ")
+
+
+async def connect(opts: NatsOptions, timeout: float = 5.0, **kw: Any) -> NATS:
+    """One-shot connection for CLI commands: bounded, and a clear error naming the server."""
+    errors: list[BaseException] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    options = {
+        "connect_timeout": min(2.0, timeout),
+        "max_reconnect_attempts": 1,
+        "reconnect_time_wait": 0.2,
+        "error_cb": on_error,
+        **opts.connect_kwargs(),
+        **kw,
+    }
+    nc = NATS()
+    try:
+        await asyncio.wait_for(nc.connect(**options), timeout)
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        with contextlib.suppress(Exception):
+            await nc.close()
+        cause = errors[-1] if errors else exc
+        where = opts.describe()
+        raise MeshError(f"cannot connect to NATS at {where}: {reason_of(cause)}") from None
+    return nc
