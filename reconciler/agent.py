@@ -153,6 +153,7 @@ class Agent:
         self._ready_sent = False
         self._closed = False
         self._launches: dict[str, LaunchSpec | None] = {}
+        self._down: set[str] = set()  # supervised apps that exited for good / crash-looped
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self, first_reconcile: bool = True, schedule: bool = True) -> None:
@@ -341,7 +342,7 @@ class Agent:
             if not self._ready_sent and self.notifier:
                 self._ready_sent = True
                 self.notifier.ready(f"first reconcile: {info.outcome}")
-            if self.notifier:
+            if self.notifier and getattr(self.notifier, "enabled", True):
                 self.notifier.status(self._summary_line())
             self._notify_soon()
 
@@ -380,16 +381,22 @@ class Agent:
             self._source_error = None
             self.store.set_meta("source_error", None)
         self._current_revision = revision
-        desired = await self._desired_state(revision)
+        desired = self._desired
+        if desired is None or desired.revision != revision:
+            # same revision as last time: the desired state cannot have changed
+            desired = await self._desired_state(revision)
         self._desired = desired
         self._spec_errors = [str(p) for p in desired.problems]
         plan = make_plan(desired, self._current_state())
         results = await self.executor.apply(
             plan, desired.apps, lambda path: self.source.read_file(revision, path)
         )
-        with self.store.transaction():
-            self.store.set_meta("applied_revision", revision)
-            self.store.set_meta("spec_errors", "\n".join(self._spec_errors) or None)
+        spec_errors = "\n".join(self._spec_errors) or None
+        if (self.store.get_meta("applied_revision"), self.store.get_meta("spec_errors")) != (
+                revision, spec_errors):
+            with self.store.transaction():
+                self.store.set_meta("applied_revision", revision)
+                self.store.set_meta("spec_errors", spec_errors)
         return self._outcome(plan, results)
 
     def _outcome(self, plan: Plan, results: list[ActionResult]) -> tuple[str, str]:
@@ -418,15 +425,20 @@ class Agent:
         return "failure", f"source: {reason}"
 
     def _current_state(self) -> CurrentState:
+        names = self.runtime.names()
         running = {name for name, record in self.store.apps().items()
-                   if self._is_running(record)}
+                   if self._is_running(record, names)}
         return self.store.current_state(running=running)
 
-    def _is_running(self, record: AppRecord) -> bool:
+    def _is_running(self, record: AppRecord, names: set[str] | None = None) -> bool:
+        """Running or in restart backoff. The runtime knows every app it supervises (a stop
+        forgets it); the listener callbacks tell which of those exited for good. Cheaper
+        than runtime.stats(), which reads cpu and memory."""
         if spec_of(record).run is None:
             return record.install_dir is not None and record.phase == "running"
-        stats = self.runtime.stats(record.name)
-        return stats is not None and stats.state in ("running", "backoff")
+        if names is None:
+            names = self.runtime.names()
+        return record.name in names and record.name not in self._down
 
     # -- startup adoption -----------------------------------------------------------------
     async def _adopt_all(self) -> None:
@@ -528,6 +540,7 @@ class Agent:
 
     # -- RuntimeListener --------------------------------------------------------------------
     def on_started(self, record: ProcessRecord, restarted: bool) -> None:
+        self._down.discard(record.name)
         if self._closed or self.store.get_app(record.name) is None:
             return
         with self.store.transaction():
@@ -541,11 +554,14 @@ class Agent:
         self._notify_soon()
 
     def on_exited(self, name: str, returncode: int | None, restart_in: float | None) -> None:
+        if restart_in is None:
+            self._down.add(name)
         when = f"restart in {restart_in:.1f}s" if restart_in is not None else "not restarted"
         log.info("%s exited (code %s), %s", name, returncode, when)
         self._notify_soon()
 
     def on_crash_loop(self, name: str, message: str) -> None:
+        self._down.add(name)
         app = None if self._closed else self.store.get_app(name)
         if app is None:
             return
@@ -647,7 +663,8 @@ class Agent:
         stats = self.runtime.stats(record.name)
         health = record.health
         if spec.health.probe_kind is None and spec.run is not None and record.phase == "running":
-            health = "healthy" if self._is_running(record) else "unhealthy"
+            alive = stats is not None and stats.state in ("running", "backoff")
+            health = "healthy" if alive and record.name not in self._down else "unhealthy"
         started_at = None
         if stats is not None and stats.started_at is not None:
             started_at = iso_time(datetime.fromtimestamp(stats.started_at, UTC))

@@ -8,6 +8,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,7 @@ class AppRecord:
     def prev_spec(self) -> AppSpec | None:
         return AppSpec.model_validate_json(self.prev_spec_json) if self.prev_spec_json else None
 
-    @property
+    @cached_property
     def depends_on(self) -> tuple[str, ...]:
         return tuple(json.loads(self.spec_json).get("depends_on", []))
 
@@ -173,6 +174,9 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{path}: cannot open the state store: {exc}") from exc
         self._depth = 0
+        # rows are read far more often than written (status, every reconcile); this one
+        # connection is the only writer, so a cache dropped on every write stays true
+        self._apps_cache: dict[str, AppRecord] | None = None
         self._outbox_count = self._count_outbox()
         for suffix in ("-wal", "-shm"):
             side = path.with_name(path.name + suffix)
@@ -200,6 +204,7 @@ class Store:
         except BaseException:
             self._depth = 0
             self._db.execute("ROLLBACK")
+            self._apps_cache = None
             self._outbox_count = self._count_outbox()
             raise
         self._depth = 0
@@ -211,12 +216,20 @@ class Store:
 
     # -- apps ---------------------------------------------------------------------------
     def get_app(self, name: str) -> AppRecord | None:
-        row = self._db.execute("SELECT * FROM apps WHERE name = ?", (name,)).fetchone()
-        return _row_to_record(row) if row else None
+        return self._all_apps().get(name)
 
     def apps(self) -> dict[str, AppRecord]:
-        rows = self._db.execute("SELECT * FROM apps ORDER BY name").fetchall()
-        return {row["name"]: _row_to_record(row) for row in rows}
+        """Every app row by name (sorted); a fresh dict the caller may keep."""
+        return dict(self._all_apps())
+
+    def _all_apps(self) -> dict[str, AppRecord]:
+        if self._apps_cache is None:
+            rows = self._db.execute("SELECT * FROM apps ORDER BY name").fetchall()
+            self._apps_cache = {row["name"]: _row_to_record(row) for row in rows}
+        return self._apps_cache
+
+    def _apps_changed(self) -> None:
+        self._apps_cache = None
 
     def put_app(self, record: AppRecord) -> AppRecord:
         placeholders = ",".join("?" for _ in _COLUMNS)
@@ -224,6 +237,7 @@ class Store:
             f"INSERT OR REPLACE INTO apps ({','.join(_COLUMNS)}) VALUES ({placeholders})",
             _record_values(record),
         )
+        self._apps_changed()
         return record
 
     def update_app(self, name: str, **changes: Any) -> AppRecord:
@@ -234,6 +248,7 @@ class Store:
         return self.put_app(replace(current, **changes))
 
     def set_process(self, name: str, record: ProcessRecord | None) -> None:
+        self._apps_changed()
         if record is None:
             self._write(
                 "UPDATE apps SET pid=NULL, pgid=NULL, create_time=NULL, proc_version=NULL "
@@ -247,6 +262,7 @@ class Store:
 
     def delete_app(self, name: str) -> None:
         self._write("DELETE FROM apps WHERE name = ?", (name,))
+        self._apps_changed()
 
     # -- meta ---------------------------------------------------------------------------
     def get_meta(self, key: str, default: str | None = None) -> str | None:
