@@ -15,7 +15,7 @@ import pytest
 
 from reconciler.cli_node import local_status
 from reconciler.store import read_snapshot
-from tests.conftest import SpecRepo, eventually, free_port, make_spec_repo
+from tests.conftest import NatsServer, SpecRepo, eventually, free_port, make_spec_repo
 from tests.test_agent import APP_SCRIPT, SECRET, answers, app_pids, app_yaml
 
 
@@ -161,3 +161,67 @@ def test_bad_options_and_missing_store(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "reconciler", "status", "--state-dir",
                           str(tmp_path / "none")], capture_output=True, text=True)
     assert run.returncode == 1 and "no agent state in" in run.stderr
+
+
+async def test_node_with_nats_and_systemd_notify(
+    tmp_path: Path, app_script: Path, cleanup_node: list[str], nats_server: NatsServer
+) -> None:
+    """`node --nats` publishes events and status through the mesh; under systemd it says
+    READY after the first reconcile, feeds the watchdog and says STOPPING on SIGTERM."""
+    import asyncio
+    import socket
+
+    import nats
+
+    from tests.conftest import eventually_async
+
+    cleanup_node.append("m1")
+    repo = make_spec_repo(tmp_path / "specs")
+    port = free_port()
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "1", port))
+    rev = repo.commit_and_push()
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.setblocking(False)
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
+           "WATCHDOG_USEC": "400000"}
+    agent = subprocess.Popen(
+        node_cmd(repo, "m1", tmp_path / "state", "--nats", nats_server.url, "--interval", "30s"),
+        env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / "agent.log").open("wb"),
+    )
+    messages: list[str] = []
+
+    async def received(text: str) -> bool:
+        while True:
+            try:
+                messages.append(notify.recv(4096).decode())
+            except BlockingIOError:
+                break
+        return any(text in m for m in messages)
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        await eventually_async(lambda: received("READY=1"), timeout=30, what="READY=1")
+        await eventually_async(lambda: received("WATCHDOG=1"), what="watchdog pings")
+        js = nc.jetstream()
+
+        async def synced() -> bool:
+            kv = await js.key_value("gitops_nodes")
+            status = json.loads((await kv.get("m1")).value or b"{}")
+            return status["status"] == "synced" and status["revision"] == rev
+
+        await eventually_async(synced, what="status synced in the KV")
+        sub = await js.subscribe("gitops.events.m1.app.deployed", ordered_consumer=True)
+        msg = await sub.next_msg(timeout=5)
+        event = json.loads(msg.data)
+        assert (event["app"], event["version"], event["revision"]) == ("web", "1", rev)
+        assert msg.headers and msg.headers["Nats-Msg-Id"] == event["id"]
+    finally:
+        await nc.close()
+        agent.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(agent.wait, 15)
+    assert code == 0
+    await eventually_async(lambda: received("STOPPING=1"), what="STOPPING=1")
+    ready = next(m for m in messages if "READY=1" in m)
+    assert "STATUS=first reconcile: success" in ready
+    notify.close()
