@@ -529,3 +529,62 @@ async def test_trigger_coalesces(repo: SpecRepo, make_agent: MakeAgent) -> None:
     assert (await agent.wait_run(queued)).run_id == queued
     started = [e for e in events(agent) if e["type"] == "reconcile.started"]
     assert [(e["run_id"], e["message"]) for e in started] == [(first, "a"), (queued, "c")]
+
+
+async def test_restart_after_crash_points_converges(
+    repo: SpecRepo, tmp_path: Path, app_script: Path
+) -> None:
+    """An agent killed (a) right after recording an upgrade, before touching processes, and
+    (b) after spawning a process but before recording its pid: the next agent converges
+    with exactly one process per app."""
+    from reconciler.store import Store, spec_to_json
+
+    port, other = free_port(), free_port()
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "1", port))
+    repo.write("apps/other.yaml", app_yaml(app_script, "other", "1", other))
+    repo.commit_and_push()
+    config = AgentConfig(node_id="c1", repo_url=repo.url, state_dir=tmp_path / "state",
+                         interval=3600, heartbeat=3600)
+    first = Agent(config)
+    await first.start(first_reconcile=False, schedule=False)
+    assert (await first.reconcile_now()).outcome == "success"
+    await first.close(stop_apps=False)  # like kill -9: the apps keep running
+    old = app_pids("c1")
+
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "2", port))
+    repo.commit_and_push("web 2")
+    import yaml
+
+    from reconciler.spec import AppSpec
+
+    new_spec = AppSpec.model_validate(yaml.safe_load((repo.work / "apps/web.yaml").read_text()))
+    store = Store(config.state_dir)
+    web = store.get_app("web")
+    assert web is not None
+    with store.transaction():
+        # (a) the "upgrading, previous = 1" record the executor writes before it stops 1
+        store.update_app("web", version="2", spec_json=spec_to_json(new_spec),
+                         spec_hash=new_spec.spec_hash(), prev_version="1",
+                         prev_spec_json=web.spec_json, prev_dir=web.install_dir,
+                         phase="upgrading")
+        # (b) other's process runs but its pid was never recorded
+        store.set_process("other", None)
+    store.close()
+
+    second = Agent(config)
+    await second.start(first_reconcile=False, schedule=False)
+    try:
+        # the old web process was adopted, the unrecorded one swept away
+        assert app_pids("c1") == {"web": old["web"]}
+        run = await second.reconcile_now()
+        assert run.outcome == "success", run.message
+        assert answers(port) == "2 c1" and answers(other) == "1 c1"
+        pids = app_pids("c1")
+        records = second.store.apps()
+        assert pids == {"web": [records["web"].pid], "other": [records["other"].pid]}
+        assert pids["web"] != old["web"] and pids["other"] != old["other"]
+        assert [e["type"] for e in events(second) if e.get("app") == "web"][-1] == \
+            "app.upgraded"
+    finally:
+        await second.close(stop_apps=True)
+    assert app_pids("c1") == {}
