@@ -449,22 +449,61 @@ ArtifactStore(Path(sys.argv[1])).install(spec)
 """
 
 
-def test_kill_9_during_install_leaves_no_usable_half_dir(tmp_path: Path) -> None:
-    data = make_tar([member(f"f/{i:05d}.txt", b"data" * 64) for i in range(600)])
-    spec = app(archive_source(data, write(tmp_path, "many.tgz", data)))
-    store = ArtifactStore(tmp_path / "apps")
-    proc = subprocess.Popen(
+def _start_install(store: ArtifactStore, spec: AppSpec) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
         [sys.executable, "-c", KILLED_INSTALL, str(store.root), spec.model_dump_json()]
     )
+
+
+def test_kill_9_during_download_leaves_nothing_usable(tmp_path: Path) -> None:
+    data = good_tar()
+    pipe = tmp_path / "slow.tgz"
+    os.mkfifo(pipe)  # the child's download blocks on it until we decide
+    spec = app(archive_source(data, pipe.as_uri()))
+    store = ArtifactStore(tmp_path / "apps")
+    proc = _start_install(store, spec)
+    app_dir = store.root / "web"
     try:
-        app_dir = store.root / "web"
-        eventually(lambda: app_dir.is_dir() and any(app_dir.glob(".tmp-*/f/*")),
-                   timeout=30, what="the child started unpacking")
+        def open_writer() -> tuple[int]:
+            try:  # non-blocking: fails with ENXIO until the child opened the pipe to read
+                return (os.open(pipe, os.O_WRONLY | os.O_NONBLOCK),)
+            except OSError:
+                assert proc.poll() is None, "the child died before downloading"
+                raise AssertionError("the child has not opened the pipe yet") from None
+
+        (fd,) = eventually(open_writer, what="the child opened the archive")
+        os.write(fd, data[:100])
+        assert list(app_dir.glob(".tmp-*.download"))  # mid-download now
+        proc.kill()
+        proc.wait()
+        os.close(fd)
     finally:
         proc.kill()
         proc.wait()
-    final = store.path_for(spec)
+    assert not store.path_for(spec).exists() and not store.is_installed(spec)
+    pipe.unlink()
+    pipe.write_bytes(data)
+    installed = store.install(spec)
+    assert (installed / "app-1.0" / "bin" / "run.sh").read_bytes() == RUN_SH
+    assert store.gc("web", {installed})  # the dead child's staging dir and download
+    assert list(app_dir.iterdir()) == [installed]
+
+
+def test_kill_9_during_unpack_leaves_no_half_dir(tmp_path: Path) -> None:
+    data = make_tar([member(f"f/{i:05d}.txt", b"data" * 64) for i in range(600)])
+    spec = app(archive_source(data, write(tmp_path, "many.tgz", data)))
+    store = ArtifactStore(tmp_path / "apps")
+    proc = _start_install(store, spec)
+    app_dir = store.root / "web"
+    try:
+        # On a fast disk the child may finish first; the invariant below holds either way.
+        eventually(lambda: proc.poll() is not None or any(app_dir.glob(".tmp-*/f/*")),
+                   timeout=30, interval=0.005, what="the child started unpacking")
+    finally:
+        proc.kill()
+        proc.wait()
     # Either the rename had not happened (no final dir) or it had and the dir is complete.
+    final = store.path_for(spec)
     assert not final.exists() or store.is_installed(spec)
     installed = store.install(spec)
     assert len(list((installed / "f").iterdir())) == 600
