@@ -391,6 +391,7 @@ class Agent:
         results = await self.executor.apply(
             plan, desired.apps, lambda path: self.source.read_file(revision, path)
         )
+        self._forget_abandoned_failures(desired)
         spec_errors = "\n".join(self._spec_errors) or None
         if (self.store.get_meta("applied_revision"), self.store.get_meta("spec_errors")) != (
                 revision, spec_errors):
@@ -398,6 +399,20 @@ class Agent:
                 self.store.set_meta("applied_revision", revision)
                 self.store.set_meta("spec_errors", spec_errors)
         return self._outcome(plan, results)
+
+    def _forget_abandoned_failures(self, desired: DesiredState) -> None:
+        """A rolled-back version that is no longer asked for (the push was reverted, or a
+        fix pushed that matches what runs) stops marking the node failed."""
+        for name, record in self.store.apps().items():
+            spec = desired.apps.get(name)
+            if spec is None or record.failed_spec_hash is None:
+                continue
+            wanted = spec.spec_hash()
+            if wanted != record.failed_spec_hash and wanted == record.spec_hash \
+                    and record.phase == "running":
+                with self.store.transaction():
+                    self.store.update_app(name, failed_spec_hash=None, failed_version=None,
+                                          message="")
 
     def _outcome(self, plan: Plan, results: list[ActionResult]) -> tuple[str, str]:
         problems = [f"{r.action.app}: {r.message}" for r in results if r.outcome != "success"]

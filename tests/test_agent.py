@@ -588,3 +588,25 @@ async def test_restart_after_crash_points_converges(
     finally:
         await second.close(stop_apps=True)
     assert app_pids("c1") == {}
+
+
+async def test_reverting_a_failed_push_clears_the_failure(
+    repo: SpecRepo, make_agent: MakeAgent, app_script: Path
+) -> None:
+    port = free_port()
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "1", port))
+    repo.commit_and_push()
+    agent = await make_agent(repo)
+    await agent.reconcile_now()
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "2", port, "exit"))
+    repo.commit_and_push("broken")
+    await agent.reconcile_now()
+    assert agent.status().status == "failed"
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "1", port))
+    rev = repo.commit_and_push("revert")
+    run = await agent.reconcile_now()
+    assert run.outcome == "success", run.message
+    status = agent.status()
+    assert (status.status, status.revision) == ("synced", rev)
+    assert (status.apps[0].version, status.apps[0].failed_version, status.apps[0].message) == (
+        "1", None, "")
