@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import uuid
@@ -168,15 +169,25 @@ async def _main(argv: list[str]) -> None:
     parser.add_argument("--node-id", required=True)
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--emit", type=int, default=0)
+    parser.add_argument("--repo", default="")
+    parser.add_argument("--branch", default="main")
+    parser.add_argument("--label", action="append", default=[])
     args = parser.parse_args(argv)
     store = Store(Path(args.state_dir))
-    agent = FakeAgent(store, args.node_id)
+    labels = dict(item.split("=", 1) for item in args.label)
+    agent = FakeAgent(store, args.node_id, labels, repo_url=args.repo, branch=args.branch)
     for i in range(args.emit):
         agent.record("app.health-changed", app="a", message=f"emit {i}")
     mesh = Mesh(agent, store, NatsOptions(servers=[args.nats]), heartbeat=1.0)
     await mesh.start()
+    if args.repo:
+        agent.trigger("startup")
     print("ready", flush=True)
-    await asyncio.Event().wait()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await mesh.close()
 
 
 if __name__ == "__main__":
