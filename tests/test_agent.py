@@ -610,3 +610,62 @@ async def test_reverting_a_failed_push_clears_the_failure(
     assert (status.status, status.revision) == ("synced", rev)
     assert (status.apps[0].version, status.apps[0].failed_version, status.apps[0].message) == (
         "1", None, "")
+
+
+def test_launch_spec_env_and_argv(tmp_path: Path) -> None:
+    """The app's environment: PATH from the agent, env_files (read on the node), the spec's
+    env on top, then the agent's GITOPS_* values; shell commands only when asked for."""
+    from reconciler.executor import ActionFailed, Executor, read_env_file
+    from reconciler.runtimes.base import LaunchSpec, RestartPolicy
+    from reconciler.spec import AppSpec
+    from reconciler.store import Store
+
+    app_dir = tmp_path / "apps" / "web" / "1-abc"
+    app_dir.mkdir(parents=True)
+    (app_dir / "app.env").write_text(
+        "# comment\n\nexport DB_URL='postgres://db'\nMODE=file\nTOKEN=\"from-file\"\n")
+    spec = AppSpec.model_validate({
+        "name": "web", "version": "1",
+        "run": {"command": ["./serve", "--port", "80"], "env": {"MODE": "spec"},
+                "env_files": ["app.env"], "workdir": "bin", "stop_signal": "INT",
+                "stop_timeout": "3s"},
+        "restart": {"policy": "on-failure", "backoff": {"initial": "2s", "max": "1m"},
+                    "max_restarts": 4, "window": "10m"},
+    })
+    executor = Executor(node_id="n7", store=Store(tmp_path / "state"), runtime=None,  # type: ignore[arg-type]
+                        artifacts=None, hooks=None, log_dir=tmp_path / "logs",  # type: ignore[arg-type]
+                        port_offset=100, base_env={"PATH": "/usr/bin"})
+    assert executor.launch_for(spec, app_dir) == LaunchSpec(
+        name="web", version="1", argv=("./serve", "--port", "80"),
+        env={"PATH": "/usr/bin", "DB_URL": "postgres://db", "MODE": "spec",
+             "TOKEN": "from-file", "GITOPS_NODE_ID": "n7", "GITOPS_APP_DIR": str(app_dir),
+             "GITOPS_PORT_OFFSET": "100"},
+        workdir=app_dir / "bin", log_dir=tmp_path / "logs", stop_signal="SIGINT",
+        stop_timeout=3.0,
+        restart=RestartPolicy(policy="on-failure", backoff_initial=2.0, backoff_max=60.0,
+                              max_restarts=4, window=600.0),
+    )
+    shell = spec.model_copy(update={"run": spec.run.model_copy(  # type: ignore[union-attr]
+        update={"command": ["echo $HOME"], "shell": True, "env_files": []})})
+    assert executor.launch_for(shell, app_dir).argv == ("/bin/sh", "-c", "echo $HOME")  # type: ignore[union-attr]
+    assert executor.launch_for(spec.model_copy(update={"run": None}), app_dir) is None
+
+    (app_dir / "bad.env").write_text("OK=1\nthis line has a secret-value but no equals\n")
+    with pytest.raises(ActionFailed) as failure:
+        read_env_file(app_dir / "bad.env")
+    assert str(failure.value) == f"env file {app_dir / 'bad.env'}:2: expected KEY=VALUE"
+    with pytest.raises(ActionFailed, match=r"env file .*missing\.env: No such file"):
+        read_env_file(app_dir / "missing.env")
+
+
+async def test_port_offset_reaches_apps_and_probes(
+    repo: SpecRepo, make_agent: MakeAgent, app_script: Path
+) -> None:
+    base = free_port()
+    offset = free_port() - base
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "1", base))
+    repo.commit_and_push()
+    agent = await make_agent(repo, port_offset=offset)
+    run = await agent.reconcile_now()
+    assert run.outcome == "success", run.message
+    assert get(base + offset) == "1 n1"  # the app listened on base + offset, the probe too
