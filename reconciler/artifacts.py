@@ -198,7 +198,8 @@ class ArtifactStore:
                 if ".." in parts or source.subdir.startswith("/"):
                     raise ArtifactError(f"{shown}: subdir {source.subdir!r} escapes the repo")
                 root = clone.joinpath(*parts)
-                if root.is_symlink() or not root.is_dir():
+                # A symlinked component would make the rename below move a dir outside.
+                if _through_symlink(clone, parts) or not root.is_dir():
                     raise ArtifactError(
                         f"{shown}: subdir {source.subdir!r} is not a directory at {source.ref}"
                     )

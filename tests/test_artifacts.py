@@ -393,6 +393,19 @@ def test_git_source_at_tag_with_subdir(store: ArtifactStore, tmp_path: Path) -> 
     assert sorted(store.versions("web")) == sorted([at_tag, sub, pinned])
 
 
+def test_git_subdir_through_a_symlink_is_refused(store: ArtifactStore, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    (outside / "inner").mkdir(parents=True)
+    (outside / "inner" / "precious").write_text("keep me")
+    repo = make_spec_repo(tmp_path / "code", {"README": "r"})
+    (repo.work / "link").symlink_to(outside)
+    repo.commit_and_push("a link out of the repo")
+    with pytest.raises(ArtifactError, match="not a directory"):
+        store.install(app({"type": "git", "url": repo.url, "ref": "main", "subdir": "link/inner"}))
+    assert (outside / "inner" / "precious").read_text() == "keep me"
+    assert list((store.root / "web").iterdir()) == []
+
+
 def test_gc_keeps_given_dirs_and_remove_app(store: ArtifactStore) -> None:
     dirs = [store.install(app(version=str(v))) for v in range(4)]
     assert store.gc("web", {dirs[2], dirs[3]}) == sorted(dirs[:2])
