@@ -96,6 +96,7 @@ class Mesh:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._trouble: str | None = None  # last NATS problem logged (log once per change)
         self.published = 0  # events acknowledged by JetStream (for tests and benchmarks)
+        self.nats_errors = 0  # connection errors seen (each retry counts; logged once)
 
     # ---- lifecycle -------------------------------------------------------------------
     @property
@@ -195,6 +196,7 @@ class Mesh:
         self._trouble = trouble
 
     async def _on_error(self, exc: Exception) -> None:
+        self.nats_errors += 1
         self._set_trouble(f"NATS at {self.options.describe()}: {reason_of(exc)} (retrying)")
 
     async def _on_disconnected(self) -> None:

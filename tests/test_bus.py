@@ -228,13 +228,13 @@ async def test_fleet_trigger_reaches_only_matching_nodes(
     tmp_path: Path, nats_server: NatsServer, client: NATS
 ) -> None:
     async with (
-        running(tmp_path, nats_server.url, "fe1", {"role": "edge", "zone": "a"}) as (e1, _),
-        running(tmp_path, nats_server.url, "fe2", {"role": "edge", "zone": "b"}) as (e2, _),
-        running(tmp_path, nats_server.url, "fg1", {"role": "gateway"}) as (g1, _),
+        running(tmp_path, nats_server.url, "fe1", {"ft": "edge", "zone": "a"}) as (e1, _),
+        running(tmp_path, nats_server.url, "fe2", {"ft": "edge", "zone": "b"}) as (e2, _),
+        running(tmp_path, nats_server.url, "fg1", {"ft": "gateway"}) as (g1, _),
     ):
         for node in ("fe1", "fe2", "fg1"):
             await eventually_async(lambda n=node: kv_status(client, n))  # type: ignore[misc]
-        replies = await fleet_reconcile(client, Selector(match={"role": "edge"}), timeout=5)
+        replies = await fleet_reconcile(client, Selector(match={"ft": "edge"}), timeout=5)
         assert [r["node"] for r in replies] == ["fe1", "fe2"]
         assert all(r["run_id"] for r in replies)
         assert e1.triggers == ["fleet"] and e2.triggers == ["fleet"] and g1.triggers == []
@@ -360,3 +360,57 @@ async def test_mesh_start_returns_at_once_without_nats(tmp_path: Path) -> None:
     await asyncio.wait_for(mesh.close(), 5.0)
     store.close()
 
+
+
+async def test_nats_trouble_is_logged_once_not_per_retry(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = Store(tmp_path / "state")
+    mesh = Mesh(FakeAgent(store, "quiet"), store,
+                NatsOptions(servers=[f"nats://127.0.0.1:{free_port()}"]))
+    with caplog.at_level("INFO", logger="reconciler.bus"):
+        await mesh.start()
+        await eventually_async(lambda: _async(mesh.nats_errors >= 2), what="two retries")
+        await mesh.close()
+    store.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("NATS at nats://127.0.0.1:")
+    assert warnings[0].endswith("(retrying)")
+
+
+async def test_cluster_urls_fail_over_to_a_live_server(
+    tmp_path: Path, nats_server: NatsServer, client: NATS
+) -> None:
+    dead = f"nats://127.0.0.1:{free_port()}"
+    store = Store(tmp_path / "state")
+    mesh = Mesh(FakeAgent(store, "cluster1"), store,
+                NatsOptions(servers=[dead, nats_server.url, dead]))
+    await mesh.start()
+    try:
+        await eventually_async(lambda: kv_status(client, "cluster1"), what="status via live URL")
+    finally:
+        await mesh.close()
+        store.close()
+
+
+async def test_outbox_backlog_and_drops_are_reported_in_status(
+    tmp_path: Path, nats_server: NatsServer, client: NATS
+) -> None:
+    store = Store(tmp_path / "state", outbox_max=5)
+    agent = FakeAgent(store, "drops1")
+    for _ in range(8):  # recorded while NATS was unknown: the oldest 3 fall out
+        agent.record("app.health-changed", app="web")
+    mesh = Mesh(agent, store, NatsOptions(servers=[nats_server.url]))
+    assert mesh.snapshot().outbox_backlog == 5
+    await mesh.start()
+    try:
+        async def reported() -> bool:
+            st = await kv_status(client, "drops1")
+            return st is not None and (st.outbox_backlog, st.outbox_dropped) == (0, 3)
+
+        await eventually_async(reported, what="backlog 0, dropped 3 in the KV")
+        assert len(await stream_events(client, "drops1")) == 5
+    finally:
+        await mesh.close()
+        store.close()
