@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from reconciler.spec import AppSpec
+from reconciler.state import CurrentApp, CurrentState, DesiredState
+
 
 class ActionKind(StrEnum):
     DEPLOY = "deploy"
@@ -77,3 +80,159 @@ class Plan:
             "held": [{"app": h.app, "reason": h.reason} for h in self.held],
             "unchanged": list(self.unchanged),
         }
+
+
+# ---------------------------------------------------------------------------------------
+# The planner
+
+HELD_SPEC_ERRORS = "spec errors at this revision; removals held"
+HELD_FAILED = "failed at this spec; change the spec or ask an operator"
+# Phases an interrupted agent can leave behind: the last action never finished.
+_UNFINISHED = ("pending", "deploying", "upgrading", "rolling-back", "removing")
+
+
+@dataclass(frozen=True)
+class _Hold:
+    """A held app, as its dependents see it."""
+
+    reason: str
+    running: bool  # it keeps running while held
+    stale: bool  # what runs (if anything) is older than this revision asks for
+
+
+def make_plan(desired: DesiredState, current: CurrentState) -> Plan:
+    """Desired x current -> the ordered actions of one reconcile. Pure.
+
+    Removals come first, dependents before their dependencies (by the installed apps'
+    recorded depends_on), then everything else by generation of the desired graph.
+
+    Held (never touched): suspended apps, apps with an invalid spec, an app that failed at
+    exactly the desired spec (until the spec changes or an operator clears it), and every
+    removal while the tree has any spec problem. A held dependency holds its dependents:
+    - held and not running (never installed, failed, suspended while down): every action of
+      its dependents is held, restarts included, since they could not start;
+    - held but running an older spec (invalid now, rolled back after failing, or itself
+      waiting on a dependency): deploys, upgrades and reconfigures of its dependents are
+      held, since they may need the spec that was not applied; restarting a crashed
+      dependent at its current spec stays safe;
+    - suspended and running: nothing is held; suspension freezes that app, not the stack.
+    Apps with nothing to do stay unchanged whatever their dependencies do.
+    """
+    from reconciler.graph import DependencyGraph
+
+    held: dict[str, str] = {}
+    actions: list[Action] = []
+    unchanged: list[str] = []
+
+    to_remove: list[str] = []
+    for name, installed_app in current.apps.items():
+        if name in desired.apps or name in desired.invalid:
+            continue
+        if desired.problems:
+            held[name] = HELD_SPEC_ERRORS
+        elif installed_app.suspended:
+            held[name] = "suspended by an operator; not removed until resumed"
+        else:
+            to_remove.append(name)
+    if to_remove:
+        installed = DependencyGraph.from_edges(
+            {name: cur.depends_on for name, cur in current.apps.items()}
+        )
+        for generation, names in enumerate(installed.removal_order(to_remove)):
+            for name in names:
+                gone = current.apps[name]
+                actions.append(
+                    Action(
+                        ActionKind.REMOVE, name, generation, "no longer desired on this node",
+                        from_version=gone.version, depends_on=tuple(gone.depends_on),
+                    )
+                )
+
+    holds: dict[str, _Hold | None] = {}
+    for name in desired.invalid:
+        kept = current.apps.get(name)
+        why = (
+            "spec invalid at this revision; not deployed" if kept is None
+            else f"spec invalid at this revision; kept at {kept.version} as it is"
+        )
+        held[name] = why
+        holds[name] = _Hold(why, _is_up(kept), stale=True)
+
+    graph = DependencyGraph.from_apps(desired.apps)
+    for generation, names in enumerate(graph.generations()):
+        for name in names:
+            spec = desired.apps[name]
+            cur = current.apps.get(name)
+            kind, reason = _decide(spec, cur)
+            if kind is None and reason is not None:
+                held[name] = reason
+                holds[name] = _Hold(reason, _is_up(cur), stale=reason == HELD_FAILED)
+                continue
+            blocker = None if kind is None else _blocked_by(spec.depends_on, holds, kind)
+            if blocker is not None:
+                held[name] = blocker
+                holds[name] = _Hold(blocker, _is_up(cur), stale=True)
+            elif kind is None:
+                unchanged.append(name)
+                holds[name] = None
+            else:
+                actions.append(
+                    Action(
+                        kind, name, generation, reason or "",
+                        from_version=cur.version if cur else None, to_version=spec.version,
+                        depends_on=tuple(spec.depends_on),
+                    )
+                )
+                holds[name] = None
+
+    return Plan(
+        revision=desired.revision,
+        actions=tuple(actions),
+        held=tuple(HeldApp(name, held[name]) for name in sorted(held)),
+        unchanged=tuple(sorted(unchanged)),
+    )
+
+
+def _is_up(cur: CurrentApp | None) -> bool:
+    return cur is not None and cur.running and cur.phase != "failed"
+
+
+def _decide(spec: AppSpec, cur: CurrentApp | None) -> tuple[ActionKind | None, str | None]:
+    """(action, reason); (None, reason) holds the app, (None, None) leaves it unchanged."""
+    if spec.suspend:
+        return None, "suspended in the spec" + ("" if cur else "; not deployed")
+    if cur is not None and cur.suspended:
+        return None, "suspended by an operator"
+    if cur is None:
+        return ActionKind.DEPLOY, "new app"
+    spec_hash = spec.spec_hash()
+    if cur.failed_spec_hash is not None and cur.failed_spec_hash == spec_hash:
+        return None, HELD_FAILED
+    if cur.version != spec.version:
+        return ActionKind.UPGRADE, f"version {cur.version} -> {spec.version}"
+    if cur.spec_hash != spec_hash:
+        return ActionKind.RECONFIGURE, "spec changed"
+    if cur.phase == "failed":
+        return ActionKind.RESTART, "failed; starting again"
+    if cur.phase in _UNFINISHED:
+        # An agent stopped mid-action: starting again is how the action gets finished.
+        return ActionKind.RESTART, f"interrupted while {cur.phase}; starting again"
+    if not cur.running:
+        return ActionKind.RESTART, "not running (drift)"
+    return None, None
+
+
+def _blocked_by(deps: list[str], holds: dict[str, _Hold | None], kind: ActionKind) -> str | None:
+    """Why an app's action must wait for a held dependency (rules in make_plan), else None."""
+    for dep in deps:
+        if dep not in holds:
+            # desired_for_node never produces this, a hand-made DesiredState might.
+            return f"dependency {dep} is not desired on this node"
+        hold = holds[dep]
+        if hold is None:
+            continue
+        if not hold.running:
+            return f"waiting for dependency {dep}: {hold.reason}"
+        if hold.stale and kind is not ActionKind.RESTART:
+            return f"dependency {dep} is held: {hold.reason}"
+    return None
