@@ -364,7 +364,9 @@ class Agent:
         from reconciler.targeting import desired_for_node
 
         files = await asyncio.to_thread(self.source.spec_files, revision, self.config.apps_path)
-        result = await asyncio.to_thread(load_files, files, self.parse_cache)
+        result = await asyncio.to_thread(
+            lambda: load_files(files, self.parse_cache, apps_path=self.config.apps_path)
+        )
         return desired_for_node(result, self.node_id, self.labels, revision)
 
     async def _reconcile_steps(self) -> tuple[str, str]:

@@ -223,7 +223,8 @@ async def test_dependency_chain_order_and_removal(
     assert started["b"] >= healthy_at["a"] - 0.01
     assert started["c"] >= healthy_at["b"] - 0.01
 
-    # remove a and b together: dependents first
+    # remove all three: dependents first (one empty file says "no apps" on purpose)
+    repo.write("apps/none.yaml", "# no apps on purpose\n")
     repo.remove("apps/a.yaml")
     repo.remove("apps/b.yaml")
     repo.remove("apps/c.yaml")
@@ -518,6 +519,8 @@ async def test_telemetry_spans_metrics_and_trace_ids(
 async def test_trigger_coalesces(repo: SpecRepo, make_agent: MakeAgent) -> None:
     import asyncio
 
+    repo.write("apps/none.yaml", "# no apps\n")
+    repo.commit_and_push()
     agent = await make_agent(repo)
     first = agent.trigger("a")
     assert agent.trigger("b") == first  # queued, not yet running: the same run covers it
@@ -574,8 +577,9 @@ async def test_restart_after_crash_points_converges(
     second = Agent(config)
     await second.start(first_reconcile=False, schedule=False)
     try:
-        # the old web process was adopted, the unrecorded one swept away
-        assert app_pids("c1") == {"web": old["web"]}
+        # the old web process was adopted, the unrecorded one swept away (SIGKILL)
+        await _eventually_async(lambda: app_pids("c1") == {"web": old["web"]},
+                                what="unrecorded process killed")
         run = await second.reconcile_now()
         assert run.outcome == "success", run.message
         assert answers(port) == "2 c1" and answers(other) == "1 c1"
