@@ -104,27 +104,48 @@ def reason_of(exc: BaseException) -> str:
 
 
 async def connect(opts: NatsOptions, timeout: float = 5.0, **kw: Any) -> NATS:
-    """One-shot connection for CLI commands: bounded, and a clear error naming the server."""
+    """One-shot connection for CLI commands: bounded, and a clear error naming the server.
+
+    TLS and authorization failures end the attempt at once (retrying cannot fix them); `kw`
+    goes to nats.connect (an `error_cb` there is called too, for later errors as well).
+    """
     errors: list[BaseException] = []
+    hopeless = asyncio.Event()
+    user_cb = kw.pop("error_cb", None)
 
     async def on_error(exc: Exception) -> None:
         errors.append(exc)
+        if isinstance(exc, ssl.SSLError | nats.errors.AuthorizationError):
+            hopeless.set()
+        if user_cb is not None:
+            await user_cb(exc)
 
     options = {
         "connect_timeout": min(2.0, timeout),
         "max_reconnect_attempts": 1,
         "reconnect_time_wait": 0.2,
-        "error_cb": on_error,
         **opts.connect_kwargs(),
         **kw,
+        "error_cb": on_error,
     }
     nc = NATS()
-    try:
-        await asyncio.wait_for(nc.connect(**options), timeout)
-    except (TimeoutError, OSError, nats.errors.Error) as exc:
+    connecting = asyncio.ensure_future(nc.connect(**options))
+    giving_up = asyncio.ensure_future(hopeless.wait())
+    await asyncio.wait({connecting, giving_up}, timeout=timeout,
+                       return_when=asyncio.FIRST_COMPLETED)
+    giving_up.cancel()
+    failure: BaseException | None = None
+    if not connecting.done():
+        connecting.cancel()
+        with contextlib.suppress(BaseException):
+            await connecting
+        failure = TimeoutError(f"no connection within {timeout:g}s")
+    elif connecting.exception() is not None:
+        failure = connecting.exception()
+    if failure is not None:
         with contextlib.suppress(Exception):
             await nc.close()
-        cause = errors[-1] if errors else exc
+        cause = errors[-1] if errors else failure
         where = opts.describe()
         raise MeshError(f"cannot connect to NATS at {where}: {reason_of(cause)}") from None
     return nc

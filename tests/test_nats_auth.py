@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import stat
 import subprocess
 import sys
@@ -216,3 +217,44 @@ def test_bad_input_is_refused_before_writing(tmp_path: Path) -> None:
     with pytest.raises(NatsConfigError, match="at least one --node"):
         write_config(tmp_path / "c", [])
     assert not (tmp_path / "a").exists()
+
+
+def make_tls(root: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 (openssl CLI)."""
+    root.mkdir(parents=True, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def ssl_run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=root, check=True, capture_output=True)
+
+    ssl_run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+            "-subj", "/CN=gitops-mesh test CA")
+    ssl_run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (root / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    ssl_run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.pem", "-days", "1", "-extfile", "san.ext")
+    return root / "ca.pem", root / "server.pem", root / "server.key"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI for a CA")
+async def test_tls_with_a_ca_file(tmp_path: Path) -> None:
+    ca, cert, key = make_tls(tmp_path / "tls")
+    server = start_nats(tmp_path, f'tls {{\n  cert_file: "{cert}"\n  key_file: "{key}"\n}}\n')
+    url = f"tls://127.0.0.1:{server.port}"
+    store = Store(tmp_path / "state")
+    agent = FakeAgent(store, "tls1")
+    agent.record("node.started")
+    mesh = Mesh(agent, store, NatsOptions(servers=[url], ca_file=str(ca)))
+    await mesh.start()
+    try:
+        await eventually_async(lambda: _async(mesh.ready and store.outbox_stats()[0] == 0),
+                               what="events over TLS")
+        with pytest.raises(MeshError, match=f"cannot connect to NATS at {url}:") as err:
+            await connect(NatsOptions(servers=[url]), timeout=3)  # no CA: not trusted
+        assert "certificate verify failed" in str(err.value)
+        with pytest.raises(MeshError, match=r"NATS CA file '/nope\.pem' does not exist"):
+            await connect(NatsOptions(servers=[url], ca_file="/nope.pem"))
+    finally:
+        await mesh.close()
+        store.close()
+        server.stop()
