@@ -41,10 +41,13 @@ from reconciler.bus_wire import (
 from reconciler.events import iso_time
 from reconciler.status import NodeStatus
 from reconciler.subjects import (
+    EVENTS_DEDUP_WINDOW_S,
+    EVENTS_MAX_AGE_S,
     EVENTS_STREAM,
     EVENTS_SUBJECTS,
     FLEET_RECONCILE,
     KV_BUCKET,
+    KV_HISTORY,
     RPC_SERVICE,
     SOURCE_CHANGED,
     rpc_subject,
@@ -54,10 +57,6 @@ __all__ = ["Mesh", "MeshError", "NatsOptions", "connect", "redact_url"]
 
 log = logging.getLogger("reconciler.bus")
 
-EVENTS_MAX_AGE_S = 7 * 24 * 3600.0
-# Re-sends after an outage dedupe only within this window; outages of minutes must fit.
-EVENTS_DEDUP_WINDOW_S = 20 * 60.0
-KV_HISTORY = 5
 PUBLISH_BATCH = 512
 ACK_TIMEOUT_S = 5.0
 STATUS_DEBOUNCE_S = 0.15

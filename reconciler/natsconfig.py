@@ -117,8 +117,13 @@ def observer_permissions() -> Permissions:
 
 
 def console_permissions() -> Permissions:
+    js = "$JS.API"
     return Permissions(
-        publish=(*_js_read(), "gitops.rpc.*.*", FLEET_RECONCILE),
+        publish=(
+            *_js_read(), "gitops.rpc.*.*", FLEET_RECONCILE,
+            # the console may start before any node: it creates the stream and the bucket
+            f"{js}.STREAM.CREATE.{EVENTS_STREAM}", f"{js}.STREAM.CREATE.{KV_STREAM}",
+        ),
         subscribe=("_INBOX.>", EVENTS_SUBJECTS, f"{KV_SUBJECT_PREFIX}.>"),
     )
 

@@ -6,6 +6,11 @@ EVENTS_STREAM = "GITOPS_EVENTS"
 EVENTS_PREFIX = "gitops.events"
 EVENTS_SUBJECTS = "gitops.events.>"
 KV_BUCKET = "gitops_nodes"
+# Stream settings for whoever creates them first (a node's mesh or the console): keep equal.
+EVENTS_MAX_AGE_S = 7 * 24 * 3600.0
+# Re-sends after an outage are deduplicated (Nats-Msg-Id) only within this window.
+EVENTS_DEDUP_WINDOW_S = 20 * 60.0
+KV_HISTORY = 5
 # The KV bucket's underlying stream and subject prefix (JetStream naming rules).
 KV_STREAM = f"KV_{KV_BUCKET}"
 KV_SUBJECT_PREFIX = f"$KV.{KV_BUCKET}"

@@ -8,6 +8,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -257,4 +258,67 @@ async def test_tls_with_a_ca_file(tmp_path: Path) -> None:
     finally:
         await mesh.close()
         store.close()
+        server.stop()
+
+
+async def test_console_and_observer_can_read_like_the_console_and_cli_do(
+    secured: tuple[NatsServer, Path], as_identity: object, tmp_path: Path
+) -> None:
+    """Console first on an empty server: it creates the stream and bucket, then follows them
+    with ordered consumers (as console/feed.py does); the observer runs a `wait`."""
+    from nats.js import api
+
+    from reconciler.cli_mesh import read_fleet, wait_for_revision
+    from reconciler.subjects import (
+        EVENTS_DEDUP_WINDOW_S,
+        EVENTS_STREAM,
+        EVENTS_SUBJECTS,
+        KV_BUCKET,
+        KV_STREAM,
+        KV_SUBJECT_PREFIX,
+    )
+
+    _server, out = secured
+    shutil.copytree(out, tmp_path / "auth")
+    server = start_nats(tmp_path, 'include "auth/auth.conf"\n')
+    opts = {"servers": [server.url]}
+    console = await connect(NatsOptions(**opts, nkey_seed_file=str(out / "console.nk")))
+    observer = await connect(NatsOptions(**opts, nkey_seed_file=str(out / "observer.nk")))
+    store = Store(tmp_path / "n1")
+    agent = FakeAgent(store, "n1")
+    mesh = Mesh(agent, store, NatsOptions(**opts, nkey_seed_file=str(out / "n1.nk")))
+    try:
+        js = console.jetstream()
+        await js.add_stream(name=EVENTS_STREAM, subjects=[EVENTS_SUBJECTS],
+                            duplicate_window=EVENTS_DEDUP_WINDOW_S)
+        await js.create_key_value(bucket=KV_BUCKET, history=5)
+        seen: list[str] = []
+
+        async def on_event(msg: object) -> None:
+            seen.append(json.loads(msg.data)["type"])  # type: ignore[attr-defined]
+
+        await js.subscribe(EVENTS_SUBJECTS, stream=EVENTS_STREAM, cb=on_event,
+                           ordered_consumer=True, idle_heartbeat=2.0)
+        kv_seen: list[str] = []
+
+        async def on_kv(msg: object) -> None:
+            kv_seen.append(msg.subject)  # type: ignore[attr-defined]
+
+        await js.subscribe(f"{KV_SUBJECT_PREFIX}.>", stream=KV_STREAM, cb=on_kv,
+                           ordered_consumer=True, idle_heartbeat=2.0,
+                           deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
+        agent.record("node.started")
+        await mesh.start()
+        await eventually_async(lambda: _async(seen == ["node.started"] and kv_seen),
+                               what="console follows events and status")
+        assert set(await read_fleet(observer)) == {"n1"}
+        agent.trigger("test")  # no repo: the fake's revision stays None
+        code = await wait_for_revision(observer, "0" * 40, None, ["n1"],
+                                       time.monotonic() + 0.5)
+        assert code == 1  # ran to its deadline with the observer's rights, no violation
+    finally:
+        await mesh.close()
+        store.close()
+        await console.close()
+        await observer.close()
         server.stop()
