@@ -21,6 +21,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.api import StorageType, StreamConfig
 from nats.js.kv import KeyValue
 from nats.micro import add_service
@@ -87,6 +88,8 @@ class Mesh:
         self._nc: NATS | None = None
         self._kv: KeyValue | None = None
         self._service: Service | None = None
+        self._subs: list[Subscription] = []
+        self._setup_done = False
         self._stream_ready = False
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -105,7 +108,7 @@ class Mesh:
     @property
     def ready(self) -> bool:
         """Connected, and RPC plus the trigger subscriptions are in place."""
-        return self.connected and self._service is not None
+        return self.connected and self._setup_done
 
     async def start(self) -> None:
         """Return at once; connect, set up and publish in the background."""
@@ -179,7 +182,15 @@ class Mesh:
         )
         self._set_trouble(None, f"NATS connected to {redact_url(nc.connected_url.geturl())}"
                           if nc.connected_url else "NATS connected")
-        await self._setup(nc)
+        while True:  # a connection lost during setup: retry once it is back
+            try:
+                await self._setup(nc)
+                break
+            except (TimeoutError, nats.errors.Error) as exc:
+                self._set_trouble(f"NATS setup (RPC service, subscriptions) failed: "
+                                  f"{reason_of(exc)} (retrying)")
+                await self._teardown_setup()
+                await asyncio.sleep(1.0)
         self._wake()  # first status write and outbox drain right away
         self._tasks.append(asyncio.create_task(self._publisher(), name=f"pub-{self.node}"))
         self._tasks.append(asyncio.create_task(self._status_writer(), name=f"kv-{self.node}"))
@@ -207,6 +218,15 @@ class Mesh:
         self._wake()
 
     # ---- setup: RPC service and trigger subscriptions -----------------------------------
+    async def _teardown_setup(self) -> None:
+        service, self._service = self._service, None
+        subs, self._subs = self._subs, []
+        with contextlib.suppress(Exception):
+            if service is not None:
+                await service.stop()
+            for sub in subs:
+                await sub.unsubscribe()
+
     async def _setup(self, nc: NATS) -> None:
         service = await add_service(
             nc,
@@ -224,14 +244,15 @@ class Mesh:
             "suspend": self._rpc_suspend,
             "resume": self._rpc_resume,
         }
+        self._service = service
         for endpoint, fn in handlers.items():
             await service.add_endpoint(
                 name=endpoint, subject=rpc_subject(self.node, endpoint), handler=_rpc(fn)
             )
-        self._service = service
-        await nc.subscribe(FLEET_RECONCILE, cb=self._on_fleet_reconcile)
-        await nc.subscribe(SOURCE_CHANGED, cb=self._on_source_changed)
+        self._subs.append(await nc.subscribe(FLEET_RECONCILE, cb=self._on_fleet_reconcile))
+        self._subs.append(await nc.subscribe(SOURCE_CHANGED, cb=self._on_source_changed))
         await nc.flush()
+        self._setup_done = True
 
     def _known_apps(self) -> list[str]:
         return [a.name for a in self.agent.status().apps]
@@ -340,7 +361,10 @@ class Mesh:
             if self._status_dirty.is_set() and not self._closing:
                 await asyncio.sleep(self._debounce)  # coalesce bursts of changes
             self._status_dirty.clear()
-            await self.write_status()
+            try:
+                await self.write_status()
+            except Exception as exc:  # the agent's status() failed: keep the loop alive
+                self._set_trouble(f"status snapshot failed: {type(exc).__name__}: {exc}")
             if self._closing:
                 return
 
@@ -372,7 +396,11 @@ class Mesh:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake_publisher.wait(), 1.0)
             self._wake_publisher.clear()
-            drained = await self.publish_pending()
+            try:
+                drained = await self.publish_pending()
+            except Exception as exc:  # the outbox (sqlite) failed: keep the loop alive
+                self._set_trouble(f"reading the outbox failed: {type(exc).__name__}: {exc}")
+                drained = False
             if self._closing:
                 return
             if drained:
