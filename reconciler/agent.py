@@ -25,7 +25,7 @@ from reconciler.runtimes.base import LaunchSpec, ProcessRecord, Runtime
 from reconciler.spec import AppSpec
 from reconciler.state import CurrentState, DesiredState
 from reconciler.status import AppStatus, NodeStatus, summarize
-from reconciler.store import AppRecord, Store
+from reconciler.store import AppRecord, Store, pid_alive
 from reconciler.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -471,62 +471,94 @@ class Agent:
                 adopted.add(pid)
         await asyncio.to_thread(self._sweep_orphans, adopted)
 
+    def _try_adopt(self, spec: AppSpec | None, install_dir: str | None,
+                   proc: ProcessRecord | None) -> LaunchSpec | None:
+        """Adopt `proc` as an instance of `spec`; its LaunchSpec when that worked."""
+        if proc is None or spec is None or not install_dir or spec.run is None:
+            return None
+        try:
+            launch = self.executor.launch_for(spec, Path(install_dir))
+        except ActionFailed as exc:
+            log.warning("%s: cannot rebuild its launch spec: %s", spec.name, exc)
+            return None
+        if launch is None or not self.runtime.adopt(launch, proc):
+            return None
+        return launch
+
     async def _adopt(self, record: AppRecord) -> int | None:
+        """Adopt one app's recorded process. An upgrade/reconfigure cut short by a crash is
+        finished when the new process runs (the old one, if still there, is stopped) and
+        undone otherwise (back to the previous version's record, its process adopted if it
+        still runs); the next reconcile then redoes what is still wanted."""
         name = record.name
-        proc = record.process
-        interrupted = record.phase in ("upgrading", "rolling-back")
-        spec, install_dir = record.spec, record.install_dir
-        if proc is not None and record.prev_spec_json and proc.version == record.prev_version \
-                and proc.version != record.version:
-            spec, install_dir = record.prev_spec, record.prev_dir  # type: ignore[assignment]
-        launch: LaunchSpec | None = None
-        adopted = False
-        if proc is not None and install_dir and spec is not None:
-            try:
-                launch = self.executor.launch_for(spec, Path(install_dir))
-            except ActionFailed as exc:
-                log.warning("%s: cannot rebuild its launch spec: %s", name, exc)
+        if record.phase == "upgrading":
+            launch = self._try_adopt(spec_of(record), record.install_dir, record.process)
             if launch is not None:
-                adopted = self.runtime.adopt(launch, proc)
-        runs_new = adopted and proc is not None and proc.version == record.version
-        if interrupted and not (runs_new and record.phase == "upgrading"):
-            # The change did not finish: go back to the previous version's record (its
-            # process, if it still runs, stays adopted); the planner redoes the change.
-            if adopted and runs_new:
-                await self.runtime.stop(name)  # the failed new version during a rollback
-                adopted = False
-            await self._revert(record, keep_process=adopted)
-        elif interrupted or record.phase == "deploying":
+                await _stop_stray(record.prev_process)
+                with self.store.transaction():
+                    self.store.update_app(
+                        name, phase="running", prev_pid=None, prev_pgid=None,
+                        prev_create_time=None,
+                        message=f"adopted {record.version} after an interrupted upgrade")
+                self.watch(spec_of(record), launch, healthy=False)
+                return record.pid
+            await _stop_stray(record.process)
+            prev_launch = self._try_adopt(record.prev_spec, record.prev_dir,
+                                          record.prev_process)
+            await self._revert(record, keep=record.prev_process if prev_launch else None)
+            if prev_launch is not None and record.prev_spec is not None:
+                self.watch(record.prev_spec, prev_launch, healthy=False)
+                return record.prev_pid
+            return None
+        if record.phase == "rolling-back":
+            # the recorded process (if any) is the previous version being started again
+            prev_launch = self._try_adopt(record.prev_spec, record.prev_dir, record.process)
+            if prev_launch is None:
+                await _stop_stray(record.process)
+            await self._revert(record, keep=record.process if prev_launch else None)
+            if prev_launch is not None and record.prev_spec is not None:
+                self.watch(record.prev_spec, prev_launch, healthy=False)
+                return record.pid
+            return None
+        launch = self._try_adopt(spec_of(record), record.install_dir, record.process)
+        if record.phase in ("deploying", "removing") or launch is None:
             with self.store.transaction():
-                self.store.update_app(name, phase="running" if adopted else "pending",
-                                      message="adopted after an agent restart" if adopted
-                                      else "not running after an agent restart")
-        if not adopted and proc is not None:
-            self.store.set_process(name, None)
-        if adopted and spec is not None:
-            self.watch(spec, launch, healthy=False)
-            return proc.pid if proc else None
+                if record.phase == "deploying":
+                    self.store.update_app(
+                        name, phase="running" if launch else "pending",
+                        message="adopted after an agent restart" if launch
+                        else "not running after an agent restart")
+                if launch is None and record.process is not None:
+                    self.store.set_process(name, None)
+        if launch is not None:
+            self.watch(spec_of(record), launch, healthy=False)
+            return record.pid
         return None
 
-    async def _revert(self, record: AppRecord, keep_process: bool) -> None:
+    async def _revert(self, record: AppRecord, keep: ProcessRecord | None) -> None:
+        """Back to the previous version's record; `keep` is its still-running process."""
         rolling_back = record.phase == "rolling-back"
+        process: dict[str, Any] = {
+            "pid": keep.pid if keep else None, "pgid": keep.pgid if keep else None,
+            "create_time": keep.create_time if keep else None,
+            "proc_version": keep.version if keep else None,
+            "prev_pid": None, "prev_pgid": None, "prev_create_time": None,
+        }
         with self.store.transaction():
-            if record.prev_spec_json and record.prev_version:
+            if record.prev_spec_json and record.prev_version and record.prev_spec is not None:
                 self.store.update_app(
                     record.name, version=record.prev_version,
-                    spec_json=record.prev_spec_json,
-                    spec_hash=record.prev_spec.spec_hash(),  # type: ignore[union-attr]
+                    spec_json=record.prev_spec_json, spec_hash=record.prev_spec.spec_hash(),
                     install_dir=record.prev_dir, prev_version=None, prev_spec_json=None,
-                    prev_dir=None, phase="running" if keep_process else "pending",
+                    prev_dir=None, phase="running" if keep else "pending",
                     message=f"{record.version}: change interrupted by an agent restart",
                     failed_spec_hash=record.spec_hash if rolling_back else None,
-                    failed_version=record.version if rolling_back else None,
+                    failed_version=record.version if rolling_back else None, **process,
                 )
             else:
                 self.store.update_app(record.name, phase="pending",
-                                      message="change interrupted by an agent restart")
-            if not keep_process:
-                self.store.set_process(record.name, None)
+                                      message="change interrupted by an agent restart",
+                                      **process)
 
     def _sweep_orphans(self, adopted: set[int]) -> None:
         """Stop app processes of this node that no record owns (an agent killed between
@@ -793,6 +825,23 @@ class Agent:
 
 
 _SPEC_CACHE: dict[str, AppSpec] = {}
+
+
+async def _stop_stray(proc: ProcessRecord | None, timeout: float = 5.0) -> None:
+    """Stop a recorded process that must not keep running (the other half of an interrupted
+    upgrade): SIGTERM to its group, SIGKILL after `timeout`. Only when pid and create_time
+    still name that process."""
+    if proc is None or not pid_alive(proc.pid, proc.create_time):
+        return
+    log.warning("%s: stopping leftover %s process %d", proc.name, proc.version, proc.pid)
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(proc.pid, proc.create_time) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    with contextlib.suppress(OSError):
+        if pid_alive(proc.pid, proc.create_time):
+            os.killpg(proc.pgid, signal.SIGKILL)
 
 
 def spec_of(record: AppRecord) -> AppSpec:

@@ -386,16 +386,22 @@ class Executor:
                                   from_version=old_version, outcome="failure",
                                   duration_ms=_ms(started), message=message)
             return "failure", message
-        # record where we come from FIRST: a crash from here on can be resumed or undone
+        # record where we come from FIRST: a crash from here on can be resumed or undone.
+        # The old process moves to prev_*; pid/create_time will name the new one.
         with self.store.transaction():
+            current = self.store.get_app(spec.name) or record
             self.store.update_app(
                 spec.name, version=spec.version, spec_json=spec_to_json(spec),
                 spec_hash=spec.spec_hash(), install_dir=str(install_dir),
                 prev_version=record.version, prev_spec_json=record.spec_json,
                 prev_dir=record.install_dir, phase="upgrading", attempted_revision=revision,
                 message=f"{'upgrading' if upgrade else 'reconfiguring'} from {old_version}",
+                prev_pid=current.pid, prev_pgid=current.pgid,
+                prev_create_time=current.create_time, pid=None, pgid=None,
+                create_time=None, proc_version=None,
             )
         await self._stop(spec.name)
+        self.store.update_app(spec.name, prev_pid=None, prev_pgid=None, prev_create_time=None)
         try:
             await self._start(spec, install_dir)
         except ActionFailed as exc:
@@ -419,8 +425,10 @@ class Executor:
             return self._failed(spec, reason, True, started)
         prev_spec = previous.spec
         with self.store.transaction():
+            # the new process is stopped; pid/create_time will name the previous version's
             self.store.update_app(spec.name, phase="rolling-back",
-                                  message=f"rolling back to {previous.version}: {reason}")
+                                  message=f"rolling back to {previous.version}: {reason}",
+                                  pid=None, pgid=None, create_time=None, proc_version=None)
         try:
             await self._start(prev_spec, Path(previous.install_dir))
         except ActionFailed as exc:

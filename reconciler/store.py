@@ -38,6 +38,9 @@ CREATE TABLE IF NOT EXISTS apps (
     pgid INTEGER,
     create_time REAL,
     proc_version TEXT,
+    prev_pid INTEGER,
+    prev_pgid INTEGER,
+    prev_create_time REAL,
     restarts INTEGER NOT NULL DEFAULT 0,
     applied_revision TEXT,
     attempted_revision TEXT,
@@ -81,6 +84,10 @@ class AppRecord:
     pgid: int | None = None
     create_time: float | None = None
     proc_version: str | None = None
+    # the previous version's process while an upgrade has not stopped it yet
+    prev_pid: int | None = None
+    prev_pgid: int | None = None
+    prev_create_time: float | None = None
     restarts: int = 0
     applied_revision: str | None = None
     attempted_revision: str | None = None
@@ -108,6 +115,16 @@ class AppRecord:
         return ProcessRecord(
             name=self.name, version=self.proc_version or self.version, pid=self.pid,
             pgid=self.pgid if self.pgid is not None else self.pid, create_time=self.create_time,
+        )
+
+    @property
+    def prev_process(self) -> ProcessRecord | None:
+        if self.prev_pid is None or self.prev_create_time is None or not self.prev_version:
+            return None
+        return ProcessRecord(
+            name=self.name, version=self.prev_version, pid=self.prev_pid,
+            pgid=self.prev_pgid if self.prev_pgid is not None else self.prev_pid,
+            create_time=self.prev_create_time,
         )
 
     def to_current(self, running: bool) -> CurrentApp:

@@ -537,14 +537,18 @@ async def test_trigger_coalesces(repo: SpecRepo, make_agent: MakeAgent) -> None:
 async def test_restart_after_crash_points_converges(
     repo: SpecRepo, tmp_path: Path, app_script: Path
 ) -> None:
-    """An agent killed (a) right after recording an upgrade, before touching processes, and
-    (b) after spawning a process but before recording its pid: the next agent converges
-    with exactly one process per app."""
+    """An agent killed (a) right after recording an upgrade, before touching processes,
+    (b) after spawning a process but before recording its pid, (c) while rolling back:
+    the next agent converges with exactly one process per app, the right version each."""
+    import yaml
+
+    from reconciler.spec import AppSpec
     from reconciler.store import Store, spec_to_json
 
-    port, other = free_port(), free_port()
+    port, other, roll = free_port(), free_port(), free_port()
     repo.write("apps/web.yaml", app_yaml(app_script, "web", "1", port))
     repo.write("apps/other.yaml", app_yaml(app_script, "other", "1", other))
+    repo.write("apps/roll.yaml", app_yaml(app_script, "roll", "1", roll))
     repo.commit_and_push()
     config = AgentConfig(node_id="c1", repo_url=repo.url, state_dir=tmp_path / "state",
                          interval=3600, heartbeat=3600)
@@ -555,40 +559,54 @@ async def test_restart_after_crash_points_converges(
     old = app_pids("c1")
 
     repo.write("apps/web.yaml", app_yaml(app_script, "web", "2", port))
-    repo.commit_and_push("web 2")
-    import yaml
+    repo.write("apps/roll.yaml", app_yaml(app_script, "roll", "2", roll, "exit"))
+    repo.commit_and_push("web 2, roll 2 (broken)")
 
-    from reconciler.spec import AppSpec
+    def spec(name: str) -> AppSpec:
+        text = (repo.work / "apps" / f"{name}.yaml").read_text()
+        return AppSpec.model_validate(yaml.safe_load(text))
 
-    new_spec = AppSpec.model_validate(yaml.safe_load((repo.work / "apps/web.yaml").read_text()))
     store = Store(config.state_dir)
-    web = store.get_app("web")
-    assert web is not None
+    web, roller = store.get_app("web"), store.get_app("roll")
+    assert web is not None and roller is not None
     with store.transaction():
-        # (a) the "upgrading, previous = 1" record the executor writes before it stops 1
-        store.update_app("web", version="2", spec_json=spec_to_json(new_spec),
-                         spec_hash=new_spec.spec_hash(), prev_version="1",
+        # (a) the record the executor writes before it stops version 1
+        store.update_app("web", version="2", spec_json=spec_to_json(spec("web")),
+                         spec_hash=spec("web").spec_hash(), prev_version="1",
                          prev_spec_json=web.spec_json, prev_dir=web.install_dir,
-                         phase="upgrading")
+                         phase="upgrading", prev_pid=web.pid, prev_pgid=web.pgid,
+                         prev_create_time=web.create_time, pid=None, pgid=None,
+                         create_time=None, proc_version=None)
         # (b) other's process runs but its pid was never recorded
         store.set_process("other", None)
+        # (c) roll 2 failed; version 1 was started again when the agent died
+        store.update_app("roll", version="2", spec_json=spec_to_json(spec("roll")),
+                         spec_hash=spec("roll").spec_hash(), prev_version="1",
+                         prev_spec_json=roller.spec_json, prev_dir=roller.install_dir,
+                         phase="rolling-back")
     store.close()
 
     second = Agent(config)
     await second.start(first_reconcile=False, schedule=False)
     try:
-        # the old web process was adopted, the unrecorded one swept away (SIGKILL)
-        await _eventually_async(lambda: app_pids("c1") == {"web": old["web"]},
-                                what="unrecorded process killed")
+        # web 1 and roll 1 adopted, the unrecorded process swept away (SIGKILL)
+        await _eventually_async(
+            lambda: app_pids("c1") == {"web": old["web"], "roll": old["roll"]},
+            what="unrecorded process killed")
         run = await second.reconcile_now()
         assert run.outcome == "success", run.message
         assert answers(port) == "2 c1" and answers(other) == "1 c1"
+        assert answers(roll) == "1 c1"
         pids = app_pids("c1")
         records = second.store.apps()
-        assert pids == {"web": [records["web"].pid], "other": [records["other"].pid]}
+        assert pids == {name: [records[name].pid] for name in ("web", "other", "roll")}
         assert pids["web"] != old["web"] and pids["other"] != old["other"]
+        assert pids["roll"] == old["roll"]
         assert [e["type"] for e in events(second) if e.get("app") == "web"][-1] == \
             "app.upgraded"
+        # roll 2 is not retried: it failed before the crash
+        assert (records["roll"].version, records["roll"].failed_version) == ("1", "2")
+        assert second.status().status == "failed"
     finally:
         await second.close(stop_apps=True)
     assert app_pids("c1") == {}
