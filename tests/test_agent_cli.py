@@ -134,6 +134,13 @@ def test_once_and_status(tmp_path: Path, app_script: Path, cleanup_node: list[st
     # a broken upgrade: rolled back, exit 1 naming the app
     repo.write("apps/web.yaml", app_yaml(app_script, "web", "2", port, "exit"))
     repo.commit_and_push("broken")
+    # `plan --state-dir` reads what this node runs from the agent's store
+    plan = subprocess.run([sys.executable, "-m", "reconciler", "plan", "--repo", repo.url,
+                           "--node-id", "o1", "--state-dir", str(state), "--json"],
+                          capture_output=True, text=True, check=True)
+    actions = json.loads(plan.stdout)["actions"]
+    assert [(a["kind"], a["app"], a["from_version"], a["to_version"]) for a in actions] == [
+        ("upgrade", "web", "1", "2")]
     run = subprocess.run(node_cmd(repo, "o1", state, "--once"), capture_output=True,
                          text=True, timeout=60)
     assert run.returncode == 1, run.stderr
