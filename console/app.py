@@ -109,14 +109,20 @@ class Console:
     _cache: dict[tuple[Any, ...], Any] = field(default_factory=dict)
 
     def view(self, kind: str, *args: Any) -> Any:
-        """A fleet view, memoised per fleet version and second (many browsers, one build)."""
+        """A fleet view, memoised per fleet version and second (many browsers, one build).
+
+        Only the newest build per view is kept, so memory stays bounded under load.
+        """
         now = self.clock()
-        key = (kind, args, self.fleet.version, int(now.timestamp()))
-        if key not in self._cache:
-            if len(self._cache) > 256:
-                self._cache.clear()
-            self._cache[key] = self._build(kind, args, now)
-        return self._cache[key]
+        stamp = (self.fleet.version, int(now.timestamp()))
+        hit = self._cache.get((kind, args))
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        value = self._build(kind, args, now)
+        if len(self._cache) >= 64:
+            self._cache.clear()
+        self._cache[(kind, args)] = (stamp, value)
+        return value
 
     def _build(self, kind: str, args: tuple[Any, ...], now: datetime) -> Any:
         fleet = self.fleet

@@ -31,6 +31,7 @@ log = logging.getLogger("gitops_mesh.console.feed")
 EVENTS_MAX_AGE_S = 7 * 24 * 3600
 EVENTS_DUPLICATE_WINDOW_S = 120
 KV_HISTORY = 5
+FETCH_BATCH = 500
 
 
 class Connector(Protocol):
@@ -71,6 +72,8 @@ class Feed:
         self.synced = asyncio.Event()  # set once KV and stream subscriptions are in place
         self._resync = asyncio.Event()
         self._subs: list[JetStreamContext.PushSubscription] = []
+        self._pull: JetStreamContext.PullSubscription | None = None
+        self._pull_task: asyncio.Task[None] | None = None
 
     @property
     def connected(self) -> bool:
@@ -102,6 +105,7 @@ class Feed:
                 self._resync.clear()
                 self.synced.clear()
         finally:
+            self.state = "closed"
             await self._unsubscribe()
             if self.nc is not None and not self.nc.is_closed:
                 with contextlib.suppress(Exception):
@@ -116,6 +120,8 @@ class Feed:
         self.state, self.last_error = state, error
 
     async def _disconnected(self) -> None:
+        if self.state == "closed":
+            return
         self._set_state("disconnected", "NATS connection lost; reconnecting")
 
     async def _reconnected(self) -> None:
@@ -126,6 +132,15 @@ class Feed:
         log.debug("nats: %r", exc)
 
     async def _unsubscribe(self) -> None:
+        task, self._pull_task = self._pull_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        pull, self._pull = self._pull, None
+        if pull is not None:
+            with contextlib.suppress(Exception):
+                await pull.unsubscribe()
         subs, self._subs = self._subs, []
         for sub in subs:
             with contextlib.suppress(Exception):
@@ -141,19 +156,47 @@ class Feed:
             idle_heartbeat=2.0,
         )
         self._subs.append(kv_sub)
-        config = api.ConsumerConfig()
+        # Events come through a pull consumer: each fetch is bounded (memory stays flat
+        # during a replay of millions) and the loop yields between batches (HTTP stays
+        # responsive under a sustained stream).
+        config = api.ConsumerConfig(
+            ack_policy=api.AckPolicy.NONE, mem_storage=True, num_replicas=1,
+            inactive_threshold=60.0,
+        )
         if self.last_seq:
             config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
             config.opt_start_seq = self.last_seq + 1
         else:
             config.deliver_policy = api.DeliverPolicy.BY_START_TIME
             config.opt_start_time = self._clock() - timedelta(seconds=self.replay_s)
-        ev_sub = await js.subscribe(
-            subjects.EVENTS_SUBJECTS, stream=subjects.EVENTS_STREAM, cb=self._on_event,
-            ordered_consumer=True, config=config, idle_heartbeat=2.0,
-            pending_msgs_limit=1_000_000, pending_bytes_limit=512 * 1024 * 1024,
-        )
-        self._subs.append(ev_sub)
+        pull = await js.pull_subscribe(
+            subjects.EVENTS_SUBJECTS, stream=subjects.EVENTS_STREAM, config=config)
+        self._pull = pull
+        self._pull_task = asyncio.create_task(self._pull_events(pull), name="console-events")
+
+    async def _pull_events(self, pull: JetStreamContext.PullSubscription) -> None:
+        idle = 0
+        try:
+            while True:
+                try:
+                    msgs = await pull.fetch(batch=FETCH_BATCH, timeout=1.0)
+                except nats.errors.TimeoutError:
+                    idle += 1
+                    if idle % 15 == 0:
+                        # A quiet stream, or a consumer that vanished (deleted, expired
+                        # while we were stalled)? The latter raises NotFoundError here.
+                        await pull.consumer_info()
+                    continue
+                idle = 0
+                for msg in msgs:
+                    self._apply_event(msg)
+                self._on_change()
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # consumer gone, connection closed: subscribe again
+            self._set_state("waiting", f"event stream interrupted: {exc!r}")
+            self._resync.set()
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
         try:
@@ -188,7 +231,7 @@ class Feed:
             log.warning("ignored: %s", error)
         self._on_change()
 
-    async def _on_event(self, msg: Msg) -> None:
+    def _apply_event(self, msg: Msg) -> None:
         meta = msg.metadata
         seq = meta.sequence.stream
         if seq <= self.last_seq:
@@ -200,7 +243,6 @@ class Feed:
         error = self.fleet.apply_event(msg.data)
         if error:
             log.warning("ignored %s: %s", msg.subject, error)
-        self._on_change()
 
 
 async def rpc(nc: NATS, subject: str, body: dict[str, Any], timeout: float = 5.0) -> RpcReply:

@@ -1,0 +1,179 @@
+"""Console benchmark: 1,000 simulated nodes writing status and events into a real nats-server.
+
+Prints the console's RSS, event ingestion rate (replay at start and live) and /api/fleet
+latency p50/p99 (idle and while events stream in). Targets: >= 5,000 events/s ingested,
+<= 100 ms p99 for the fleet view.
+
+    PATH=/tmp/gmvenv/bin:$PATH python bench/bench_console.py [--nodes 1000] [--events 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from console import sim
+from reconciler.events import Event, make_event
+from tests.conftest import free_port, start_nats
+
+TYPES = ["reconcile.started", "app.deployed", "app.health-changed", "reconcile.finished"]
+
+
+def make_events(nodes: int, count: int, start: datetime, revision: str) -> list[Event]:
+    out = []
+    for i in range(count):
+        node = f"node-{i % nodes:04d}"
+        typ = TYPES[(i // nodes) % len(TYPES)]
+        out.append(make_event(
+            typ, node, start + timedelta(milliseconds=i), revision=revision, app="web",
+            version="1.0.0", outcome="success" if typ == "reconcile.finished" else None,
+            duration_ms=800.0 + i % 400 if typ == "reconcile.finished" else None))
+    return out
+
+
+async def publish(url: str, events: list[Event], publishers: int = 4) -> float:
+    """Publish from several connections at once (nodes publish in parallel); seconds taken."""
+    conns = [await sim.connect(url) for _ in range(publishers)]
+    began = time.perf_counter()
+    await asyncio.gather(*(sim.publish_many(js, events[i::publishers])
+                           for i, (_, js, _) in enumerate(conns)))
+    took = time.perf_counter() - began
+    for nc, _, _ in conns:
+        await nc.close()
+    return took
+
+
+async def put_statuses(url: str, nodes: int) -> None:
+    nc, _, kv = await sim.connect(url)
+    roles = ["edge", "gateway", "db", "edge"]
+    for i in range(nodes):
+        state = "failed" if i % 97 == 0 else "progressing" if i % 31 == 0 else "synced"
+        await sim.put_status(kv, sim.node_status(
+            f"node-{i:04d}", state, labels={"role": roles[i % 4], "site": f"s{i % 7}"},
+            heartbeat_interval_s=600.0))
+    await nc.close()
+
+
+def wait_for(client: httpx.Client, events: int, nodes: int, timeout: float = 300) -> float:
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        try:
+            health = client.get("/api/health").json()
+            if health["events_total"] >= events and health["nodes"] >= nodes:
+                return time.perf_counter()
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.02)
+    raise SystemExit(f"console did not ingest {events} events within {timeout}s")
+
+
+def latency(client: httpx.Client, n: int) -> tuple[float, float, int]:
+    samples = []
+    size = 0
+    for _ in range(n):
+        began = time.perf_counter()
+        res = client.get("/api/fleet")
+        samples.append((time.perf_counter() - began) * 1000)
+        size = len(res.content)
+    samples.sort()
+    return statistics.median(samples), samples[int(len(samples) * 0.99) - 1], size
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--latency-only", metavar="URL", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.latency_only:
+        time.sleep(0.5)  # let the publishers get going
+        p50, p99, size = latency(httpx.Client(base_url=args.latency_only, timeout=30),
+                                 args.requests)
+        print(p50, p99, size)
+        return 0
+    tmp = Path(tempfile.mkdtemp(prefix="bench-console-"))
+    server = start_nats(tmp)
+    console = None
+    try:
+        now = datetime.now(UTC)
+        asyncio.run(put_statuses(server.url, args.nodes))
+        replay = make_events(args.nodes, args.events, now - timedelta(minutes=30), "a" * 40)
+        asyncio.run(publish(server.url, replay))
+
+        port = free_port()
+        began = time.perf_counter()
+        console = subprocess.Popen(
+            [sys.executable, "-m", "reconciler", "console", "--nats", server.url, "--port",
+             str(port), "--read-only"], stdout=subprocess.DEVNULL)
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        done = wait_for(client, args.events, args.nodes)
+        replay_rate = args.events / (done - began)
+        proc = psutil.Process(console.pid)
+        rss_replay = proc.memory_info().rss
+
+        p50, p99, size = latency(client, args.requests)
+
+        live = make_events(args.nodes, args.events, now, "b" * 40)
+
+        async def live_run() -> tuple[float, float]:
+            loop = asyncio.get_running_loop()
+            pub_began = time.perf_counter()
+            waiter = loop.run_in_executor(None, wait_for, client, 2 * args.events, args.nodes)
+            pub_took = await publish(server.url, live)
+            ingested_at = await waiter
+            return pub_took, ingested_at - pub_began
+
+        # fleet latency while events stream in, from a separate process (its own GIL)
+        async def loaded_latency() -> tuple[float, float, int]:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, __file__, "--latency-only", f"http://127.0.0.1:{port}",
+                "--requests", str(args.requests // 2), stdout=asyncio.subprocess.PIPE)
+            out, _ = await proc.communicate()
+            lp50, lp99, size = out.decode().split()
+            return float(lp50), float(lp99), int(size)
+
+        async def live_and_latency() -> tuple[tuple[float, float], tuple[float, float, int]]:
+            return await asyncio.gather(live_run(), loaded_latency())
+
+        (pub_took, ingest_took), (lp50, lp99, _) = asyncio.run(live_and_latency())
+        rss_live = proc.memory_info().rss
+        health = client.get("/api/health").json()
+        exact = health["events_total"] == 2 * args.events
+
+        print(f"nodes: {args.nodes}, events per phase: {args.events}, events kept: 5000")
+        print(f"replay at start: {replay_rate:,.0f} events/s ingested "
+              f"(console start to all {args.events} applied)")
+        print(f"live: publishers {args.events / pub_took:,.0f} events/s, console ingested "
+              f"{args.events / ingest_took:,.0f} events/s (end to end)")
+        print(f"console RSS: {rss_replay / 2**20:.1f} MiB after replay, "
+              f"{rss_live / 2**20:.1f} MiB after {2 * args.events} events")
+        print(f"/api/fleet ({size / 1024:.0f} KiB): p50 {p50:.1f} ms, p99 {p99:.1f} ms idle; "
+              f"p50 {lp50:.1f} ms, p99 {lp99:.1f} ms while ingesting")
+        print(f"events applied: {health['events_total']} "
+              f"({'exactly once' if exact else 'NOT exactly once'}), "
+              f"rejected {health['rejected']}")
+        ok = exact and (replay_rate >= 5000 and args.events / ingest_took >= 5000 and p99 <= 100)
+        print("targets (>= 5,000 events/s, <= 100 ms p99 idle):", "met" if ok else "MISSED")
+        return 0
+    finally:
+        if console is not None:
+            console.terminate()
+            console.wait(10)
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
