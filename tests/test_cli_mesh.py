@@ -29,6 +29,10 @@ HOOK = Path(reconciler.__file__).parent / "hooks" / "post-receive"
 
 def web_yaml(version: str, broken: bool = False) -> str:
     code = "import sys; sys.exit(3)" if broken else "import time; time.sleep(3600)"
+    # without a probe an app counts as healthy once started; the broken one has a probe
+    probe = f"""  exec:
+    command: [{json.dumps(PY)}, "-c", "raise SystemExit(1)"]
+""" if broken else ""
     return f"""\
 name: web
 version: "{version}"
@@ -37,7 +41,7 @@ run:
   env:
     API_KEY: {SECRET}
 health:
-  start_timeout: 5s
+{probe}  start_timeout: 5s
 restart:
   max_restarts: 1
 """
