@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import ssl
 import sys
 from typing import Any
 
-import nats
 import uvicorn
 from nats.aio.client import Client as NATS
 
@@ -17,40 +15,15 @@ from console.feed import Connector
 
 
 def nats_connector(args: argparse.Namespace) -> Connector:
-    """A Connector from the shared --nats* flags (reconciler.bus.NatsOptions when present)."""
-    try:
-        from reconciler.bus import NatsOptions, connect  # H5's connection options
-    except ImportError:
-        return _plain_connector(args)
+    """A Connector from the shared --nats* flags (reconciler.bus.NatsOptions and connect)."""
+    from reconciler.bus import NatsOptions, connect
+
     options = NatsOptions.from_args(args)
+    options.name = "gitops-mesh-console"
 
     async def connect_with(**callbacks: Any) -> NATS:
-        return await connect(options, **callbacks)
-
-    return connect_with
-
-
-def _plain_connector(args: argparse.Namespace) -> Connector:
-    servers = [s.strip() for s in (args.nats or "").split(",") if s.strip()]
-    kwargs: dict[str, Any] = {"servers": servers, "name": "gitops-mesh-console",
-                              "connect_timeout": 5}
-    if getattr(args, "nats_user", None):
-        kwargs["user"] = args.nats_user
-        kwargs["password"] = args.nats_password or os.environ.get("GITOPS_MESH_NATS_PASSWORD")
-    if getattr(args, "nats_token", None):
-        kwargs["token"] = args.nats_token
-    if getattr(args, "nats_nkey", None):
-        kwargs["nkeys_seed"] = args.nats_nkey
-    if getattr(args, "nats_creds", None):
-        kwargs["user_credentials"] = args.nats_creds
-    if getattr(args, "nats_ca", None) or getattr(args, "nats_cert", None):
-        context = ssl.create_default_context(cafile=args.nats_ca)
-        if args.nats_cert:
-            context.load_cert_chain(args.nats_cert, args.nats_key)
-        kwargs["tls"] = context
-
-    async def connect_with(**callbacks: Any) -> NATS:
-        return await nats.connect(**kwargs, **callbacks)
+        # the feed asks for endless reconnects; connect() bounds only the first attempt
+        return await connect(options, timeout=5.0, **callbacks)
 
     return connect_with
 

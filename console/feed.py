@@ -26,11 +26,10 @@ from reconciler import subjects
 
 log = logging.getLogger("gitops_mesh.console.feed")
 
-# Same shape the agents create (reconciler.bus): 7 days of events, dedup by Nats-Msg-Id
-# within 2 minutes; the status bucket keeps a short history per node.
-EVENTS_MAX_AGE_S = 7 * 24 * 3600
-EVENTS_DUPLICATE_WINDOW_S = 120
-KV_HISTORY = 5
+# Same shape the agents create (reconciler.bus), from the shared constants.
+EVENTS_MAX_AGE_S = subjects.EVENTS_MAX_AGE_S
+EVENTS_DUPLICATE_WINDOW_S = subjects.EVENTS_DEDUP_WINDOW_S
+KV_HISTORY = subjects.KV_HISTORY
 FETCH_BATCH = 500
 
 
@@ -206,10 +205,11 @@ class Feed:
             if not self.create_missing:
                 raise
         with contextlib.suppress(nats.js.errors.BadRequestError):  # created meanwhile
-            await js.add_stream(
+            await js.add_stream(api.StreamConfig(
                 name=subjects.EVENTS_STREAM, subjects=[subjects.EVENTS_SUBJECTS],
                 max_age=EVENTS_MAX_AGE_S, duplicate_window=EVENTS_DUPLICATE_WINDOW_S,
-            )
+                storage=api.StorageType.FILE, description="gitops-mesh events",
+            ))
 
     async def _ensure_bucket(self, js: JetStreamContext) -> None:
         try:
@@ -219,7 +219,8 @@ class Feed:
             if not self.create_missing:
                 raise
         with contextlib.suppress(nats.js.errors.BadRequestError):
-            await js.create_key_value(bucket=subjects.KV_BUCKET, history=KV_HISTORY)
+            await js.create_key_value(bucket=subjects.KV_BUCKET, history=KV_HISTORY,
+                                      description="gitops-mesh node status")
 
     async def _on_kv(self, msg: Msg) -> None:
         key = msg.subject[len(subjects.KV_SUBJECT_PREFIX) + 1:]

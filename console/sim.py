@@ -12,7 +12,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from console.feed import EVENTS_DUPLICATE_WINDOW_S, EVENTS_MAX_AGE_S, KV_HISTORY
+from console.feed import EVENTS_DUPLICATE_WINDOW_S, EVENTS_MAX_AGE_S, KV_HISTORY, Connector
 from reconciler import subjects
 from reconciler.events import Event, iso_time, make_event
 from reconciler.status import AppStatus, NodeStatus
@@ -30,6 +30,15 @@ async def ensure(js: JetStreamContext) -> KeyValue:
         return await js.key_value(subjects.KV_BUCKET)
     except Exception:
         return await js.create_key_value(bucket=subjects.KV_BUCKET, history=KV_HISTORY)
+
+
+def connector_for(url: str) -> Connector:
+    """The console's NATS connector for a plain URL (what `--nats URL` gives)."""
+    import argparse
+
+    from console.cli import nats_connector
+
+    return nats_connector(argparse.Namespace(nats=url))
 
 
 async def put_status(kv: KeyValue, status: NodeStatus) -> None:

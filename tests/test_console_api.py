@@ -18,7 +18,6 @@ from nats.aio.client import Client as NATS
 
 from console import sim
 from console.app import ConsoleConfig
-from console.cli import _plain_connector
 from reconciler.events import make_event
 from tests.conftest import NatsServer, eventually_async, free_port, start_nats
 
@@ -27,16 +26,10 @@ REV1 = "1" * 40
 REV2 = "2" * 40
 
 
-def connector(url: str) -> Any:
-    class Args:
-        nats = url
-    return _plain_connector(Args())  # type: ignore[arg-type]
-
-
 @pytest.fixture(scope="module")
 def console(nats_server: NatsServer) -> Iterator[sim.ConsoleThread]:
     config = ConsoleConfig(token=TOKEN, fleet_window=0.5, rpc_timeout=2.0)
-    thread = sim.ConsoleThread(config, connector(nats_server.url), free_port()).start()
+    thread = sim.ConsoleThread(config, sim.connector_for(nats_server.url), free_port()).start()
     yield thread
     thread.stop()
 
@@ -266,7 +259,7 @@ def test_cli_refuses_to_start_with_actions_and_no_token(tmp_path: Path) -> None:
 async def test_feed_resumes_after_a_nats_restart_without_losing_or_repeating_events(
         tmp_path: Path) -> None:
     server = start_nats(tmp_path)
-    thread = sim.ConsoleThread(ConsoleConfig(read_only=True), connector(server.url),
+    thread = sim.ConsoleThread(ConsoleConfig(read_only=True), sim.connector_for(server.url),
                                free_port()).start()
     try:
         async with httpx.AsyncClient(base_url=thread.url, timeout=10) as http:

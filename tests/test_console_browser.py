@@ -13,7 +13,6 @@ from playwright.async_api import Page, async_playwright, expect
 
 from console import sim
 from console.app import ConsoleConfig
-from console.cli import _plain_connector
 from tests.conftest import ARTIFACTS, NatsServer, free_port
 
 pytestmark = pytest.mark.browser
@@ -31,10 +30,7 @@ async def page(nats_server: NatsServer) -> AsyncIterator[Page]:
     if not shutil.which(CHROMIUM):
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
 
-    class Args:
-        nats = nats_server.url
-
-    console = sim.ConsoleThread(ConsoleConfig(token=TOKEN), _plain_connector(Args()),  # type: ignore[arg-type]
+    console = sim.ConsoleThread(ConsoleConfig(token=TOKEN), sim.connector_for(nats_server.url),
                                 free_port()).start()
     try:
         async with async_playwright() as pw:
