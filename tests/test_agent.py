@@ -22,11 +22,16 @@ from tests.conftest import SpecRepo, free_port, git, make_spec_repo
 
 APP_SCRIPT = textwrap.dedent('''
     """Test app: serves its version over HTTP on argv port (+ GITOPS_PORT_OFFSET)."""
-    import http.server, os, sys, time
+    import http.server, os, signal, sys, time
     port = int(sys.argv[1]) + int(os.environ.get("GITOPS_PORT_OFFSET", "0"))
     version, mode = sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "ok"
     with open(os.path.join(os.environ["GITOPS_APP_DIR"], "started"), "a") as out:
         out.write(repr(time.time()) + chr(10))
+    def on_term(*_):
+        with open(os.path.join(os.environ["GITOPS_APP_DIR"], "stopped"), "a") as out:
+            out.write(repr(time.time()) + chr(10))
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
     if mode == "exit":
         sys.exit(3)
     if mode.startswith("slow"):
@@ -691,3 +696,23 @@ async def test_port_offset_reaches_apps_and_probes(
     run = await agent.reconcile_now()
     assert run.outcome == "success", run.message
     assert get(base + offset) == "1 n1"  # the app listened on base + offset, the probe too
+
+
+async def test_stop_apps_on_exit_stops_dependents_first(
+    repo: SpecRepo, tmp_path: Path, app_script: Path
+) -> None:
+    ports = {name: free_port() for name in "abc"}
+    repo.write("apps/a.yaml", app_yaml(app_script, "a", "1", ports["a"]))
+    repo.write("apps/b.yaml", app_yaml(app_script, "b", "1", ports["b"], depends_on=("a",)))
+    repo.write("apps/c.yaml", app_yaml(app_script, "c", "1", ports["c"], depends_on=("b",)))
+    repo.commit_and_push()
+    agent = Agent(AgentConfig(node_id="x1", repo_url=repo.url, state_dir=tmp_path / "s",
+                              interval=3600, heartbeat=3600))
+    await agent.start(first_reconcile=False, schedule=False)
+    assert (await agent.reconcile_now()).outcome == "success"
+    dirs = {name: Path(agent.store.get_app(name).install_dir)  # type: ignore[arg-type, union-attr]
+            for name in "abc"}
+    await agent.close(stop_apps=True)
+    stopped = {name: float((d / "stopped").read_text()) for name, d in dirs.items()}
+    assert stopped["c"] <= stopped["b"] <= stopped["a"]
+    assert app_pids("x1") == {}
