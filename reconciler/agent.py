@@ -99,7 +99,12 @@ class Agent:
         self.repo_url = config.repo_url
         self.branch = config.branch
         state_dir = Path(config.state_dir)
-        self.store = Store(state_dir, outbox_max=config.outbox_max)
+        self._lock_fd = _lock_state_dir(state_dir)
+        try:
+            self.store = Store(state_dir, outbox_max=config.outbox_max)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         with self.store.transaction():  # for `status --state-dir` while the agent is down
             self.store.set_meta("node_id", config.node_id)
             self.store.set_meta("labels", json.dumps(self.labels, sort_keys=True))
@@ -232,6 +237,7 @@ class Agent:
         await asyncio.to_thread(self.source.close)
         self.telemetry.shutdown()
         self.store.close()
+        os.close(self._lock_fd)  # releases the state dir for the next agent
 
     def _stop_order(self) -> list[list[str]]:
         from reconciler.graph import DependencyGraph
@@ -825,6 +831,29 @@ class Agent:
 
 
 _SPEC_CACHE: dict[str, AppSpec] = {}
+
+
+class StateDirBusy(Exception):
+    """Another agent runs with this state dir."""
+
+
+def _lock_state_dir(state_dir: Path) -> int:
+    """Hold an exclusive lock on <state>/agent.lock for the agent's lifetime: two agents on
+    one state dir would adopt, restart and stop the same processes."""
+    import fcntl
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "agent.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StateDirBusy(f"{state_dir} is in use by another agent (pid {holder})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 async def _stop_stray(proc: ProcessRecord | None, timeout: float = 5.0) -> None:

@@ -81,13 +81,13 @@ def run_node(args: argparse.Namespace) -> int:
 
 
 async def _node(args: argparse.Namespace, config: Any) -> int:
-    from reconciler.agent import Agent
+    from reconciler.agent import Agent, StateDirBusy
     from reconciler.errors import ReconcileError
     from reconciler.store import StoreError
 
     try:
         agent = Agent(config)
-    except (StoreError, ReconcileError, ValueError, OSError) as exc:
+    except (StoreError, StateDirBusy, ReconcileError, ValueError, OSError) as exc:
         print(f"gitops-mesh node: {exc}", file=sys.stderr)
         return 1
     mesh = None

@@ -716,3 +716,11 @@ async def test_stop_apps_on_exit_stops_dependents_first(
     stopped = {name: float((d / "stopped").read_text()) for name, d in dirs.items()}
     assert stopped["c"] <= stopped["b"] <= stopped["a"]
     assert app_pids("x1") == {}
+
+
+async def test_one_agent_per_state_dir(repo: SpecRepo, make_agent: MakeAgent) -> None:
+    from reconciler.agent import StateDirBusy
+
+    agent = await make_agent(repo)
+    with pytest.raises(StateDirBusy, match=f"in use by another agent \\(pid {os.getpid()}\\)"):
+        Agent(agent.config)
