@@ -3,9 +3,11 @@
     PATH=/tmp/gmvenv/bin:$PATH python bench/bench_mesh.py [--nodes 1,10,50,100] [--events 20000]
 
 1. push -> `gitops-mesh wait` returns, for N nodes: a bare spec repo with the shipped
-   post-receive hook (which runs `gitops-mesh notify`), N agents in this process (the test
-   FakeAgent: reads apps.json with git, no processes; each with its own Store and Mesh), then
-   `git push` and `gitops-mesh wait --revision SHA` as subprocesses, timed together.
+   post-receive hook (which runs `gitops-mesh notify`), N agents in this process, each with
+   its own state dir, Store and Mesh, then `git push` and `gitops-mesh wait --revision SHA`
+   as subprocesses, timed together. `--agents real` (default): reconciler.agent.Agent with
+   its own git clone, apps without processes (`run` absent), so the numbers are the mesh and
+   the reconcile loop, not app start-up; `--agents fake`: tests/fake_agent.FakeAgent.
 2. event throughput from one agent's sqlite outbox to the GITOPS_EVENTS stream, next to the
    NATS floor (raw pipelined js.publish_async of the same payloads) in the same run.
 3. RPC `status` round trip p50/p99.
@@ -51,24 +53,47 @@ async def run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | Non
     return proc.returncode or 0
 
 
-async def bench_push_wait(tmp: Path, url: str, n: int, rounds: int = 3) -> list[float]:
-    repo = make_spec_repo(tmp / f"specs-{n}", {"apps.json": json.dumps({"web": {"version": 0}})})
+def spec(version: int) -> dict[str, str]:
+    return {
+        "apps.json": json.dumps({"web": {"version": version}}),  # for FakeAgent
+        "apps/web.yaml": f'name: web\nversion: "{version}"\n',  # for the real agent
+    }
+
+
+async def bench_push_wait(tmp: Path, url: str, n: int, kind: str, rounds: int = 3,
+                          ) -> list[float]:
+    repo = make_spec_repo(tmp / f"specs-{n}", spec(0))
     shutil.copy(HOOK, repo.bare / "hooks" / "post-receive")
-    meshes, stores = [], []
+    meshes, closers = [], []
     for i in range(n):
-        store = Store(tmp / f"n{n}-{i}")
-        agent = FakeAgent(store, f"b{n}-{i}", {"bench": str(n)}, repo_url=repo.url)
+        node, labels = f"b{n}-{i}", {"bench": str(n)}
+        if kind == "real":
+            from reconciler.agent import Agent, AgentConfig
+
+            agent = Agent(AgentConfig(node_id=node, repo_url=repo.url, labels=labels,
+                                      state_dir=tmp / f"n{n}-{i}", interval=3600.0))
+            await agent.start()
+            store = agent.store
+            closers.append(agent.close)
+        else:
+            store = Store(tmp / f"n{n}-{i}")
+            agent = FakeAgent(store, node, labels, repo_url=repo.url)  # type: ignore[assignment]
+            agent.trigger("startup")
+
+            async def close_store(store: Store = store) -> None:
+                store.close()
+
+            closers.append(close_store)
         mesh = Mesh(agent, store, NatsOptions(servers=[url]), heartbeat=10.0)
         await mesh.start()
-        agent.trigger("startup")
         meshes.append(mesh)
-        stores.append(store)
     while not all(m.ready for m in meshes):
         await asyncio.sleep(0.05)
     env = {**os.environ, "GITOPS_MESH_NATS": url, "GITOPS_MESH_BIN": f"{PY} -m reconciler"}
     times = []
     for r in range(1, rounds + 1):
-        repo.write("apps.json", json.dumps({"web": {"version": r}}))
+        for path, text in spec(r).items():
+            repo.write(path, text)
         git(repo.work, "add", "-A")
         git(repo.work, "commit", "-q", "-m", f"round {r}")
         sha = git(repo.work, "rev-parse", "HEAD")
@@ -81,8 +106,8 @@ async def bench_push_wait(tmp: Path, url: str, n: int, rounds: int = 3) -> list[
             print(f"  ! wait failed for {n} nodes")
     for mesh in meshes:
         await mesh.close()
-    for store in stores:
-        store.close()
+    for close in closers:
+        await close()
     return times
 
 
@@ -157,6 +182,7 @@ async def main() -> None:
     parser.add_argument("--nodes", default="1,10,50,100")
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--rpc-calls", type=int, default=1000)
+    parser.add_argument("--agents", choices=["real", "fake"], default="real")
     args = parser.parse_args()
     import logging
 
@@ -164,10 +190,12 @@ async def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-mesh-"))
     server = start_nats(tmp)
     try:
-        print(f"nats-server {server.url}, {os.cpu_count()} CPUs, agents: tests/fake_agent.py")
+        agents = ("reconciler.agent.Agent (own clone each, apps without processes)"
+                  if args.agents == "real" else "tests/fake_agent.FakeAgent")
+        print(f"nats-server {server.url}, {os.cpu_count()} CPUs, agents: {agents}")
         print("push -> wait returns (git push with the notify hook + `gitops-mesh wait`):")
         for n in [int(x) for x in args.nodes.split(",") if x]:
-            times = await bench_push_wait(tmp, server.url, n)
+            times = await bench_push_wait(tmp, server.url, n, args.agents)
             print(f"  {n:4d} node(s): median {statistics.median(times):.2f}s  "
                   f"(rounds: {', '.join(f'{t:.2f}' for t in times)})")
         rate, floor = await bench_events(tmp, server.url, args.events)
