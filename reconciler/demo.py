@@ -177,22 +177,23 @@ def try_this(cli: str, repo: Path, nats_url: str, url: str, workdir: Path) -> st
     return f"""
 Try this (in another terminal):
 
-  # 1. roll out: clone the spec repo, bump a version, push. The post-receive hook tells every
-  #    node at once; watch the rollout in the console ({url}).
+  # 1. roll out: upgrade the api to 1.1.0 and push. The post-receive hook tells every node at
+  #    once; watch the rollout in the console ({url}).
   git clone {q(str(repo))} {q(str(clone))} && cd {q(str(clone))}
-  sed -i 's/^version: .*/version: "1.1.0"/' apps/hello.yaml
-  git commit -qam "hello 1.1.0" && git push -q
+  cp upgrades/api-1.1.0.yaml apps/api.yaml
+  git commit -qam "api 1.1.0" && git push -q
   {cli} wait --nats {nats_url} --revision "$(git rev-parse HEAD)"
 
-  # 2. roll back: break hello's health check, push, and watch each node roll back to the
-  #    last good version (the node reports failed for that rollout).
-  sed -i 's#/healthz#/broken#' apps/hello.yaml
-  sed -i 's/^version: .*/version: "1.2.0"/' apps/hello.yaml
-  git commit -qam "hello 1.2.0 (broken)" && git push -q
+  # 2. roll back: push api 1.2.0, whose health check fails. Every node tries it, rolls back
+  #    to 1.1.0 and reports the rollout failed.
+  cp upgrades/api-1.2.0-broken.yaml apps/api.yaml
+  git commit -qam "api 1.2.0 (broken)" && git push -q
+  {cli} wait --nats {nats_url} --revision "$(git rev-parse HEAD)"   # exits 1: failed
 
-  # fleet status and an immediate reconcile from the command line:
+  # fleet status, one node, and an immediate reconcile from the command line:
   {cli} status --nats {nats_url}
-  {cli} reconcile --nats {nats_url} --all
+  {cli} status --nats {nats_url} --node edge-1
+  {cli} reconcile --nats {nats_url} --selector role=edge
 
 Ctrl-C stops everything the demo started."""
 

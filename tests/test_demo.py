@@ -1,0 +1,185 @@
+"""`gitops-mesh demo` end to end: three nodes sync, a push rolls out, Ctrl-C leaves nothing."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from reconciler.demo import demo_nodes, fleet_ready, hook_wrapper, node_line, try_this
+from tests.conftest import eventually, free_port, git
+
+
+class DemoProcess:
+    """`python -m reconciler demo` as a user runs it, with its output and every descendant
+    process it ever had (collected while it runs, so nothing can hide after exit)."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.process = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self.seen: dict[int, psutil.Process] = {}
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def track(self) -> None:
+        try:
+            for proc in psutil.Process(self.process.pid).children(recursive=True):
+                self.seen.setdefault(proc.pid, proc)
+        except psutil.NoSuchProcess:
+            pass
+
+    def alive(self) -> list[str]:
+        left = []
+        for pid, proc in self.seen.items():
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    left.append(f"{pid} {' '.join(proc.cmdline())[:120]}")
+            except psutil.NoSuchProcess:
+                pass
+        return left
+
+    def kill_everything(self) -> None:
+        self.track()
+        for proc in [psutil.Process(self.process.pid), *self.seen.values()]:
+            try:
+                if proc.is_running():
+                    os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
+            except (psutil.Error, ProcessLookupError, PermissionError):
+                pass
+        self.process.wait(10)
+
+
+def _fleet(port: int) -> list[dict[str, Any]]:
+    try:
+        response = httpx.get(f"http://127.0.0.1:{port}/api/fleet", timeout=3)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:  # the console is not up yet
+        raise AssertionError(f"console: {exc}") from exc
+    nodes: list[dict[str, Any]] = response.json()["nodes"]
+    return nodes
+
+
+def test_demo_syncs_rolls_out_a_push_and_stops_everything(tmp_path: Path) -> None:
+    port = free_port()
+    state = tmp_path / "demo-state"
+    demo = DemoProcess(
+        [sys.executable, "-m", "reconciler", "demo", "--port", str(port), "--state-dir", str(state)]
+    )
+    try:
+        def synced_at(revision: str | None) -> bool:
+            demo.track()
+            assert demo.process.poll() is None, f"demo exited:\n{demo.output}"
+            nodes = _fleet(port)
+            got = {n["node"]: (n["status"], n["revision"]) for n in nodes}
+            assert len(got) == 3, got
+            return all(
+                status == "synced" and (revision is None or rev == revision)
+                for status, rev in got.values()
+            )
+
+        eventually(lambda: synced_at(None), timeout=150, interval=0.5,
+                   what="the console shows 3 synced nodes")
+        eventually(lambda: "demo ready: 3 nodes synced" in demo.output, timeout=10,
+                   what="the readiness line")
+        labels = {n["node"]: n["labels"].get("role") for n in _fleet(port)}
+        assert labels == {"gateway-1": "gateway", "edge-1": "edge", "edge-2": "edge"}
+
+        # The user's part of the tour: clone the repo the demo printed, upgrade the api, push.
+        match = re.search(r"^\s*repo:\s+(\S+) at ", demo.output, re.M)
+        assert match, demo.output
+        clone = tmp_path / "clone"
+        git(tmp_path, "clone", "-q", match.group(1), str(clone))
+        shutil.copyfile(clone / "upgrades" / "api-1.1.0.yaml", clone / "apps" / "api.yaml")
+        git(clone, "commit", "-qam", "api 1.1.0")
+        git(clone, "push", "-q", "origin", "HEAD:main")
+        revision = git(clone, "rev-parse", "HEAD")
+        eventually(lambda: synced_at(revision), timeout=90, interval=0.5,
+                   what=f"every node synced at the pushed revision {revision[:8]}")
+        api = httpx.get(f"http://127.0.0.1:{port}/api/apps/api", timeout=3).json()
+        assert {(row["node"], row["version"], row["phase"]) for row in api["nodes"]} == {
+            ("gateway-1", "1.1.0", "running"), ("edge-1", "1.1.0", "running"),
+            ("edge-2", "1.1.0", "running"),
+        }
+
+        demo.track()
+        assert len(demo.seen) > 5, "apps ran besides nats-server, 3 agents and the console"
+        demo.process.send_signal(signal.SIGINT)
+        assert demo.process.wait(90) == 0, demo.output
+        assert demo.alive() == []
+        assert "demo stopped" in demo.output
+        assert not (state / "nodes").exists(), "without --keep the demo removes its state"
+    finally:
+        if demo.process.poll() is None:
+            demo.kill_everything()
+        left = demo.alive()
+        for pid in left:
+            os.kill(int(pid.split()[0]), signal.SIGKILL)
+        (Path(os.environ.get("GITOPS_TEST_ARTIFACTS", "test-artifacts")) / "demo.log").write_text(
+            demo.output
+        )
+
+
+# --- the demo's pure helpers ------------------------------------------------------------
+
+
+def test_demo_nodes_get_labels_and_distinct_port_offsets() -> None:
+    nodes = demo_nodes(3)
+    assert [(n.node_id, n.labels["role"], n.port_offset) for n in nodes] == [
+        ("gateway-1", "gateway", 0), ("edge-1", "edge", 100), ("edge-2", "edge", 200),
+    ]
+
+
+def test_fleet_ready_needs_every_node_synced_at_the_revision() -> None:
+    synced = {"status": "synced", "revision": "abc"}
+    assert fleet_ready({"a": synced, "b": synced}, ["a", "b"], "abc")
+    assert not fleet_ready({"a": synced}, ["a", "b"], "abc")
+    assert not fleet_ready({"a": synced, "b": {**synced, "revision": "old"}}, ["a", "b"], "abc")
+    assert not fleet_ready({"a": synced, "b": {**synced, "status": "progressing"}},
+                           ["a", "b"], "abc")
+    # with --keep the KV still holds the previous run's statuses: only a reconcile of this
+    # run counts
+    since = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    fresh = {**synced, "last_reconcile_at": "2026-01-02T03:04:05.120Z"}
+    stale = {**synced, "last_reconcile_at": "2026-01-02T03:04:04.999Z"}
+    assert fleet_ready({"a": fresh}, ["a"], "abc", since)
+    assert not fleet_ready({"a": stale}, ["a"], "abc", since)
+    assert not fleet_ready({"a": synced}, ["a"], "abc", since)
+
+
+def test_node_line_and_hook_wrapper() -> None:
+    line = node_line({"node": "edge-1", "status": "synced", "revision": "0123456789ab",
+                      "message": "all apps running and healthy"})
+    assert line == "edge-1       synced       @01234567 all apps running and healthy"
+    assert hook_wrapper("nats://127.0.0.1:4222", "/venv/bin/gitops-mesh") == (
+        "#!/bin/sh\n"
+        "# written by gitops-mesh demo: announce pushes to the demo's nats-server\n"
+        "GITOPS_MESH_NATS=nats://127.0.0.1:4222\n"
+        "GITOPS_MESH_BIN=/venv/bin/gitops-mesh\n"
+        "export GITOPS_MESH_NATS GITOPS_MESH_BIN\n"
+        'exec "$(dirname "$0")/post-receive.gitops-mesh"\n'
+    )
+    text = try_this("gitops-mesh", Path("/s/specs.git"), "nats://x:1", "http://c/", Path("/t"))
+    assert "git clone /s/specs.git /t/my-specs" in text
+    assert 'gitops-mesh wait --nats nats://x:1 --revision "$(git rev-parse HEAD)"' in text
