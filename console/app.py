@@ -61,6 +61,7 @@ class ConsoleConfig:
     push_interval: float = 0.25   # coalescing: at most one push per stream per interval
     tick: float = 2.0             # re-check clock-derived state (unreachable) this often
     rpc_timeout: float = 5.0
+    max_streams: int = 500        # concurrent live streams (browser tabs) served at once
     fleet_window: float = 1.0     # how long fleet reconcile collects replies
     replay_s: float = 3600.0
 
@@ -106,6 +107,7 @@ class Console:
     pulse: Pulse = field(default_factory=Pulse)
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     closing: bool = False
+    streams: int = 0
     _cache: dict[tuple[Any, ...], Any] = field(default_factory=dict)
 
     def view(self, kind: str, *args: Any) -> Any:
@@ -273,8 +275,10 @@ def create_app(
             args = _event_query(request)
         else:
             return _error(404, f"no stream {kind!r}; use overview, node, app, rollout, events")
+        if console.streams >= config.max_streams:
+            return _error(503, f"too many live streams ({config.max_streams}); try again later")
         return StreamingResponse(
-            _sse(console, kind, args), media_type="text/event-stream",
+            _counted(console, _sse(console, kind, args)), media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
 
@@ -506,6 +510,15 @@ async def _sse(console: Console, kind: str, args: tuple[Any, ...]) -> AsyncItera
         await asyncio.sleep(config.push_interval)
         if console.fleet.version == seen_version:
             await console.pulse.wait(max(0.0, next_tick - time.monotonic()))
+
+
+async def _counted(console: Console, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    console.streams += 1
+    try:
+        async for chunk in stream:
+            yield chunk
+    finally:
+        console.streams -= 1
 
 
 def _overview_delta(view: dict[str, Any], sent: dict[str, Any], first: bool

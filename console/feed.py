@@ -20,6 +20,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
 
 from console.fleet import Fleet
 from reconciler import subjects
@@ -198,29 +199,10 @@ class Feed:
             self._resync.set()
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
-        try:
-            await js.stream_info(subjects.EVENTS_STREAM)
-            return
-        except nats.js.errors.NotFoundError:
-            if not self.create_missing:
-                raise
-        with contextlib.suppress(nats.js.errors.BadRequestError):  # created meanwhile
-            await js.add_stream(api.StreamConfig(
-                name=subjects.EVENTS_STREAM, subjects=[subjects.EVENTS_SUBJECTS],
-                max_age=EVENTS_MAX_AGE_S, duplicate_window=EVENTS_DUPLICATE_WINDOW_S,
-                storage=api.StorageType.FILE, description="gitops-mesh events",
-            ))
+        await ensure_stream(js, create=self.create_missing)
 
     async def _ensure_bucket(self, js: JetStreamContext) -> None:
-        try:
-            await js.key_value(subjects.KV_BUCKET)
-            return
-        except nats.js.errors.BucketNotFoundError:
-            if not self.create_missing:
-                raise
-        with contextlib.suppress(nats.js.errors.BadRequestError):
-            await js.create_key_value(bucket=subjects.KV_BUCKET, history=KV_HISTORY,
-                                      description="gitops-mesh node status")
+        await ensure_bucket(js, create=self.create_missing)
 
     async def _on_kv(self, msg: Msg) -> None:
         key = msg.subject[len(subjects.KV_SUBJECT_PREFIX) + 1:]
@@ -244,6 +226,38 @@ class Feed:
         error = self.fleet.apply_event(msg.data)
         if error:
             log.warning("ignored %s: %s", msg.subject, error)
+
+
+async def ensure_stream(js: JetStreamContext, create: bool = True) -> None:
+    """The events stream exists afterwards (created with the agents' config if missing)."""
+    try:
+        await js.stream_info(subjects.EVENTS_STREAM)
+        return
+    except nats.js.errors.NotFoundError:
+        if not create:
+            raise
+    try:
+        await js.add_stream(api.StreamConfig(
+            name=subjects.EVENTS_STREAM, subjects=[subjects.EVENTS_SUBJECTS],
+            max_age=EVENTS_MAX_AGE_S, duplicate_window=EVENTS_DUPLICATE_WINDOW_S,
+            storage=api.StorageType.FILE, description="gitops-mesh events",
+        ))
+    except nats.js.errors.BadRequestError:
+        await js.stream_info(subjects.EVENTS_STREAM)  # an agent created it meanwhile
+
+
+async def ensure_bucket(js: JetStreamContext, create: bool = True) -> KeyValue:
+    """The status bucket (created with the agents' config if missing)."""
+    try:
+        return await js.key_value(subjects.KV_BUCKET)
+    except nats.js.errors.BucketNotFoundError:
+        if not create:
+            raise
+    try:
+        return await js.create_key_value(bucket=subjects.KV_BUCKET, history=KV_HISTORY,
+                                         description="gitops-mesh node status")
+    except nats.js.errors.BadRequestError:
+        return await js.key_value(subjects.KV_BUCKET)  # created meanwhile
 
 
 async def rpc(nc: NATS, subject: str, body: dict[str, Any], timeout: float = 5.0) -> RpcReply:

@@ -12,7 +12,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from console.feed import EVENTS_DUPLICATE_WINDOW_S, EVENTS_MAX_AGE_S, KV_HISTORY, Connector
+from console.feed import Connector, ensure_bucket, ensure_stream
 from reconciler import subjects
 from reconciler.events import Event, iso_time, make_event
 from reconciler.status import AppStatus, NodeStatus
@@ -20,16 +20,8 @@ from reconciler.status import AppStatus, NodeStatus
 
 async def ensure(js: JetStreamContext) -> KeyValue:
     """The events stream and the status bucket (created like agents create them)."""
-    try:
-        await js.stream_info(subjects.EVENTS_STREAM)
-    except Exception:
-        await js.add_stream(name=subjects.EVENTS_STREAM, subjects=[subjects.EVENTS_SUBJECTS],
-                            max_age=EVENTS_MAX_AGE_S,
-                            duplicate_window=EVENTS_DUPLICATE_WINDOW_S)
-    try:
-        return await js.key_value(subjects.KV_BUCKET)
-    except Exception:
-        return await js.create_key_value(bucket=subjects.KV_BUCKET, history=KV_HISTORY)
+    await ensure_stream(js)
+    return await ensure_bucket(js)
 
 
 def connector_for(url: str) -> Connector:

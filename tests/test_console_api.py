@@ -290,3 +290,26 @@ async def test_feed_resumes_after_a_nats_restart_without_losing_or_repeating_eve
     finally:
         thread.stop()
         server.stop()
+
+
+async def test_a_silent_node_turns_unreachable_on_the_open_stream(
+        nc: NATS, http: httpx.AsyncClient) -> None:
+    kv = await nc.jetstream().key_value("gitops_nodes")
+    # heartbeat every 0.2 s: after 0.6 s of silence the node is unreachable, with no new
+    # NATS traffic at all; the stream must notice by itself
+    await sim.put_status(kv, sim.node_status("quiet-n1", heartbeat_interval_s=0.2))
+    async with http.stream("GET", "/api/stream/overview?status=unreachable") as res:
+        async for msg in read_sse(res):
+            cards = msg["full"]["nodes"] if "full" in msg else msg["delta"]["upsert"]
+            if any(c["node"] == "quiet-n1" and c["status"] == "unreachable" for c in cards):
+                break
+    cards = await get(http, "/api/nodes?status=unreachable")
+    assert [c["reported_status"] for c in cards if c["node"] == "quiet-n1"] == ["synced"]
+
+
+async def test_stream_requests_are_checked(http: httpx.AsyncClient) -> None:
+    assert await get(http, "/api/stream/node", 400) == {"error": "stream 'node' needs ?name="}
+    assert (await get(http, "/api/stream/bogus", 404))["error"].startswith("no stream 'bogus'")
+    assert await get(http, "/api/stream/overview?status=fine", 400) == {
+        "error": "status filter 'fine': expected one of synced, progressing, degraded, "
+                 "failed, suspended, unreachable"}
