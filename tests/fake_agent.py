@@ -172,13 +172,15 @@ async def _main(argv: list[str]) -> None:
     parser.add_argument("--repo", default="")
     parser.add_argument("--branch", default="main")
     parser.add_argument("--label", action="append", default=[])
+    parser.add_argument("--heartbeat", type=float, default=1.0)
     args = parser.parse_args(argv)
     store = Store(Path(args.state_dir))
     labels = dict(item.split("=", 1) for item in args.label)
     agent = FakeAgent(store, args.node_id, labels, repo_url=args.repo, branch=args.branch)
     for i in range(args.emit):
         agent.record("app.health-changed", app="a", message=f"emit {i}")
-    mesh = Mesh(agent, store, NatsOptions(servers=[args.nats]), heartbeat=1.0)
+    mesh = Mesh(agent, store, NatsOptions(servers=[args.nats]),
+                heartbeat=args.heartbeat)
     await mesh.start()
     if args.repo:
         agent.trigger("startup")

@@ -278,3 +278,59 @@ def test_notify_without_nats_fails_clearly_and_the_hook_never_fails_a_push(
         repo.commit_and_push("push while NATS is down")  # check=True: the push succeeds
     finally:
         os.environ.pop("GITOPS_MESH_NATS")
+
+
+def test_hook_announces_each_updated_branch_only(tmp_path: Path) -> None:
+    """The hook's own logic: branches only (no tags, no deletions), repo = its real path."""
+    record = tmp_path / "calls"
+    fake_cli = tmp_path / "fake-gitops-mesh"
+    fake_cli.write_text(f'#!/bin/sh\necho "$@" >> {record}\n')
+    fake_cli.chmod(0o755)
+    bare = tmp_path / "specs.git"
+    bare.mkdir()
+    zero, a, b = "0" * 40, "a" * 40, "b" * 40
+    stdin = (f"{zero} {a} refs/heads/main\n{a} {b} refs/heads/feature/x\n"
+             f"{zero} {a} refs/tags/v1\n{a} {zero} refs/heads/gone\n")
+    env = {"PATH": os.environ["PATH"], "GITOPS_MESH_NATS": "nats://127.0.0.1:1",
+           "GITOPS_MESH_BIN": str(fake_cli)}
+    done = subprocess.run([str(HOOK)], input=stdin, cwd=bare, env=env, text=True,
+                          capture_output=True, check=True)
+    assert done.stderr == ""
+    repo = str(bare.resolve())
+    assert record.read_text().splitlines() == [
+        f"notify --repo {repo} --branch main --revision {a}",
+        f"notify --repo {repo} --branch feature/x --revision {b}",
+    ]
+    # without GITOPS_MESH_NATS the hook does nothing (and never fails the push)
+    record.unlink()
+    subprocess.run([str(HOOK)], input=stdin, cwd=bare, text=True, check=True,
+                   env={"PATH": os.environ["PATH"], "GITOPS_MESH_BIN": str(fake_cli)})
+    assert not record.exists()
+
+
+def test_status_of_a_stopped_node_comes_from_the_kv_and_turns_unreachable(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    node = "gone-node"
+    proc = subprocess.Popen(
+        [PY, str(TESTS / "fake_agent.py"), "--nats", nats_server.url, "--node-id", node,
+         "--state-dir", str(tmp_path / "state"), "--heartbeat", "0.2"],
+        stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(TESTS.parent)},
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+    eventually(lambda: cli(nats_server.url, "status", "--node", node).returncode == 0)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(10)
+
+    def unreachable() -> dict[str, object]:
+        done = cli(nats_server.url, "status", "--node", node, "--json")
+        assert done.returncode == 0, done.stderr  # answered from the KV: RPC is gone
+        data: dict[str, object] = json.loads(done.stdout)
+        assert data["status"] == "unreachable", data["status"]
+        return data
+
+    data = eventually(unreachable, timeout=15, interval=0.2)
+    assert data["node"] == node and data["heartbeat_interval_s"] == 0.2
+    table = cli(nats_server.url, "status")
+    row = next(line.split() for line in table.stdout.splitlines() if line.startswith(node))
+    assert row[1] == "unreachable"
