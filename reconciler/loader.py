@@ -249,6 +249,8 @@ class _Composer:
         value, origin, size, first, last = target
         self.aliases += 1
         self.alias_nodes += size
+        # Counted as expanded, so an anchor made of aliases has its full expanded size.
+        self.nodes += size - 1
         if self.aliases > MAX_ALIASES or self.alias_nodes > MAX_ALIAS_NODES:
             raise _Refused(
                 mark.line + 1,
@@ -353,8 +355,9 @@ def _yaml_error(path: str, text: str, exc: yaml.YAMLError) -> SpecProblem:
         return SpecProblem(path, mark.line + 1, mark.column + 1, f"YAML syntax error: {message}")
     if isinstance(exc, yaml.reader.ReaderError):
         line, col = _line_col(text, exc.position)
+        char = chr(exc.character) if isinstance(exc.character, int) else exc.character
         return SpecProblem(
-            path, line, col, f"character {exc.character!r} is not allowed in YAML ({exc.reason})"
+            path, line, col, f"character {char!r} is not allowed in YAML ({exc.reason})"
         )
     return SpecProblem(path, 1, 1, f"YAML error: {exc}")
 
