@@ -18,7 +18,6 @@ from reconciler.loader import (
 )
 from reconciler.spec import AppSpec, Selector
 from reconciler.targeting import desired_for_node, parse_labels, selector_implies
-
 from tests.conftest import make_spec_repo
 
 
