@@ -227,6 +227,8 @@ class Agent:
             with self.store.transaction():
                 for name in self.store.apps():
                     self.store.set_process(name, None)
+                    self.store.update_app(name, health="unknown",
+                                          message="stopped when the agent exited")
         await self.runtime.close(stop_apps=stop_apps)
         try:
             with self.store.transaction():

@@ -393,7 +393,8 @@ def read_snapshot(state_dir: Path) -> StoreSnapshot | None:
         raise StoreError(f"{path}: cannot open the state store: {exc}") from exc
     db.row_factory = sqlite3.Row
     try:
-        apps = {r["name"]: _row_to_record(r) for r in db.execute("SELECT * FROM apps")}
+        apps = {r["name"]: _row_to_record(r)
+                for r in db.execute("SELECT * FROM apps ORDER BY name")}
         meta = {r["key"]: r["value"] for r in db.execute("SELECT key, value FROM meta")}
         backlog = int(db.execute("SELECT count(*) FROM outbox").fetchone()[0])
     except sqlite3.DatabaseError as exc:
