@@ -18,6 +18,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js.api import StorageType, StreamConfig
+from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from reconciler.agent_api import AgentAPI, Outbox, OutboxEntry
@@ -67,6 +68,7 @@ class Mesh:
         self._now = now
         self._nc: NATS | None = None
         self._kv: KeyValue | None = None
+        self._js: JetStreamContext | None = None
         self.endpoints = NodeEndpoints(agent, self.snapshot)
         self._setup_done = False
         self._stream_ready = False
@@ -212,7 +214,7 @@ class Mesh:
 
     async def _ensure_kv(self, nc: NATS) -> KeyValue:
         if self._kv is None:
-            js = nc.jetstream()
+            js = self._jetstream(nc)
             try:
                 self._kv = await js.key_value(KV_BUCKET)
             except nats.js.errors.BucketNotFoundError:
@@ -248,8 +250,14 @@ class Mesh:
                 return
 
     # ---- events: outbox -> JetStream ---------------------------------------------------
+    def _jetstream(self, nc: NATS) -> JetStreamContext:
+        """One context per connection: each one opens its own publish_async reply inbox."""
+        if self._js is None:
+            self._js = nc.jetstream()
+        return self._js
+
     async def _ensure_stream(self, nc: NATS) -> None:
-        js = nc.jetstream()
+        js = self._jetstream(nc)
         try:
             await js.stream_info(EVENTS_STREAM)
         except nats.js.errors.NotFoundError:
@@ -304,7 +312,7 @@ class Mesh:
         try:
             if not self._stream_ready:
                 await self._ensure_stream(nc)
-            js = nc.jetstream()
+            js = self._jetstream(nc)
             futures = [
                 await js.publish_async(
                     entry.subject, entry.payload, headers={"Nats-Msg-Id": entry.event_id}

@@ -114,7 +114,7 @@ async def test_events_reach_the_stream_in_order_with_msg_id(
     agent = FakeAgent(store, "ev1")
     for i in range(40):  # a backlog from before NATS was configured
         agent.record("app.deployed", app="web", version=str(i), revision="r1")
-    mesh = Mesh(agent, store, NatsOptions(servers=[nats_server.url]))
+    mesh = Mesh(agent, store, NatsOptions(servers=[nats_server.url]), batch=4)
     await mesh.start()
     for i in range(40, 60):
         agent.record("app.health-changed", app="web", message=f"change {i}")
@@ -135,6 +135,9 @@ async def test_events_reach_the_stream_in_order_with_msg_id(
     }
     assert first["time"].endswith("Z")
     assert store.outbox_stats() == (0, 0)
+    # 15 batches, yet no subscription per batch (nats-py has no public count: peek):
+    # 9 $SRV + 7 endpoints + 2 triggers + the publish_async reply inbox
+    assert mesh._nc is not None and len(mesh._nc._subs) <= 20
     await mesh.close()
     store.close()
 
