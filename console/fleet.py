@@ -116,7 +116,8 @@ class Fleet:
         if events_keep < 1:
             raise ValueError("events_keep must be at least 1")
         self.nodes: dict[str, NodeStatus] = {}
-        self.events: deque[Event] = deque(maxlen=events_keep)
+        # (event time as epoch seconds, arrival number, event), in arrival order
+        self.events: deque[tuple[float, int, Event]] = deque(maxlen=events_keep)
         self.revisions: OrderedDict[str, RevisionStats] = OrderedDict()
         self.revisions_keep = revisions_keep
         # node -> revision of its latest source.fetched event (rollout targeting)
@@ -157,8 +158,9 @@ class Fleet:
                 event = Event.model_validate_json(data)
             except ValidationError as exc:
                 return self._reject(f"event: {_first_error(exc)}")
-        self.events.append(event)
+        when = parse_time(event.time)
         self.events_total += 1
+        self.events.append((when.timestamp() if when else 0.0, self.events_total, event))
         self.version += 1
         if event.revision:
             self._count_revision(event)
@@ -406,14 +408,14 @@ class Fleet:
         return out
 
     def event_log(self, where: EventFilter | None = None, limit: int = 200) -> list[dict[str, Any]]:
-        """Newest first, at most `limit` events matching `where`."""
-        out: list[dict[str, Any]] = []
-        for event in reversed(self.events):
-            if where is None or where.matches(event):
-                out.append(event.model_dump(mode="json", exclude_none=True))
-                if len(out) >= limit:
-                    break
-        return out
+        """Newest first (by event time, then arrival), at most `limit` events matching `where`.
+
+        Arrival order alone would interleave nodes whose outboxes drain late (after an
+        outage) with fresh events; the log should read like a timeline.
+        """
+        rows = [row for row in self.events if where is None or where.matches(row[2])]
+        rows.sort(key=lambda row: (row[0], row[1]), reverse=True)
+        return [e.model_dump(mode="json", exclude_none=True) for _, _, e in rows[:limit]]
 
     def series(self, now: datetime, window_s: float = 6 * 3600) -> list[dict[str, Any]]:
         """Per revision seen in the window, oldest first: reconcile durations and convergence.

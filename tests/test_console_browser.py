@@ -137,6 +137,14 @@ async def test_console_is_live_and_actions_need_the_token(page: Page,
             "reconcile.started")
         await page.screenshot(path=str(ARTIFACTS / "console-node.png"), full_page=True)
 
+        # per-app actions carry the app; the node's errors (400) are shown as they are
+        await page.click('tr[data-app="web"] button[data-app-action="suspend"]')
+        await expect(page.locator("#flash")).to_contain_text('suspend web: {"suspend":true}')
+        await page.click('tr[data-app="api"] button[data-app-action="health"]')
+        await expect(page.locator("#flash")).to_contain_text(
+            "refused (400): unknown app 'api'; this node has: web")
+        assert node.calls[1:] == [("suspend", {"app": "web"}), ("health", {"app": "api"})]
+
         # -- event log: filter by type, newest first, links to node and app
         await page.goto("/events?type=reconcile.started")
         first = page.locator("#events-table tbody tr").first

@@ -370,12 +370,31 @@
         h("td", {}, a.cpu_percent != null ? `${a.cpu_percent.toFixed(1)}%` : "—"),
         h("td", {}, bytes(a.rss_bytes)),
         h("td", {}, a.message || ""),
+        actionsOn ? h("td", { class: "row-actions" },
+          h("button", { type: "button", class: "ghost small-btn", "data-app-action": "health", "data-app": a.name, text: "Check" }),
+          a.suspended
+            ? h("button", { type: "button", class: "ghost small-btn", "data-app-action": "resume", "data-app": a.name, text: "Resume" })
+            : h("button", { type: "button", class: "ghost small-btn", "data-app-action": "suspend", "data-app": a.name, text: "Suspend" }))
+          : null,
       ));
       $("#apps-table tbody").replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { class: "empty", text: "no apps" }))]));
       eventRows($("#events-table tbody"), v.events, false);
     }
     render(initial);
     stream({ name: pageName }, (msg) => render(msg.full));
+    // per-app buttons are re-rendered with every push: one delegated listener
+    $("#apps-table").addEventListener("click", async (e) => {
+      const btn = e.target.closest("[data-app-action]");
+      if (!btn) return;
+      const action = btn.dataset.appAction, app = btn.dataset.app;
+      btn.disabled = true;
+      const res = await act(`/api/nodes/${encodeURIComponent(pageName)}/${action}`, { app });
+      btn.disabled = false;
+      if (res) {
+        const { node, action: _a, ...rest } = res;
+        flash(`${action} ${app}: ${JSON.stringify(rest)}`, "ok");
+      }
+    });
     for (const btn of document.querySelectorAll("[data-action]")) {
       btn.addEventListener("click", async () => {
         const action = btn.dataset.action;
