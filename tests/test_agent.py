@@ -39,10 +39,12 @@ APP_SCRIPT = textwrap.dedent('''
     if mode.startswith("die"):
         time.sleep(float(mode[3:]))
         sys.exit(4)
+    born = time.time()
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             body = (version + " " + os.environ.get("GITOPS_NODE_ID", "")).encode()
-            self.send_response(200)
+            sick = mode.startswith("sick") and time.time() - born > float(mode[4:])
+            self.send_response(500 if sick else 200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -724,3 +726,40 @@ async def test_one_agent_per_state_dir(repo: SpecRepo, make_agent: MakeAgent) ->
     agent = await make_agent(repo)
     with pytest.raises(StateDirBusy, match=f"in use by another agent \\(pid {os.getpid()}\\)"):
         Agent(agent.config)
+
+
+async def test_health_changes_are_events_and_status(
+    repo: SpecRepo, make_agent: MakeAgent, app_script: Path
+) -> None:
+    port = free_port()
+    # healthy for 1 s, then answers 500 while the process keeps running
+    repo.write("apps/web.yaml", textwrap.dedent(f"""\
+        name: web
+        version: "1"
+        run: {{command: [{sys.executable}, {app_script}, "{port}", "1", sick1]}}
+        health:
+          http: {{url: "http://127.0.0.1:{port}/"}}
+          interval: 200ms
+          failure_threshold: 2
+    """))
+    # files only, nothing to run: installed means running
+    repo.write("apps/config.yaml", "name: config\nversion: \"7\"\n")
+    repo.commit_and_push()
+    agent = await make_agent(repo)
+    run = await agent.reconcile_now()
+    assert run.outcome == "success", run.message
+    assert {a.name: (a.phase, a.health) for a in agent.status().apps} == {
+        "config": ("running", "healthy"), "web": ("running", "healthy")}
+
+    def degraded() -> bool:
+        return agent.status().status == "degraded"
+
+    await _eventually_async(degraded, what="web reported unhealthy", timeout=10)
+    status = agent.status()
+    assert status.message == "unhealthy: web"
+    changed = [e for e in events(agent) if e["type"] == "app.health-changed"]
+    assert [(e["app"], e["data"]) for e in changed] == [
+        ("web", {"from": "healthy", "to": "unhealthy"})]
+    assert "500" in changed[0]["message"]
+    assert await agent.check_health("web") == {"web": "unhealthy"}
+    assert await agent.check_health() == {"config": "healthy", "web": "unhealthy"}
