@@ -763,3 +763,30 @@ async def test_health_changes_are_events_and_status(
     assert "500" in changed[0]["message"]
     assert await agent.check_health("web") == {"web": "unhealthy"}
     assert await agent.check_health() == {"config": "healthy", "web": "unhealthy"}
+
+
+async def test_reconfigure_restarts_with_the_new_spec(
+    repo: SpecRepo, make_agent: MakeAgent, app_script: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    port = free_port()
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "1", port))
+    repo.commit_and_push()
+    agent = await make_agent(repo)
+    await agent.reconcile_now()
+    before = agent.store.get_app("web")
+    assert before is not None
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "1", port).replace(
+        SECRET, "rotated-" + SECRET))
+    repo.commit_and_push("rotate the token")
+    run = await agent.reconcile_now()
+    assert run.outcome == "success", run.message
+    after = agent.store.get_app("web")
+    assert after is not None
+    assert (after.version, after.phase) == ("1", "running")
+    assert after.pid != before.pid and after.spec_hash != before.spec_hash
+    reconfigured = [e for e in events(agent) if e["type"] == "app.reconfigured"]
+    assert [(e["version"], e["from_version"]) for e in reconfigured] == [("1", "1")]
+    assert SECRET not in caplog.text
