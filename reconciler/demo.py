@@ -554,7 +554,7 @@ async def _run(demo: Demo, stop: asyncio.Event) -> int:
     _say(f"  token:    {token}  (console actions ask for it)")
     _say(f"  logs:     {layout.logs}")
     _say(f"waiting for {len(nodes)} nodes to sync (first start installs every app)...")
-    tour = try_this(cli, layout.repo, nats_url, url, Path(tempfile.gettempdir()))
+    tour = try_this(cli, layout.repo, nats_url, url, layout.root)
     await _watch(demo, nats_url, [n.node_id for n in nodes], stop, tour, since)
     return 0
 
