@@ -196,7 +196,12 @@ async def _reconcile(args: argparse.Namespace) -> int:
     nc = await connect(NatsOptions.from_args(args))
     try:
         if args.node:
-            reply = await rpc(nc, args.node, "reconcile", {"reason": "cli"}, timeout=timeout)
+            try:
+                reply = await rpc(nc, args.node, "reconcile", {"reason": "cli"},
+                                  timeout=timeout)
+            except MeshError as exc:  # NATS is fine, the node is not: a failure, not usage
+                _err(str(exc))
+                return EXIT_FAILED
             replies = [reply]
         else:
             replies = await fleet_reconcile(nc, selector, timeout)

@@ -230,6 +230,9 @@ def test_status_and_reconcile_commands(fleet: Fleet) -> None:
     assert [r["node"] for r in json.loads(sel.stdout)] == [gw]
     every = cli(fleet.url, "reconcile", "--all", "--timeout", "10s")
     assert {line.split()[0] for line in every.stdout.splitlines()} >= {edge, gw}
+    silent = cli(fleet.url, "reconcile", "--node", "nobody")
+    assert silent.returncode == 1
+    assert silent.stderr == "gitops-mesh: node 'nobody' is not answering (no responders)\n"
     none = cli(fleet.url, "reconcile", "--selector", "role=nothing", "--timeout", "0.3s")
     assert none.returncode == 1
     assert "no node answered (selector: role=nothing)" in none.stderr
