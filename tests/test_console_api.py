@@ -308,6 +308,10 @@ async def test_a_silent_node_turns_unreachable_on_the_open_stream(
 
 
 async def test_stream_requests_are_checked(http: httpx.AsyncClient) -> None:
+    # streams of the tests before were closed by their clients: none is left running
+    async def no_streams() -> bool:
+        return (await get(http, "/api/health"))["streams"] == 0
+    await eventually_async(no_streams, what="closed streams are released")
     assert await get(http, "/api/stream/node", 400) == {"error": "stream 'node' needs ?name="}
     assert (await get(http, "/api/stream/bogus", 404))["error"].startswith("no stream 'bogus'")
     assert await get(http, "/api/stream/overview?status=fine", 400) == {

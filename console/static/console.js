@@ -245,8 +245,15 @@
         h("span", { class: "muted", text: `${r.synced}/${r.targeted} synced${r.failed ? `, ${r.failed} failing` : ""}` }),
       )) : [h("div", { class: "empty", text: "no rollout seen yet" })]));
     }
+    function feedBanner(feed) {
+      const el = $("#feed-banner");
+      const down = feed && feed.state !== "live";
+      el.hidden = !down;
+      if (down) el.textContent = `NATS ${feed.state}: showing the last known state. ${feed.error || ""}`;
+    }
     function render(v, full) {
       syncClock(v.now);
+      feedBanner(v.feed);
       counters(v.counters);
       filters(v.filters);
       rollouts(v.rollouts);
