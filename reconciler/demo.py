@@ -418,10 +418,10 @@ def _say(text: str) -> None:
 
 
 async def _watch(
-    demo: Demo, nats_url: str, nodes: list[str], stop: asyncio.Event, tour: str,
-    since: datetime,
+    demo: Demo, nats_url: str, nodes: list[str], tour: str, since: datetime
 ) -> None:
-    """Print the readiness line and the tour once, then each node's status changes."""
+    """Print the readiness line and the tour once, then each node's status changes, until
+    cancelled (by SIGINT / SIGTERM)."""
     import nats
 
     nc = await nats.connect(nats_url, name="gitops-mesh-demo", max_reconnect_attempts=-1)
@@ -432,7 +432,7 @@ async def _watch(
         started = time.monotonic()
         warned = False
         shown: dict[str, tuple[Any, ...]] = {}
-        while not stop.is_set():
+        while True:
             demo.check_children()
             demo.track()
             if kv is None:
@@ -456,8 +456,7 @@ async def _watch(
                 warned = True
                 _say(f"not all nodes synced after {READY_TIMEOUT_S:.0f}s; still waiting. "
                      f"Logs: {demo.layout.logs}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=0.5)
+            await asyncio.sleep(0.5)
     finally:
         with contextlib.suppress(Exception):
             await nc.close()
@@ -510,15 +509,30 @@ def shutdown(demo: Demo) -> list[int]:
     return killed
 
 
-async def _run(demo: Demo, stop: asyncio.Event) -> int:
+@dataclass(frozen=True)
+class Preflight:
+    nodes: list[DemoNode]
+    nats_bin: str
+    specs: Path
+    cli: str
+
+
+def preflight(args: argparse.Namespace) -> Preflight:
+    """Everything that can be checked before anything starts: bad input changes nothing."""
+    nodes = demo_nodes(args.nodes)
+    if shutil.which("git") is None:
+        raise DemoError("git not found: install git (the agents fetch the spec repo with it)")
+    check_port_free(args.port)
+    if args.state_dir and Path(args.state_dir).exists() and not Path(args.state_dir).is_dir():
+        raise DemoError(f"--state-dir {args.state_dir}: not a directory")
+    return Preflight(nodes, find_nats_server(), find_specs_example(), cli_command())
+
+
+async def _run(demo: Demo, pre: Preflight) -> int:
     args, layout = demo.args, demo.layout
     # Whole seconds: agents write times with millisecond precision, the clocks are the same.
     since = datetime.now(UTC).replace(microsecond=0)
-    nodes = demo_nodes(args.nodes)
-    check_port_free(args.port)
-    nats_bin = find_nats_server()
-    specs = find_specs_example()
-    cli = cli_command()
+    nodes, nats_bin, specs, cli = pre.nodes, pre.nats_bin, pre.specs, pre.cli
 
     layout.nats.mkdir(parents=True, exist_ok=True)
     nats_port = free_port()
@@ -555,12 +569,17 @@ async def _run(demo: Demo, stop: asyncio.Event) -> int:
     _say(f"  logs:     {layout.logs}")
     _say(f"waiting for {len(nodes)} nodes to sync (first start installs every app)...")
     tour = try_this(cli, layout.repo, nats_url, url, layout.root)
-    await _watch(demo, nats_url, [n.node_id for n in nodes], stop, tour, since)
+    await _watch(demo, nats_url, [n.node_id for n in nodes], tour, since)
     return 0
 
 
 def run_demo(args: argparse.Namespace) -> int:
     """Entry point of `gitops-mesh demo`; returns the exit code."""
+    try:
+        pre = preflight(args)
+    except DemoError as exc:
+        print(f"gitops-mesh demo: {exc}", file=sys.stderr, flush=True)
+        return 2
     if args.state_dir:
         root = Path(args.state_dir).resolve()
         root.mkdir(parents=True, exist_ok=True)
@@ -570,18 +589,20 @@ def run_demo(args: argparse.Namespace) -> int:
     _become_subreaper()
 
     loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
+    main = loop.create_task(_run(demo, pre))
     received: list[str] = []
 
     def on_signal(sig: signal.Signals) -> None:
         received.append(sig.name)
-        stop.set()
+        main.cancel()  # wherever it is: starting things or watching them
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     code = 0
     try:
-        code = loop.run_until_complete(_run(demo, stop))
+        code = loop.run_until_complete(main)
+    except asyncio.CancelledError:
+        code = 0  # asked to stop
     except DemoError as exc:
         print(f"gitops-mesh demo: {exc}", file=sys.stderr, flush=True)
         code = 1

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -139,6 +140,28 @@ def test_demo_syncs_rolls_out_a_push_and_stops_everything(tmp_path: Path) -> Non
         (Path(os.environ.get("GITOPS_TEST_ARTIFACTS", "test-artifacts")) / "demo.log").write_text(
             demo.output
         )
+
+
+def test_bad_input_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        not_a_dir = tmp_path / "file"
+        not_a_dir.write_text("")
+        cases = [
+            (["--port", str(port)], f"console port 127.0.0.1:{port} is in use"),
+            (["--port", str(free_port()), "--state-dir", str(not_a_dir)], "not a directory"),
+            (["--port", str(free_port()), "--nodes", "0"], "--nodes 0: give between 1 and 50"),
+        ]
+        for extra, message in cases:
+            result = subprocess.run(
+                [sys.executable, "-m", "reconciler", "demo", *extra],
+                capture_output=True, text=True, timeout=60, start_new_session=True,
+            )
+            assert (result.returncode, result.stdout) == (2, ""), result
+            assert message in result.stderr
+    assert not_a_dir.read_text() == ""
 
 
 # --- the demo's pure helpers ------------------------------------------------------------
