@@ -258,7 +258,9 @@ def node_verdict(
     if at_rev and st.status == "synced":
         return "synced", "synced"
     if wants_rev and st.status == "failed":
-        return "failed", st.message or "failed"
+        apps = [f"{a.name}: {a.message}" for a in st.apps
+                if a.message and (a.phase in ("failed", "blocked") or a.failed_version)]
+        return "failed", "; ".join([st.message or "failed", *apps])
     if wants_rev and st.spec_errors:
         return "failed", "spec errors: " + "; ".join(st.spec_errors[:3])
     if is_unreachable(st, now, obs.written_at):

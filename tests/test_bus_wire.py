@@ -25,7 +25,7 @@ from reconciler.bus_wire import (
 )
 from reconciler.natsconfig import Permissions, node_permissions, notifier_permissions
 from reconciler.spec import Selector
-from reconciler.status import NodeStatus
+from reconciler.status import AppStatus, NodeStatus
 from reconciler.subjects import event_subject, node_from_event_subject, rpc_subject
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -161,7 +161,10 @@ def test_wait_verdicts() -> None:
         "ok": status("ok"),
         "old": status("old", rev=OLD),  # synced, but has not fetched the push yet
         "busy": status("busy", state="progressing", desired_revision=NEW, rev=OLD),
-        "bad": status("bad", state="failed", message="failed or blocked: web"),
+        "bad": status("bad", state="failed", message="failed or blocked: web", apps=[
+            AppStatus(name="web", version="2", phase="failed", message="exited with 3"),
+            AppStatus(name="db", version="1", phase="running", message="ok"),
+        ]),
         "bad2": status("bad2", state="degraded", rev=OLD, desired_revision=NEW,
                        spec_errors=["apps/x.yaml:1:1: bad"]),
         "gone": status("gone", rev=OLD, age=100.0),
@@ -170,7 +173,10 @@ def test_wait_verdicts() -> None:
     assert verdict == WaitVerdict(
         done=False,
         synced=("ok",),
-        failed={"bad": "failed or blocked: web", "bad2": "spec errors: apps/x.yaml:1:1: bad"},
+        failed={
+            "bad": "failed or blocked: web; web: exited with 3",
+            "bad2": "spec errors: apps/x.yaml:1:1: bad",
+        },
         pending={
             "busy": f"progressing at {OLD[:12]}",
             "gone": "unreachable (no heartbeat for 100s)",
