@@ -221,6 +221,11 @@ class Agent:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
+        for run_id, future in self._run_done.items():  # nobody waits forever on a closed agent
+            if not future.done():
+                future.set_result(RunInfo(run_id=run_id, outcome="skipped",
+                                          message="agent stopped"))
+        self._run_done.clear()
         await self.monitor.close()
         if stop_apps:
             await self.executor.stop_all(self._stop_order())
@@ -426,6 +431,13 @@ class Agent:
 
     def _outcome(self, plan: Plan, results: list[ActionResult]) -> tuple[str, str]:
         problems = [f"{r.action.app}: {r.message}" for r in results if r.outcome != "success"]
+        acted = {r.action.app for r in results}
+        # apps left failed by an earlier run (held by the planner) keep the run a failure
+        problems += [
+            f"{name}: {record.phase}: {record.message}"
+            for name, record in self.store.apps().items()
+            if name not in acted and record.phase in ("failed", "blocked")
+        ]
         if self._spec_errors:
             problems.insert(0, f"{len(self._spec_errors)} spec error(s): "
                                + "; ".join(self._spec_errors[:3]))

@@ -227,6 +227,8 @@ class Executor:
 
     def _blocked(self, spec: AppSpec, revision: str, reason: str) -> None:
         record = self.store.get_app(spec.name)
+        if record is not None and record.phase == "blocked" and record.message == reason:
+            return  # still blocked for the same reason: said so already
         with self.store.transaction():
             if record is None:
                 self.store.put_app(AppRecord(

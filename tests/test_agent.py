@@ -275,6 +275,11 @@ async def test_failed_dependency_blocks_dependents_only(
     assert status.status == "failed" and "api" in status.message and "db" in status.message
     assert set(app_pids("n1")) == {"solo"}
 
+    # a poll with nothing new: still a failure, no repeated app.blocked event
+    again = await agent.reconcile_now()
+    assert again.outcome == "failure" and "db: failed:" in again.message
+    assert [e["type"] for e in events(agent)].count("app.blocked") == 1
+
     # fixing the dependency lets the blocked app start on the next reconcile
     repo.write("apps/db.yaml", app_yaml(app_script, "db", "2", p["db"]))
     repo.commit_and_push("db fixed")
