@@ -142,6 +142,39 @@ def test_demo_syncs_rolls_out_a_push_and_stops_everything(tmp_path: Path) -> Non
         )
 
 
+def test_sigterm_while_apps_are_still_starting_leaves_nothing(tmp_path: Path) -> None:
+    demo = DemoProcess([sys.executable, "-m", "reconciler", "demo", "--port", str(free_port())])
+    try:
+        def apps_starting() -> bool:
+            demo.track()
+            assert demo.process.poll() is None, demo.output
+            started = any("server.py" in " ".join(p.cmdline()) for p in _alive(demo.seen))
+            return started and "state in " in demo.output
+
+        eventually(apps_starting, timeout=60, interval=0.1, what="the first app started")
+        state = re.search(r"state in (\S+)", demo.output)
+        assert state, demo.output
+        demo.process.send_signal(signal.SIGTERM)
+        assert demo.process.wait(90) == 0, demo.output
+        assert demo.alive() == []
+        assert not Path(state.group(1)).exists(), "the temp state dir is removed"
+    finally:
+        if demo.process.poll() is None:
+            demo.kill_everything()
+
+
+def _alive(procs: dict[int, psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for proc in procs.values():
+        try:
+            if proc.is_running():
+                proc.cmdline()
+                alive.append(proc)
+        except psutil.Error:
+            pass
+    return alive
+
+
 def test_bad_input_is_refused_before_anything_starts(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
