@@ -208,7 +208,7 @@ def run_status(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir or DEFAULT_STATE_DIR)
     try:
         status = local_status(state_dir)
-    except StoreError as exc:
+    except (StoreError, OSError) as exc:
         print(f"gitops-mesh status: {exc}", file=sys.stderr)
         return 1
     if status is None:
