@@ -317,3 +317,24 @@ async def test_stream_requests_are_checked(http: httpx.AsyncClient) -> None:
     assert await get(http, "/api/stream/overview?status=fine", 400) == {
         "error": "status filter 'fine': expected one of synced, progressing, degraded, "
                  "failed, suspended, unreachable"}
+
+
+async def test_insecure_console_needs_no_token_but_still_the_csrf_check() -> None:
+    from console.app import create_app
+
+    app = create_app(ConsoleConfig(insecure=True), None)  # no NATS connection at all
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+        res = await client.post("/api/nodes/n1/reconcile")
+        assert (res.status_code, res.json()) == (
+            403, {"error": "missing or wrong CSRF token: reload the page and try again"})
+        csrf = (await client.get("/")).cookies["gm_csrf"]
+        res = await client.post("/api/nodes/n1/reconcile", headers={"X-CSRF-Token": csrf})
+        assert (res.status_code, res.json()) == (
+            503, {"error": "the console is not connected to NATS"})
+        res = await client.post("/api/nodes/n1/reboot", headers={"X-CSRF-Token": csrf})
+        assert (res.status_code, res.json()["error"]) == (
+            404, "no action 'reboot'; use reconcile, health, suspend, resume")
+        res = await client.post("/api/fleet/reconcile", headers={"X-CSRF-Token": csrf},
+                                json={"selector": {"match": "role"}})
+        assert res.status_code == 400 and res.json()["error"].startswith("invalid selector")
