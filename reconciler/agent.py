@@ -159,6 +159,7 @@ class Agent:
         self._closed = False
         self._launches: dict[str, LaunchSpec | None] = {}
         self._down: set[str] = set()  # supervised apps that exited for good / crash-looped
+        self._completed: set[str] = set()  # exited 0 under a never/on-failure policy
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self, first_reconcile: bool = True, schedule: bool = True) -> None:
@@ -610,6 +611,7 @@ class Agent:
     # -- RuntimeListener --------------------------------------------------------------------
     def on_started(self, record: ProcessRecord, restarted: bool) -> None:
         self._down.discard(record.name)
+        self._completed.discard(record.name)
         if self._closed or self.store.get_app(record.name) is None:
             return
         with self.store.transaction():
@@ -623,8 +625,17 @@ class Agent:
         self._notify_soon()
 
     def on_exited(self, name: str, returncode: int | None, restart_in: float | None) -> None:
-        if restart_in is None:
-            self._down.add(name)
+        record = None if self._closed else self.store.get_app(name)
+        if restart_in is None and record is not None:
+            policy = spec_of(record).restart.policy
+            if returncode == 0 and policy != "always":
+                # a job that finished: its policy says leave it, so no drift to heal
+                self._completed.add(name)
+                with self.store.transaction():
+                    self.store.update_app(name, message=f"exited with code 0 (restart policy "
+                                                        f"{policy}: not restarted)")
+            else:
+                self._down.add(name)
         when = f"restart in {restart_in:.1f}s" if restart_in is not None else "not restarted"
         log.info("%s exited (code %s), %s", name, returncode, when)
         self._notify_soon()
@@ -733,6 +744,7 @@ class Agent:
         health = record.health
         if spec.health.probe_kind is None and spec.run is not None and record.phase == "running":
             alive = stats is not None and stats.state in ("running", "backoff")
+            alive = alive or record.name in self._completed
             health = "healthy" if alive and record.name not in self._down else "unhealthy"
         started_at = None
         if stats is not None and stats.started_at is not None:

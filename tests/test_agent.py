@@ -795,3 +795,26 @@ async def test_reconfigure_restarts_with_the_new_spec(
     reconfigured = [e for e in events(agent) if e["type"] == "app.reconfigured"]
     assert [(e["version"], e["from_version"]) for e in reconfigured] == [("1", "1")]
     assert SECRET not in caplog.text
+
+
+async def test_finished_job_is_not_restarted(repo: SpecRepo, make_agent: MakeAgent) -> None:
+    repo.write("apps/job.yaml", textwrap.dedent(f"""\
+        name: job
+        version: "1"
+        run: {{command: [{sys.executable}, -c, "import time; time.sleep(0.3)"]}}
+        restart: {{policy: on-failure}}
+    """))
+    repo.commit_and_push()
+    agent = await make_agent(repo)
+    assert (await agent.reconcile_now()).outcome == "success"
+
+    def finished() -> bool:
+        return "exited with code 0" in agent.store.get_app("job").message  # type: ignore[union-attr]
+
+    await _eventually_async(finished, what="job finished")
+    run = await agent.reconcile_now()
+    assert (run.outcome, run.message) == ("success", "no changes")
+    job = agent.status().apps[0]
+    assert (job.phase, job.health, job.message) == (
+        "running", "healthy", "exited with code 0 (restart policy on-failure: not restarted)")
+    assert agent.status().status == "synced"
