@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.sdnotify import SdNotifier
+from tests.conftest import make_spec_repo
 
 
 @pytest.fixture
@@ -77,3 +81,43 @@ def test_a_vanished_socket_does_not_raise(tmp_path: Path) -> None:
 )
 def test_watchdog_interval(env: dict[str, str], expected: float | None) -> None:
     assert SdNotifier.from_env({"NOTIFY_SOCKET": "/run/x", **env}).watchdog_interval() == expected
+
+
+def test_the_agent_speaks_sd_notify_as_the_systemd_unit_expects(
+    tmp_path: Path, listener: tuple[str, socket.socket]
+) -> None:
+    """A real `gitops-mesh node` under a fake systemd: READY=1 after the first reconcile,
+    WATCHDOG=1 while it runs, STOPPING=1 on SIGTERM (Type=notify, WatchdogSec=)."""
+    path, sock = listener
+    repo = make_spec_repo(tmp_path / "specs", {"apps/hello.yaml": 'name: hello\nversion: "1"\n'})
+    env = {
+        **os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "node", "--repo", repo.url, "--node-id", "n1",
+         "--state-dir", str(tmp_path / "state"), "--interval", "1h"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    received: list[str] = []
+    try:
+        sock.settimeout(30)
+
+        def receive_until(prefix: str) -> str:
+            while True:
+                message = sock.recv(4096).decode()
+                received.append(message)
+                if message.startswith(prefix):
+                    return message
+
+        ready = receive_until("READY=1")
+        assert "STATUS=first reconcile: success" in ready, received
+        receive_until("WATCHDOG=1")
+        agent.send_signal(signal.SIGTERM)
+        receive_until("STOPPING=1")
+        assert agent.wait(30) == 0
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait()
+    assert not any("READY=1" in m for m in received[received.index(ready) + 1:]), received
