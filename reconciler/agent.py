@@ -153,7 +153,8 @@ class Agent:
         self._desired: DesiredState | None = None
         self._desired_revision: str | None = self.store.get_meta("desired_revision")
         self._source_error: str | None = self.store.get_meta("source_error")
-        self._spec_errors: list[str] = []
+        self._spec_errors: list[str] = [
+            e for e in (self.store.get_meta("spec_errors") or "").split("\n") if e]
         self._last = RunInfo()
         self._ready_sent = False
         self._closed = False
