@@ -193,7 +193,7 @@ def _load_config(path: str) -> dict[str, Any]:
 
 def resolve_handler(name: str) -> Callable[[argparse.Namespace], int]:
     module_name, func_name = HANDLERS[name].split(":")
-    return getattr(importlib.import_module(module_name), func_name)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module_name), func_name)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
