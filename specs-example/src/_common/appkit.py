@@ -47,10 +47,10 @@ def call(method: str, url: str, body: Any = None, timeout: float = 2.0) -> Any:
     return json.loads(raw) if raw else None
 
 
-def wait_for(url: str, what: str, seconds: float = 20.0) -> None:
-    """Retry `url` until it answers 200; exit non-zero if it never does (the agent will
-    report the app failed, and start it again)."""
-    deadline = time.monotonic() + seconds
+def wait_for(url: str, what: str) -> None:
+    """Retry `url` until it answers 200, for DEPENDENCY_WAIT seconds (default 20); exit 3 if
+    it never does (the agent reports the app failed, and starts it again)."""
+    deadline = time.monotonic() + float(os.environ.get("DEPENDENCY_WAIT", "20"))
     while True:
         try:
             call("GET", url, timeout=1.0)
