@@ -490,6 +490,7 @@ async def _sse(console: Console, kind: str, args: tuple[Any, ...]) -> AsyncItera
     """Push the view whenever it changes, at most once per push_interval (coalesced)."""
     config = console.config
     sent: Any = None
+    first = True
     sent_cards: dict[str, Any] = {}
     seen_version = -1
     next_tick = 0.0
@@ -505,12 +506,19 @@ async def _sse(console: Console, kind: str, args: tuple[Any, ...]) -> AsyncItera
                 if message is not None:
                     sent = view
                     yield _sse_message(message)
-            elif view != sent or sent is None:
-                sent = view
-                yield _sse_message({"full": view})
+            else:
+                # "now" changes every second; push only when the view itself changed
+                same = _without_now(view)
+                if first or same != sent:
+                    first, sent = False, same
+                    yield _sse_message({"full": view})
         await asyncio.sleep(config.push_interval)
         if console.fleet.version == seen_version:
             await console.pulse.wait(max(0.0, next_tick - time.monotonic()))
+
+
+def _without_now(view: Any) -> Any:
+    return {k: v for k, v in view.items() if k != "now"} if isinstance(view, dict) else view
 
 
 async def _counted(console: Console, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -338,3 +338,16 @@ async def test_insecure_console_needs_no_token_but_still_the_csrf_check() -> Non
         res = await client.post("/api/fleet/reconcile", headers={"X-CSRF-Token": csrf},
                                 json={"selector": {"match": "role"}})
         assert res.status_code == 400 and res.json()["error"].startswith("invalid selector")
+
+
+async def test_node_page_stream_waits_for_a_node_that_has_not_reported_yet(
+        nc: NATS, http: httpx.AsyncClient) -> None:
+    kv = await nc.jetstream().key_value("gitops_nodes")
+    async with http.stream("GET", "/api/stream/node?name=late-n1") as res:
+        messages = read_sse(res)
+        assert await anext(messages) == {"full": None}
+        await sim.put_status(kv, sim.node_status("late-n1", labels={"role": "edge"}))
+        # the next push is the node itself: no repeated "not found" pushes in between
+        msg = await anext(messages)
+        assert (msg["full"]["card"]["node"], msg["full"]["card"]["labels"]) == (
+            "late-n1", {"role": "edge"})
