@@ -236,12 +236,18 @@ class Mesh:
                 self._set_trouble(f"status KV write failed: {reason_of(exc)} (will retry)")
 
     async def _status_writer(self) -> None:
+        """Write on change and as a heartbeat. A change after a quiet spell is written at once
+        (push-to-synced latency); a burst is coalesced to one write per `debounce`."""
+        last_write = -self._debounce
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._status_dirty.wait(), self.heartbeat)
-            if self._status_dirty.is_set() and not self._closing:
-                await asyncio.sleep(self._debounce)  # coalesce bursts of changes
+            loop = asyncio.get_running_loop()
+            since = loop.time() - last_write
+            if self._status_dirty.is_set() and not self._closing and since < self._debounce:
+                await asyncio.sleep(self._debounce - since)
             self._status_dirty.clear()
+            last_write = loop.time()
             try:
                 await self.write_status()
             except Exception as exc:  # the agent's status() failed: keep the loop alive
@@ -335,6 +341,7 @@ class Mesh:
         if acked:
             self.outbox.outbox_ack(acked)
             self.published += len(acked)
+            self._status_dirty.set()  # the backlog in the status changed
         if failure is not None:
             if isinstance(failure, nats.js.errors.NoStreamResponseError):
                 self._stream_ready = False  # the stream is gone: create it again
