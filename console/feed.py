@@ -74,6 +74,8 @@ class Feed:
         self._subs: list[JetStreamContext.PushSubscription] = []
         self._pull: JetStreamContext.PullSubscription | None = None
         self._pull_task: asyncio.Task[None] | None = None
+        self._stream_id: tuple[Any, Any] | None = None  # (created, name) of the stream read
+        self._from_start = False
 
     @property
     def connected(self) -> bool:
@@ -149,6 +151,16 @@ class Feed:
     async def _subscribe(self, js: JetStreamContext) -> None:
         await self._unsubscribe()
         await self._ensure_stream(js)
+        info = await js.stream_info(subjects.EVENTS_STREAM)
+        created = (info.created, info.config.name)
+        if self.last_seq and (created != self._stream_id
+                              or info.state.last_seq < self.last_seq):
+            # The stream was deleted and made again: its sequence numbers start over.
+            log.warning("event stream %s was recreated; reading it from its start",
+                        subjects.EVENTS_STREAM)
+            self.last_seq = 0
+            self._from_start = True
+        self._stream_id = created
         await self._ensure_bucket(js)
         kv_sub = await js.subscribe(
             f"{subjects.KV_SUBJECT_PREFIX}.>", stream=subjects.KV_STREAM, cb=self._on_kv,
@@ -166,6 +178,8 @@ class Feed:
         if self.last_seq:
             config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
             config.opt_start_seq = self.last_seq + 1
+        elif self._from_start:
+            config.deliver_policy = api.DeliverPolicy.ALL
         else:
             config.deliver_policy = api.DeliverPolicy.BY_START_TIME
             config.opt_start_time = self._clock() - timedelta(seconds=self.replay_s)

@@ -286,6 +286,13 @@ async def test_feed_resumes_after_a_nats_restart_without_losing_or_repeating_eve
             await sim.put_status(kv, sim.node_status("rs-n1", revision=REV2))
             h = await eventually_async(lambda: health(6, "synced"), timeout=20)
             assert (h["state"], h["last_seq"]) == ("live", 6)
+
+            # the stream deleted and made again (sequence numbers start over): followed too
+            await js.delete_stream("GITOPS_EVENTS")
+            await sim.ensure(js)
+            await sim.publish_many(js, sim.reconcile_events("rs-n1", REV1, now))
+            h = await eventually_async(lambda: health(9, "synced"), timeout=20)
+            assert h["last_seq"] == 3
             await client.close()
     finally:
         thread.stop()
