@@ -157,17 +157,24 @@ def test_once_and_status(tmp_path: Path, app_script: Path, cleanup_node: list[st
     assert (status.apps[0].health, status.apps[0].pid) == ("unhealthy", None)
 
 
-def test_bad_options_and_missing_store(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "reconciler", "node", "--repo", str(tmp_path), "--node-id"]
-    run = subprocess.run([*cmd, "Bad_Id", "--state-dir", str(tmp_path / "s")],
-                         capture_output=True, text=True)
-    assert run.returncode == 2 and "--node-id: 'Bad_Id' is not a valid node id" in run.stderr
-    run = subprocess.run([*cmd, "n1", "--interval", "soon", "--state-dir", str(tmp_path / "s")],
-                         capture_output=True, text=True)
-    assert run.returncode == 2 and "--interval: invalid duration 'soon'" in run.stderr
-    run = subprocess.run([sys.executable, "-m", "reconciler", "status", "--state-dir",
-                          str(tmp_path / "none")], capture_output=True, text=True)
-    assert run.returncode == 1 and "no agent state in" in run.stderr
+def test_bad_options_and_missing_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from reconciler.cli import parse_args
+    from reconciler.cli_node import run_node, run_status
+
+    node = ["node", "--repo", str(tmp_path), "--state-dir", str(tmp_path / "s"), "--node-id"]
+    assert run_node(parse_args([*node, "Bad_Id"])) == 2
+    assert "--node-id: 'Bad_Id' is not a valid node id" in capsys.readouterr().err
+    assert run_node(parse_args([*node, "n1", "--interval", "soon"])) == 2
+    assert "--interval: invalid duration 'soon'" in capsys.readouterr().err
+    assert run_node(parse_args([*node, "n1", "--label", "novalue"])) == 2
+    assert "--label: " in capsys.readouterr().err
+    assert run_node(parse_args([*node, "n1", "--allowed-signers", str(tmp_path / "x")])) == 2
+    assert f"--allowed-signers: {tmp_path / 'x'}: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()  # nothing was created for bad options
+    assert run_status(parse_args(["status", "--state-dir", str(tmp_path / "none")])) == 1
+    assert "no agent state in" in capsys.readouterr().err
 
 
 async def test_node_with_nats_and_systemd_notify(
