@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import stat
 import subprocess
@@ -15,10 +16,11 @@ from pathlib import Path
 import nats.errors
 import nats.js.errors
 import pytest
-from conftest import NatsServer, eventually_async, start_nats
+from conftest import NatsServer, eventually_async, make_spec_repo, start_nats
 from fake_agent import FakeAgent
 from nats.aio.client import Client as NATS
 
+import reconciler
 from reconciler.bus import Mesh, MeshError, NatsOptions, connect
 from reconciler.cli_mesh import fleet_reconcile
 from reconciler.natsconfig import NatsConfigError, write_config
@@ -322,3 +324,34 @@ async def test_console_and_observer_can_read_like_the_console_and_cli_do(
         await console.close()
         await observer.close()
         server.stop()
+
+
+async def test_the_push_hook_with_the_notifier_identity_reaches_the_node(
+    secured: tuple[NatsServer, Path], tmp_path: Path
+) -> None:
+    server, out = secured
+    repo = make_spec_repo(tmp_path / "specs", {"apps.json": "{}"})
+    store = Store(tmp_path / "n1")
+    agent = FakeAgent(store, "n1", repo_url=repo.url)
+    mesh = Mesh(agent, store, NatsOptions(servers=[server.url],
+                                          nkey_seed_file=str(out / "n1.nk")))
+    await mesh.start()
+    try:
+        await eventually_async(lambda: _async(mesh.ready))
+        hook = Path(reconciler.__file__).parent / "hooks" / "post-receive"
+        env = {**os.environ, "GITOPS_MESH_NATS": server.url,
+               "GITOPS_MESH_BIN": f"{sys.executable} -m reconciler",
+               **dict(line.split("=", 1) for line in
+                      (out / "notifier.env").read_text().splitlines())}
+        rev = repo.head()
+        proc = await asyncio.create_subprocess_exec(
+            str(hook), cwd=repo.bare, env=env, stdin=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await proc.communicate(f"{'0' * 40} {rev} refs/heads/main\n".encode())
+        assert proc.returncode == 0 and err == b""
+        await eventually_async(lambda: _async(agent.triggers), what="the node heard the push")
+        assert agent.triggers == [f"source.changed {rev[:12]}"]
+    finally:
+        await mesh.close()
+        store.close()
