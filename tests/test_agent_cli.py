@@ -8,8 +8,9 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -104,7 +105,18 @@ def test_kill_9_mid_upgrade_converges_without_duplicates_or_orphans(
     assert SECRET not in log.read_text()
 
 
-def test_once_and_status(tmp_path: Path, app_script: Path, cleanup_node: list[str]) -> None:
+def test_once_and_status(
+    tmp_path: Path, app_script: Path, cleanup_node: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from reconciler.cli import parse_args
+    from reconciler.cli_core import run_plan
+    from reconciler.cli_node import run_status
+
+    def command(run: Callable[[Any], int], *argv: str) -> str:
+        capsys.readouterr()
+        assert run(parse_args(list(argv))) == 0
+        return capsys.readouterr().out
+
     cleanup_node.append("o1")
     repo = make_spec_repo(tmp_path / "specs")
     state = tmp_path / "state"
@@ -117,17 +129,14 @@ def test_once_and_status(tmp_path: Path, app_script: Path, cleanup_node: list[st
     assert run.stdout.startswith(f"o1: synced at {rev[:12]}")
     assert answers(port) == "1 o1"  # --once leaves the app running
 
-    out = subprocess.run([sys.executable, "-m", "reconciler", "status", "--state-dir",
-                          str(state), "--json"], capture_output=True, text=True, check=True)
-    status = json.loads(out.stdout)
+    status = json.loads(command(run_status, "status", "--state-dir", str(state), "--json"))
     assert {k: status[k] for k in ("node", "labels", "revision", "status")} == {
         "node": "o1", "labels": {"role": "edge"}, "revision": rev, "status": "synced"}
     assert [(a["name"], a["version"], a["phase"], a["health"]) for a in status["apps"]] == [
         ("web", "1", "running", "healthy")]
     assert status["apps"][0]["pid"] == app_pids("o1")["web"][0]
 
-    table = subprocess.run([sys.executable, "-m", "reconciler", "status", "--state-dir",
-                            str(state)], capture_output=True, text=True, check=True).stdout
+    table = command(run_status, "status", "--state-dir", str(state))
     assert table.splitlines()[0] == f"node o1  [role=edge]  SYNCED  revision {rev[:12]}"
     assert "APP" in table and "web" in table and "running" in table
 
@@ -135,16 +144,14 @@ def test_once_and_status(tmp_path: Path, app_script: Path, cleanup_node: list[st
     repo.write("apps/web.yaml", app_yaml(app_script, "web", "2", port, "exit"))
     repo.commit_and_push("broken")
     # `plan --state-dir` reads what this node runs from the agent's store
-    plan = subprocess.run([sys.executable, "-m", "reconciler", "plan", "--repo", repo.url,
-                           "--node-id", "o1", "--state-dir", str(state), "--json"],
-                          capture_output=True, text=True, check=True)
-    actions = json.loads(plan.stdout)["actions"]
+    plan = command(run_plan, "plan", "--repo", repo.url, "--node-id", "o1", "--state-dir",
+                   str(state), "--json")
+    actions = json.loads(plan)["actions"]
     assert [(a["kind"], a["app"], a["from_version"], a["to_version"]) for a in actions] == [
         ("upgrade", "web", "1", "2")]
     run = subprocess.run(node_cmd(repo, "o1", state, "--once"), capture_output=True,
                          text=True, timeout=60)
     assert run.returncode == 1, run.stderr
-    assert "o1: failed" in run.stderr, run.stderr[-1500:]
     assert "o1: failed" in run.stderr and "web 1: running/healthy: rolled back from 2" \
         in run.stderr
     assert answers(port) == "1 o1"
