@@ -51,6 +51,16 @@ def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
         return EXIT_USAGE
 
 
+def _timeout(text: str) -> float:
+    from reconciler.bus_wire import BadRequest
+    from reconciler.spec import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise BadRequest(f"--timeout: {exc}") from None
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -189,9 +199,8 @@ def run_reconcile(args: argparse.Namespace) -> int:
 
 async def _reconcile(args: argparse.Namespace) -> int:
     from reconciler.bus_wire import selector_from_pairs
-    from reconciler.spec import parse_duration
 
-    timeout = parse_duration(args.timeout)
+    timeout = _timeout(args.timeout)
     selector = selector_from_pairs(args.selector or [])
     nc = await connect(NatsOptions.from_args(args))
     try:
@@ -261,10 +270,9 @@ def run_wait(args: argparse.Namespace) -> int:
 
 async def _wait(args: argparse.Namespace) -> int:
     from reconciler.bus_wire import selector_from_pairs
-    from reconciler.spec import parse_duration
 
     revision = args.revision.strip()
-    timeout = parse_duration(args.timeout)
+    timeout = _timeout(args.timeout)
     selector = selector_from_pairs(args.selector or [])
     deadline = time.monotonic() + timeout
     nc = await connect(NatsOptions.from_args(args))

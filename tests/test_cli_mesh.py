@@ -264,6 +264,17 @@ def test_secrets_never_reach_the_stream_the_kv_or_rpc(fleet: Fleet) -> None:
     assert SECRET.encode() not in blob  # ...but never the env value
 
 
+def test_bad_flags_are_usage_errors(nats_server: NatsServer) -> None:
+    res = cli(nats_server.url, "wait", "--revision", "abc", "--timeout", "soon")
+    assert (res.returncode, res.stderr) == (
+        2, "gitops-mesh: --timeout: invalid duration 'soon': use e.g. '500ms', '5s', '2m', '1h'\n"
+    )
+    res = cli(nats_server.url, "reconcile", "--selector", "role")
+    assert (res.returncode, res.stderr) == (
+        2, "gitops-mesh: --selector 'role': expected key=value\n"
+    )
+
+
 def test_notify_without_nats_fails_clearly_and_the_hook_never_fails_a_push(
     tmp_path: Path,
 ) -> None:
