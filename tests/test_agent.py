@@ -166,6 +166,10 @@ async def test_deploy_upgrade_rollback(
     # upgrade
     repo.write("apps/web.yaml", app_yaml(app_script, "web", "1.1", port))
     rev2 = repo.commit_and_push("web 1.1")
+    plan = await agent.plan()  # what a reconcile would do, doing nothing
+    assert [(a.kind.value, a.app, a.from_version, a.to_version) for a in plan.actions] == [
+        ("upgrade", "web", "1.0", "1.1")]
+    assert plan.revision == rev2 and get(port) == "1.0 n1"
     run = await agent.reconcile_now()
     assert run.outcome == "success", run.message
     assert get(port) == "1.1 n1"
