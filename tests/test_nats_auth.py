@@ -170,6 +170,8 @@ async def test_observer_reads_but_cannot_trigger(
         await eventually_async(lambda: _async(mesh.ready))
         reply = await observer.nc.request("gitops.rpc.n2.status", b"", timeout=5)
         assert json.loads(reply.data)["node"] == "n2"
+        ping = await observer.nc.request("$SRV.PING.gitops-node", b"", timeout=5)
+        assert json.loads(ping.data)["metadata"] == {"node": "n2"}  # discovery under auth
         for subject in ("gitops.rpc.n2.reconcile", "gitops.rpc.n2.suspend",
                         "gitops.fleet.reconcile", "gitops.source.changed"):
             await observer.nc.publish(subject, b"")
