@@ -295,6 +295,8 @@ class Agent:
         assert self._loop is not None
         if self._last.run_id == run_id and not self._reconciling:
             return self._last
+        if self._closed:
+            return RunInfo(run_id=run_id, outcome="skipped", message="agent stopped")
         future = self._run_done.setdefault(run_id, self._loop.create_future())
         return await asyncio.shield(future)
 
