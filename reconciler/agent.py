@@ -68,11 +68,18 @@ class RunInfo:
 
 
 def redact_spec(spec: AppSpec) -> dict[str, Any]:
-    """JSON-ready spec with env values replaced by "***" (safe to publish)."""
+    """JSON-ready spec with env values replaced by "***" and URL credentials removed (safe
+    to publish)."""
+    from reconciler.source import redact_url
+
     data = spec.model_dump(mode="json", by_alias=True)
     run = data.get("run")
     if run and run.get("env"):
         run["env"] = {key: REDACTED for key in run["env"]}
+    # user:password@ in an archive or probe URL is a secret too
+    for holder in (data.get("source"), (data.get("health") or {}).get("http")):
+        if isinstance(holder, dict) and isinstance(holder.get("url"), str):
+            holder["url"] = redact_url(holder["url"])
     return data
 
 

@@ -822,3 +822,21 @@ async def test_finished_job_is_not_restarted(repo: SpecRepo, make_agent: MakeAge
     assert (job.phase, job.health, job.message) == (
         "running", "healthy", "exited with code 0 (restart policy on-failure: not restarted)")
     assert agent.status().status == "synced"
+
+
+def test_redacted_spec_hides_env_values_and_url_credentials() -> None:
+    from reconciler.agent import redact_spec
+    from reconciler.spec import AppSpec
+
+    spec = AppSpec.model_validate({
+        "name": "a", "version": "1",
+        "source": {"type": "archive", "url": "https://user:pw@example.invalid/a.tgz",
+                   "sha256": "0" * 64},
+        "health": {"http": {"url": "http://user:pw@127.0.0.1:81/health"}},
+        "run": {"command": ["serve"], "env": {"TOKEN": "s3cret", "MODE": "prod"}},
+    })
+    data = redact_spec(spec)
+    assert data["run"]["env"] == {"TOKEN": "***", "MODE": "***"}
+    assert data["source"]["url"] == "https://example.invalid/a.tgz"
+    assert data["health"]["http"]["url"] == "http://127.0.0.1:81/health"
+    assert "s3cret" not in json.dumps(data) and "pw" not in json.dumps(data)
