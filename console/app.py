@@ -64,6 +64,7 @@ class ConsoleConfig:
     max_streams: int = 500        # concurrent live streams (browser tabs) served at once
     fleet_window: float = 1.0     # how long fleet reconcile collects replies
     replay_s: float = 3600.0
+    stream_check: float = 10.0    # how often to check that the stream/bucket were not re-made
 
     def check(self) -> None:
         """Refuse unsafe combinations before anything starts."""
@@ -175,7 +176,8 @@ def create_app(
         task = None
         if connect is not None:
             console.feed = Feed(console.fleet, connect, on_change=console.pulse.fire,
-                                replay_s=config.replay_s, clock=console.clock)
+                                replay_s=config.replay_s, check_interval=config.stream_check,
+                                clock=console.clock)
             task = asyncio.create_task(console.feed.run(), name="console-feed")
         try:
             yield

@@ -32,6 +32,7 @@ EVENTS_MAX_AGE_S = subjects.EVENTS_MAX_AGE_S
 EVENTS_DUPLICATE_WINDOW_S = subjects.EVENTS_DEDUP_WINDOW_S
 KV_HISTORY = subjects.KV_HISTORY
 FETCH_BATCH = 500
+CHECK_INTERVAL_S = 10.0  # how often the console checks that its consumers still exist
 
 
 class Connector(Protocol):
@@ -55,6 +56,7 @@ class Feed:
         replay_s: float = 3600.0,
         replay_max: int = 100_000,
         create_missing: bool = True,
+        check_interval: float = CHECK_INTERVAL_S,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.fleet = fleet
@@ -63,6 +65,7 @@ class Feed:
         self.replay_s = replay_s
         self.replay_max = replay_max
         self.create_missing = create_missing
+        self.check_interval = check_interval
         self._clock = clock
         self.nc: NATS | None = None
         self.state = "connecting"
@@ -76,6 +79,7 @@ class Feed:
         self._pull_task: asyncio.Task[None] | None = None
         self._stream_id: tuple[Any, Any] | None = None  # (created, name) of the stream read
         self._from_start = False
+        self._kv_stream_id: tuple[Any, Any] | None = None
 
     @property
     def connected(self) -> bool:
@@ -103,7 +107,11 @@ class Feed:
                     continue
                 self._set_state("live", None)
                 self.synced.set()
-                await self._resync.wait()
+                while not self._resync.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._resync.wait(), self.check_interval)
+                    if not self._resync.is_set() and self.connected:
+                        await self._check_consumers()
                 self._resync.clear()
                 self.synced.clear()
         finally:
@@ -112,6 +120,26 @@ class Feed:
             if self.nc is not None and not self.nc.is_closed:
                 with contextlib.suppress(Exception):
                     await self.nc.close()
+
+    async def _check_consumers(self) -> None:
+        """Streams get deleted and made again (bucket re-made, stream recreated by an
+        operator): our consumers are then gone or point past the new sequence numbers.
+        Compare each stream's identity with the one we subscribed to; resubscribe if new."""
+        assert self.nc is not None
+        js = self.nc.jetstream()
+        try:
+            for name, seen in ((subjects.EVENTS_STREAM, self._stream_id),
+                               (subjects.KV_STREAM, self._kv_stream_id)):
+                info = await js.stream_info(name)
+                if (info.created, info.config.name) != seen:
+                    self._set_state("waiting", f"stream {name} was recreated; resubscribing")
+                    self._resync.set()
+                    return
+        except nats.js.errors.NotFoundError:
+            self._set_state("waiting", "a stream of the console vanished; resubscribing")
+            self._resync.set()
+        except Exception as exc:  # a timeout says nothing about the streams
+            log.debug("stream check failed: %r", exc)
 
     def _set_state(self, state: str, error: str | None) -> None:
         if (state, error) != (self.state, self.last_error):
@@ -162,6 +190,13 @@ class Feed:
             self._from_start = True
         self._stream_id = created
         await self._ensure_bucket(js)
+        kv_info = await js.stream_info(subjects.KV_STREAM)
+        kv_id = (kv_info.created, kv_info.config.name)
+        if self._kv_stream_id is not None and kv_id != self._kv_stream_id:
+            # A new bucket: statuses of the old one are gone; the watch below re-fills.
+            self.fleet.clear_nodes()
+            self._on_change()
+        self._kv_stream_id = kv_id
         kv_sub = await js.subscribe(
             f"{subjects.KV_SUBJECT_PREFIX}.>", stream=subjects.KV_STREAM, cb=self._on_kv,
             ordered_consumer=True, deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,

@@ -149,6 +149,12 @@ class Fleet:
         self.version += 1
         return None
 
+    def clear_nodes(self) -> None:
+        """Forget every status (the bucket was made anew; its watch re-delivers the rest)."""
+        if self.nodes:
+            self.nodes.clear()
+            self.version += 1
+
     def apply_event(self, data: bytes | str | Event) -> str | None:
         """One event from the stream; returns an error message if it is not an Event."""
         if isinstance(data, Event):

@@ -256,11 +256,11 @@ def test_cli_refuses_to_start_with_actions_and_no_token(tmp_path: Path) -> None:
     assert "no token is set: pass --token or GITOPS_MESH_TOKEN" in out.stderr
 
 
-async def test_feed_resumes_after_a_nats_restart_without_losing_or_repeating_events(
+async def test_feed_survives_nats_restarts_and_recreated_streams_exactly_once(
         tmp_path: Path) -> None:
     server = start_nats(tmp_path)
-    thread = sim.ConsoleThread(ConsoleConfig(read_only=True), sim.connector_for(server.url),
-                               free_port()).start()
+    thread = sim.ConsoleThread(ConsoleConfig(read_only=True, stream_check=0.3),
+                               sim.connector_for(server.url), free_port()).start()
     try:
         async with httpx.AsyncClient(base_url=thread.url, timeout=10) as http:
             client = await nats.connect(server.url, max_reconnect_attempts=-1,
@@ -293,6 +293,18 @@ async def test_feed_resumes_after_a_nats_restart_without_losing_or_repeating_eve
             await sim.publish_many(js, sim.reconcile_events("rs-n1", REV1, now))
             h = await eventually_async(lambda: health(9, "synced"), timeout=20)
             assert h["last_seq"] == 3
+
+            # the status bucket made anew: the old statuses go, the new ones come
+            await js.delete_key_value("gitops_nodes")
+            kv = await sim.ensure(js)
+            await sim.put_status(kv, sim.node_status("rs-n2"))
+
+            async def only_n2() -> bool:
+                nodes = await get(http, "/api/nodes")
+                assert [n["node"] for n in nodes] == ["rs-n2"], nodes
+                return True
+
+            await eventually_async(only_n2, timeout=20)
             await client.close()
     finally:
         thread.stop()
