@@ -17,37 +17,76 @@ def format_cycle(cycle: list[str]) -> str:
 class DependencyGraph:
     """Apps as nodes, an edge dependency -> dependent, so topological order is start order.
 
-    Dependencies that name no app in the graph are left out (the loader reports them)."""
+    Dependencies that name no app in the graph are left out (the loader reports them).
+    Generations are computed on plain dicts (Kahn's algorithm): building a networkx graph
+    costs more than the whole sort, so `graph` (the networkx DiGraph used for cycles,
+    descendants and anything else) is only built when first asked for."""
 
-    def __init__(self, graph: nx.DiGraph) -> None:
-        self.graph = graph
+    def __init__(self, depends_on: Mapping[str, Iterable[str]]) -> None:
+        self._deps: dict[str, tuple[str, ...]] = {
+            # dict.fromkeys: a dependency listed twice is one edge
+            name: tuple(dict.fromkeys(d for d in deps if d in depends_on))
+            for name, deps in depends_on.items()
+        }
+        self._graph: nx.DiGraph | None = None
+        self._generations: list[list[str]] | None = None
 
     @classmethod
     def from_apps(cls, apps: Mapping[str, AppSpec]) -> DependencyGraph:
-        return cls.from_edges({name: app.depends_on for name, app in apps.items()})
+        return cls({name: app.depends_on for name, app in apps.items()})
 
     @classmethod
     def from_edges(cls, depends_on: Mapping[str, Iterable[str]]) -> DependencyGraph:
         """From name -> names it depends on (e.g. the installed apps' recorded dependencies)."""
-        graph: nx.DiGraph = nx.DiGraph()
-        graph.add_nodes_from(depends_on)
-        graph.add_edges_from(
-            (dep, name) for name, deps in depends_on.items() for dep in deps if dep in depends_on
-        )
-        return cls(graph)
+        return cls(depends_on)
+
+    @property
+    def graph(self) -> nx.DiGraph:
+        if self._graph is None:
+            graph: nx.DiGraph = nx.DiGraph()
+            graph.add_nodes_from(self._deps)
+            graph.add_edges_from(
+                (dep, name) for name, deps in self._deps.items() for dep in deps
+            )
+            self._graph = graph
+        return self._graph
 
     def __contains__(self, name: object) -> bool:
-        return name in self.graph
+        return name in self._deps
 
     def __len__(self) -> int:
-        return int(self.graph.number_of_nodes())
+        return len(self._deps)
 
     def generations(self) -> list[list[str]]:
         """Start order: every app comes after all its dependencies; names sorted inside a
         generation. Apps on a cycle (which a valid spec tree never has) share a generation
         instead of raising, so callers always get an order."""
-        if nx.is_directed_acyclic_graph(self.graph):
-            return [sorted(gen) for gen in nx.topological_generations(self.graph)]
+        if self._generations is None:
+            self._generations = self._kahn() or self._condensed_generations()
+        return [list(gen) for gen in self._generations]
+
+    def _kahn(self) -> list[list[str]] | None:
+        waiting = {name: len(deps) for name, deps in self._deps.items()}
+        dependents: dict[str, list[str]] = {name: [] for name in self._deps}
+        for name, deps in self._deps.items():
+            for dep in deps:
+                dependents[dep].append(name)
+        generation = sorted(name for name, count in waiting.items() if count == 0)
+        order: list[list[str]] = []
+        placed = 0
+        while generation:
+            order.append(generation)
+            placed += len(generation)
+            ready: list[str] = []
+            for name in generation:
+                for dependent in dependents[name]:
+                    waiting[dependent] -= 1
+                    if waiting[dependent] == 0:
+                        ready.append(dependent)
+            generation = sorted(ready)
+        return order if placed == len(self._deps) else None
+
+    def _condensed_generations(self) -> list[list[str]]:
         condensed = nx.condensation(self.graph)
         members = condensed.graph["mapping"]
         groups: list[list[str]] = []
@@ -63,7 +102,7 @@ class DependencyGraph:
         """Stop order for `names`: dependents before what they depend on (also through apps
         that are not being removed), empty generations dropped. Unknown names go first."""
         wanted = set(names)
-        unknown = sorted(n for n in wanted if n not in self.graph)
+        unknown = sorted(n for n in wanted if n not in self._deps)
         order = [unknown] if unknown else []
         for gen in reversed(self.generations()):
             chosen = [n for n in gen if n in wanted]
@@ -73,7 +112,7 @@ class DependencyGraph:
 
     def dependencies(self, name: str) -> set[str]:
         """What `name` depends on directly."""
-        return set(self.graph.predecessors(name))
+        return set(self._deps[name])
 
     def dependents(self, name: str) -> set[str]:
         """Apps that depend on `name` directly."""
@@ -85,8 +124,9 @@ class DependencyGraph:
 
     def find_cycles(self) -> list[list[str]]:
         """One cycle per strongly connected component that has one, in depends-on direction
-        (['a', 'b'] means a depends on b depends on a), each rotated to start at its smallest
-        name, sorted. Linear time: SCCs first (Tarjan), then one cycle inside each."""
+        (['a', 'b'] means a depends on b depends on a), each starting at the component's
+        smallest name and as short as possible through it, sorted. Linear time: SCCs first
+        (Tarjan), then a breadth-first search inside each."""
         cycles: list[list[str]] = []
         for scc in nx.strongly_connected_components(self.graph):
             if len(scc) == 1:
@@ -94,11 +134,24 @@ class DependencyGraph:
                 if self.graph.has_edge(only, only):
                     cycles.append([only])
                 continue
-            start = min(scc)
-            sub = self.graph.subgraph(scc)
-            # Edges run dependency -> dependent; walk them backwards to read "depends on".
-            edges = nx.find_cycle(sub.reverse(copy=False), source=start)
-            cycle = [u for u, _v in edges]
-            low = cycle.index(min(cycle))
-            cycles.append(cycle[low:] + cycle[:low])
+            cycles.append(self._shortest_cycle_through(min(scc), scc))
         return sorted(cycles)
+
+    def _shortest_cycle_through(self, start: str, scc: set[str]) -> list[str]:
+        deps = self._deps
+        parent: dict[str, str] = {start: start}
+        frontier = [start]
+        while frontier:
+            nxt: list[str] = []
+            for node in frontier:
+                for dep in deps[node]:
+                    if dep == start:
+                        path = [node]
+                        while path[-1] != start:
+                            path.append(parent[path[-1]])
+                        return path[::-1]
+                    if dep in scc and dep not in parent:
+                        parent[dep] = node
+                        nxt.append(dep)
+            frontier = nxt
+        raise AssertionError(f"{start} is on no cycle of its component")  # pragma: no cover

@@ -37,8 +37,11 @@ MAX_ALIASES = 200
 SPEC_SUFFIXES = (".yaml", ".yml")
 
 _Loader: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_IMPLICIT: dict[str, list[tuple[str, Any]]] = yaml.resolver.Resolver.yaml_implicit_resolvers
+_ScalarEvent, _SequenceEndEvent = yaml.ScalarEvent, yaml.SequenceEndEvent
+_MappingEndEvent = yaml.MappingEndEvent
 _STR = "tag:yaml.org,2002:str"
-_MERGE = "tag:yaml.org,2002:merge"
+_VALUE = "tag:yaml.org,2002:value"
 _NAME_HELP = (
     "use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit "
     "(names become directory names and NATS subjects, so '/', '.' and '..' are refused)"
@@ -184,22 +187,28 @@ class _Composer:
 
     def _scalar(self, event: Any) -> Any:
         tag = event.tag
+        value = event.value
         if tag is None or tag == "!":
             if not event.implicit[0]:
-                return event.value
-            tag = self.parser.resolve(yaml.ScalarNode, event.value, event.implicit)
-        if tag == _STR:
-            return event.value
+                return value
+            # Resolver.resolve inlined: it is the loader's hottest Python function.
+            tag = _STR
+            for candidate, regexp in _IMPLICIT.get(value[:1], ()):
+                if regexp.match(value):
+                    tag = candidate
+                    break
+        if tag in (_STR, _VALUE):  # a lone plain `=` is text, not a "value" node
+            return value
         construct = self.parser.yaml_constructors.get(tag)
         if construct is None or tag.endswith((":seq", ":map", ":omap", ":pairs", ":set")):
             self._problem(event.start_mark, f"unsupported YAML tag {tag!r}")
-            return event.value
-        node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
+            return value
+        node = yaml.ScalarNode(tag, value, event.start_mark, event.end_mark, event.style)
         try:
             return construct(self.parser, node)
         except (yaml.YAMLError, ValueError, TypeError) as exc:
-            self._problem(event.start_mark, f"cannot read {event.value!r} as {tag}: {exc}")
-            return event.value
+            self._problem(event.start_mark, f"cannot read {value!r} as {tag}: {exc}")
+            return value
 
     def _node(self, event: Any, path: Path_, depth: int) -> Any:
         kind = type(event)
@@ -264,55 +273,66 @@ class _Composer:
             self._record(path + sub[cut:], loc)
         return value
 
+    def _value(self, event: Any, path: Path_, depth: int) -> tuple[Any, str | None]:
+        """A node's value, and the raw text when a plain scalar became a non-string."""
+        if type(event) is _ScalarEvent and not event.anchor:
+            self.nodes += 1
+            value = self._scalar(event)
+            if type(value) is str or event.style or not isinstance(value, _SURPRISES):
+                return value, None
+            return value, str(event.value)
+        return self._node(event, path, depth), None
+
     def _sequence(self, path: Path_, depth: int) -> list[Any]:
         items: list[Any] = []
-        parser = self.parser
+        get_event = self.parser.get_event
+        locs = self.locs
         while True:
-            event = parser.get_event()
-            if type(event) is yaml.SequenceEndEvent:
+            event = get_event()
+            if type(event) is _SequenceEndEvent:
                 return items
             sub = (*path, len(items))
-            value = self._node(event, sub, depth + 1)
+            value, raw = self._value(event, sub, depth + 1)
             mark = event.start_mark
             line, col = mark.line + 1, mark.column + 1
-            raw = _raw(event, value)
-            self._record(sub, (line, col, line, col, raw))
+            locs[sub] = loc = (line, col, line, col, raw)
+            if self.anchors or self.open_anchors:
+                self.loc_list.append((sub, loc))
             items.append(value)
 
     def _mapping(self, path: Path_, depth: int) -> dict[str, Any]:
         result: dict[str, Any] = {}
         merges: list[Any] = []
-        parser = self.parser
+        get_event = self.parser.get_event
+        locs = self.locs
         while True:
-            key_event = parser.get_event()
-            if type(key_event) is yaml.MappingEndEvent:
+            key_event = get_event()
+            if type(key_event) is _MappingEndEvent:
                 break
             key_mark = key_event.start_mark
-            if type(key_event) is not yaml.ScalarEvent:
+            if type(key_event) is not _ScalarEvent:
                 self._node(key_event, path, depth + 1)
                 self._problem(key_mark, "mapping keys must be plain text, not lists or mappings")
-                self._node(parser.get_event(), path, depth + 1)
+                self._node(get_event(), path, depth + 1)
                 continue
             key = key_event.value
-            value_event = parser.get_event()
+            value_event = get_event()
             if key == "<<" and not key_event.style and key_event.tag is None:
                 merges.append((key_mark, self._node(value_event, path, depth + 1)))
                 continue
             sub = (*path, key)
-            value = self._node(value_event, sub, depth + 1)
-            vmark = value_event.start_mark
+            value, raw = self._value(value_event, sub, depth + 1)
             if key in result:
-                first = self.locs.get(sub)
+                first = locs.get(sub)
                 where = f" (first at line {first[0]})" if first else ""
                 self._problem(key_mark, f"duplicate key {key!r}{where}")
                 continue
-            self._record(
-                sub,
-                (
-                    key_mark.line + 1, key_mark.column + 1,
-                    vmark.line + 1, vmark.column + 1, _raw(value_event, value),
-                ),
+            vmark = value_event.start_mark
+            locs[sub] = loc = (
+                key_mark.line + 1, key_mark.column + 1, vmark.line + 1, vmark.column + 1, raw
             )
+            if self.anchors or self.open_anchors:
+                self.loc_list.append((sub, loc))
             result[key] = value
         for mark, merged in merges:
             for source in merged if isinstance(merged, list) else [merged]:
@@ -322,13 +342,6 @@ class _Composer:
                 for key, value in source.items():
                     result.setdefault(key, value)
         return result
-
-
-def _raw(event: Any, value: Any) -> str | None:
-    """The text of a plain scalar that YAML read as a number, boolean or date."""
-    if type(event) is yaml.ScalarEvent and not event.style and isinstance(value, _SURPRISES):
-        return str(event.value)
-    return None
 
 
 def _kind(value: Any) -> str:

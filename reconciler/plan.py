@@ -193,6 +193,25 @@ def make_plan(desired: DesiredState, current: CurrentState) -> Plan:
     )
 
 
+# id(spec) -> (spec, hash). Holding the spec keeps its id from being reused while cached.
+# AppSpecs are frozen and the loader's ParseCache hands the same instances to every
+# revision, so a steady-state node hashes each spec once instead of once per reconcile.
+_HASHES: dict[int, tuple[AppSpec, str]] = {}
+_HASHES_MAX = 50_000
+
+
+def spec_hash_of(spec: AppSpec) -> str:
+    """spec.spec_hash(), memoized per instance (it dominates planning big nodes)."""
+    hit = _HASHES.get(id(spec))
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    if len(_HASHES) >= _HASHES_MAX:
+        _HASHES.clear()
+    digest = spec.spec_hash()
+    _HASHES[id(spec)] = (spec, digest)
+    return digest
+
+
 def _is_up(cur: CurrentApp | None) -> bool:
     return cur is not None and cur.running and cur.phase != "failed"
 
@@ -205,7 +224,7 @@ def _decide(spec: AppSpec, cur: CurrentApp | None) -> tuple[ActionKind | None, s
         return None, "suspended by an operator"
     if cur is None:
         return ActionKind.DEPLOY, "new app"
-    spec_hash = spec.spec_hash()
+    spec_hash = spec_hash_of(spec)
     if cur.failed_spec_hash is not None and cur.failed_spec_hash == spec_hash:
         return None, HELD_FAILED
     if cur.version != spec.version:
