@@ -371,17 +371,23 @@ class Agent:
             self._notify_soon()
 
     async def _fetch(self) -> str:
-        """ls-remote, then fetch only when the remote moved (GitSource.poll)."""
+        """ls-remote, then fetch only when the remote moved (GitSource.poll); then the
+        signature check when one is configured. Raises SourceError / SignatureError."""
         fetch_started = time.monotonic()
         revision = await asyncio.to_thread(self.source.poll)
         self.telemetry.fetch_duration.record(time.monotonic() - fetch_started)
+        if self.source.verifier is not None:
+            await asyncio.to_thread(self.source.verify, revision)
+        return revision
+
+    def _fetched(self, revision: str) -> None:
+        """A new (verified) revision becomes the desired one."""
         if revision != self._desired_revision:
             with self.store.transaction():
                 self.store.set_meta("desired_revision", revision)
                 self.record("source.fetched", revision=revision,
                             message=f"{self.branch} at {revision[:12]}")
             self._desired_revision = revision
-        return revision
 
     async def _desired_state(self, revision: str) -> DesiredState:
         from reconciler.loader import load_files
@@ -398,10 +404,11 @@ class Agent:
 
         try:
             revision = await self._fetch()
-            if self.source.verifier is not None:
-                await asyncio.to_thread(self.source.verify, revision)
         except (SourceError, SignatureError) as exc:
+            # an unsigned or unreachable revision never becomes the desired one: the node
+            # stays at its last good revision and reports the source problem
             return self._source_failed(exc)
+        self._fetched(revision)
         self._source_failures = 0
         if self._source_error is not None:
             self._source_error = None
@@ -409,7 +416,7 @@ class Agent:
         self._current_revision = revision
         desired = self._desired
         if desired is None or desired.revision != revision:
-            # same revision as last time: the desired state cannot have changed
+            # only a new revision is read and loaded again: for the same one it cannot differ
             desired = await self._desired_state(revision)
         self._desired = desired
         self._spec_errors = [str(p) for p in desired.problems]
@@ -822,7 +829,7 @@ class Agent:
     async def plan(self) -> Plan:
         from reconciler.plan import make_plan
 
-        revision = await self._fetch()
+        revision = await self._fetch()  # records nothing: a plan changes nothing
         desired = await self._desired_state(revision)
         return make_plan(desired, self._current_state())
 

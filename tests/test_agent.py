@@ -427,7 +427,10 @@ async def test_unsigned_commit_refused(
     assert run.outcome == "failure"
     assert f"commit {unsigned[:12]} is not signed" in run.message
     assert get(port) == "1 n1"
-    assert agent.status().apps[0].version == "1"
+    status = agent.status()
+    assert status.apps[0].version == "1"
+    assert (status.status, status.desired_revision) == ("degraded", status.revision)
+    assert f"commit {unsigned[:12]} is not signed" in (status.source_error or "")
     assert [e["type"] for e in events(agent)].count("source.failed") == 1
 
 
