@@ -116,37 +116,14 @@ def make_plan(desired: DesiredState, current: CurrentState) -> Plan:
       held, since they may need the spec that was not applied; restarting a crashed
       dependent at its current spec stays safe;
     - suspended and running: nothing is held; suspension freezes that app, not the stack.
-    Apps with nothing to do stay unchanged whatever their dependencies do.
+    Apps with nothing to do stay unchanged whatever their dependencies do. An installed app
+    that is held keeps what it depends on: those removals are held too.
     """
     from reconciler.graph import DependencyGraph
 
     held: dict[str, str] = {}
-    actions: list[Action] = []
+    changes: list[Action] = []
     unchanged: list[str] = []
-
-    to_remove: list[str] = []
-    for name, installed_app in current.apps.items():
-        if name in desired.apps or name in desired.invalid:
-            continue
-        if desired.problems:
-            held[name] = HELD_SPEC_ERRORS
-        elif installed_app.suspended:
-            held[name] = "suspended by an operator; not removed until resumed"
-        else:
-            to_remove.append(name)
-    if to_remove:
-        installed = DependencyGraph.from_edges(
-            {name: cur.depends_on for name, cur in current.apps.items()}
-        )
-        for generation, names in enumerate(installed.removal_order(to_remove)):
-            for name in names:
-                gone = current.apps[name]
-                actions.append(
-                    Action(
-                        ActionKind.REMOVE, name, generation, "no longer desired on this node",
-                        from_version=gone.version, depends_on=tuple(gone.depends_on),
-                    )
-                )
 
     holds: dict[str, _Hold | None] = {}
     for name in desired.invalid:
@@ -161,6 +138,8 @@ def make_plan(desired: DesiredState, current: CurrentState) -> Plan:
     graph = DependencyGraph.from_apps(desired.apps)
     for generation, names in enumerate(graph.generations()):
         for name in names:
+            if name in desired.invalid:
+                continue  # a hand-made DesiredState may list it in both
             spec = desired.apps[name]
             cur = current.apps.get(name)
             kind, reason = _decide(spec, cur)
@@ -176,7 +155,7 @@ def make_plan(desired: DesiredState, current: CurrentState) -> Plan:
                 unchanged.append(name)
                 holds[name] = None
             else:
-                actions.append(
+                changes.append(
                     Action(
                         kind, name, generation, reason or "",
                         from_version=cur.version if cur else None, to_version=spec.version,
@@ -185,12 +164,53 @@ def make_plan(desired: DesiredState, current: CurrentState) -> Plan:
                 )
                 holds[name] = None
 
+    removals = _removals(desired, current, held)
     return Plan(
         revision=desired.revision,
-        actions=tuple(actions),
+        actions=(*removals, *changes),
         held=tuple(HeldApp(name, held[name]) for name in sorted(held)),
         unchanged=tuple(sorted(unchanged)),
     )
+
+
+def _removals(desired: DesiredState, current: CurrentState, held: dict[str, str]) -> list[Action]:
+    """Remove actions for installed apps no longer desired, dependents first; records the
+    removals it holds in `held` (spec errors, suspension, still needed by a held app)."""
+    from reconciler.graph import DependencyGraph
+
+    to_remove: set[str] = set()
+    for name, installed_app in current.apps.items():
+        if name in desired.apps or name in desired.invalid:
+            continue
+        if desired.problems:
+            held[name] = HELD_SPEC_ERRORS
+        elif installed_app.suspended:
+            held[name] = "suspended by an operator; not removed until resumed"
+        else:
+            to_remove.add(name)
+    # An installed app left as it is (held) keeps what it depends on, transitively.
+    kept = [name for name in held if name in current.apps]
+    while kept:
+        user = kept.pop()
+        for dep in current.apps[user].depends_on:
+            if dep in to_remove:
+                to_remove.discard(dep)
+                held[dep] = f"still needed by {user}, which is held"
+                kept.append(dep)
+    if not to_remove:
+        return []
+    installed = DependencyGraph.from_edges(
+        {name: cur.depends_on for name, cur in current.apps.items()}
+    )
+    return [
+        Action(
+            ActionKind.REMOVE, name, generation, "no longer desired on this node",
+            from_version=current.apps[name].version,
+            depends_on=tuple(current.apps[name].depends_on),
+        )
+        for generation, names in enumerate(installed.removal_order(to_remove))
+        for name in names
+    ]
 
 
 # id(spec) -> (spec, hash). Holding the spec keeps its id from being reused while cached.

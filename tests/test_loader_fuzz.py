@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -12,7 +13,7 @@ from reconciler.loader import LoadResult, SpecFile, load_files
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "specs-example" / "apps"
 SEEDS = [p.read_bytes() for p in sorted(EXAMPLE.glob("*.yaml"))]
-FUZZ = settings(max_examples=200, deadline=None,
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "200")), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

@@ -320,3 +320,23 @@ def test_plan_json_is_the_whole_plan() -> None:
         "held": [],
         "unchanged": [],
     }
+
+
+def test_a_held_app_keeps_what_it_depends_on() -> None:
+    broker, database, api, worker, gateway = STACK
+    # worker and api left the tree; worker is suspended by an operator, so it stays, and
+    # so must api and, through it, nothing else (database and broker are still desired)
+    plan = make_plan(
+        desired(broker, database, gateway.model_copy(update={"depends_on": []})),
+        current(installed(broker), installed(database), installed(api),
+                installed(worker, suspended=True), installed(gateway)),
+    )
+    assert plan == Plan(
+        "rev2",
+        actions=(act(C, "gateway", 0, "spec changed", frm="1.0"),),
+        held=(
+            HeldApp("api", "still needed by worker, which is held"),
+            HeldApp("worker", "suspended by an operator; not removed until resumed"),
+        ),
+        unchanged=("broker", "database"),
+    )
