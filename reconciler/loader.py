@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import difflib
 import os
+import typing
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,6 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from reconciler import spec as spec_module
 from reconciler.errors import SpecProblem
 from reconciler.graph import DependencyGraph, format_cycle
 from reconciler.spec import NAME_RE, AppSpec
@@ -335,12 +335,17 @@ class _Composer:
                 self.loc_list.append((sub, loc))
             result[key] = value
         for mark, merged in merges:
-            for source in merged if isinstance(merged, list) else [merged]:
+            sources = enumerate(merged) if isinstance(merged, list) else [(None, merged)]
+            for index, source in sources:
                 if not isinstance(source, dict):
                     self._problem(mark, "'<<' merges a mapping or a list of mappings")
                     continue
                 for key, value in source.items():
-                    result.setdefault(key, value)
+                    if key in result:
+                        continue
+                    result[key] = value
+                    if index is not None and (found := locs.get((*path, index, key))):
+                        locs[(*path, key)] = found
         return result
 
 
@@ -472,21 +477,46 @@ def _validate_document(composer: _Composer, value: Any, line: int, col: int) -> 
         problems.append(SpecProblem(path, line, col, str(exc)))
     if problems:
         app = None
+    elif app is not None:
+        readable_name = app.name  # e.g. a !!binary name pydantic turned into text
     return ParsedDoc(
         path, line, col, readable_name, name_at, app, tuple(sorted(set(problems))), dep_locs
     )
 
 
-def _field_names() -> list[str]:
-    names: set[str] = set()
-    for obj in vars(spec_module).values():
-        if isinstance(obj, type) and issubclass(obj, BaseModel) and obj is not BaseModel:
-            for fname, info in obj.model_fields.items():
-                names.add(info.alias or fname)
-    return sorted(names)
+def _model_classes(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _model_classes(arg)]
 
 
-_FIELD_NAMES = _field_names()
+def _field_places(
+    model: type[BaseModel], prefix: str = "", places: dict[str, list[str]] | None = None
+) -> dict[str, list[str]]:
+    """Every field name of the spec format -> the dotted places it may appear."""
+    places = {} if places is None else places
+    for fname, info in model.model_fields.items():
+        key = info.alias or fname
+        dotted = prefix + key
+        if dotted not in places.setdefault(key, []):
+            places[key].append(dotted)
+        for sub in _model_classes(info.annotation):
+            _field_places(sub, dotted + ".", places)
+    return places
+
+
+_FIELD_PLACES = _field_places(AppSpec)
+_FIELD_NAMES = sorted(_FIELD_PLACES)
+
+
+def _unknown_field(name: str, current: Path_) -> str:
+    here = ".".join(str(p) for p in current[:-1] if isinstance(p, str))
+    places = [p for p in _FIELD_PLACES.get(name, []) if p.rpartition(".")[0] != here]
+    if places:
+        return f"unknown field {name!r} here; it belongs at {' or '.join(sorted(places))}"
+    names = [n for n in _FIELD_NAMES if n != name]
+    hint = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+    return f"unknown field {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
 
 
 def _format_field(path: Path_) -> str:
@@ -531,8 +561,7 @@ def _message(error: Any, current: Path_, entry: _Loc, missing: str | None) -> st
     if etype == "missing":
         return f"required field {missing!r} is missing" if missing else "required field missing"
     if etype == "extra_forbidden":
-        hint = difflib.get_close_matches(str(last), _FIELD_NAMES, n=1, cutoff=0.75)
-        return f"unknown field {last!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+        return _unknown_field(str(error["loc"][-1]), current)
     if etype == "string_pattern_mismatch" and (
         last == "name" or (len(current) == 2 and current[0] == "depends_on")
     ):

@@ -77,6 +77,17 @@ LOCATED = [
         id="unknown-field-did-you-mean",
     ),
     pytest.param(
+        {"apps/a.yaml": 'name: api\nversion: "1"\nenv: {A: b}\n'},
+        ["apps/a.yaml:3:1: env: unknown field 'env' here; it belongs at run.env"],
+        id="field-in-the-wrong-place",
+    ),
+    pytest.param(
+        {"apps/a.yaml": 'name: api\nversion: "1"\nhealth:\n  url: http://x/\n'},
+        ["apps/a.yaml:4:3: health.url: unknown field 'url' here; it belongs at "
+         "health.http.url or source.url"],
+        id="field-in-the-wrong-place-nested",
+    ),
+    pytest.param(
         {"apps/a.yaml": "name: api\nrun: {command: [a]}\n"},
         ["apps/a.yaml:1:1: version: required field 'version' is missing"],
         id="missing-field",
@@ -321,6 +332,21 @@ def test_merge_keys_and_small_aliases_are_fine_and_located_at_the_anchor() -> No
     assert result.apps["api"].run is not None
     assert result.apps["api"].run.stop_timeout == 5.0
     assert result.apps["api"].run.env == {"A": "b"}
+
+
+def test_merge_of_a_list_locates_merged_keys_at_their_anchor() -> None:
+    text = (
+        "x-probe: &probe {tcp: {port: 80}}\n"  # line 1: an unknown top-level helper key
+        "x-extra: &extra {timeout: later}\n"
+        "name: api\nversion: '1'\n"
+        "health:\n  <<: [*probe, *extra]\n"
+    )
+    assert problems({"apps/a.yaml": text}) == [
+        "apps/a.yaml:1:1: x-probe: unknown field 'x-probe'",
+        "apps/a.yaml:2:1: x-extra: unknown field 'x-extra'",
+        "apps/a.yaml:2:27: health.timeout: invalid duration 'later': use e.g. '500ms', '5s', "
+        "'2m', '1h'",
+    ]
 
 
 def test_a_file_with_a_late_syntax_error_keeps_its_earlier_apps_and_reports_the_error() -> None:
