@@ -32,8 +32,8 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -78,6 +78,24 @@ def demo_nodes(count: int) -> list[DemoNode]:
         for i in range(1, count)
     ]
     return nodes
+
+
+def pick_offsets(
+    count: int, ports: list[int], is_free: Callable[[int], bool],
+    block: int = 1000, blocks: int = 30,
+) -> list[int]:
+    """Port offsets for `count` nodes: 0, 100, 200... from the first base (0, 1000, 2000...)
+    where every app port of every node is free, so a second demo, or anything else using the
+    specs' ports, does not make the apps fail their health checks."""
+    for base in range(0, block * blocks, block):
+        offsets = [base + i * PORT_OFFSET_STEP for i in range(count)]
+        wanted = [port + offset for offset in offsets for port in ports]
+        if all(port <= 65535 for port in wanted) and all(is_free(p) for p in wanted):
+            return offsets
+    raise DemoError(
+        f"no free ports for the demo apps (base ports {sorted(ports)}, offsets up to "
+        f"{block * blocks}): stop other demos or whatever listens there"
+    )
 
 
 @dataclass(frozen=True)
@@ -251,6 +269,29 @@ def check_port_free(port: int) -> None:
             raise DemoError(
                 f"console port 127.0.0.1:{port} is in use ({exc.strerror}): pass --port N"
             ) from None
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def health_ports(specs: Path) -> list[int]:
+    """The base ports the specs' health checks use (the apps listen there, plus the offset)."""
+    from reconciler.health import http_target
+    from reconciler.loader import load_directory
+
+    ports: set[int] = set()
+    for app in load_directory(specs).apps.values():
+        if app.health.tcp is not None:
+            ports.add(app.health.tcp.port)
+        elif app.health.http is not None:
+            ports.add(http_target(app.health.http.url).port)
+    return sorted(ports)
 
 
 def _git(cwd: Path, *args: str) -> str:
@@ -525,7 +566,10 @@ def preflight(args: argparse.Namespace) -> Preflight:
     check_port_free(args.port)
     if args.state_dir and Path(args.state_dir).exists() and not Path(args.state_dir).is_dir():
         raise DemoError(f"--state-dir {args.state_dir}: not a directory")
-    return Preflight(nodes, find_nats_server(), find_specs_example(), cli_command())
+    specs = find_specs_example()
+    offsets = pick_offsets(len(nodes), health_ports(specs), port_is_free)
+    nodes = [replace(node, port_offset=offset) for node, offset in zip(nodes, offsets, strict=True)]
+    return Preflight(nodes, find_nats_server(), specs, cli_command())
 
 
 async def _run(demo: Demo, pre: Preflight) -> int:
@@ -558,12 +602,12 @@ async def _run(demo: Demo, pre: Preflight) -> int:
     await _wait_listening(args.port, console, timeout=30)
     url = f"http://127.0.0.1:{args.port}/"
 
-    labels = ", ".join(f"{n.node_id} ({n.labels['role']})" for n in nodes)
+    labels = ", ".join(f"{n.node_id} ({n.labels['role']}, +{n.port_offset})" for n in nodes)
     _say(f"gitops-mesh demo: state in {layout.root}")
     _say(f"  nats:     {nats_url} (JetStream)")
     _say(f"  repo:     {layout.repo} at {head[:8]}"
          + ("" if hooked else " (no post-receive hook found: nodes poll every 15s)"))
-    _say(f"  nodes:    {labels}")
+    _say(f"  nodes:    {labels}  (role, apps' port offset)")
     _say(f"  console:  {url}")
     _say(f"  token:    {token}  (console actions ask for it)")
     _say(f"  logs:     {layout.logs}")

@@ -16,8 +16,17 @@ from typing import Any
 
 import httpx
 import psutil
+import pytest
 
-from reconciler.demo import demo_nodes, fleet_ready, hook_wrapper, node_line, try_this
+from reconciler.demo import (
+    DemoError,
+    demo_nodes,
+    fleet_ready,
+    hook_wrapper,
+    node_line,
+    pick_offsets,
+    try_this,
+)
 from tests.conftest import eventually, free_port, git
 
 
@@ -205,6 +214,19 @@ def test_demo_nodes_get_labels_and_distinct_port_offsets() -> None:
     assert [(n.node_id, n.labels["role"], n.port_offset) for n in nodes] == [
         ("gateway-1", "gateway", 0), ("edge-1", "edge", 100), ("edge-2", "edge", 200),
     ]
+
+
+def test_pick_offsets_skips_blocks_where_an_app_port_is_taken() -> None:
+    ports = [17101, 17102]
+    assert pick_offsets(3, ports, lambda port: True) == [0, 100, 200]
+    taken = {17202}  # edge-1's second app in the first block
+    assert pick_offsets(3, ports, lambda port: port not in taken) == [1000, 1100, 1200]
+    with pytest.raises(DemoError, match="no free ports"):
+        pick_offsets(3, ports, lambda port: False)
+    # never past the last port
+    assert pick_offsets(2, [65000], lambda port: True, block=1000, blocks=1) == [0, 100]
+    with pytest.raises(DemoError):
+        pick_offsets(2, [65500], lambda port: True, block=1000, blocks=1)
 
 
 def test_fleet_ready_needs_every_node_synced_at_the_revision() -> None:
