@@ -473,6 +473,7 @@ async def _watch(
         started = time.monotonic()
         warned = False
         shown: dict[str, tuple[Any, ...]] = {}
+        statuses: dict[str, dict[str, Any]] = {}
         while True:
             demo.check_children()
             demo.track()
@@ -497,6 +498,8 @@ async def _watch(
                 warned = True
                 _say(f"not all nodes synced after {READY_TIMEOUT_S:.0f}s; still waiting. "
                      f"Logs: {demo.layout.logs}")
+                for node in nodes:
+                    _say("  " + node_line(statuses.get(node, {"node": node, "status": "-"})))
             await asyncio.sleep(0.5)
     finally:
         with contextlib.suppress(Exception):
