@@ -61,6 +61,7 @@ class Fleet:
     url: str
     repo: SpecRepo
     nodes: dict[str, subprocess.Popen[bytes]]
+    logs: list[Path]
 
     @property
     def edge(self) -> str:
@@ -116,7 +117,8 @@ def fleet(
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )
     fleet = Fleet(kind, nats_server.url, repo,
-                  {f"{kind}-{node}": proc for node, proc in nodes.items()})
+                  {f"{kind}-{node}": proc for node, proc in nodes.items()},
+                  [root / f"{node}.log" for node in nodes])
     try:
         def reported() -> bool:
             for node, proc in fleet.nodes.items():
@@ -262,6 +264,8 @@ def test_secrets_never_reach_the_stream_the_kv_or_rpc(fleet: Fleet) -> None:
     if fleet.kind == "real":
         assert b"API_KEY" in blob  # the env keys are there (state, plan)...
     assert SECRET.encode() not in blob  # ...but never the env value
+    for log in fleet.logs:  # nor in the agents' own logs (mesh included)
+        assert SECRET not in log.read_text(errors="replace"), log
 
 
 def test_bad_flags_are_usage_errors(nats_server: NatsServer) -> None:
