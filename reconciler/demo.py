@@ -262,13 +262,8 @@ def free_port() -> int:
 
 
 def check_port_free(port: int) -> None:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError as exc:
-            raise DemoError(
-                f"console port 127.0.0.1:{port} is in use ({exc.strerror}): pass --port N"
-            ) from None
+    if not port_is_free(port):
+        raise DemoError(f"console port 127.0.0.1:{port} is in use: pass --port N")
 
 
 def port_is_free(port: int) -> bool:
