@@ -450,3 +450,32 @@ async def test_outbox_backlog_and_drops_are_reported_in_status(
     finally:
         await mesh.close()
         store.close()
+
+
+async def test_a_deleted_stream_and_bucket_are_created_again(tmp_path: Path) -> None:
+    server = start_nats(tmp_path / "own")
+    store = Store(tmp_path / "state")
+    agent = FakeAgent(store, "re1")
+    mesh = Mesh(agent, store, NatsOptions(servers=[server.url]), heartbeat=0.3)
+    nc = await connect(NatsOptions(servers=[server.url]))
+    try:
+        agent.record("node.started")
+        await mesh.start()
+        await eventually_async(lambda: kv_status(nc, "re1"))
+        await eventually_async(lambda: _async(store.outbox_stats()[0] == 0))
+        js = nc.jetstream()
+        await js.delete_stream(EVENTS_STREAM)
+        await js.delete_key_value(KV_BUCKET)
+        agent.record("app.deployed", app="web", version="2")
+
+        async def back() -> bool:
+            events = await stream_events(nc, "re1")
+            return [e["type"] for e, _ in events] == ["app.deployed"] and bool(
+                await kv_status(nc, "re1"))
+
+        await eventually_async(back, timeout=20, what="stream and bucket re-created")
+    finally:
+        await nc.close()
+        await mesh.close()
+        store.close()
+        server.stop()
