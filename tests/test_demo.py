@@ -27,7 +27,7 @@ from reconciler.demo import (
     pick_offsets,
     try_this,
 )
-from tests.conftest import eventually, free_port, git
+from tests.conftest import ARTIFACTS, eventually, free_port, git
 
 
 class DemoProcess:
@@ -146,9 +146,7 @@ def test_demo_syncs_rolls_out_a_push_and_stops_everything(tmp_path: Path) -> Non
         left = demo.alive()
         for pid in left:
             os.kill(int(pid.split()[0]), signal.SIGKILL)
-        (Path(os.environ.get("GITOPS_TEST_ARTIFACTS", "test-artifacts")) / "demo.log").write_text(
-            demo.output
-        )
+        (ARTIFACTS / "demo.log").write_text(demo.output)
 
 
 def test_sigterm_while_apps_are_still_starting_leaves_nothing(tmp_path: Path) -> None:
