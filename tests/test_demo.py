@@ -60,6 +60,14 @@ class DemoProcess:
         except psutil.NoSuchProcess:
             pass
 
+    def wait_for(self, text: str, timeout: float) -> None:
+        def printed() -> bool:
+            self.track()
+            assert self.process.poll() is None, f"demo exited:\n{self.output}"
+            return text in self.output
+
+        eventually(printed, timeout=timeout, interval=0.2, what=f"the demo printed {text!r}")
+
     def alive(self) -> list[str]:
         left = []
         for pid, proc in self.seen.items():
@@ -180,6 +188,27 @@ def _alive(procs: dict[int, psutil.Process]) -> list[psutil.Process]:
         except psutil.Error:
             pass
     return alive
+
+
+def test_keep_reuses_the_state_for_a_second_run(tmp_path: Path) -> None:
+    state = tmp_path / "kept"
+    heads = []
+    for _ in range(2):
+        demo = DemoProcess([sys.executable, "-m", "reconciler", "demo", "--port",
+                            str(free_port()), "--state-dir", str(state), "--keep"])
+        try:
+            demo.wait_for("demo ready: 3 nodes synced", timeout=150)
+            demo.process.send_signal(signal.SIGINT)
+            assert demo.process.wait(90) == 0, demo.output
+            assert demo.alive() == []
+            assert f"state kept in {state}" in demo.output
+            heads.append(git(state / "specs.git", "rev-parse", "main"))
+        finally:
+            if demo.process.poll() is None:
+                demo.kill_everything()
+    assert heads[0] == heads[1], "the second run uses the same repo, not a new seed"
+    assert sorted(p.name for p in (state / "nodes").iterdir()) == ["edge-1", "edge-2",
+                                                                    "gateway-1"]
 
 
 def test_bad_input_is_refused_before_anything_starts(tmp_path: Path) -> None:
