@@ -34,6 +34,11 @@ MAX_DEPTH = 32
 # `<<: *defaults` style reuse, far below what a billion-laughs document needs.
 MAX_ALIAS_NODES = 10_000
 MAX_ALIASES = 200
+# Per file: a spec file holds a few apps of a few hundred nodes; these bound the work a
+# hostile file can cause (each document and each problem costs a validation or a string).
+MAX_NODES = 50_000
+MAX_DOCUMENTS = 1_000
+MAX_PROBLEMS = 100
 SPEC_SUFFIXES = (".yaml", ".yml")
 
 _Loader: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -154,6 +159,7 @@ class _Composer:
         self.anchors: dict[str, tuple[Any, Path_, int, int, int]] = {}
         self.open_anchors: set[str] = set()
         self.nodes = 0
+        self.budget = MAX_NODES
         self.alias_nodes = 0
         self.aliases = 0
         self.problems: list[SpecProblem] = []
@@ -165,8 +171,16 @@ class _Composer:
         """(root value, line, col) per non-empty document; resets marks for each."""
         parser = self.parser
         parser.get_event()  # StreamStart
+        documents = used = 0
         while not parser.check_event(yaml.StreamEndEvent):
-            parser.get_event()  # DocumentStart
+            start = parser.get_event()  # DocumentStart
+            documents += 1
+            if documents > MAX_DOCUMENTS:
+                mark = start.start_mark
+                raise _Refused(mark.line + 1, mark.column + 1,
+                               f"more than {MAX_DOCUMENTS} documents in one file; refused")
+            used += self.nodes
+            self.budget = MAX_NODES - used
             self.locs, self.loc_list, self.anchors = {}, [], {}
             self.nodes = self.alias_nodes = self.aliases = 0
             self.problems = []
@@ -183,6 +197,9 @@ class _Composer:
             self.loc_list.append((path, loc))
 
     def _problem(self, mark: Any, message: str) -> None:
+        if len(self.problems) >= MAX_PROBLEMS:
+            raise _Refused(mark.line + 1, mark.column + 1,
+                           f"{len(self.problems)} problems so far; stopped reading this file")
         self.problems.append(SpecProblem(self.path, mark.line + 1, mark.column + 1, message))
 
     def _scalar(self, event: Any) -> Any:
@@ -273,6 +290,11 @@ class _Composer:
             self._record(path + sub[cut:], loc)
         return value
 
+    def _too_many(self, event: Any) -> None:
+        mark = event.start_mark
+        raise _Refused(mark.line + 1, mark.column + 1,
+                       f"more than {MAX_NODES} YAML nodes in one file; refused")
+
     def _value(self, event: Any, path: Path_, depth: int) -> tuple[Any, str | None]:
         """A node's value, and the raw text when a plain scalar became a non-string."""
         if type(event) is _ScalarEvent and not event.anchor:
@@ -291,6 +313,8 @@ class _Composer:
             event = get_event()
             if type(event) is _SequenceEndEvent:
                 return items
+            if self.nodes > self.budget:
+                self._too_many(event)
             sub = (*path, len(items))
             value, raw = self._value(event, sub, depth + 1)
             mark = event.start_mark
@@ -310,6 +334,8 @@ class _Composer:
             if type(key_event) is _MappingEndEvent:
                 break
             key_mark = key_event.start_mark
+            if self.nodes > self.budget:
+                self._too_many(key_event)
             if type(key_event) is not _ScalarEvent:
                 self._node(key_event, path, depth + 1)
                 self._problem(key_mark, "mapping keys must be plain text, not lists or mappings")
@@ -401,10 +427,16 @@ def parse_file(spec_file: SpecFile, max_bytes: int = MAX_FILE_BYTES) -> ParsedFi
     file_problems: list[SpecProblem] = []
     composer = _Composer(path, text)
     try:
+        count = 0
         for value, line, col in composer.documents():
             doc = _validate_document(composer, value, line, col)
             if doc is not None:
                 docs.append(doc)
+                count += len(doc.problems)
+            if count >= MAX_PROBLEMS:
+                file_problems.append(SpecProblem(
+                    path, line, col, f"{count} problems so far; stopped reading this file"))
+                break
     except _Refused as exc:
         file_problems.extend(composer.problems)
         file_problems.append(SpecProblem(path, exc.line, exc.col, exc.message))

@@ -533,3 +533,20 @@ def test_parse_labels() -> None:
             parse_labels([bad])
     with pytest.raises(ValueError, match="label 'role' given twice: 'a' and 'b'"):
         parse_labels(["role=a", "role=b"])
+
+
+@pytest.mark.parametrize(
+    ("data", "last"),
+    [
+        (b"--- {}\n" * 1000, "apps/many.yaml:50:5: 100 problems so far; stopped reading this file"),
+        (b"---\n" * 2000, "apps/many.yaml:1001:1: more than 1000 documents in one file; refused"),
+        (b"a: 1\n" * 1000, "apps/many.yaml:102:1: 100 problems so far; stopped reading this file"),
+        (b"x: [" + b"1, " * 60_000 + b"]\n",
+         "apps/many.yaml:1:150002: more than 50000 YAML nodes in one file; refused"),
+    ],
+    ids=["many-bad-documents", "many-documents", "many-duplicate-keys", "many-nodes"],
+)
+def test_work_per_file_is_bounded(data: bytes, last: str) -> None:
+    found = problems({"apps/many.yaml": data})
+    assert last in found
+    assert len(found) <= 102
