@@ -17,6 +17,7 @@ import pytest
 import yaml
 from nats.aio.msg import Msg
 
+from reconciler.cli import parse_args
 from reconciler.subjects import SOURCE_CHANGED
 from tests.conftest import NatsServer, eventually_async, free_port, git
 
@@ -90,6 +91,26 @@ def test_agents_have_distinct_ids_their_labels_and_own_state(resolved: dict[str,
         ids.add(node_id)
         volumes.add(_volume_source(service["volumes"][0]))
     assert len(ids) == 3 and len(volumes) == 3
+
+
+def test_service_commands_are_what_the_cli_accepts(
+    resolved: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each container runs `gitops-mesh <command>` (the image's entrypoint) with its env."""
+    services = resolved["services"]
+    for name, label in AGENTS.items():
+        service = services[name]
+        for key, value in service["environment"].items():
+            monkeypatch.setenv(key, str(value))
+        args = parse_args([str(a) for a in service["command"]])
+        assert (args.command, args.repo, args.nats, args.state_dir, args.interval) == (
+            "node", "git://git:9418/specs.git", "nats://nats:4222", "/var/lib/gitops-mesh", "30s",
+        )
+        assert label in args.label and args.node_id == name.removeprefix("node-")
+    console = parse_args([str(a) for a in services["console"]["command"]])
+    assert (console.command, console.nats, console.host, console.port) == (
+        "console", "nats://nats:4222", "0.0.0.0", 8080,
+    )
 
 
 def test_ports_are_published_on_loopback_only(resolved: dict[str, Any]) -> None:
