@@ -51,11 +51,17 @@ def run_validate(args: argparse.Namespace) -> int:
     else:
         for problem in result.problems:
             print(problem)
-    summary = f"{len(result.valid_apps)} valid apps in {result.files} files"
+    summary = f"{_n(len(result.valid_apps), 'valid app')} in {_n(result.files, 'file')}"
     if result.problems:
-        summary += f", {len(result.problems)} problems ({len(result.invalid)} apps invalid)"
+        summary += (
+            f", {_n(len(result.problems), 'problem')} ({_n(len(result.invalid), 'app')} invalid)"
+        )
     print(summary, file=sys.stderr)
     return EXIT_PROBLEMS if result.problems else EXIT_OK
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def _problem_json(problem: SpecProblem) -> dict[str, object]:

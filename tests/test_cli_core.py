@@ -68,7 +68,7 @@ def test_validate_a_broken_tree_prints_file_line_col_and_exits_1(broken_tree: Pa
         f'{bad}:2:10: version: 1.10 was read as a number; quote it (version: "1.10") so YAML '
         "keeps it as written",
     ]
-    assert result.stderr.strip() == "1 valid apps in 2 files, 1 problems (1 apps invalid)"
+    assert result.stderr.strip() == "1 valid app in 2 files, 1 problem (1 app invalid)"
     # the apps folder and the single file work too, with the same locations
     assert cli("validate", str(broken_tree / "apps")).stdout == result.stdout
     assert cli("validate", str(bad)).stdout == result.stdout
