@@ -253,6 +253,8 @@ def _decide(spec: AppSpec, cur: CurrentApp | None) -> tuple[ActionKind | None, s
         return ActionKind.RECONFIGURE, "spec changed"
     if cur.phase == "failed":
         return ActionKind.RESTART, "failed; starting again"
+    if cur.phase == "blocked":
+        return ActionKind.RESTART, "was blocked by a dependency; starting again"
     if cur.phase in _UNFINISHED:
         # An agent stopped mid-action: starting again is how the action gets finished.
         return ActionKind.RESTART, f"interrupted while {cur.phase}; starting again"

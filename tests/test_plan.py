@@ -119,7 +119,7 @@ def test_drift_is_healed_by_restarts() -> None:
             installed(broker, running=False, phase="running"),
             installed(database, phase="failed", running=False),
             installed(api, phase="deploying"),
-            installed(worker),
+            installed(worker, phase="blocked", running=False),
             installed(gateway),
         ),
     )
@@ -130,8 +130,10 @@ def test_drift_is_healed_by_restarts() -> None:
             act(R, "database", 0, "failed; starting again", frm="1.0"),
             act(R, "api", 1, "interrupted while deploying; starting again", frm="1.0",
                 deps=("database", "broker")),
+            act(R, "worker", 2, "was blocked by a dependency; starting again", frm="1.0",
+                deps=("api", "broker")),
         ),
-        unchanged=("gateway", "worker"),
+        unchanged=("gateway",),
     )
 
 
