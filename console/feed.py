@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -19,6 +20,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
@@ -32,6 +34,7 @@ EVENTS_MAX_AGE_S = subjects.EVENTS_MAX_AGE_S
 EVENTS_DUPLICATE_WINDOW_S = subjects.EVENTS_DEDUP_WINDOW_S
 KV_HISTORY = subjects.KV_HISTORY
 FETCH_BATCH = 500
+PULL_EXPIRES_S = 5.0
 CHECK_INTERVAL_S = 10.0  # how often the console checks that its consumers still exist
 
 
@@ -75,8 +78,12 @@ class Feed:
         self.synced = asyncio.Event()  # set once KV and stream subscriptions are in place
         self._resync = asyncio.Event()
         self._subs: list[JetStreamContext.PushSubscription] = []
-        self._pull: JetStreamContext.PullSubscription | None = None
-        self._pull_task: asyncio.Task[None] | None = None
+        self._inbox_sub: Subscription | None = None  # replies to our pull requests
+        self._consumer: str | None = None
+        self._inbox = ""
+        self._wanted = 0          # messages the open pull request may still deliver
+        self._requested_at = 0.0  # monotonic time of the open pull request
+        self._received = 0
         self._stream_id: tuple[Any, Any] | None = None  # (created, name) of the stream read
         self._from_start = False
         self._kv_stream_id: tuple[Any, Any] | None = None
@@ -112,6 +119,7 @@ class Feed:
                         await asyncio.wait_for(self._resync.wait(), self.check_interval)
                     if not self._resync.is_set() and self.connected:
                         await self._check_consumers()
+                        await self._check_pull()
                 self._resync.clear()
                 self.synced.clear()
         finally:
@@ -162,15 +170,15 @@ class Feed:
         log.debug("nats: %r", exc)
 
     async def _unsubscribe(self) -> None:
-        task, self._pull_task = self._pull_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        pull, self._pull = self._pull, None
-        if pull is not None:
+        inbox_sub, self._inbox_sub = self._inbox_sub, None
+        if inbox_sub is not None:
             with contextlib.suppress(Exception):
-                await pull.unsubscribe()
+                await inbox_sub.unsubscribe()
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None and self.connected:
+            assert self.nc is not None
+            with contextlib.suppress(Exception):  # it expires on its own otherwise
+                await self.nc.jetstream().delete_consumer(subjects.EVENTS_STREAM, consumer)
         subs, self._subs = self._subs, []
         for sub in subs:
             with contextlib.suppress(Exception):
@@ -203,9 +211,9 @@ class Feed:
             idle_heartbeat=2.0,
         )
         self._subs.append(kv_sub)
-        # Events come through a pull consumer: each fetch is bounded (memory stays flat
-        # during a replay of millions) and the loop yields between batches (HTTP stays
-        # responsive under a sustained stream).
+        # Events come through a pull consumer, one request of FETCH_BATCH at a time, handled
+        # in the inbox callback: memory stays flat during a replay of millions (at most one
+        # batch in flight) and per-message cost stays low (no per-message timers).
         config = api.ConsumerConfig(
             ack_policy=api.AckPolicy.NONE, mem_storage=True, num_replicas=1,
             inactive_threshold=60.0,
@@ -218,34 +226,54 @@ class Feed:
         else:
             config.deliver_policy = api.DeliverPolicy.BY_START_TIME
             config.opt_start_time = self._clock() - timedelta(seconds=self.replay_s)
-        pull = await js.pull_subscribe(
-            subjects.EVENTS_SUBJECTS, stream=subjects.EVENTS_STREAM, config=config)
-        self._pull = pull
-        self._pull_task = asyncio.create_task(self._pull_events(pull), name="console-events")
+        consumer = await js.add_consumer(subjects.EVENTS_STREAM, config=config)
+        self._consumer = consumer.name
+        assert self.nc is not None
+        self._inbox = self.nc.new_inbox()
+        self._inbox_sub = await self.nc.subscribe(self._inbox, cb=self._on_pulled)
+        await self._pull_more()
 
-    async def _pull_events(self, pull: JetStreamContext.PullSubscription) -> None:
-        idle = 0
-        try:
-            while True:
-                try:
-                    msgs = await pull.fetch(batch=FETCH_BATCH, timeout=1.0)
-                except nats.errors.TimeoutError:
-                    idle += 1
-                    if idle % 15 == 0:
-                        # A quiet stream, or a consumer that vanished (deleted, expired
-                        # while we were stalled)? The latter raises NotFoundError here.
-                        await pull.consumer_info()
-                    continue
-                idle = 0
-                for msg in msgs:
-                    self._apply_event(msg)
-                self._on_change()
-                await asyncio.sleep(0)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # consumer gone, connection closed: subscribe again
-            self._set_state("waiting", f"event stream interrupted: {exc!r}")
+    async def _pull_more(self) -> None:
+        """One pull request for the next batch; the server holds it up to PULL_EXPIRES_S
+        when the stream is quiet, so new events still arrive at once."""
+        if self._consumer is None or self.nc is None:
+            return
+        body = {"batch": FETCH_BATCH, "expires": int(PULL_EXPIRES_S * 1e9)}
+        self._wanted = FETCH_BATCH
+        self._requested_at = time.monotonic()
+        await self.nc.publish(
+            f"$JS.API.CONSUMER.MSG.NEXT.{subjects.EVENTS_STREAM}.{self._consumer}",
+            json.dumps(body).encode(), reply=self._inbox)
+
+    async def _on_pulled(self, msg: Msg) -> None:
+        status = msg.headers.get("Status") if msg.headers else None
+        if status:
+            if status == "100":
+                return  # idle heartbeat
+            if status in ("404", "408"):  # no messages / the request expired: ask again
+                await self._pull_more()
+                return
+            # 409 consumer deleted, leadership change, ...: start over from last_seq
+            why = msg.headers.get("Description", "") if msg.headers else ""
+            self._set_state("waiting", f"event stream interrupted: {status} {why}")
             self._resync.set()
+            return
+        self._apply_event(msg)
+        self._wanted -= 1
+        self._received += 1
+        self._on_change()
+        if self._wanted <= 0:
+            await self._pull_more()
+        if self._received % 32 == 0:
+            # nats-py runs this callback back to back while messages are queued: let HTTP
+            # requests and SSE pushes in between, or a burst would stall the whole console.
+            await asyncio.sleep(0)
+
+    async def _check_pull(self) -> None:
+        """A pull request whose end we never heard of (lost in a reconnect) would stall
+        the events: re-ask when it is well past its expiry."""
+        if time.monotonic() - self._requested_at > PULL_EXPIRES_S + 2:
+            await self._pull_more()
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
         await ensure_stream(js, create=self.create_missing)

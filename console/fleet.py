@@ -116,6 +116,10 @@ class Fleet:
         if events_keep < 1:
             raise ValueError("events_keep must be at least 1")
         self.nodes: dict[str, NodeStatus] = {}
+        # node -> its updated_at as epoch seconds (None: unparseable), parsed once per write
+        self._beats: dict[str, float | None] = {}
+        # node -> (status, derived state, card): cards are rebuilt only when either changes
+        self._cards: dict[str, tuple[NodeStatus, str, dict[str, Any]]] = {}
         # (event time as epoch seconds, arrival number, event), in arrival order
         self.events: deque[tuple[float, int, Event]] = deque(maxlen=events_keep)
         self.revisions: OrderedDict[str, RevisionStats] = OrderedDict()
@@ -137,6 +141,8 @@ class Fleet:
         if not value:
             if self.nodes.pop(key, None) is not None:
                 self.version += 1
+            self._beats.pop(key, None)
+            self._cards.pop(key, None)
             self.fetched.pop(key, None)
             return None
         try:
@@ -146,6 +152,8 @@ class Fleet:
         if status.node != key:
             return self._reject(f"KV key {key!r}: status is for node {status.node!r}")
         self.nodes[key] = status
+        updated = parse_time(status.updated_at)
+        self._beats[key] = updated.timestamp() if updated else None
         self.version += 1
         return None
 
@@ -153,6 +161,8 @@ class Fleet:
         """Forget every status (the bucket was made anew; its watch re-delivers the rest)."""
         if self.nodes:
             self.nodes.clear()
+            self._beats.clear()
+            self._cards.clear()
             self.version += 1
 
     def apply_event(self, data: bytes | str | Event) -> str | None:
@@ -208,20 +218,34 @@ class Fleet:
 
     def node_state(self, status: NodeStatus, now: datetime) -> str:
         """The reported status, or `unreachable` when the heartbeat is too old."""
-        updated = parse_time(status.updated_at)
-        if updated is None:
+        if status.node in self._beats and self.nodes.get(status.node) is status:
+            beat = self._beats[status.node]
+        else:  # a status that is not (or no longer) the stored one
+            updated = parse_time(status.updated_at)
+            beat = updated.timestamp() if updated else None
+        if beat is None:
             return UNREACHABLE
-        age = (now - updated).total_seconds()
-        if age > MISSED_HEARTBEATS * status.heartbeat_interval_s:
+        if now.timestamp() - beat > MISSED_HEARTBEATS * status.heartbeat_interval_s:
             return UNREACHABLE
         return status.status
 
     def card(self, status: NodeStatus, now: datetime) -> dict[str, Any]:
-        """One node's overview card."""
+        """One node's overview card (built once per status and derived state; treat it as
+        read-only: the same dict is handed out again while nothing changed)."""
+        state = self.node_state(status, now)
+        cached = self._cards.get(status.node)
+        if cached is not None and cached[0] is status and cached[1] == state:
+            return cached[2]
+        card = self._build_card(status, state)
+        if self.nodes.get(status.node) is status:
+            self._cards[status.node] = (status, state, card)
+        return card
+
+    def _build_card(self, status: NodeStatus, state: str) -> dict[str, Any]:
         apps = status.apps
         return {
             "node": status.node,
-            "status": self.node_state(status, now),
+            "status": state,
             "reported_status": status.status,
             "message": status.message,
             "revision": status.revision,
@@ -249,12 +273,11 @@ class Fleet:
         counts = dict.fromkeys(STATUSES, 0)
         apps_running = apps_failed = apps_total = 0
         for status in self.nodes.values():
-            state = self.node_state(status, now)
-            counts[state] = counts.get(state, 0) + 1
-            for app in status.apps:
-                apps_total += 1
-                apps_running += app.phase == "running"
-                apps_failed += app.phase in _FAILED_PHASES or bool(app.failed_version)
+            card = self.card(status, now)
+            counts[card["status"]] = counts.get(card["status"], 0) + 1
+            apps_total += card["apps"]["total"]
+            apps_running += card["apps"]["running"]
+            apps_failed += card["apps"]["failed"]
         return {
             "nodes": len(self.nodes), **counts,
             "apps": apps_total, "apps_running": apps_running, "apps_failed": apps_failed,
