@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import tempfile
@@ -46,6 +47,10 @@ def run_validate(args: argparse.Namespace) -> int:
     # Paths as the user can open them from where they ran the command.
     shown = [SpecFile(str(root / f.path), f.data, f.key) for f in files]
     result = load_files(shown, apps_path=str(root / apps_path) if apps_path else str(root))
+    if apps_path and (args.apps_path is not None or not target.is_file()):
+        # Only from a repo root are repo-relative archive paths known to resolve right.
+        result.problems.extend(check_archives(root, result))
+        result.problems.sort()
     if args.json:
         print(json.dumps([_problem_json(p) for p in result.problems], indent=2))
     else:
@@ -58,6 +63,35 @@ def run_validate(args: argparse.Namespace) -> int:
         )
     print(summary, file=sys.stderr)
     return EXIT_PROBLEMS if result.problems else EXIT_OK
+
+
+def check_archives(root: Path, result: LoadResult) -> list[SpecProblem]:
+    """Repo-relative archives must exist under `root` and match their pinned sha256."""
+    from reconciler.spec import ArchiveSource
+
+    problems: list[SpecProblem] = []
+    for name, app in result.valid_apps.items():
+        source = app.source
+        if not isinstance(source, ArchiveSource) or "://" in source.url:
+            continue
+        path = result.sources[name][0]
+        at = result.field_locations.get((name, "source.url"), (result.sources[name][1], 1))
+        target = (root / source.url).resolve()
+        if not target.is_relative_to(root.resolve()):
+            problems.append(SpecProblem(path, *at, f"{source.url} is outside the repository",
+                                        field="source.url"))
+            continue
+        if not target.is_file():
+            problems.append(SpecProblem(path, *at, f"{source.url}: no such file in the "
+                                        "repository", field="source.url"))
+            continue
+        digest = hashlib.sha256(target.read_bytes()).hexdigest()
+        if digest != source.sha256:
+            where = result.field_locations.get((name, "source.sha256"), at)
+            problems.append(SpecProblem(
+                path, *where, f"does not match {source.url} (its sha256 is {digest})",
+                field="source.sha256"))
+    return problems
 
 
 def _n(count: int, noun: str) -> str:

@@ -77,6 +77,13 @@ class ParsedDoc:
     app: AppSpec | None
     problems: tuple[SpecProblem, ...] = ()
     dep_locs: tuple[tuple[int, int], ...] = ()  # line:col of each depends_on entry
+    # line:col of a few values checked after loading (see KEPT_LOCATIONS)
+    field_locs: tuple[tuple[str, int, int], ...] = ()
+
+
+# Values whose location outlives parsing, for checks made later (e.g. `validate` comparing
+# an archive's sha256 with the file in the repository).
+KEPT_LOCATIONS = (("source", "url"), ("source", "sha256"), ("version",))
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,8 @@ class LoadResult:
 
     `invalid` names apps whose documents or cross-checks failed: the planner holds them.
     `sources` maps an app to (path, line) of its document, `locations` maps (app, index)
-    to the line:col of its index-th depends_on entry."""
+    to the line:col of its index-th depends_on entry, `field_locations` (app, dotted field)
+    to the line:col of the values named in KEPT_LOCATIONS."""
 
     apps: dict[str, AppSpec]
     problems: list[SpecProblem] = field(default_factory=list)
@@ -121,6 +129,8 @@ class LoadResult:
     sources: dict[str, tuple[str, int]] = field(default_factory=dict)
     locations: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
     files: int = 0
+    # (app, "source.sha256") -> line:col, for the fields in KEPT_LOCATIONS
+    field_locations: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -512,7 +522,10 @@ def _validate_document(composer: _Composer, value: Any, line: int, col: int) -> 
     elif app is not None:
         readable_name = app.name  # e.g. a !!binary name pydantic turned into text
     return ParsedDoc(
-        path, line, col, readable_name, name_at, app, tuple(sorted(set(problems))), dep_locs
+        path, line, col, readable_name, name_at, app, tuple(sorted(set(problems))), dep_locs,
+        tuple(
+            (".".join(key), loc[2], loc[3]) for key in KEPT_LOCATIONS if (loc := locs.get(key))
+        ),
     )
 
 
@@ -733,6 +746,11 @@ def check_tree(parsed: list[ParsedFile], apps_path: str = "apps") -> LoadResult:
         sources=sources,
         locations=locations,
         files=len(parsed),
+        field_locations={
+            (name, key): (line, col)
+            for name, doc in docs.items()
+            for key, line, col in doc.field_locs
+        },
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -315,3 +316,21 @@ def test_example_stack_runs_in_dependency_order(stack_dir: tuple[Path, dict[str,
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def test_validate_checks_repo_relative_archives(tmp_path: Path) -> None:
+    shutil.copytree(EXAMPLE / "apps", tmp_path / "apps")
+    shutil.copytree(EXAMPLE / "artifacts", tmp_path / "artifacts")
+    assert cli("validate", str(tmp_path)).returncode == 0
+    (tmp_path / "artifacts" / "worker-1.0.0.tar.gz").unlink()
+    gateway = tmp_path / "artifacts" / "gateway-1.0.0.tar.gz"
+    gateway.write_bytes(gateway.read_bytes() + b"tampered")
+    result = cli("validate", str(tmp_path))
+    assert result.returncode == 1
+    digest = hashlib.sha256(gateway.read_bytes()).hexdigest()
+    assert result.stdout.splitlines() == [
+        f"{tmp_path}/apps/gateway.yaml:15:11: source.sha256: does not match "
+        f"artifacts/gateway-1.0.0.tar.gz (its sha256 is {digest})",
+        f"{tmp_path}/apps/worker.yaml:10:8: source.url: artifacts/worker-1.0.0.tar.gz: no such "
+        "file in the repository",
+    ]
