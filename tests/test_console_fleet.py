@@ -188,3 +188,14 @@ def test_recent_rollouts_summarise_the_newest_revisions() -> None:
         {"revision": REV1, "targeted": 1, "synced": 1, "failed": 0, "progress": 1.0,
          "first_seen": None},
     ]
+
+
+def test_a_card_follows_its_heartbeat_age_and_new_statuses() -> None:
+    fleet = Fleet()
+    fleet.apply_status("n1", status("n1"))
+    assert fleet.cards(T0)[0]["status"] == "synced"
+    assert fleet.cards(T0 + timedelta(seconds=31))[0]["status"] == "unreachable"
+    assert fleet.cards(T0)[0]["status"] == "synced"  # a heartbeat's age, not a latch
+    fleet.apply_status("n1", status("n1", "degraded", at=T0 + timedelta(seconds=40)))
+    assert [(c["status"], c["updated_at"]) for c in fleet.cards(T0 + timedelta(seconds=41))
+            ] == [("degraded", iso(T0 + timedelta(seconds=40)))]
