@@ -435,8 +435,10 @@ def parse_file(spec_file: SpecFile, max_bytes: int = MAX_FILE_BYTES) -> ParsedFi
         text = text[1:]
     docs: list[ParsedDoc] = []
     file_problems: list[SpecProblem] = []
-    composer = _Composer(path, text)
+    composer: _Composer | None = None
     try:
+        # Inside the try: the pure-Python fallback parser checks characters on construction.
+        composer = _Composer(path, text)
         count = 0
         for value, line, col in composer.documents():
             doc = _validate_document(composer, value, line, col)
@@ -448,15 +450,16 @@ def parse_file(spec_file: SpecFile, max_bytes: int = MAX_FILE_BYTES) -> ParsedFi
                     path, line, col, f"{count} problems so far; stopped reading this file"))
                 break
     except _Refused as exc:
-        file_problems.extend(composer.problems)
+        file_problems.extend(composer.problems if composer else ())
         file_problems.append(SpecProblem(path, exc.line, exc.col, exc.message))
     except yaml.YAMLError as exc:
-        file_problems.extend(composer.problems)
+        file_problems.extend(composer.problems if composer else ())
         file_problems.append(_yaml_error(path, text, exc))
     except RecursionError:  # pragma: no cover - MAX_DEPTH keeps us far from the limit
         file_problems.append(SpecProblem(path, 1, 1, "nested too deeply; refused"))
     finally:
-        composer.close()
+        if composer is not None:
+            composer.close()
     return ParsedFile(path, tuple(docs), tuple(file_problems))
 
 
