@@ -250,12 +250,12 @@ class AppSpec(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _version_must_be_text(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("version"), int | float):
-            if not isinstance(data["version"], bool):
-                raise ValueError(
-                    f"version {data['version']!r} was read as a number; quote it "
-                    f"(version: \"{data['version']}\") so 1.10 does not become 1.1"
-                )
+        version = data.get("version") if isinstance(data, dict) else None
+        if isinstance(version, int | float) and not isinstance(version, bool):
+            raise ValueError(
+                f"version {data['version']!r} was read as a number; quote it "
+                f"(version: \"{data['version']}\") so 1.10 does not become 1.1"
+            )
         return data
 
     @model_validator(mode="after")
