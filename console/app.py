@@ -109,6 +109,7 @@ class Console:
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     closing: bool = False
     streams: int = 0
+    loop: asyncio.AbstractEventLoop | None = None
     _cache: dict[tuple[Any, ...], Any] = field(default_factory=dict)
 
     def view(self, kind: str, *args: Any) -> Any:
@@ -144,6 +145,13 @@ class Console:
             return {"series": fleet.series(now, args[0])}
         raise KeyError(kind)
 
+    def close_streams(self) -> None:
+        """End every live stream (thread-safe): a server shutting down should not wait
+        for browser tabs to go away."""
+        self.closing = True
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.pulse.fire)
+
     def feed_state(self) -> dict[str, Any]:
         feed = self.feed
         return {
@@ -173,6 +181,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        console.loop = asyncio.get_running_loop()
         task = None
         if connect is not None:
             console.feed = Feed(console.fleet, connect, on_change=console.pulse.fire,

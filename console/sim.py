@@ -201,6 +201,8 @@ class ConsoleThread:
         return self
 
     def stop(self) -> None:
-        self.server.should_exit = True
+        import signal
+
+        self.server.handle_exit(signal.SIGTERM, None)  # what a Ctrl-C does
         if self.thread is not None:
             self.thread.join(10)
