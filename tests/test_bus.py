@@ -221,16 +221,25 @@ async def test_discovery_with_srv_ping_and_info(
     tmp_path: Path, nats_server: NatsServer, client: NATS
 ) -> None:
     async with running(tmp_path, nats_server.url, "disc1"):
-        await eventually_async(lambda: kv_status(client, "disc1"))
-        ping = json.loads((await client.request("$SRV.PING.gitops-node", b"", timeout=5)).data)
+        pings: list[dict[str, Any]] = []
+
+        async def on_ping(msg: Any) -> None:
+            pings.append(json.loads(msg.data))
+
+        inbox = client.new_inbox()
+        sub = await client.subscribe(inbox, cb=on_ping)
+        await client.publish("$SRV.PING.gitops-node", b"", reply=inbox)
+        # every running gitops-node service answers; pick this test's node
+        ping = await eventually_async(lambda: _async(next(
+            (p for p in pings if p["metadata"] == {"node": "disc1"}), None)))
+        await sub.unsubscribe()
         assert ping["name"] == "gitops-node" and ping["type"].endswith("ping_response")
         info = json.loads(
             (await client.request(f"$SRV.INFO.gitops-node.{ping['id']}", b"", timeout=5)).data
         )
-        assert info["metadata"] == {"node": ping["metadata"]["node"]}
-        node = info["metadata"]["node"]
+        assert info["metadata"] == {"node": "disc1"}
         assert sorted(e["subject"] for e in info["endpoints"]) == sorted(
-            rpc_subject(node, ep)
+            rpc_subject("disc1", ep)
             for ep in ("status", "state", "plan", "reconcile", "health", "suspend", "resume")
         )
 
