@@ -106,6 +106,10 @@ class Feed:
                     self._set_state("connecting", f"cannot connect to NATS: {exc}")
                     await asyncio.sleep(1.0)
             while True:
+                while not self.nc.is_connected:
+                    # a resubscribe asked for while NATS is away waits for the reconnect
+                    # (JetStream requests now would only time out)
+                    await asyncio.sleep(0.1)
                 try:
                     await self._subscribe(self.nc.jetstream())
                 except Exception as exc:  # stream missing and not creatable, timeouts
@@ -253,8 +257,10 @@ class Feed:
             if status in ("404", "408"):  # no messages / the request expired: ask again
                 await self._pull_more()
                 return
-            # 409 consumer deleted, leadership change, ...: start over from last_seq
             why = msg.headers.get("Description", "") if msg.headers else ""
+            if "shutdown" in why.lower():
+                return  # the server is going away: the reconnect resubscribes
+            # 409 consumer deleted, leadership change, ...: start over from last_seq
             self._set_state("waiting", f"event stream interrupted: {status} {why}")
             self._resync.set()
             return
