@@ -151,6 +151,18 @@ async def test_console_is_live_and_actions_need_the_token(page: Page,
         await expect(first).to_contain_text("edge-02")
         await expect(first).to_contain_text("requested from the console")
         await page.screenshot(path=str(ARTIFACTS / "console-events.png"), full_page=True)
+
+        # app page: the app on every node; the plot has a bar per revision
+        await page.goto("/apps/web")
+        await expect(page.locator("#app-nodes tbody tr")).to_have_count(8)
+        await page.goto("/?label=role%3Dedge")
+        await expect(page.locator("#plot svg rect.bar")).to_have_count(2)
+        # fleet reconcile of the shown nodes: the label filter becomes the selector
+        await expect(page.locator(".card:visible")).to_have_count(4)
+        await page.click("#fleet-reconcile")
+        await expect(page.locator("#flash")).to_contain_text(
+            "reconcile started on 1 node(s): edge-02")
+        assert node.calls[-1] == ("fleet", {"selector": {"match": {"role": "edge"}}})
     finally:
         await node.stop()
         await nc.close()
