@@ -8,10 +8,11 @@ Layout of the demo's state dir (a temp dir unless --state-dir):
     logs/            stdout/stderr of nats-server, every agent and the console
 
 Every child runs in its own session so a Ctrl-C in the terminal reaches only the demo, which
-then stops things in order: console, agents (with --stop-apps-on-exit, so they stop their
-apps), nats-server last (agents publish their final events), and finally kills any process
-group it ever saw that is still alive. The demo registers as a child subreaper, so apps whose
-agent died are re-parented to it and still found.
+(on SIGINT, SIGTERM or SIGHUP) stops things in order: console, agents (with
+--stop-apps-on-exit, so they stop their apps), nats-server last (agents publish their final
+events), and finally kills any process group it ever saw that is still alive. The demo
+registers as a child subreaper, so apps whose agent died are re-parented to it and still
+found.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ PR_SET_CHILD_SUBREAPER = 36
 READY_TIMEOUT_S = 180.0
 AGENT_STOP_TIMEOUT_S = 30.0
 PORT_OFFSET_STEP = 100
+# Ctrl-C, `kill`, and a closed terminal all mean: stop everything the demo started.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "gitops-mesh demo", "GIT_AUTHOR_EMAIL": "demo@gitops-mesh.invalid",
     "GIT_COMMITTER_NAME": "gitops-mesh demo", "GIT_COMMITTER_EMAIL": "demo@gitops-mesh.invalid",
@@ -450,7 +453,9 @@ async def _read_statuses(kv: Any, nodes: list[str]) -> dict[str, dict[str, Any]]
 
 
 def _say(text: str) -> None:
-    print(text, flush=True)
+    # The terminal may be gone (SIGHUP): stopping everything matters more than the message.
+    with contextlib.suppress(OSError, ValueError):
+        print(text, flush=True)
 
 
 async def _watch(
@@ -638,7 +643,7 @@ def run_demo(args: argparse.Namespace) -> int:
         received.append(sig.name)
         main.cancel()  # wherever it is: starting things or watching them
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
     code = 0
     try:
@@ -646,14 +651,15 @@ def run_demo(args: argparse.Namespace) -> int:
     except asyncio.CancelledError:
         code = 0  # asked to stop
     except DemoError as exc:
-        print(f"gitops-mesh demo: {exc}", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError, ValueError):
+            print(f"gitops-mesh demo: {exc}", file=sys.stderr, flush=True)
         code = 1
     finally:
         if received:
             _say(f"\n{received[0]}: stopping the console, {args.nodes} agents (and their apps) "
                  "and nats-server...")
         # Signals during the shutdown must not interrupt it half way.
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)
         killed = shutdown(demo)
@@ -667,7 +673,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 shutil.rmtree(path, ignore_errors=True)
         else:
             shutil.rmtree(root, ignore_errors=True)
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
     _say("demo stopped")
     return code
