@@ -157,7 +157,12 @@ class _Refused(Exception):
 
 # path -> (key line, key col, value line, value col, raw text of a plain scalar that YAML
 # turned into something other than a string, else None)
-_Loc = tuple[int, int, int, int, str | None]
+_Loc = tuple[Any, Any, str | None]  # (key mark, value mark, raw); marks are 0-based
+
+
+def _at(mark: Any) -> tuple[int, int]:
+    """A libyaml mark as a 1-based (line, col)."""
+    return mark.line + 1, mark.column + 1
 
 
 class _Composer:
@@ -200,7 +205,7 @@ class _Composer:
             mark = event.start_mark
             value = self._node(event, (), 0)
             parser.get_event()  # DocumentEnd
-            self.locs[()] = (mark.line + 1, mark.column + 1, mark.line + 1, mark.column + 1, None)
+            self.locs[()] = (mark, mark, None)
             yield value, mark.line + 1, mark.column + 1
 
     def _record(self, path: Path_, loc: _Loc) -> None:
@@ -330,8 +335,7 @@ class _Composer:
             sub = (*path, len(items))
             value, raw = self._value(event, sub, depth + 1)
             mark = event.start_mark
-            line, col = mark.line + 1, mark.column + 1
-            locs[sub] = loc = (line, col, line, col, raw)
+            locs[sub] = loc = (mark, mark, raw)
             if self.anchors or self.open_anchors:
                 self.loc_list.append((sub, loc))
             items.append(value)
@@ -362,13 +366,10 @@ class _Composer:
             value, raw = self._value(value_event, sub, depth + 1)
             if key in result:
                 first = locs.get(sub)
-                where = f" (first at line {first[0]})" if first else ""
+                where = f" (first at line {first[0].line + 1})" if first else ""
                 self._problem(key_mark, f"duplicate key {key!r}{where}")
                 continue
-            vmark = value_event.start_mark
-            locs[sub] = loc = (
-                key_mark.line + 1, key_mark.column + 1, vmark.line + 1, vmark.column + 1, raw
-            )
+            locs[sub] = loc = (key_mark, value_event.start_mark, raw)
             if self.anchors or self.open_anchors:
                 self.loc_list.append((sub, loc))
             result[key] = value
@@ -493,15 +494,15 @@ def _validate_document(composer: _Composer, value: Any, line: int, col: int) -> 
         return ParsedDoc(path, line, col, None, (line, col), None, tuple(problems))
     name = value.get("name")
     name_loc = locs.get(("name",))
-    name_at = (name_loc[2], name_loc[3]) if name_loc else (line, col)
+    name_at = _at(name_loc[1]) if name_loc else (line, col)
     readable_name = name if isinstance(name, str) and NAME_RE.match(name) else None
     version_loc = locs.get(("version",))
-    if version_loc and version_loc[4] is not None:
-        raw = version_loc[4]
+    if version_loc and version_loc[2] is not None:
+        raw = version_loc[2]
         kind = _kind(value["version"])
         problems.append(
             SpecProblem(
-                path, version_loc[2], version_loc[3],
+                path, *_at(version_loc[1]),
                 f"{raw} was read as {kind}; quote it (version: \"{raw}\") so YAML keeps it "
                 "as written",
                 field="version",
@@ -512,7 +513,7 @@ def _validate_document(composer: _Composer, value: Any, line: int, col: int) -> 
     dep_locs: tuple[tuple[int, int], ...] = ()
     if isinstance(deps, list):
         dep_locs = tuple(
-            (loc[2], loc[3]) if (loc := locs.get(("depends_on", i))) else name_at
+            _at(loc[1]) if (loc := locs.get(("depends_on", i))) else name_at
             for i in range(len(deps))
         )
     app: AppSpec | None = None
@@ -529,7 +530,7 @@ def _validate_document(composer: _Composer, value: Any, line: int, col: int) -> 
     return ParsedDoc(
         path, line, col, readable_name, name_at, app, tuple(sorted(set(problems))), dep_locs,
         tuple(
-            (".".join(key), loc[2], loc[3]) for key in KEPT_LOCATIONS if (loc := locs.get(key))
+            (".".join(key), *_at(loc[1])) for key in KEPT_LOCATIONS if (loc := locs.get(key))
         ),
     )
 
@@ -594,8 +595,8 @@ def _pydantic_problems(
                 on_key = True
             elif etype == "missing" and part == loc[-1] and isinstance(part, str):
                 missing = part
-        entry = locs.get(current) or (line, col, line, col, None)
-        at = (entry[0], entry[1]) if on_key else (entry[2], entry[3])
+        entry = locs.get(current) or locs[()]
+        at = _at(entry[0] if on_key else entry[1])
         shown = _format_field(current + ((missing,) if missing else ()))
         message = _message(error, current, entry, missing)
         problems.append(SpecProblem(path, at[0], at[1], message, field=shown))
@@ -607,7 +608,7 @@ def _message(error: Any, current: Path_, entry: _Loc, missing: str | None) -> st
     for prefix in ("Value error, ", "Assertion failed, "):
         msg = msg.removeprefix(prefix)
     last = current[-1] if current else None
-    raw = entry[4]
+    raw = entry[2]
     if etype == "missing":
         return f"required field {missing!r} is missing" if missing else "required field missing"
     if etype == "extra_forbidden":
