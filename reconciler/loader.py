@@ -520,7 +520,7 @@ def _validate_document(composer: _Composer, value: Any, line: int, col: int) -> 
     try:
         app = AppSpec.model_validate(value)
     except ValidationError as exc:
-        problems.extend(_pydantic_problems(path, locs, exc, line, col))
+        problems.extend(_pydantic_problems(path, locs, exc))
     except (ValueError, TypeError) as exc:  # pragma: no cover - defensive: always located
         problems.append(SpecProblem(path, line, col, str(exc)))
     if problems:
@@ -578,8 +578,10 @@ def _format_field(path: Path_) -> str:
 
 
 def _pydantic_problems(
-    path: str, locs: dict[Path_, _Loc], exc: ValidationError, line: int, col: int
+    path: str, locs: dict[Path_, _Loc], exc: ValidationError
 ) -> list[SpecProblem]:
+    """Each pydantic error at the closest YAML node its location names (union tags and
+    validator names in the location are skipped; a missing field is reported at its parent)."""
     problems: list[SpecProblem] = []
     for error in exc.errors(include_url=False):
         loc = error["loc"]
