@@ -18,7 +18,7 @@ from reconciler.loader import (
     resolve_spec_path,
 )
 from reconciler.plan import Action, ActionKind, Plan
-from reconciler.spec import app_json_schema
+from reconciler.spec import NAME_RE, app_json_schema
 from reconciler.state import CurrentState
 
 # Exit codes: 0 fine, 1 spec problems (plan still printed, with removals held), 2 could not
@@ -118,11 +118,14 @@ def run_plan(args: argparse.Namespace) -> int:
     from reconciler.targeting import desired_for_node
 
     try:
+        if not NAME_RE.match(args.node_id):
+            raise ValueError(f"--node-id {args.node_id!r}: use lowercase letters, digits and "
+                             "'-' (node ids become NATS subject tokens)")
         labels = _labels(args.label)
         with tempfile.TemporaryDirectory(prefix="gitops-mesh-plan-") as cache:
             revision, files = _read_repo(args.repo, args.branch, args.path, Path(cache))
         current = _current_state(Path(args.state_dir) if args.state_dir else None)
-    except (ReconcileError, ValueError) as exc:
+    except (ReconcileError, ValueError, OSError) as exc:
         print(f"plan: {exc}", file=sys.stderr)
         return EXIT_ERROR
     result: LoadResult = load_files(files, apps_path=args.path)

@@ -195,6 +195,9 @@ def test_plan_reports_bad_labels_and_unreachable_repos(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert bad.stderr.strip() == "plan: --label: label 'role': expected KEY=VALUE, e.g. " \
                                  "role=gateway"
+    node = cli("plan", "--repo", str(tmp_path), "--node-id", "../n1")
+    assert node.returncode == 2
+    assert node.stderr.startswith("plan: --node-id '../n1': use lowercase letters")
     gone = cli("plan", "--repo", str(tmp_path / "missing"), "--node-id", "n1",
                "--state-dir", str(tmp_path / "s"))
     assert gone.returncode == 2
