@@ -135,6 +135,16 @@ def test_demo_syncs_rolls_out_a_push_and_stops_everything(tmp_path: Path) -> Non
         revision = git(clone, "rev-parse", "HEAD")
         eventually(lambda: synced_at(revision), timeout=90, interval=0.5,
                    what=f"every node synced at the pushed revision {revision[:8]}")
+        # It came through the push notification (hook -> NATS), not the 15 s poll.
+        def notified() -> set[str]:
+            events = httpx.get(f"http://127.0.0.1:{port}/api/events",
+                               params={"type": "reconcile.started", "limit": 100}, timeout=3)
+            nodes = {e["node"] for e in events.json()
+                     if e.get("message") == f"source.changed {revision[:12]}"}
+            assert nodes == {"gateway-1", "edge-1", "edge-2"}, nodes
+            return nodes
+
+        eventually(notified, timeout=30, what="every node reconciled on the push notification")
         api = httpx.get(f"http://127.0.0.1:{port}/api/apps/api", timeout=3).json()
         assert {(row["node"], row["version"], row["phase"]) for row in api["nodes"]} == {
             ("gateway-1", "1.1.0", "running"), ("edge-1", "1.1.0", "running"),
