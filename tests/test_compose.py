@@ -18,6 +18,7 @@ import yaml
 from nats.aio.msg import Msg
 
 from reconciler.cli import parse_args
+from reconciler.demo import health_ports, pick_offsets, port_is_free
 from reconciler.subjects import SOURCE_CHANGED
 from tests.conftest import NatsServer, eventually_async, free_port, git
 
@@ -158,12 +159,11 @@ def test_dockerfile_copies_only_what_exists() -> None:
 async def test_git_server_serves_accepts_pushes_and_announces_them(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
-    """deploy/compose/git-server.sh for real: seed, git daemon, push, notify hook -> NATS."""
+    """deploy/compose/git-server.sh for real: seed from specs-example, git daemon, push, notify
+    hook -> NATS, and an agent following git://... to synced."""
     if shutil.which("git") is None:
         pytest.skip("git not installed")
-    seed = tmp_path / "seed"
-    (seed / "apps").mkdir(parents=True)
-    (seed / "apps" / "hello.yaml").write_text('name: hello\nversion: "1"\n')
+    seed = ROOT / "specs-example"  # what the image copies to /usr/share/gitops-mesh
     port = free_port()
     env = {
         **os.environ,
@@ -202,9 +202,9 @@ async def test_git_server_serves_accepts_pushes_and_announces_them(
             return result.returncode == 0
 
         await eventually_async(cloned, timeout=20, interval=0.2, what="git daemon serves specs")
-        assert (clone / "apps" / "hello.yaml").read_text() == 'name: hello\nversion: "1"\n'
-        (clone / "apps" / "hello.yaml").write_text('name: hello\nversion: "2"\n')
-        git(clone, "commit", "-qam", "bump hello")
+        assert (clone / "apps" / "api.yaml").read_text() == (seed / "apps" / "api.yaml").read_text()
+        shutil.copyfile(clone / "upgrades" / "api-1.1.0.yaml", clone / "apps" / "api.yaml")
+        git(clone, "commit", "-qam", "api 1.1.0")
         await asyncio.to_thread(git, clone, "push", "-q", "origin", "HEAD:main")
         revision = git(clone, "rev-parse", "HEAD")
         assert git(tmp_path / "srv" / "specs.git", "rev-parse", "main") == revision
@@ -216,6 +216,18 @@ async def test_git_server_serves_accepts_pushes_and_announces_them(
         assert announced == [
             {"repo": "git://git:9418/specs.git", "branch": "main", "revision": revision}
         ]
+
+        # An agent, as in the compose file, follows the repo over git:// and gets synced.
+        offset = pick_offsets(1, health_ports(seed), port_is_free)[0]
+        agent = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "reconciler", "node", "--once", "--stop-apps-on-exit",
+             "--repo", url, "--node-id", "gateway-1", "--label", "role=gateway",
+             "--state-dir", str(tmp_path / "agent"), "--port-offset", str(offset)],
+            env=env, capture_output=True, text=True, timeout=120,
+        )
+        assert agent.returncode == 0, agent.stdout + agent.stderr
+        assert agent.stdout.startswith(f"gateway-1: synced at {revision[:12]}"), agent.stdout
     finally:
         await nc.close()
         os.killpg(server.pid, signal.SIGTERM)
