@@ -577,8 +577,9 @@ def preflight(args: argparse.Namespace) -> Preflight:
 
 async def _run(demo: Demo, pre: Preflight) -> int:
     args, layout = demo.args, demo.layout
-    # Whole seconds: agents write times with millisecond precision, the clocks are the same.
-    since = datetime.now(UTC).replace(microsecond=0)
+    # Agents write times with millisecond precision (same clock): compare at that precision.
+    now = datetime.now(UTC)
+    since = now.replace(microsecond=now.microsecond // 1000 * 1000)
     nodes, nats_bin, specs, cli = pre.nodes, pre.nats_bin, pre.specs, pre.cli
 
     layout.nats.mkdir(parents=True, exist_ok=True)
