@@ -45,6 +45,7 @@ HERE = Path(__file__).parent
 CSRF_COOKIE = "gm_csrf"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 ACTIONS = ("reconcile", "health", "suspend", "resume")
+KEEPALIVE_S = 15.0
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
@@ -505,8 +506,13 @@ async def _sse(console: Console, kind: str, args: tuple[Any, ...]) -> AsyncItera
     sent_cards: dict[str, Any] = {}
     seen_version = -1
     next_tick = 0.0
+    last_write = time.monotonic()
     yield b"retry: 1000\n\n"
     while not console.closing:
+        if time.monotonic() - last_write > KEEPALIVE_S:
+            # a comment line: keeps idle proxies and load balancers from closing the stream
+            last_write = time.monotonic()
+            yield b": keepalive\n\n"
         version = console.fleet.version
         if version != seen_version or time.monotonic() >= next_tick:
             seen_version = version
@@ -515,13 +521,13 @@ async def _sse(console: Console, kind: str, args: tuple[Any, ...]) -> AsyncItera
             if kind == "overview":
                 message = _overview_delta(view, sent_cards, first=sent is None)
                 if message is not None:
-                    sent = view
+                    sent, last_write = view, time.monotonic()
                     yield _sse_message(message)
             else:
                 # "now" changes every second; push only when the view itself changed
                 same = _without_now(view)
                 if first or same != sent:
-                    first, sent = False, same
+                    first, sent, last_write = False, same, time.monotonic()
                     yield _sse_message({"full": view})
         await asyncio.sleep(config.push_interval)
         if console.fleet.version == seen_version:

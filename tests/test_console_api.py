@@ -370,3 +370,20 @@ async def test_node_page_stream_waits_for_a_node_that_has_not_reported_yet(
         msg = await anext(messages)
         assert (msg["full"]["card"]["node"], msg["full"]["card"]["labels"]) == (
             "late-n1", {"role": "edge"})
+
+
+def test_flags_and_env_make_the_console_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from console.cli import config_from_args
+    from reconciler.cli import parse_args
+
+    monkeypatch.setenv("GITOPS_MESH_TOKEN", "from-env")  # the environment, not project code
+    args = parse_args(["console", "--nats", "nats://h:4222", "--events-keep", "7",
+                       "--port", "9000"])
+    config = config_from_args(args)
+    assert (config.token, config.events_keep, config.host, config.read_only,
+            config.insecure, args.port) == ("from-env", 7, "127.0.0.1", False, False, 9000)
+    config.check()  # a token is set: actions may run
+    monkeypatch.delenv("GITOPS_MESH_TOKEN")
+    with pytest.raises(ValueError, match="no token is set"):
+        config_from_args(parse_args(["console", "--nats", "nats://h:4222"])).check()
+    config_from_args(parse_args(["console", "--nats", "x", "--read-only"])).check()
