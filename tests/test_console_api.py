@@ -387,3 +387,16 @@ def test_flags_and_env_make_the_console_config(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(ValueError, match="no token is set"):
         config_from_args(parse_args(["console", "--nats", "nats://h:4222"])).check()
     config_from_args(parse_args(["console", "--nats", "x", "--read-only"])).check()
+
+
+async def test_names_from_the_url_are_escaped_in_pages() -> None:
+    from console.app import create_app
+
+    app = create_app(ConsoleConfig(read_only=True), None)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+        for path in ("/nodes/%22%3E%3Cscript%3Ealert(1)",
+                     "/events?node=%3C%2Fscript%3E%3Cscript%3Ealert(1)%3C%2Fscript%3E"):
+            page = await client.get(path)
+            assert page.status_code == 200
+            assert "<script>alert(1)" not in page.text, path
