@@ -114,20 +114,27 @@ class Console:
     _cache: dict[tuple[Any, ...], Any] = field(default_factory=dict)
 
     def view(self, kind: str, *args: Any) -> Any:
-        """A fleet view, memoised per fleet version and second (many browsers, one build).
+        """A fleet view, memoised per fleet version and second (many browsers, one build)."""
+        return self.view_at(kind, *args)[1]
 
-        Only the newest build per view is kept, so memory stays bounded under load.
+    def view_at(self, kind: str, *args: Any, max_age: float = 0.0) -> tuple[int, Any]:
+        """(fleet version it was built from, view).
+
+        `max_age` > 0 also accepts a build that old even if the fleet changed since: live
+        streams use it, so under a constant stream of events a view is built at most once
+        per push interval however many browsers watch it. Only the newest build per view
+        is kept, so memory stays bounded under load.
         """
         now = self.clock()
         stamp = (self.fleet.version, int(now.timestamp()))
         hit = self._cache.get((kind, args))
-        if hit is not None and hit[0] == stamp:
-            return hit[1]
+        if hit is not None and (hit[0] == stamp or time.monotonic() - hit[1] < max_age):
+            return hit[0][0], hit[2]
         value = self._build(kind, args, now)
         if len(self._cache) >= 64:
             self._cache.clear()
-        self._cache[(kind, args)] = (stamp, value)
-        return value
+        self._cache[(kind, args)] = (stamp, time.monotonic(), value)
+        return stamp[0], value
 
     def _build(self, kind: str, args: tuple[Any, ...], now: datetime) -> Any:
         fleet = self.fleet
@@ -513,11 +520,11 @@ async def _sse(console: Console, kind: str, args: tuple[Any, ...]) -> AsyncItera
             # a comment line: keeps idle proxies and load balancers from closing the stream
             last_write = time.monotonic()
             yield b": keepalive\n\n"
-        version = console.fleet.version
-        if version != seen_version or time.monotonic() >= next_tick:
-            seen_version = version
+        if console.fleet.version != seen_version or time.monotonic() >= next_tick:
             next_tick = time.monotonic() + config.tick
-            view = console.view(kind, *args)
+            # a shared build up to one push interval old; if the fleet moved on since,
+            # the next round (one interval later) pushes the newer state
+            seen_version, view = console.view_at(kind, *args, max_age=config.push_interval)
             if kind == "overview":
                 message = _overview_delta(view, sent_cards, first=sent is None)
                 if message is not None:
