@@ -18,6 +18,7 @@ import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -96,13 +97,43 @@ def latency(client: httpx.Client, n: int) -> tuple[float, float, int]:
     return statistics.median(samples), samples[int(len(samples) * 0.99) - 1], size
 
 
+async def watch_streams(url: str, browsers: int, seconds: float) -> tuple[float, float]:
+    """`browsers` live overview streams for `seconds`: (pushes/s, KiB/s of updates after
+    the first full view) per stream."""
+    pushes = [0] * browsers
+    sizes = [0] * browsers
+
+    async def one(i: int, client: httpx.AsyncClient) -> None:
+        async with client.stream("GET", "/api/stream/overview") as res:
+            async for line in res.aiter_lines():
+                if line.startswith("data: "):
+                    if pushes[i]:  # the first push is the whole view; count the updates
+                        sizes[i] += len(line)
+                    pushes[i] += 1
+
+    async with httpx.AsyncClient(base_url=url, timeout=None) as client:
+        tasks = [asyncio.create_task(one(i, client)) for i in range(browsers)]
+        await asyncio.sleep(seconds)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return sum(pushes) / browsers / seconds, sum(sizes) / browsers / seconds / 1024
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--browsers", type=int, default=20,
+                        help="live overview streams open while events stream in")
     parser.add_argument("--latency-only", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--streams-only", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.streams_only:
+        rate, kib = asyncio.run(watch_streams(args.streams_only, args.browsers, 5.0))
+        print(rate, kib)
+        return 0
     if args.latency_only:
         time.sleep(0.5)  # let the publishers get going
         p50, p99, size = latency(httpx.Client(base_url=args.latency_only, timeout=30),
@@ -152,10 +183,20 @@ def main() -> int:
             lp50, lp99, size = out.decode().split()
             return float(lp50), float(lp99), int(size)
 
-        async def live_and_latency() -> tuple[tuple[float, float], tuple[float, float, int]]:
-            return await asyncio.gather(live_run(), loaded_latency())
+        # browsers watching the overview meanwhile, from another process
+        async def streams() -> tuple[float, float]:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, __file__, "--streams-only", f"http://127.0.0.1:{port}",
+                "--browsers", str(args.browsers), stdout=asyncio.subprocess.PIPE)
+            out, _ = await proc.communicate()
+            rate, kib = out.decode().split()
+            return float(rate), float(kib)
 
-        (pub_took, ingest_took), (lp50, lp99, _) = asyncio.run(live_and_latency())
+        async def live_and_latency() -> Any:
+            return await asyncio.gather(live_run(), loaded_latency(), streams())
+
+        (pub_took, ingest_took), (lp50, lp99, _), (push_rate, push_kib) = asyncio.run(
+            live_and_latency())
         rss_live = proc.memory_info().rss
         health = client.get("/api/health").json()
         exact = health["events_total"] == 2 * args.events
@@ -169,6 +210,8 @@ def main() -> int:
               f"{rss_live / 2**20:.1f} MiB after {2 * args.events} events")
         print(f"/api/fleet ({size / 1024:.0f} KiB): p50 {p50:.1f} ms, p99 {p99:.1f} ms idle; "
               f"p50 {lp50:.1f} ms, p99 {lp99:.1f} ms while ingesting")
+        print(f"{args.browsers} live overview streams while ingesting: {push_rate:.1f} pushes/s "
+              f"and {push_kib:.1f} KiB/s of updates each (coalesced: at most 4 pushes/s)")
         print(f"events applied: {health['events_total']} "
               f"({'exactly once' if exact else 'NOT exactly once'}), "
               f"rejected {health['rejected']}")
