@@ -347,7 +347,9 @@ async def test_insecure_console_needs_no_token_but_still_the_csrf_check() -> Non
         res = await client.post("/api/nodes/n1/reconcile")
         assert (res.status_code, res.json()) == (
             403, {"error": "missing or wrong CSRF token: reload the page and try again"})
-        csrf = (await client.get("/")).cookies["gm_csrf"]
+        page = await client.get("/")
+        assert "actions without token" in page.text  # the header says so
+        csrf = page.cookies["gm_csrf"]
         res = await client.post("/api/nodes/n1/reconcile", headers={"X-CSRF-Token": csrf})
         assert (res.status_code, res.json()) == (
             503, {"error": "the console is not connected to NATS"})
