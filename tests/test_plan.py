@@ -342,3 +342,27 @@ def test_a_held_app_keeps_what_it_depends_on() -> None:
         ),
         unchanged=("broker", "database"),
     )
+
+
+def test_a_bad_push_end_to_end_touches_nothing_that_runs() -> None:
+    """Loader -> desired_for_node -> planner: a push that breaks api's document and deletes
+    the gateway's file changes and removes nothing, and says why."""
+    good = load_files([SpecFile(p, t.encode()) for p, t in TREE.items()])
+    running = current(*(installed(good.apps[n]) for n in ("api", "database", "gateway")))
+    broken = TREE["apps/stack.yaml"].replace('name: api\nversion: "1.0"',
+                                             "name: api\nversion: 1.1")
+    broken = broken[: broken.index("---\nname: gateway")]
+    result = load_files([SpecFile("apps/stack.yaml", broken.encode())])
+    desired = desired_for_node(result, "g1", {"role": "gateway"}, "rev2")
+    assert [str(p) for p in desired.problems] == [
+        'apps/stack.yaml:3:10: version: 1.1 was read as a number; quote it (version: "1.1") '
+        "so YAML keeps it as written"
+    ]
+    assert make_plan(desired, running) == Plan(
+        "rev2",
+        held=(
+            HeldApp("api", "spec invalid at this revision; kept at 1.0 as it is"),
+            HeldApp("gateway", HELD_SPEC_ERRORS),
+        ),
+        unchanged=("database",),
+    )
