@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -304,16 +303,14 @@ HOSTILE = [
 ]
 
 
+# A guard against a hang, not a speed check: these inputs take libyaml's own composer
+# minutes (or crash the interpreter) without the event-level limits.
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize(("data", "expected"), HOSTILE)
 def test_hostile_input_is_refused_with_a_located_error(data: bytes, expected: str) -> None:
-    started = time.monotonic()
     result = load({"apps/bomb.yaml": data, "apps/ok.yaml": APP.format(name="ok")})
-    elapsed = time.monotonic() - started
     assert [str(p) for p in result.problems] == [expected]
     assert sorted(result.apps) == ["ok"]
-    # Not a timing assert on speed, a guard against a hang: these inputs took libyaml's
-    # composer minutes (or crashed it) before the event-level limits.
-    assert elapsed < 30
 
 
 def test_merge_keys_and_small_aliases_are_fine_and_located_at_the_anchor() -> None:
