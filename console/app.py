@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -340,7 +341,10 @@ def create_app(
         nc = _nats(console)
         if nc is None:
             return _error(503, "the console is not connected to NATS")
-        replies = await collect(nc, subjects.FLEET_RECONCILE, payload, config.fleet_window)
+        try:
+            replies = await collect(nc, subjects.FLEET_RECONCILE, payload, config.fleet_window)
+        except nats.errors.Error as exc:  # connection lost mid-request
+            return _error(503, f"NATS: {exc}")
         return _json({"replies": replies, "count": len(replies)})
 
     routes = [

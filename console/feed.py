@@ -351,11 +351,14 @@ async def rpc(nc: NATS, subject: str, body: dict[str, Any], timeout: float = 5.0
         return RpcReply(503, {"error": f"no node answers on {subject}"})
     except nats.errors.TimeoutError:
         return RpcReply(504, {"error": f"no reply on {subject} within {timeout:g}s"})
+    except nats.errors.Error as exc:  # connection closed or draining mid-request
+        return RpcReply(503, {"error": f"NATS: {exc}"})
     headers = msg.headers or {}
     if "Nats-Service-Error-Code" in headers or "Nats-Service-Error" in headers:
         code = headers.get("Nats-Service-Error-Code", "500")
         text = headers.get("Nats-Service-Error", "error")
-        status = int(code) if code.isdigit() and 400 <= int(code) < 600 else 502
+        # the node's own 4xx (bad request) pass through; its failures are a bad gateway
+        status = int(code) if code.isdigit() and 400 <= int(code) < 500 else 502
         return RpcReply(status, {"error": text, "code": int(code) if code.isdigit() else None})
     try:
         data = json.loads(msg.data) if msg.data else {}
@@ -382,7 +385,8 @@ async def collect(nc: NATS, subject: str, body: dict[str, Any], window: float = 
         await nc.flush()
         await asyncio.sleep(window)
     finally:
-        await sub.unsubscribe()
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
     return sorted(replies, key=lambda r: str(r.get("node", "")))
 
 

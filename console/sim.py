@@ -127,6 +127,9 @@ class FakeNode:
                 body = json.loads(req.data) if req.data else {}
                 self.calls.append((endpoint, body))
                 app = body.get("app")
+                if app == "crash":  # how a node's internal failure looks
+                    await req.respond_error("500", "internal error: boom")
+                    return
                 if app is not None and app != "web":
                     await req.respond_error("400", f"unknown app {app!r}; this node has: web")
                     return

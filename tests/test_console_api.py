@@ -194,10 +194,13 @@ async def test_actions_reach_the_node_rpc_only_with_the_token(
         res = await http.post("/api/nodes/act-n1/health", json={"app": "db"}, headers=headers())
         assert (res.status_code, res.json()["error"]) == (
             400, "unknown app 'db'; this node has: web")
+        res = await http.post("/api/nodes/act-n1/resume", json={"app": "crash"},
+                              headers=headers())
+        assert (res.status_code, res.json()["error"]) == (502, "internal error: boom")
         res = await http.post("/api/nodes/nobody/reconcile", headers=headers())
         assert (res.status_code, res.json()["error"]) == (
             503, "no node answers on gitops.rpc.nobody.reconcile")
-        assert [c[0] for c in node.calls] == ["reconcile", "suspend", "health"]
+        assert [c[0] for c in node.calls] == ["reconcile", "suspend", "health", "resume"]
 
         res = await http.post("/api/fleet/reconcile", headers=headers(),
                               json={"selector": {"match": {"role": "gw"}}})
