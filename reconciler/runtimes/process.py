@@ -170,9 +170,12 @@ def group_members(pgid: int) -> list[int]:
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    for pid in group_members(pgid):  # session members that left the group
+    for pid in group_members(pgid):
+        # Only session members that moved to another group: killpg above already reached
+        # the rest, and a second signal would run an app's handler twice.
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
+            if os.getpgid(pid) != pgid:
+                os.kill(pid, sig)
 
 
 async def _wait_stopped(
