@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-
-import networkx as nx
+from typing import TYPE_CHECKING
 
 from reconciler.spec import AppSpec
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 
 def format_cycle(cycle: list[str]) -> str:
@@ -30,6 +32,7 @@ class DependencyGraph:
         }
         self._graph: nx.DiGraph | None = None
         self._generations: list[list[str]] | None = None
+        self._acyclic = False  # known once generations() ran
 
     @classmethod
     def from_apps(cls, apps: Mapping[str, AppSpec]) -> DependencyGraph:
@@ -42,6 +45,10 @@ class DependencyGraph:
 
     @property
     def graph(self) -> nx.DiGraph:
+        # Imported here: networkx costs ~15 MB of agent RSS, and the common path (an
+        # acyclic tree: generations + the cycle check) never needs it.
+        import networkx as nx
+
         if self._graph is None:
             graph: nx.DiGraph = nx.DiGraph()
             graph.add_nodes_from(self._deps)
@@ -62,7 +69,9 @@ class DependencyGraph:
         generation. Apps on a cycle (which a valid spec tree never has) share a generation
         instead of raising, so callers always get an order."""
         if self._generations is None:
-            self._generations = self._kahn() or self._condensed_generations()
+            order = self._kahn()
+            self._acyclic = order is not None
+            self._generations = order if order is not None else self._condensed_generations()
         return [list(gen) for gen in self._generations]
 
     def _kahn(self) -> list[list[str]] | None:
@@ -87,6 +96,8 @@ class DependencyGraph:
         return order if placed == len(self._deps) else None
 
     def _condensed_generations(self) -> list[list[str]]:
+        import networkx as nx
+
         condensed = nx.condensation(self.graph)
         members = condensed.graph["mapping"]
         groups: list[list[str]] = []
@@ -120,13 +131,21 @@ class DependencyGraph:
 
     def descendants(self, name: str) -> set[str]:
         """Every app that depends on `name`, directly or through others."""
+        import networkx as nx
+
         return set(nx.descendants(self.graph, name))
 
     def find_cycles(self) -> list[list[str]]:
         """One cycle per strongly connected component that has one, in depends-on direction
         (['a', 'b'] means a depends on b depends on a), each starting at the component's
         smallest name and as short as possible through it, sorted. Linear time: SCCs first
-        (Tarjan), then a breadth-first search inside each."""
+        (Tarjan), then a breadth-first search inside each. An acyclic graph (the common case)
+        is recognised by the generations sort alone."""
+        self.generations()
+        if self._acyclic:
+            return []
+        import networkx as nx
+
         cycles: list[list[str]] = []
         for scc in nx.strongly_connected_components(self.graph):
             if len(scc) == 1:
