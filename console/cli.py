@@ -17,16 +17,25 @@ from console.feed import Connector
 
 def nats_connector(args: argparse.Namespace) -> Connector:
     """A Connector from the shared --nats* flags (reconciler.bus.NatsOptions and connect)."""
-    from reconciler.bus import NatsOptions, connect
+    from reconciler.bus import NatsOptions
 
     options = NatsOptions.from_args(args)
     options.name = "gitops-mesh-console"
+    return _Connector(options)
 
-    async def connect_with(**callbacks: Any) -> NATS:
+
+class _Connector:
+    """Connects with the --nats* flags; `js_domain` tells the feed where JetStream is."""
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+        self.js_domain: str | None = options.js_domain
+
+    async def __call__(self, **callbacks: Any) -> NATS:
+        from reconciler.bus import connect
+
         # the feed asks for endless reconnects; connect() bounds only the first attempt
-        return await connect(options, timeout=5.0, **callbacks)
-
-    return connect_with
+        return await connect(self.options, timeout=5.0, **callbacks)
 
 
 def config_from_args(args: argparse.Namespace) -> ConsoleConfig:

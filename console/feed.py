@@ -26,6 +26,7 @@ from nats.js.kv import KeyValue
 
 from console.fleet import Fleet
 from reconciler import subjects
+from reconciler.bus_conn import js_api_prefix
 
 log = logging.getLogger("gitops_mesh.console.feed")
 
@@ -40,7 +41,10 @@ CHECK_INTERVAL_S = 10.0  # how often the console checks that its consumers still
 
 class Connector(Protocol):
     def __call__(self, **callbacks: Any) -> Awaitable[NATS]:
-        """Connect with nats-py callbacks (disconnected_cb, reconnected_cb, ...) added."""
+        """Connect with nats-py callbacks (disconnected_cb, reconnected_cb, ...) added.
+
+        A connector may carry a `js_domain` attribute (console.cli's does): the JetStream
+        domain of the stream and bucket, needed when it connects to a leaf node server."""
 
 
 class Feed:
@@ -48,6 +52,8 @@ class Feed:
 
     `replay_s` / `replay_max`: at start, events of the last `replay_s` seconds are replayed,
     but at most the newest `replay_max` of them are parsed (older ones are skipped cheaply).
+    `js_domain`: JetStream domain of the stream and bucket (default: the connector's
+    `js_domain` attribute, else the local JetStream).
     """
 
     def __init__(
@@ -61,8 +67,11 @@ class Feed:
         create_missing: bool = True,
         check_interval: float = CHECK_INTERVAL_S,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        js_domain: str | None = None,
     ) -> None:
         self.fleet = fleet
+        self.js_domain: str | None = (
+            js_domain if js_domain is not None else getattr(connect, "js_domain", None))
         self._connect = connect
         self._on_change = on_change
         self.replay_s = replay_s
@@ -111,7 +120,7 @@ class Feed:
                     # (JetStream requests now would only time out)
                     await asyncio.sleep(0.1)
                 try:
-                    await self._subscribe(self.nc.jetstream())
+                    await self._subscribe(self._jetstream())
                 except Exception as exc:  # stream missing and not creatable, timeouts
                     self._set_state("waiting", f"cannot subscribe: {exc!r}")
                     await asyncio.sleep(1.0)
@@ -137,8 +146,7 @@ class Feed:
         """Streams get deleted and made again (bucket re-made, stream recreated by an
         operator): our consumers are then gone or point past the new sequence numbers.
         Compare each stream's identity with the one we subscribed to; resubscribe if new."""
-        assert self.nc is not None
-        js = self.nc.jetstream()
+        js = self._jetstream()
         try:
             for name, seen in ((subjects.EVENTS_STREAM, self._stream_id),
                                (subjects.KV_STREAM, self._kv_stream_id)):
@@ -161,6 +169,10 @@ class Feed:
                 log.info("console feed %s (events from stream seq %d)", state, self.last_seq + 1)
         self.state, self.last_error = state, error
 
+    def _jetstream(self) -> JetStreamContext:
+        assert self.nc is not None
+        return self.nc.jetstream(domain=self.js_domain) if self.js_domain else self.nc.jetstream()
+
     async def _disconnected(self) -> None:
         if self.state == "closed":
             return
@@ -182,7 +194,7 @@ class Feed:
         if consumer is not None and self.connected:
             assert self.nc is not None
             with contextlib.suppress(Exception):  # it expires on its own otherwise
-                await self.nc.jetstream().delete_consumer(subjects.EVENTS_STREAM, consumer)
+                await self._jetstream().delete_consumer(subjects.EVENTS_STREAM, consumer)
         subs, self._subs = self._subs, []
         for sub in subs:
             with contextlib.suppress(Exception):
@@ -246,7 +258,8 @@ class Feed:
         self._wanted = FETCH_BATCH
         self._requested_at = time.monotonic()
         await self.nc.publish(
-            f"$JS.API.CONSUMER.MSG.NEXT.{subjects.EVENTS_STREAM}.{self._consumer}",
+            f"{js_api_prefix(self.js_domain)}.CONSUMER.MSG.NEXT.{subjects.EVENTS_STREAM}."
+            f"{self._consumer}",
             json.dumps(body).encode(), reply=self._inbox)
 
     async def _on_pulled(self, msg: Msg) -> None:

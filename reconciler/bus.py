@@ -228,8 +228,10 @@ class Mesh:
         if nc is None or not nc.is_connected:
             return
         try:
-            kv = await self._ensure_kv(nc)
-            await kv.put(self.node, self.snapshot().to_json_bytes())
+            await self._ensure_kv(nc)
+            # not kv.put: that subject does not cross a leaf connection (see kv_put_subject)
+            subject = self.options.kv_put_subject(KV_BUCKET, self.node)
+            await self._jetstream(nc).publish(subject, self.snapshot().to_json_bytes())
         except (TimeoutError, nats.errors.Error) as exc:
             self._kv = None  # look the bucket up again (it may have been deleted)
             if not self._closing:
@@ -259,7 +261,7 @@ class Mesh:
     def _jetstream(self, nc: NATS) -> JetStreamContext:
         """One context per connection: each one opens its own publish_async reply inbox."""
         if self._js is None:
-            self._js = nc.jetstream()
+            self._js = self.options.jetstream(nc)
         return self._js
 
     async def _ensure_stream(self, nc: NATS) -> None:

@@ -6,15 +6,19 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import ssl
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import nats.errors
 from nats.aio.client import Client as NATS
 
 from reconciler.errors import TransientError
+
+if TYPE_CHECKING:  # `notify` (a git hook) imports this module: keep JetStream out of it
+    from nats.js.client import JetStreamContext
 
 
 class MeshError(TransientError):
@@ -37,6 +41,9 @@ class NatsOptions:
     name: str | None = None
     # Replies come to <inbox_prefix>.>; least-privilege configs give each identity its own.
     inbox_prefix: str | None = None
+    # JetStream domain of the stream and bucket (the hub's), for clients of a leaf node
+    # server: JetStream API traffic crosses a leaf connection only as $JS.<domain>.API.>.
+    js_domain: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> NatsOptions:
@@ -52,6 +59,7 @@ class NatsOptions:
             ca_file=getattr(args, "nats_ca", None),
             cert_file=getattr(args, "nats_cert", None),
             key_file=getattr(args, "nats_key", None),
+            js_domain=getattr(args, "nats_js_domain", None) or None,
         )
 
     def describe(self) -> str:
@@ -67,6 +75,7 @@ class NatsOptions:
         ):
             if path and not os.path.isfile(path):
                 raise MeshError(f"NATS {label} {path!r} does not exist")
+        check_js_domain(self.js_domain)
         kw: dict[str, Any] = {"servers": list(self.servers)}
         if self.user:
             kw["user"] = self.user
@@ -87,6 +96,36 @@ class NatsOptions:
         if self.inbox_prefix:
             kw["inbox_prefix"] = self.inbox_prefix
         return kw
+
+
+    def jetstream(self, nc: NATS) -> JetStreamContext:
+        """A JetStream context addressing `js_domain` (the local JetStream without one)."""
+        return nc.jetstream(domain=self.js_domain) if self.js_domain else nc.jetstream()
+
+    def kv_put_subject(self, bucket: str, key: str) -> str:
+        """Where a KV put goes: `$KV.<bucket>.<key>`, or with a domain
+        `$JS.<domain>.API.$KV.<bucket>.<key>` (the server maps it into the domain's bucket).
+
+        nats-py's KeyValue.put always uses the bare subject, which no server answers across
+        a leaf connection; nats.go prefixes puts the same way when a domain is set.
+        """
+        return f"{js_api_prefix(self.js_domain)}.$KV.{bucket}.{key}" if self.js_domain \
+            else f"$KV.{bucket}.{key}"
+
+
+_DOMAIN = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_js_domain(domain: str | None) -> None:
+    """A JetStream domain is one subject token (it goes into $JS.<domain>.API)."""
+    if domain is not None and not _DOMAIN.fullmatch(domain):
+        raise MeshError(f"--nats-js-domain {domain!r}: expected letters, digits, '-' or '_' "
+                        "(one NATS subject token, as in the server's jetstream {domain: ...})")
+
+
+def js_api_prefix(domain: str | None) -> str:
+    """The JetStream API subject prefix: `$JS.API`, or `$JS.<domain>.API` for a domain."""
+    return f"$JS.{domain}.API" if domain else "$JS.API"
 
 
 def redact_url(url: str) -> str:

@@ -48,6 +48,11 @@ def add_nats_args(parser: argparse.ArgumentParser, required: bool = False) -> No
     group.add_argument("--nats-ca", metavar="FILE", help="CA certificate for TLS")
     group.add_argument("--nats-cert", metavar="FILE", help="client certificate for mutual TLS")
     group.add_argument("--nats-key", metavar="FILE", help="client key for mutual TLS")
+    group.add_argument(
+        "--nats-js-domain", metavar="DOMAIN",
+        help="JetStream domain of the events stream and status bucket (the hub's), for "
+             "clients of a leaf node server: see docs/nats.md",
+    )
 
 
 def add_source_args(parser: argparse.ArgumentParser) -> None:

@@ -70,16 +70,18 @@ def _entry_time(entry: KeyValue.Entry) -> datetime | None:
     return created if isinstance(created, datetime) else None
 
 
-async def _bucket(nc: NATS) -> KeyValue | None:
+async def _bucket(nc: NATS, js_domain: str | None = None) -> KeyValue | None:
+    js = nc.jetstream(domain=js_domain) if js_domain else nc.jetstream()
     try:
-        return await nc.jetstream().key_value(KV_BUCKET)
+        return await js.key_value(KV_BUCKET)
     except nats.js.errors.BucketNotFoundError:
         return None
 
 
-async def read_fleet(nc: NATS) -> dict[str, Observed]:
-    """Every node's latest KV status (with the server's write time)."""
-    kv = await _bucket(nc)
+async def read_fleet(nc: NATS, *, js_domain: str | None = None) -> dict[str, Observed]:
+    """Every node's latest KV status (with the server's write time); `js_domain`: the
+    bucket's JetStream domain when `nc` is connected to a leaf node server."""
+    kv = await _bucket(nc, js_domain)
     if kv is None:
         return {}
     fleet: dict[str, Observed] = {}
@@ -136,11 +138,12 @@ def run_status(args: argparse.Namespace) -> int:
 async def _status(args: argparse.Namespace) -> int:
     from reconciler.bus_wire import fleet_rows, format_table, observed_state
 
-    nc = await connect(NatsOptions.from_args(args))
+    options = NatsOptions.from_args(args)
+    nc = await connect(options)
     try:
         if args.node:
-            return await _node_status(nc, args.node, args.json)
-        fleet = await read_fleet(nc)
+            return await _node_status(nc, args.node, args.json, options.js_domain)
+        fleet = await read_fleet(nc, js_domain=options.js_domain)
     finally:
         await nc.close()
     now = _now()
@@ -160,7 +163,7 @@ async def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _node_status(nc: NATS, node: str, as_json: bool) -> int:
+async def _node_status(nc: NATS, node: str, as_json: bool, js_domain: str | None) -> int:
     from reconciler.bus_wire import observed_state
     from reconciler.status import NodeStatus
 
@@ -168,7 +171,7 @@ async def _node_status(nc: NATS, node: str, as_json: bool) -> int:
     try:
         status = NodeStatus.from_json(await rpc(nc, node, "status", timeout=3.0))
     except MeshError as rpc_error:
-        kv = await _bucket(nc)
+        kv = await _bucket(nc, js_domain)
         entry = None
         if kv is not None:
             try:
@@ -202,7 +205,8 @@ async def _reconcile(args: argparse.Namespace) -> int:
 
     timeout = _timeout(args.timeout)
     selector = selector_from_pairs(args.selector or [])
-    nc = await connect(NatsOptions.from_args(args))
+    options = NatsOptions.from_args(args)
+    nc = await connect(options)
     try:
         if args.node:
             try:
@@ -213,7 +217,7 @@ async def _reconcile(args: argparse.Namespace) -> int:
                 return EXIT_FAILED
             replies = [reply]
         else:
-            replies = await fleet_reconcile(nc, selector, timeout)
+            replies = await fleet_reconcile(nc, selector, timeout, js_domain=options.js_domain)
     finally:
         await nc.close()
     if args.json:
@@ -228,7 +232,7 @@ async def _reconcile(args: argparse.Namespace) -> int:
 
 
 async def fleet_reconcile(
-    nc: NATS, selector: Selector | None, timeout: float
+    nc: NATS, selector: Selector | None, timeout: float, *, js_domain: str | None = None
 ) -> list[dict[str, Any]]:
     """Trigger every matching node; collect replies until the reachable matching nodes known
     from the KV have all answered, or `timeout`."""
@@ -236,7 +240,7 @@ async def fleet_reconcile(
 
     now = _now()
     expected = {
-        node for node, obs in (await read_fleet(nc)).items()
+        node for node, obs in (await read_fleet(nc, js_domain=js_domain)).items()
         if (selector is None or selector.matches(obs.status.labels))
         and not is_unreachable(obs.status, now, obs.written_at)
     }
@@ -275,26 +279,29 @@ async def _wait(args: argparse.Namespace) -> int:
     timeout = _timeout(args.timeout)
     selector = selector_from_pairs(args.selector or [])
     deadline = time.monotonic() + timeout
-    nc = await connect(NatsOptions.from_args(args))
+    options = NatsOptions.from_args(args)
+    nc = await connect(options)
     try:
-        return await wait_for_revision(nc, revision, selector, list(args.node or []), deadline)
+        return await wait_for_revision(nc, revision, selector, list(args.node or []), deadline,
+                                       js_domain=options.js_domain)
     finally:
         await nc.close()
 
 
 async def wait_for_revision(
-    nc: NATS, revision: str, selector: Selector | None, nodes: list[str], deadline: float
+    nc: NATS, revision: str, selector: Selector | None, nodes: list[str], deadline: float,
+    *, js_domain: str | None = None,
 ) -> int:
     """Watch the status KV until every targeted node is synced (or failed) at `revision`."""
     from reconciler.bus_wire import wait_targets, wait_verdict
 
-    kv = await _bucket(nc)
+    kv = await _bucket(nc, js_domain)
     while kv is None:
         if time.monotonic() > deadline:
             _err(f"timed out: no node has reported to {KV_BUCKET}")
             return EXIT_FAILED
         await asyncio.sleep(0.5)
-        kv = await _bucket(nc)
+        kv = await _bucket(nc, js_domain)
     fleet: dict[str, Observed] = {}
     watcher = await kv.watchall()
     initial = True
