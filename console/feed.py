@@ -26,7 +26,7 @@ from nats.js.kv import KeyValue
 
 from console.fleet import Fleet
 from reconciler import subjects
-from reconciler.bus_conn import js_api_prefix
+from reconciler.bus_conn import js_api_prefix, no_jetstream
 
 log = logging.getLogger("gitops_mesh.console.feed")
 
@@ -121,6 +121,10 @@ class Feed:
                     await asyncio.sleep(0.1)
                 try:
                     await self._subscribe(self._jetstream())
+                except nats.js.errors.ServiceUnavailableError:
+                    self._set_state("waiting", f"cannot subscribe: {no_jetstream(self.js_domain)}")
+                    await asyncio.sleep(1.0)
+                    continue
                 except Exception as exc:  # stream missing and not creatable, timeouts
                     self._set_state("waiting", f"cannot subscribe: {exc!r}")
                     await asyncio.sleep(1.0)

@@ -22,7 +22,14 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from reconciler.agent_api import AgentAPI, Outbox, OutboxEntry
-from reconciler.bus_conn import MeshError, NatsOptions, connect, reason_of, redact_url
+from reconciler.bus_conn import (
+    MeshError,
+    NatsOptions,
+    connect,
+    no_jetstream,
+    reason_of,
+    redact_url,
+)
 from reconciler.bus_rpc import NodeEndpoints
 from reconciler.events import iso_time
 from reconciler.status import NodeStatus
@@ -190,11 +197,7 @@ class Mesh:
         """The reason of a JetStream failure, with a hint when no JetStream answered at all."""
         if not isinstance(exc, nats.js.errors.ServiceUnavailableError):
             return reason_of(exc)
-        if self.options.js_domain:
-            return (f"no JetStream answers in domain {self.options.js_domain!r} (hub down, "
-                    "or the leaf node not connected to it?)")
-        return ("no JetStream answers on this server (if it is a leaf node server, set "
-                "--nats-js-domain to the hub's JetStream domain)")
+        return no_jetstream(self.options.js_domain)
 
     async def _on_error(self, exc: Exception) -> None:
         self.nats_errors += 1

@@ -128,6 +128,15 @@ def js_api_prefix(domain: str | None) -> str:
     return f"$JS.{domain}.API" if domain else "$JS.API"
 
 
+def no_jetstream(domain: str | None) -> str:
+    """Why a JetStream request found no responder, and what to check."""
+    if domain:
+        return (f"no JetStream answers in domain {domain!r} (is it the hub's jetstream "
+                "{domain: ...}, and is this leaf node connected to the hub?)")
+    return ("no JetStream answers on this server (if it is a leaf node server, set "
+            "--nats-js-domain to the hub's JetStream domain)")
+
+
 def redact_url(url: str) -> str:
     parts = urlsplit(url if "://" in url else f"nats://{url}")
     if parts.username or parts.password:

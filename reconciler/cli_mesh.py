@@ -16,7 +16,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
-from reconciler.bus_conn import MeshError, NatsOptions, connect
+from reconciler.bus_conn import MeshError, NatsOptions, connect, no_jetstream
 from reconciler.subjects import FLEET_RECONCILE, KV_BUCKET, SOURCE_CHANGED, rpc_subject
 
 # `notify` runs in a git hook on every push: it must not pay for pydantic models, so the
@@ -76,6 +76,8 @@ async def _bucket(nc: NATS, js_domain: str | None = None) -> KeyValue | None:
         return await js.key_value(KV_BUCKET)
     except nats.js.errors.BucketNotFoundError:
         return None
+    except nats.js.errors.ServiceUnavailableError:
+        raise MeshError(no_jetstream(js_domain)) from None
 
 
 async def read_fleet(nc: NATS, *, js_domain: str | None = None) -> dict[str, Observed]:
@@ -171,7 +173,11 @@ async def _node_status(nc: NATS, node: str, as_json: bool, js_domain: str | None
     try:
         status = NodeStatus.from_json(await rpc(nc, node, "status", timeout=3.0))
     except MeshError as rpc_error:
-        kv = await _bucket(nc, js_domain)
+        try:
+            kv = await _bucket(nc, js_domain)
+        except MeshError as kv_error:
+            _err(f"{rpc_error}, and its status cannot be read: {kv_error}")
+            return EXIT_FAILED
         entry = None
         if kv is not None:
             try:

@@ -261,6 +261,11 @@ async def test_rpc_and_fleet_trigger_reach_the_edge_from_the_hub(site: Site, hub
     table = cli("status", "--nats", site.leaf.url(), env={"GITOPS_MESH_NATS_JS_DOMAIN": "hub"})
     assert table.returncode == 0, table.stderr
     assert NODE in table.stdout and "synced" in table.stdout
+    # without the domain, the site server has no JetStream to offer: a clear error, no trace
+    table = cli("status", "--nats", site.leaf.url())
+    assert (table.returncode, table.stderr.strip()) == (2, (
+        "gitops-mesh: no JetStream answers on this server (if it is a leaf node server, "
+        "set --nats-js-domain to the hub's JetStream domain)"))
 
 
 async def test_wait_at_the_hub_after_a_push_notified_at_the_hub(site: Site, hub: NATS) -> None:
@@ -296,6 +301,17 @@ async def test_console_feed_at_the_site_reads_the_hub(site: Site, hub: NATS) -> 
             node = fleet.nodes.get(NODE)
             return node is not None and node.revision == revision and fleet.events_total > 0
         await eventually_async(seen, timeout=10, what="the site console sees the hub's data")
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    # a console at the site that forgot the domain says so instead of showing an empty fleet
+    feed = Feed(Fleet(), connect, create_missing=False)
+    task = asyncio.create_task(feed.run())
+    try:
+        async def told() -> bool:
+            return feed.state == "waiting" and "set --nats-js-domain" in (feed.last_error or "")
+        await eventually_async(told, timeout=10, what="the feed names the missing domain")
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
