@@ -24,9 +24,11 @@ import pytest
 from conftest import SpecRepo, eventually_async, free_port, make_spec_repo
 from nats.aio.client import Client as NATS
 
+from console.cli import nats_connector
 from console.feed import Feed
 from console.fleet import Fleet
 from reconciler.bus_conn import MeshError, NatsOptions
+from reconciler.cli import parse_args
 from reconciler.cli_mesh import fleet_reconcile, rpc
 from reconciler.events import Event
 from reconciler.status import NodeStatus
@@ -250,6 +252,16 @@ async def test_edge_agent_reports_events_and_status_to_the_hub(site: Site, hub: 
     types = [body["type"] for _, body, _ in events]
     assert {"reconcile.started", "app.deployed", "reconcile.finished"} <= set(types)
 
+    # a re-send from the site (an ack lost on the link) is dropped by the hub's stream
+    site_nc = await nats.connect(site.leaf.url())
+    try:
+        subject, body, msg_id = events[0]
+        ack = await site_nc.jetstream(domain="hub").publish(
+            subject, json.dumps(body).encode(), headers={"Nats-Msg-Id": msg_id or ""})
+        assert (ack.stream, ack.duplicate) == (EVENTS_STREAM, True)
+    finally:
+        await site_nc.close()
+
 
 async def test_rpc_and_fleet_trigger_reach_the_edge_from_the_hub(site: Site, hub: NATS) -> None:
     await synced_at(hub, site, site.repo.head())
@@ -288,13 +300,12 @@ async def test_wait_at_the_hub_after_a_push_notified_at_the_hub(site: Site, hub:
 async def test_console_feed_at_the_site_reads_the_hub(site: Site, hub: NATS) -> None:
     revision = site.repo.head()
     await synced_at(hub, site, revision)
-    options = NatsOptions(servers=[site.leaf.url()], js_domain="hub")
-
-    async def connect(**callbacks: Any) -> NATS:
-        return await nats.connect(**options.connect_kwargs(), **callbacks)
-
+    # the connector `gitops-mesh console --nats <site> --nats-js-domain hub` builds
+    args = parse_args(["console", "--nats", site.leaf.url(), "--nats-js-domain", "hub",
+                       "--insecure"])
     fleet = Fleet()
-    feed = Feed(fleet, connect, create_missing=False, js_domain="hub")
+    feed = Feed(fleet, nats_connector(args), create_missing=False)
+    assert feed.js_domain == "hub"
     task = asyncio.create_task(feed.run())
     try:
         async def seen() -> bool:
@@ -306,7 +317,8 @@ async def test_console_feed_at_the_site_reads_the_hub(site: Site, hub: NATS) -> 
         with pytest.raises(asyncio.CancelledError):
             await task
     # a console at the site that forgot the domain says so instead of showing an empty fleet
-    feed = Feed(Fleet(), connect, create_missing=False)
+    feed = Feed(Fleet(), nats_connector(parse_args(["console", "--nats", site.leaf.url()])),
+                create_missing=False)
     task = asyncio.create_task(feed.run())
     try:
         async def told() -> bool:
