@@ -67,6 +67,9 @@ class ConsoleConfig:
     fleet_window: float = 1.0     # how long fleet reconcile collects replies
     replay_s: float = 3600.0
     stream_check: float = 10.0    # how often to check that the stream/bucket were not re-made
+    # Link template for event trace ids, e.g. http://jaeger:16686/trace/{trace_id}
+    # (--trace-url / GITOPS_MESH_TRACE_URL); None: trace ids are shown, not linked.
+    trace_url: str | None = None
 
     def check(self) -> None:
         """Refuse unsafe combinations before anything starts."""
@@ -77,10 +80,22 @@ class ConsoleConfig:
             )
         if self.events_keep < 1:
             raise ValueError("--events-keep must be at least 1")
+        if self.trace_url is not None:
+            check_trace_url(self.trace_url)
 
     @property
     def actions(self) -> bool:
         return not self.read_only
+
+
+def check_trace_url(template: str) -> None:
+    """A --trace-url template must be an http(s) URL with one `{trace_id}` placeholder
+    (anything else, e.g. `javascript:`, would put a script link into every event row)."""
+    if not template.startswith(("http://", "https://")):
+        raise ValueError(f"--trace-url {template!r}: expected an http:// or https:// URL")
+    if template.count("{trace_id}") != 1:
+        raise ValueError(f"--trace-url {template!r}: expected one {{trace_id}} placeholder, "
+                         "e.g. http://jaeger:16686/trace/{trace_id}")
 
 
 class Pulse:

@@ -43,6 +43,7 @@ def config_from_args(args: argparse.Namespace) -> ConsoleConfig:
     return ConsoleConfig(
         token=token, read_only=bool(args.read_only), insecure=bool(args.insecure),
         events_keep=args.events_keep, host=args.host,
+        trace_url=getattr(args, "trace_url", None) or None,
     )
 
 

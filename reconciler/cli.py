@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-only", action="store_true", help="no actions at all")
     p.add_argument("--insecure", action="store_true", help="actions without a token")
     p.add_argument("--events-keep", type=int, default=5000, help="events kept in memory")
+    p.add_argument("--trace-url", default=None, metavar="TEMPLATE",
+                   help="link event trace ids, e.g. http://jaeger:16686/trace/{trace_id}")
     add_nats_args(p, required=True)
 
     p = sub.add_parser("demo", help="the whole system on one machine")

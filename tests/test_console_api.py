@@ -394,6 +394,24 @@ def test_flags_and_env_make_the_console_config(monkeypatch: pytest.MonkeyPatch) 
     config_from_args(parse_args(["console", "--nats", "x", "--read-only"])).check()
 
 
+def test_trace_url_comes_from_the_flag_or_env_and_must_be_an_http_template(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from console.cli import config_from_args
+    from reconciler.cli import parse_args
+
+    jaeger = "http://jaeger:16686/trace/{trace_id}"
+    args = parse_args(["console", "--nats", "x", "--read-only", "--trace-url", jaeger])
+    assert config_from_args(args).trace_url == jaeger
+    monkeypatch.setenv("GITOPS_MESH_TRACE_URL", "https://tempo/t/{trace_id}")
+    config = config_from_args(parse_args(["console", "--nats", "x", "--read-only"]))
+    assert config.trace_url == "https://tempo/t/{trace_id}"
+    config.check()
+    for bad, why in (("javascript:alert({trace_id})", "expected an http"),
+                     ("http://jaeger:16686/search", "one {trace_id} placeholder")):
+        with pytest.raises(ValueError, match=why):
+            ConsoleConfig(read_only=True, trace_url=bad).check()
+
+
 async def test_names_from_the_url_are_escaped_in_pages() -> None:
     from console.app import create_app
 
