@@ -61,14 +61,30 @@ def parse_app_body(data: bytes, known_apps: Iterable[str]) -> str | None:
     return app
 
 
+# The keys of a structured selector; a selector object with none of them is a label map.
+SELECTOR_KEYS = frozenset({"match", "in", "notin", "exists", "absent"})
+
+
 def parse_fleet_request(data: bytes) -> Selector | None:
-    """Body of gitops.fleet.reconcile: none/{} -> every node, or {"selector": Selector-shape}."""
+    """Body of gitops.fleet.reconcile: none/{} -> every node, or {"selector": ...}.
+
+    The selector is either Selector-shaped ({"match": {"role": "edge"}, "in": ...}) or, when
+    it has none of the keys match/in/notin/exists/absent, a plain label map
+    ({"role": "edge"}, the same as {"match": {"role": "edge"}}). Anything else is a
+    BadRequest: the node then stays silent rather than answer as if it matched."""
     body = parse_body(data, allowed=("selector",))
     raw = body.get("selector")
     if raw is None:
         return None
     if not isinstance(raw, dict):
-        raise BadRequest("'selector' must be an object like {\"match\": {\"k\": \"v\"}}")
+        raise BadRequest("'selector' must be an object like {\"role\": \"edge\"} or "
+                         "{\"match\": {\"role\": \"edge\"}}")
+    if not SELECTOR_KEYS & set(raw):
+        for key, value in raw.items():
+            if not isinstance(value, str):
+                raise BadRequest(f"invalid selector: label {key!r} must be a string, "
+                                 f"got {type(value).__name__}")
+        return Selector(match=dict(raw))
     try:
         return Selector.model_validate(raw)
     except ValidationError as exc:

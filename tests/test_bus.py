@@ -262,10 +262,33 @@ async def test_fleet_trigger_reaches_only_matching_nodes(
             client, Selector(**{"in": {"zone": ["b"]}}), timeout=5  # type: ignore[arg-type]
         )
         assert [r["node"] for r in replies] == ["fe2"]
-        # a malformed request is ignored, not answered, and crashes nothing
-        await client.publish("gitops.fleet.reconcile", b'{"selector": 5}')
+        # the contract's literal body: a plain label map selects like {"match": ...}
+        plain: list[str] = []
+        bad: list[bytes] = []
+        plain_inbox, bad_inbox = client.new_inbox(), client.new_inbox()
+
+        async def on_plain(msg: Any) -> None:
+            plain.append(json.loads(msg.data)["node"])
+
+        async def on_bad(msg: Any) -> None:
+            bad.append(msg.data)
+
+        await client.subscribe(plain_inbox, cb=on_plain)
+        await client.subscribe(bad_inbox, cb=on_bad)
+        await client.publish("gitops.fleet.reconcile", b'{"selector": {"ft": "edge"}}',
+                             reply=plain_inbox)
+        await eventually_async(lambda: _async(sorted(plain) == ["fe1", "fe2"]),
+                               what="both edge nodes answer a label-map selector")
+        assert g1.triggers == []
+        # malformed requests are ignored, not answered (not even as "every node"), and
+        # crash nothing
+        for body in (b'{"selector": 5}', b'{"selector": {"ft": 5}}',
+                     b'{"selector": {"match": {"ft": "edge"}, "zone": "a"}}'):
+            await client.publish("gitops.fleet.reconcile", body, reply=bad_inbox)
         replies = await fleet_reconcile(client, None, timeout=1)
         assert {r["node"] for r in replies} >= {"fe1", "fe2", "fg1"}
+        assert bad == []  # each node handled the bad ones before the request after them
+        assert (len(e1.triggers), len(e2.triggers), len(g1.triggers)) == (3, 4, 1)
 
 
 async def test_source_changed_triggers_nodes_tracking_that_repo_and_branch(

@@ -82,8 +82,17 @@ def test_fleet_request_bodies() -> None:
     assert parse_fleet_request(b'{"selector": {"in": {"site": ["a", "b"]}}}') == Selector(
         **{"in": {"site": ["a", "b"]}}
     )
-    with pytest.raises(BadRequest, match="invalid selector: bogus"):
+    # the contract's literal shape: a plain label map is a match selector
+    assert parse_fleet_request(b'{"selector": {"role": "edge", "site": "a"}}') == Selector(
+        match={"role": "edge", "site": "a"}
+    )
+    assert parse_fleet_request(b'{"selector": {}}') == Selector()  # no clause: every node
+    with pytest.raises(BadRequest, match="invalid selector: label 'bogus' must be a string"):
         parse_fleet_request(b'{"selector": {"bogus": 1}}')
+    with pytest.raises(BadRequest, match="invalid selector: role: Extra inputs"):
+        parse_fleet_request(b'{"selector": {"match": {"zone": "a"}, "role": "edge"}}')
+    with pytest.raises(BadRequest, match=r"invalid selector: match\.role"):
+        parse_fleet_request(b'{"selector": {"match": {"role": 5}}}')
     with pytest.raises(BadRequest, match="'selector' must be an object"):
         parse_fleet_request(b'{"selector": "role=edge"}')
 
