@@ -95,7 +95,9 @@ async def read_fleet(nc: NATS, *, js_domain: str | None = None) -> dict[str, Obs
                 return fleet
             _apply(fleet, entry)
     finally:
-        await watcher.stop()
+        # The server may have gone away meanwhile: what was read still stands.
+        with contextlib.suppress(nats.errors.ConnectionClosedError):
+            await watcher.stop()
 
 
 def _apply(fleet: dict[str, Observed], entry: KeyValue.Entry) -> None:
@@ -338,7 +340,9 @@ async def wait_for_revision(
                 return _report_wait(revision, verdict.synced, verdict.failed,
                                     verdict.pending, timed_out)
     finally:
-        await watcher.stop()
+        # The server may have gone away meanwhile: what was read still stands.
+        with contextlib.suppress(nats.errors.ConnectionClosedError):
+            await watcher.stop()
 
 
 def _report_wait(revision: str, synced: tuple[str, ...], failed: dict[str, str],
