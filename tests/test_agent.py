@@ -99,16 +99,21 @@ def kinds(agent: Agent, app: str | None = None) -> list[str]:
     return [e["type"] for e in events(agent) if app is None or e.get("app") == app]
 
 
-def app_pids(node: str) -> dict[str, list[int]]:
-    """Live processes started for `node`'s apps (by the env the agent gives them)."""
+def app_pids(node: str, state_dir: Path) -> dict[str, list[int]]:
+    """Live processes started for `node`'s apps by the agent on `state_dir` (or any state
+    dir under it), by the env the agent gives them: another agent on this machine may use
+    the same node id."""
+    root = state_dir.resolve()
     found: dict[str, list[int]] = {}
     for proc in psutil.process_iter(["pid"]):
         try:
             env = proc.environ()
-            if env.get("GITOPS_NODE_ID") == node and proc.status() != psutil.STATUS_ZOMBIE:
-                app = Path(env["GITOPS_APP_DIR"]).parent.name
-                found.setdefault(app, []).append(proc.pid)
-        except (psutil.Error, KeyError):
+            if env.get("GITOPS_NODE_ID") != node or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            app_dir = Path(env["GITOPS_APP_DIR"]).resolve()
+            if app_dir.is_relative_to(root):
+                found.setdefault(app_dir.parent.name, []).append(proc.pid)
+        except (psutil.Error, KeyError, OSError):
             continue
     return found
 
@@ -196,7 +201,7 @@ async def test_deploy_upgrade_rollback(
     assert web.message.startswith("rolled back from 1.2: ")
     assert (status.status, status.revision) == ("failed", rev3)
     assert "web 1.2" in status.message
-    assert app_pids("n1") == {"web": [web.pid]}
+    assert app_pids("n1", agent.config.state_dir) == {"web": [web.pid]}
 
     # the failed spec is not retried on the next poll
     before = len(events(agent))
@@ -244,7 +249,7 @@ async def test_dependency_chain_order_and_removal(
     assert run.outcome == "success", run.message
     removed = [e["app"] for e in events(agent) if e["type"] == "app.removed"]
     assert removed == ["c", "b", "a"]
-    assert app_pids("n1") == {}
+    assert app_pids("n1", agent.config.state_dir) == {}
     assert agent.status().apps == []
     assert not (agent.config.state_dir / "apps" / "a").exists()
 
@@ -277,7 +282,7 @@ async def test_failed_dependency_blocks_dependents_only(
     assert [(e["app"], e["message"]) for e in blocked] == [("api", "dependency db failed")]
     status = agent.status()
     assert status.status == "failed" and "api" in status.message and "db" in status.message
-    assert set(app_pids("n1")) == {"solo"}
+    assert set(app_pids("n1", agent.config.state_dir)) == {"solo"}
 
     # a poll with nothing new: still a failure, no repeated app.blocked event
     again = await agent.reconcile_now()
@@ -355,7 +360,7 @@ async def test_invalid_spec_touches_nothing(
     repo.commit_and_push()
     agent = await make_agent(repo)
     assert (await agent.reconcile_now()).outcome == "success"
-    pids = app_pids("n1")
+    pids = app_pids("n1", agent.config.state_dir)
 
     # a typo in one file, the other file deleted: nothing stops, nothing restarts
     repo.write("apps/web.yaml", app_yaml(app_script, "web", "2", port).replace(
@@ -369,7 +374,7 @@ async def test_invalid_spec_touches_nothing(
     assert status.spec_errors and status.spec_errors[0].startswith("apps/web.yaml:")
     line_col = status.spec_errors[0].split(":")[1:3]
     assert all(part.isdigit() for part in line_col), status.spec_errors
-    assert app_pids("n1") == pids
+    assert app_pids("n1", agent.config.state_dir) == pids
     assert get(port) == "1 n1" and get(other) == "1 n1"
     assert status.status == "degraded"
     finished = [e for e in events(agent) if e["type"] == "reconcile.finished"][-1]
@@ -458,7 +463,7 @@ async def test_wrong_archive_digest_fails_only_that_app(
     assert apps["good"].phase == "running" and get(good_port) == "1 n1"
     assert apps["bundle"].phase == "failed"
     assert "sha256" in apps["bundle"].message
-    assert set(app_pids("n1")) == {"good"}
+    assert set(app_pids("n1", agent.config.state_dir)) == {"good"}
 
 
 async def test_suspend_and_resume(
@@ -575,7 +580,7 @@ async def test_restart_after_crash_points_converges(
     await first.start(first_reconcile=False, schedule=False)
     assert (await first.reconcile_now()).outcome == "success"
     await first.close(stop_apps=False)  # like kill -9: the apps keep running
-    old = app_pids("c1")
+    old = app_pids("c1", config.state_dir)
 
     repo.write("apps/web.yaml", app_yaml(app_script, "web", "2", port))
     repo.write("apps/roll.yaml", app_yaml(app_script, "roll", "2", roll, "exit"))
@@ -610,13 +615,13 @@ async def test_restart_after_crash_points_converges(
     try:
         # web 1 and roll 1 adopted, the unrecorded process swept away (SIGKILL)
         await _eventually_async(
-            lambda: app_pids("c1") == {"web": old["web"], "roll": old["roll"]},
+            lambda: app_pids("c1", config.state_dir) == {"web": old["web"], "roll": old["roll"]},
             what="unrecorded process killed")
         run = await second.reconcile_now()
         assert run.outcome == "success", run.message
         assert answers(port) == "2 c1" and answers(other) == "1 c1"
         assert answers(roll) == "1 c1"
-        pids = app_pids("c1")
+        pids = app_pids("c1", config.state_dir)
         records = second.store.apps()
         assert pids == {name: [records[name].pid] for name in ("web", "other", "roll")}
         assert pids["web"] != old["web"] and pids["other"] != old["other"]
@@ -628,7 +633,7 @@ async def test_restart_after_crash_points_converges(
         assert second.status().status == "failed"
     finally:
         await second.close(stop_apps=True)
-    assert app_pids("c1") == {}
+    assert app_pids("c1", config.state_dir) == {}
 
 
 async def test_reverting_a_failed_push_clears_the_failure(
@@ -651,6 +656,26 @@ async def test_reverting_a_failed_push_clears_the_failure(
     assert (status.status, status.revision) == ("synced", rev)
     assert (status.apps[0].version, status.apps[0].failed_version, status.apps[0].message) == (
         "1", None, "")
+
+
+def test_app_pids_ignores_another_agent_with_the_same_node_id(tmp_path: Path) -> None:
+    """The helper above must not see apps of another agent (another checkout, a dev agent)
+    that happens to use this test's node id."""
+    other = tmp_path / "elsewhere" / "apps" / "web" / "1-abc"
+    other.mkdir(parents=True)
+    mine = tmp_path / "state-n1" / "apps" / "web" / "1-abc"
+    mine.mkdir(parents=True)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                         env={**os.environ, "GITOPS_NODE_ID": "n1", "GITOPS_APP_DIR": str(d)})
+        for d in (other, mine)
+    ]
+    try:
+        assert app_pids("n1", tmp_path / "state-n1") == {"web": [procs[1].pid]}
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def test_launch_spec_env_and_argv(tmp_path: Path) -> None:
@@ -729,7 +754,7 @@ async def test_stop_apps_on_exit_stops_dependents_first(
     await agent.close(stop_apps=True)
     stopped = {name: float((d / "stopped").read_text()) for name, d in dirs.items()}
     assert stopped["c"] <= stopped["b"] <= stopped["a"]
-    assert app_pids("x1") == {}
+    assert app_pids("x1", agent.config.state_dir) == {}
 
 
 async def test_one_agent_per_state_dir(repo: SpecRepo, make_agent: MakeAgent) -> None:

@@ -28,12 +28,13 @@ def app_script(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def cleanup_node() -> Iterator[list[str]]:
-    """Node ids whose app processes are killed after the test (the agent leaves them)."""
+def cleanup_node(tmp_path: Path) -> Iterator[list[str]]:
+    """Node ids whose app processes (of agents with state under tmp_path) are killed after
+    the test (the agent leaves them)."""
     nodes: list[str] = []
     yield nodes
     for node in nodes:
-        for pids in app_pids(node).values():
+        for pids in app_pids(node, tmp_path).values():
             for pid in pids:
                 with contextlib.suppress(OSError):
                     os.killpg(os.getpgid(pid), signal.SIGKILL)
@@ -79,7 +80,7 @@ def test_kill_9_mid_upgrade_converges_without_duplicates_or_orphans(
         agent.kill()
         agent.wait()
     assert agent.returncode == -signal.SIGKILL
-    other_pids = app_pids("k1")["other"]
+    other_pids = app_pids("k1", state)["other"]
 
     agent = start_node(repo, "k1", state, log)
     try:
@@ -94,9 +95,9 @@ def test_kill_9_mid_upgrade_converges_without_duplicates_or_orphans(
         snap = read_snapshot(state)
         assert snap is not None
         # one process per app, each the recorded one: no duplicates, no orphans
-        assert app_pids("k1") == {"web": [snap.apps["web"].pid],
+        assert app_pids("k1", state) == {"web": [snap.apps["web"].pid],
                                   "other": [snap.apps["other"].pid]}
-        assert app_pids("k1")["other"] == other_pids  # adopted, not restarted
+        assert app_pids("k1", state)["other"] == other_pids  # adopted, not restarted
     finally:
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(15) == 0
@@ -134,7 +135,7 @@ def test_once_and_status(
         "node": "o1", "labels": {"role": "edge"}, "revision": rev, "status": "synced"}
     assert [(a["name"], a["version"], a["phase"], a["health"]) for a in status["apps"]] == [
         ("web", "1", "running", "healthy")]
-    assert status["apps"][0]["pid"] == app_pids("o1")["web"][0]
+    assert status["apps"][0]["pid"] == app_pids("o1", state)["web"][0]
 
     table = command(run_status, "status", "--state-dir", str(state))
     assert table.splitlines()[0] == f"node o1  [role=edge]  SYNCED  revision {rev[:12]}"
@@ -157,8 +158,8 @@ def test_once_and_status(
     assert answers(port) == "1 o1"
 
     # the app died while no agent ran: status says so from /proc
-    os.killpg(os.getpgid(app_pids("o1")["web"][0]), signal.SIGKILL)
-    eventually(lambda: "web" not in app_pids("o1"), what="web gone")
+    os.killpg(os.getpgid(app_pids("o1", state)["web"][0]), signal.SIGKILL)
+    eventually(lambda: "web" not in app_pids("o1", state), what="web gone")
     status = local_status(state)
     assert status is not None
     assert (status.apps[0].health, status.apps[0].pid) == ("unhealthy", None)
