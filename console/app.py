@@ -228,7 +228,7 @@ def create_app(
         csrf = request.cookies.get(CSRF_COOKIE) or secrets.token_urlsafe(24)
         response = templates.TemplateResponse(request, template, {
             "kind": kind, "data": data, "csrf": csrf, "actions": config.actions,
-            "insecure": config.insecure, **extra,
+            "insecure": config.insecure, "trace_url": config.trace_url, **extra,
         })
         response.set_cookie(CSRF_COOKIE, csrf, httponly=False, samesite="strict", path="/")
         return response

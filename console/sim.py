@@ -5,6 +5,7 @@ JSON on gitops.events.<node>.<type> with Nats-Msg-Id)."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -82,13 +83,15 @@ def node_status(node: str, state: str = "synced", *, revision: str = "a" * 40,
 
 def reconcile_events(node: str, revision: str, now: datetime, duration_ms: float = 900.0,
                      ok: bool = True) -> list[Event]:
-    """fetched -> started -> finished, the events a reconcile emits."""
+    """fetched -> started -> finished, the events a reconcile emits (one trace, as agents
+    record every reconcile in an OpenTelemetry span)."""
+    trace = uuid.uuid4().hex
     return [
-        make_event("source.fetched", node, now, revision=revision),
-        make_event("reconcile.started", node, now, revision=revision),
+        make_event("source.fetched", node, now, revision=revision, trace_id=trace),
+        make_event("reconcile.started", node, now, revision=revision, trace_id=trace),
         make_event("reconcile.finished", node, now, revision=revision,
                    outcome="success" if ok else "failure", duration_ms=duration_ms,
-                   message=None if ok else "web: health check failed"),
+                   message=None if ok else "web: health check failed", trace_id=trace),
     ]
 
 
@@ -161,7 +164,7 @@ class FakeNode:
         self.runs += 1
         run_id = f"{self.node}-run-{self.runs}"
         event = make_event("reconcile.started", self.node, datetime.now(UTC), run_id=run_id,
-                           message="requested from the console")
+                           message="requested from the console", trace_id=uuid.uuid4().hex)
         await publish_event(self.nc.jetstream(), event)
         return {"node": self.node, "run_id": run_id}
 

@@ -412,6 +412,34 @@ def test_trace_url_comes_from_the_flag_or_env_and_must_be_an_http_template(
             ConsoleConfig(read_only=True, trace_url=bad).check()
 
 
+async def test_events_carry_their_trace_id_and_pages_the_trace_link_template(
+        nc: NATS, http: httpx.AsyncClient) -> None:
+    from console.app import create_app
+
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    await sim.publish_event(nc.jetstream(), make_event(
+        "reconcile.finished", "trace-n1", datetime.now(UTC), revision=REV1,
+        outcome="success", trace_id=trace))
+
+    async def traced() -> Any:
+        events = await get(http, "/api/events?node=trace-n1")
+        assert [(e["type"], e.get("trace_id")) for e in events] == [
+            ("reconcile.finished", trace)], events
+        return events
+
+    await eventually_async(traced, what="the event with its trace id")
+    # without --trace-url the pages show the id unlinked; with it they get the template
+    assert 'data-trace-url=""' in (await http.get("/events")).text
+    jaeger = "http://jaeger:16686/trace/{trace_id}"
+    app = create_app(ConsoleConfig(read_only=True, trace_url=jaeger), None)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+        for path in ("/events", "/nodes/trace-n1"):
+            page = await client.get(path)
+            assert f'data-trace-url="{jaeger}"' in page.text, path
+        assert "<th>Trace</th>" in (await client.get("/events")).text
+
+
 async def test_names_from_the_url_are_escaped_in_pages() -> None:
     from console.app import create_app
 

@@ -3,13 +3,14 @@ actions refused without the token and delivered to a node's RPC with it."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from playwright.async_api import Page, async_playwright, expect
+from playwright.async_api import BrowserContext, Page, async_playwright, expect
 
 from console import sim
 from console.app import ConsoleConfig
@@ -25,24 +26,30 @@ REV1 = "5d1c0a7e" + "1" * 32
 REV2 = "9f3b2c4d" + "2" * 32
 
 
-@pytest.fixture
-async def page(nats_server: NatsServer) -> AsyncIterator[Page]:
+@contextlib.asynccontextmanager
+async def chromium(base_url: str) -> AsyncIterator[tuple[BrowserContext, list[str]]]:
+    """A Chromium context on the console; JavaScript errors of any of its pages are
+    collected and must be none at the end."""
     if not shutil.which(CHROMIUM):
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        context = await browser.new_context(viewport={"width": 1360, "height": 900},
+                                            base_url=base_url)
+        errors: list[str] = []
+        context.on("page", lambda pg: pg.on("pageerror", lambda exc: errors.append(str(exc))))
+        yield context, errors
+        await browser.close()
+        assert errors == [], f"JavaScript errors: {errors}"
 
+
+@pytest.fixture
+async def page(nats_server: NatsServer) -> AsyncIterator[Page]:
     console = sim.ConsoleThread(ConsoleConfig(token=TOKEN), sim.connector_for(nats_server.url),
                                 free_port()).start()
     try:
-        async with async_playwright() as pw:
-            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            context = await browser.new_context(viewport={"width": 1360, "height": 900},
-                                                base_url=console.url)
-            pg = await context.new_page()
-            errors: list[str] = []
-            pg.on("pageerror", lambda exc: errors.append(str(exc)))
-            yield pg
-            await browser.close()
-            assert errors == [], f"JavaScript errors: {errors}"
+        async with chromium(console.url) as (context, _errors):
+            yield await context.new_page()
     finally:
         console.stop()
 
@@ -50,7 +57,7 @@ async def page(nats_server: NatsServer) -> AsyncIterator[Page]:
 async def populate(url: str) -> tuple[Any, Any, Any]:
     nc, js, kv = await sim.connect(url)
     now = datetime.now(UTC)
-    fleet = [
+    fleet: list[tuple[str, str, str, dict[str, str], dict[str, Any]]] = [
         ("edge-01", "synced", REV2, {"role": "edge", "site": "ams"}, {}),
         ("edge-02", "progressing", REV1, {"role": "edge", "site": "fra"},
          {"desired_revision": REV2}),
@@ -150,6 +157,12 @@ async def test_console_is_live_and_actions_need_the_token(page: Page,
         first = page.locator("#events-table tbody tr").first
         await expect(first).to_contain_text("edge-02")
         await expect(first).to_contain_text("requested from the console")
+        # its trace id: short in the row, whole in the tooltip (no --trace-url: not a link)
+        trace = first.locator("span.trace-id")
+        trace_id = await trace.get_attribute("data-trace") or ""
+        assert len(trace_id) == 32
+        await expect(trace).to_have_text(trace_id[:8])
+        await expect(trace).to_have_attribute("title", f"trace {trace_id}")
         await page.screenshot(path=str(ARTIFACTS / "console-events.png"), full_page=True)
 
         # app page: the app on every node; the plot has a bar per revision
@@ -166,3 +179,4 @@ async def test_console_is_live_and_actions_need_the_token(page: Page,
     finally:
         await node.stop()
         await nc.close()
+

@@ -6,6 +6,7 @@
   const kind = body.dataset.kind;
   const pageName = body.dataset.name;
   const actionsOn = body.dataset.actions === "on";
+  const traceUrl = body.dataset.traceUrl || ""; // --trace-url template with {trace_id}
   const csrf = document.querySelector('meta[name="csrf"]').content;
   const TOKEN_KEY = "gitops-mesh-token";
   const STATUSES = ["synced", "progressing", "degraded", "failed", "suspended", "unreachable"];
@@ -140,8 +141,21 @@
       h("td", {}, appLink(e.app)),
       h("td", {}, e.version ? (e.from_version ? `${e.from_version} → ${e.version}` : e.version) : ""),
       h("td", {}, revLink(e.revision)),
-      h("td", {}, e.message || (e.duration_ms != null ? `${Math.round(e.duration_ms)} ms` : ""),
-    ))) : [h("tr", {}, h("td", { class: "empty", text: "no events" }))]));
+      h("td", {}, e.message || (e.duration_ms != null ? `${Math.round(e.duration_ms)} ms` : "")),
+      h("td", { class: "trace" }, traceCell(e.trace_id)),
+    )) : [h("tr", {}, h("td", { class: "empty", text: "no events" }))]));
+  }
+  // A trace id: its first 8 hex digits, the full id in the tooltip (and on click, copied);
+  // a link to the tracing UI when the console runs with --trace-url.
+  function traceCell(id) {
+    if (!id) return "";
+    const attrs = { class: "mono trace-id", title: `trace ${id}`, "data-trace": id, text: id.slice(0, 8) };
+    if (traceUrl) {
+      return h("a", { ...attrs, href: traceUrl.replace("{trace_id}", encodeURIComponent(id)),
+                      target: "_blank", rel: "noopener noreferrer" });
+    }
+    return h("span", { ...attrs, onclick: () => navigator.clipboard?.writeText(id).then(
+      () => flash(`trace id ${id} copied`, "ok"), () => {}) });
   }
 
   // ---- overview ------------------------------------------------------------------------------
