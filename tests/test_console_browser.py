@@ -1,12 +1,20 @@
 """The console in a real Chromium: live counters, cards and rollout progress without reload,
-actions refused without the token and delivered to a node's RPC with it."""
+actions refused without the token and delivered to a node's RPC with it, and a real agent
+following a real push while the pages are open."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import shutil
-from collections.abc import AsyncIterator
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +22,14 @@ from playwright.async_api import BrowserContext, Page, async_playwright, expect
 
 from console import sim
 from console.app import ConsoleConfig
-from tests.conftest import ARTIFACTS, NatsServer, free_port
+from tests.conftest import (
+    ARTIFACTS,
+    NatsServer,
+    SpecRepo,
+    free_port,
+    git,
+    make_spec_repo,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -180,3 +195,121 @@ async def test_console_is_live_and_actions_need_the_token(page: Page,
         await node.stop()
         await nc.close()
 
+
+# ---- a real agent and a real push ---------------------------------------------------------
+
+PUSH_NODE = "push-real-1"
+JAEGER = "http://jaeger.example:16686/trace/{trace_id}"
+
+
+def http_app_yaml(version: str, port: int) -> str:
+    """A tiny real web app (python3's http.server) with an http health check."""
+    return f"""\
+name: web
+version: "{version}"
+layer: frontend
+run:
+  command: [{json.dumps(sys.executable)}, "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
+health:
+  http:
+    url: http://127.0.0.1:{port}/
+  interval: 1s
+  timeout: 1s
+  start_timeout: 10s
+"""
+
+
+@contextlib.contextmanager
+def real_agent(repo: SpecRepo, nats_url: str, state: Path) -> Iterator[subprocess.Popen[bytes]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GITOPS_MESH_")}
+    log_path = state / "agent.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "reconciler", "node", "--repo", repo.url, "--node-id",
+             PUSH_NODE, "--label", "role=push", "--nats", nats_url, "--state-dir",
+             str(state / "state"), "--interval", "1s", "--heartbeat", "1s",
+             "--stop-apps-on-exit"],
+            stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            yield proc
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.returncode not in (0, -signal.SIGTERM):
+                print(log_path.read_text()[-3000:])
+
+
+async def test_a_real_push_updates_the_open_node_card_and_rollout_page(
+        nats_server: NatsServer, tmp_path: Path) -> None:
+    """Issue #5: push a spec change and watch the node card and the rollout page update
+    without reloading, with a real agent deploying a real app."""
+    port = free_port()
+    repo = make_spec_repo(tmp_path / "specs", {"apps/web.yaml": http_app_yaml("1", port)})
+    first = repo.head()
+    console = sim.ConsoleThread(ConsoleConfig(token=TOKEN, trace_url=JAEGER),
+                                sim.connector_for(nats_server.url), free_port()).start()
+    try:
+        with real_agent(repo, nats_server.url, tmp_path) as agent:
+            async with chromium(console.url) as (context, _errors):
+                overview = await context.new_page()
+                await overview.goto("/")
+                card = overview.locator(f'.card[data-node="{PUSH_NODE}"]')
+                await expect(card).to_contain_text(first[:10], timeout=20_000)
+                await expect(card).to_have_attribute("data-status", "synced", timeout=10_000)
+                assert agent.poll() is None
+
+                # the version bump is committed; its rollout page is open before the push
+                repo.write("apps/web.yaml", http_app_yaml("2", port))
+                git(repo.work, "add", "-A")
+                git(repo.work, "commit", "-q", "-m", "web 2")
+                second = repo.head()
+                rollout = await context.new_page()
+                await rollout.goto(f"/rollouts/{second}")
+                await expect(rollout.locator("#progress")).to_contain_text(
+                    "no node knows this revision yet")
+                node = await context.new_page()
+                await node.goto(f"/nodes/{PUSH_NODE}")
+                await expect(node.locator("#live")).to_have_text("live")
+                pages = (overview, rollout, node)
+                for pg in pages:
+                    await pg.evaluate("window.notReloaded = true")
+
+                # push, and tell the fleet like a post-receive hook does
+                git(repo.work, "push", "-q", "origin", "HEAD:main")
+                subprocess.run(
+                    [sys.executable, "-m", "reconciler", "notify", "--nats", nats_server.url,
+                     "--repo", repo.url, "--branch", "main", "--revision", second],
+                    check=True, capture_output=True, timeout=30)
+
+                await expect(card).to_contain_text(second[:10], timeout=15_000)
+                await expect(card).to_have_attribute("data-status", "synced", timeout=10_000)
+                await expect(rollout.locator("#rollout-summary")).to_have_text(
+                    "1 of 1 nodes synced (100%)", timeout=10_000)
+                await expect(rollout.locator("#buckets")).to_contain_text(PUSH_NODE)
+                # the node page got the upgrade event, its trace id linked to the tracer
+                upgraded = node.locator("#events-table tbody tr", has_text="app.upgraded")
+                await expect(upgraded).to_have_count(1, timeout=10_000)
+                trace = upgraded.locator("a.trace-id")
+                trace_id = await trace.get_attribute("data-trace") or ""
+                assert len(trace_id) == 32
+                await expect(trace).to_have_text(trace_id[:8])
+                await expect(trace).to_have_attribute(
+                    "href", JAEGER.replace("{trace_id}", trace_id))
+                for pg in pages:
+                    assert await pg.evaluate("window.notReloaded") is True
+                await overview.screenshot(path=str(ARTIFACTS / "console-push-overview.png"),
+                                          full_page=True)
+                await rollout.screenshot(path=str(ARTIFACTS / "console-push-rollout.png"),
+                                         full_page=True)
+                await node.screenshot(path=str(ARTIFACTS / "console-push-node.png"),
+                                      full_page=True)
+            # what the console showed is real: the agent runs and so does the upgraded app
+            assert agent.poll() is None
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as res:
+                assert res.status == 200
+    finally:
+        console.stop()
