@@ -185,6 +185,7 @@ class Console:
             "last_seq": feed.last_seq if feed else 0,
             "events_total": self.fleet.events_total,
             "rejected": self.fleet.rejected,
+            "forged": self.fleet.forged,
             "streams": self.streams,
         }
 

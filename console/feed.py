@@ -323,7 +323,7 @@ class Feed:
         if meta.num_pending >= self.replay_max:
             self.skipped += 1  # replaying more than we keep: skip the parse
             return
-        error = self.fleet.apply_event(msg.data)
+        error = self.fleet.apply_event(msg.subject, msg.data)
         if error:
             log.warning("ignored %s: %s", msg.subject, error)
 

@@ -129,6 +129,7 @@ class Fleet:
         self.version = 0
         self.events_total = 0
         self.rejected = 0
+        self.forged = 0  # events whose body names another node/type than their subject
         self.last_error: str | None = None
 
     # ---- ingestion -------------------------------------------------------------------
@@ -165,15 +166,26 @@ class Fleet:
             self._cards.clear()
             self.version += 1
 
-    def apply_event(self, data: bytes | str | Event) -> str | None:
-        """One event from the stream; returns an error message if it is not an Event."""
+    def apply_event(self, subject: str, data: bytes | str | Event) -> str | None:
+        """One event from the stream, as published on `subject`; returns an error message
+        (and changes nothing) if it is not an Event or not the event of that subject.
+
+        NATS permissions let node n1 publish only on gitops.events.n1.>, but the body can
+        claim any node: only the subject is vouched for by the server. An event whose
+        body does not match its subject exactly is a forgery (or a bug) and is rejected.
+        """
         if isinstance(data, Event):
             event = data
         else:
             try:
                 event = Event.model_validate_json(data)
             except ValidationError as exc:
-                return self._reject(f"event: {_first_error(exc)}")
+                return self._reject(f"event on {subject}: {_first_error(exc)}")
+        if event.subject != subject:
+            self.forged += 1
+            return self._reject(
+                f"event {event.id} on {subject} claims to be {event.type!r} of node "
+                f"{event.node!r} (expected subject {event.subject}): ignored")
         when = parse_time(event.time)
         self.events_total += 1
         self.events.append((when.timestamp() if when else 0.0, self.events_total, event))

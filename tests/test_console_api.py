@@ -440,6 +440,31 @@ async def test_events_carry_their_trace_id_and_pages_the_trace_link_template(
         assert "<th>Trace</th>" in (await client.get("/events")).text
 
 
+async def test_an_event_forged_for_another_node_is_not_believed(
+        nc: NATS, http: httpx.AsyncClient) -> None:
+    """Node permissions bind a node to gitops.events.<node>.>; the body could claim any
+    node. Published through the real server on forge-n1's subject, claiming forge-n2."""
+    js = nc.jetstream()
+    now = datetime.now(UTC)
+    before = (await get(http, "/api/health"))["forged"]
+    forged = make_event("reconcile.finished", "forge-n2", now, revision=REV2,
+                        outcome="success", message="forged")
+    await js.publish("gitops.events.forge-n1.reconcile.finished", forged.to_json_bytes(),
+                     headers={"Nats-Msg-Id": forged.id})
+    # forge-n1's own event after it: once it shows, the forged one was read (and refused)
+    await sim.publish_event(js, make_event("app.deployed", "forge-n1", now, app="web"))
+
+    async def seen() -> Any:
+        events = await get(http, "/api/events?node=forge-n1")
+        assert [e["type"] for e in events] == ["app.deployed"], events
+        return events
+
+    await eventually_async(seen, what="forge-n1's real event")
+    assert await get(http, "/api/events?node=forge-n2") == []
+    assert "forged" not in {e.get("message") for e in await get(http, "/api/events")}
+    assert (await get(http, "/api/health"))["forged"] == before + 1
+
+
 async def test_names_from_the_url_are_escaped_in_pages() -> None:
     from console.app import create_app
 

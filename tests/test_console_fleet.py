@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from console.fleet import EventFilter, Fleet, NodeFilter
-from reconciler.events import make_event
+from reconciler.events import Event, make_event
 from reconciler.status import AppStatus, NodeStatus
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -31,6 +31,11 @@ def app(name: str, phase: str = "running", health: str = "healthy", **kw: Any) -
 
 def event(type: str, node: str, at: datetime = T0, eid: str = "", **kw: Any) -> bytes:
     return make_event(type, node, at, event_id=eid or None, **kw).to_json_bytes()
+
+
+def apply(fleet: Fleet, data: bytes) -> str | None:
+    """Apply an event as the stream delivers it: on the subject its node published it on."""
+    return fleet.apply_event(Event.model_validate_json(data).subject, data)
 
 
 def test_counters_and_cards_with_unreachable_derived_from_heartbeat_age() -> None:
@@ -75,11 +80,32 @@ def test_bad_values_are_rejected_and_change_nothing() -> None:
     assert fleet.apply_status("n1", b"{not json") is not None
     assert fleet.apply_status("n1", status("n2")) == (
         "KV key 'n1': status is for node 'n2'")
-    assert fleet.apply_event(b'{"id": "x"}') is not None
+    assert fleet.apply_event("gitops.events.n1.app.deployed", b'{"id": "x"}') is not None
     assert (fleet.version, fleet.rejected, list(fleet.nodes)) == (before, 3, ["n1"])
     # a deleted key removes the node (an operator decommissioned it)
     assert fleet.apply_status("n1", None) is None
     assert fleet.nodes == {}
+
+
+def test_an_event_whose_body_names_another_node_than_its_subject_is_rejected() -> None:
+    fleet = Fleet()
+    apply(fleet, event("source.fetched", "n2", T0, eid="real", revision=REV1))
+    before = (fleet.version, fleet.events_total, fleet.event_log(), fleet.series(T0))
+    # n1 may publish only on gitops.events.n1.>: its event claiming to be n2's is a forgery
+    forged = event("reconcile.finished", "n2", T0, eid="forged", revision=REV1,
+                   outcome="success", duration_ms=5)
+    assert fleet.apply_event("gitops.events.n1.reconcile.finished", forged) == (
+        "event forged on gitops.events.n1.reconcile.finished claims to be "
+        "'reconcile.finished' of node 'n2' (expected subject "
+        "gitops.events.n2.reconcile.finished): ignored")
+    # the type is part of the subject too
+    assert fleet.apply_event("gitops.events.n2.app.deployed", forged) is not None
+    assert fleet.apply_event("gitops.events.n2", forged) is not None
+    assert (fleet.version, fleet.events_total, fleet.event_log(), fleet.series(T0)) == before
+    assert (fleet.rejected, fleet.forged) == (3, 3)
+    # the same event on its own subject is applied
+    assert fleet.apply_event("gitops.events.n2.reconcile.finished", forged) is None
+    assert [e["id"] for e in fleet.event_log()] == ["forged", "real"]
 
 
 def test_event_log_is_bounded_newest_first_and_filterable() -> None:
@@ -88,7 +114,7 @@ def test_event_log_is_bounded_newest_first_and_filterable() -> None:
         ("app.deployed", "n1", "web"), ("app.failed", "n2", "web"),
         ("app.deployed", "n2", "db"), ("reconcile.finished", "n1", None),
     ]):
-        fleet.apply_event(event(typ, node, T0 + timedelta(seconds=i), eid=f"e{i}", app=app_name))
+        apply(fleet, event(typ, node, T0 + timedelta(seconds=i), eid=f"e{i}", app=app_name))
 
     assert [e["id"] for e in fleet.event_log()] == ["e3", "e2", "e1"]  # e0 fell out
     assert fleet.event_log(EventFilter(node="n2", app="web")) == [{
@@ -98,7 +124,7 @@ def test_event_log_is_bounded_newest_first_and_filterable() -> None:
     assert [e["id"] for e in fleet.event_log(EventFilter(type="app."))] == ["e2", "e1"]
     assert [e["id"] for e in fleet.event_log(EventFilter(type="app.deployed"))] == ["e2"]
     # a late arrival from an outbox that drained after an outage sorts by its own time
-    fleet.apply_event(event("app.deployed", "n3", T0 + timedelta(seconds=2.5), eid="late"))
+    apply(fleet, event("app.deployed", "n3", T0 + timedelta(seconds=2.5), eid="late"))
     assert [e["id"] for e in fleet.event_log()] == ["e3", "late", "e2"]
     assert fleet.events_total == 5
 
@@ -114,8 +140,8 @@ def test_rollout_view_buckets_targeted_nodes_and_lists_failing_ones_with_errors(
     fleet.apply_status("late", status("late", revision=REV1))      # only fetched it
     fleet.apply_status("other", status("other", revision=REV1))    # not targeted
     fleet.apply_status("gone", status("gone", revision=REV2, at=T0 - timedelta(minutes=5)))
-    fleet.apply_event(event("source.fetched", "late", T0, revision=REV2))
-    fleet.apply_event(event("reconcile.finished", "done", T0 + timedelta(seconds=4),
+    apply(fleet, event("source.fetched", "late", T0, revision=REV2))
+    apply(fleet, event("reconcile.finished", "done", T0 + timedelta(seconds=4),
                             revision=REV2, outcome="success", duration_ms=1500))
 
     assert fleet.rollout_view(REV2[:7], T0) == {
@@ -137,13 +163,13 @@ def test_rollout_view_buckets_targeted_nodes_and_lists_failing_ones_with_errors(
 def test_series_gives_durations_and_convergence_per_revision_in_the_window() -> None:
     fleet = Fleet()
     old = T0 - timedelta(hours=7)
-    fleet.apply_event(event("source.fetched", "n1", old, revision="c" * 40))
-    fleet.apply_event(event("source.fetched", "n1", T0, revision=REV1))
-    fleet.apply_event(event("reconcile.finished", "n1", T0 + timedelta(seconds=2),
+    apply(fleet, event("source.fetched", "n1", old, revision="c" * 40))
+    apply(fleet, event("source.fetched", "n1", T0, revision=REV1))
+    apply(fleet, event("reconcile.finished", "n1", T0 + timedelta(seconds=2),
                             revision=REV1, outcome="success", duration_ms=1000))
-    fleet.apply_event(event("reconcile.finished", "n2", T0 + timedelta(seconds=9),
+    apply(fleet, event("reconcile.finished", "n2", T0 + timedelta(seconds=9),
                             revision=REV1, outcome="success", duration_ms=3000))
-    fleet.apply_event(event("reconcile.finished", "n3", T0 + timedelta(seconds=5),
+    apply(fleet, event("reconcile.finished", "n3", T0 + timedelta(seconds=5),
                             revision=REV1, outcome="failure", duration_ms=200))
 
     assert fleet.series(T0 + timedelta(minutes=1)) == [{
@@ -180,7 +206,7 @@ def test_recent_rollouts_summarise_the_newest_revisions() -> None:
     fleet = Fleet()
     fleet.apply_status("n1", status("n1", revision=REV1))
     fleet.apply_status("n2", status("n2", "progressing", revision=REV1, desired_revision=REV2))
-    fleet.apply_event(event("source.fetched", "n2", T0, revision=REV2))
+    apply(fleet, event("source.fetched", "n2", T0, revision=REV2))
     assert fleet.recent_rollouts(T0) == [
         {"revision": REV2, "targeted": 1, "synced": 0, "failed": 0, "progress": 0.0,
          "first_seen": iso(T0)},
