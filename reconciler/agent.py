@@ -25,7 +25,7 @@ from reconciler.runtimes.base import LaunchSpec, ProcessRecord, Runtime
 from reconciler.spec import AppSpec
 from reconciler.state import CurrentState, DesiredState
 from reconciler.status import AppStatus, NodeStatus, summarize
-from reconciler.store import AppRecord, Store, pid_alive
+from reconciler.store import AppRecord, Store, meta_float, pid_alive
 from reconciler.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,11 @@ REDACTED = "***"
 # A reconcile running longer than this is considered stuck: the systemd watchdog stops
 # being fed so systemd can restart the agent (apps keep running and are adopted).
 STUCK_AFTER = 900.0
+# Trigger reasons of the agent's own schedule. A run for one of these that finds nothing to
+# do records no events (every 30 s on every node they would bury the real ones); a run a
+# person or a push asked for (rpc, fleet, source.changed, resume, once, startup...) always
+# answers with a reconcile.finished.
+QUIET_REASONS = frozenset({"poll", "source retry"})
 
 
 @dataclass
@@ -115,6 +120,7 @@ class Agent:
         with self.store.transaction():  # for `status --state-dir` while the agent is down
             self.store.set_meta("node_id", config.node_id)
             self.store.set_meta("labels", json.dumps(self.labels, sort_keys=True))
+            self.store.set_meta("agent_version", __version__)
         verifier = None
         if config.allowed_signers or config.gpg_keyring:
             verifier = SignatureVerifier(allowed_signers=config.allowed_signers,
@@ -162,7 +168,13 @@ class Agent:
         self._source_error: str | None = self.store.get_meta("source_error")
         self._spec_errors: list[str] = [
             e for e in (self.store.get_meta("spec_errors") or "").split("\n") if e]
-        self._last = RunInfo()
+        # the last finished run (its duration stays in status while the next one runs) and
+        # the one running now; after a restart the last one comes from the store
+        self._last = RunInfo(finished_at=self.store.get_meta("last_reconcile"),
+                             duration_ms=meta_float(self.store.get_meta("last_reconcile_ms")))
+        self._run: RunInfo | None = None
+        self._run_reason = ""
+        self._announced = False  # reconcile.started recorded for the current run
         self._ready_sent = False
         self._closed = False
         self._launches: dict[str, LaunchSpec | None] = {}
@@ -208,8 +220,9 @@ class Agent:
 
     def _heartbeat(self) -> None:
         """Feed the systemd watchdog while the loop makes progress; refresh observers."""
-        stuck = (self._reconciling and self._last.started_at is not None
-                 and time.monotonic() - self._last.started_at > STUCK_AFTER)
+        run = self._run
+        stuck = (run is not None and run.started_at is not None
+                 and time.monotonic() - run.started_at > STUCK_AFTER)
         if self.notifier and not stuck:
             self.notifier.watchdog()
         self._notify_soon()
@@ -289,9 +302,13 @@ class Agent:
 
     def trigger(self, reason: str) -> str:
         """Ask for a reconcile; at most one runs and one waits. Returns the run id that will
-        cover this request (the queued one's when one is queued already)."""
+        cover this request (the queued one's when one is queued already). A queued poll
+        takes the reason of a person's request it covers, so that run answers with events."""
         if self._pending_run is not None:
-            return self._pending_run[0]
+            run_id, queued = self._pending_run
+            if queued in QUIET_REASONS and reason not in QUIET_REASONS:
+                self._pending_run = (run_id, reason)
+            return run_id
         run_id = uuid.uuid4().hex[:12]
         self._pending_run = (run_id, reason)
         self._wake.set()
@@ -300,7 +317,7 @@ class Agent:
     async def wait_run(self, run_id: str) -> RunInfo:
         """Until the reconcile `run_id` finished (for --once, tests and benchmarks)."""
         assert self._loop is not None
-        if self._last.run_id == run_id and not self._reconciling:
+        if self._last.run_id == run_id:  # finished already
             return self._last
         if self._closed:
             return RunInfo(run_id=run_id, outcome="skipped", message="agent stopped")
@@ -331,11 +348,22 @@ class Agent:
 
     # -- reconcile ------------------------------------------------------------------------
     async def _reconcile(self, run_id: str, reason: str) -> RunInfo:
+        """One run. Events: reconcile.started once the run knows it has something to do or
+        report (a new revision, actions, a failure, a source that recovered), with the
+        revision it will apply (none when the source failed before one was known); then
+        source.fetched and app.*; then reconcile.finished with the applied revision.
+
+        A run that finds nothing to do (revision unchanged and applied, empty plan, nothing
+        failed) records no events when the agent's own schedule asked for it (QUIET_REASONS:
+        poll, source retry); for any other reason (rpc, fleet trigger, notify, resume,
+        --once, startup) it records just reconcile.finished, outcome success, "no changes",
+        so the person who asked sees the answer. Either way status gets last_reconcile_at
+        and last_reconcile_ms (also kept in the store for `status --state-dir`)."""
         self._current_run = run_id
         self._reconciling = True
         started = time.monotonic()
-        self._last = RunInfo(run_id=run_id, started_at=started)
-        info = self._last
+        info = self._run = RunInfo(run_id=run_id, started_at=started)
+        self._run_reason, self._announced = reason, False
         try:
             with self.telemetry.span("reconcile", node=self.node_id, run_id=run_id,
                                      reason=reason):
@@ -343,23 +371,28 @@ class Agent:
                 if self.store.node_suspended:
                     info.outcome, info.message = "skipped", "node suspended"
                     return info
-                with self.store.transaction():
-                    self.record("reconcile.started", message=reason)
                 outcome, message = await self._reconcile_steps()
                 info.outcome, info.message = outcome, message
                 info.duration_ms = round((time.monotonic() - started) * 1000, 1)
+                info.finished_at = iso_time(self._now())
                 with self.store.transaction():
-                    self.store.set_meta("last_reconcile", iso_time(self._now()))
-                    self.record("reconcile.finished", outcome=outcome,
-                                duration_ms=info.duration_ms, message=message or None)
+                    self.store.set_meta("last_reconcile", info.finished_at)
+                    self.store.set_meta("last_reconcile_ms", str(info.duration_ms))
+                    if self._announced or reason not in QUIET_REASONS:
+                        self.record("reconcile.finished", outcome=outcome,
+                                    revision=self.store.get_meta("applied_revision"),
+                                    duration_ms=info.duration_ms, message=message or None,
+                                    data={"reason": reason})
                 self.telemetry.reconcile_duration.record(
                     info.duration_ms / 1000, {"outcome": outcome}
                 )
                 return info
         finally:
-            info.finished_at = iso_time(self._now())
+            if info.finished_at is None:
+                info.finished_at = iso_time(self._now())
             if info.duration_ms is None:
                 info.duration_ms = round((time.monotonic() - started) * 1000, 1)
+            self._last, self._run = info, None
             self._reconciling = False
             self._current_run = None
             self._current_revision = None
@@ -369,6 +402,15 @@ class Agent:
             if self.notifier and getattr(self.notifier, "enabled", True):
                 self.notifier.status(self._summary_line())
             self._notify_soon()
+
+    def _announce(self, revision: str | None) -> None:
+        """Record the current run's reconcile.started, once, naming the revision it applies
+        (None when not known: the source failed)."""
+        if self._announced:
+            return
+        self._announced = True
+        with self.store.transaction():
+            self.record("reconcile.started", revision=revision, message=self._run_reason)
 
     async def _fetch(self) -> str:
         """ls-remote, then fetch only when the remote moved (GitSource.poll); then the
@@ -407,7 +449,11 @@ class Agent:
         except (SourceError, SignatureError) as exc:
             # an unsigned or unreachable revision never becomes the desired one: the node
             # stays at its last good revision and reports the source problem
+            self._announce(None)
             return self._source_failed(exc)
+        if (self._source_error is not None or revision != self._desired_revision
+                or revision != self.store.get_meta("applied_revision")):
+            self._announce(revision)  # something new to report even if the plan is empty
         self._fetched(revision)
         self._source_failures = 0
         if self._source_error is not None:
@@ -421,6 +467,8 @@ class Agent:
         self._desired = desired
         self._spec_errors = [str(p) for p in desired.problems]
         plan = make_plan(desired, self._current_state())
+        if plan.actions:
+            self._announce(revision)
         results = await self.executor.apply(
             plan, desired.apps, lambda path: self.source.read_file(revision, path)
         )
@@ -431,7 +479,10 @@ class Agent:
             with self.store.transaction():
                 self.store.set_meta("applied_revision", revision)
                 self.store.set_meta("spec_errors", spec_errors)
-        return self._outcome(plan, results)
+        outcome = self._outcome(plan, results)
+        if outcome[0] != "success":
+            self._announce(revision)  # a held failure is news on every run
+        return outcome
 
     def _forget_abandoned_failures(self, desired: DesiredState) -> None:
         """A rolled-back version that is no longer asked for (the push was reverted, or a
@@ -792,10 +843,11 @@ class Agent:
             message=message, apps=apps, updated_at=iso_time(self._now()),
             agent_version=__version__, desired_revision=self._desired_revision,
             source_error=self._source_error, spec_errors=list(self._spec_errors),
-            last_reconcile_at=self._last.finished_at or self.store.get_meta("last_reconcile"),
-            last_reconcile_ms=self._last.duration_ms, run_id=self._last.run_id,
-            heartbeat_interval_s=self.config.heartbeat, outbox_backlog=backlog,
-            outbox_dropped=dropped, trace_id=self._last.trace_id,
+            # the last finished run's time and duration (kept while the next one runs)
+            last_reconcile_at=self._last.finished_at, last_reconcile_ms=self._last.duration_ms,
+            run_id=(self._run or self._last).run_id, heartbeat_interval_s=self.config.heartbeat,
+            outbox_backlog=backlog, outbox_dropped=dropped,
+            trace_id=(self._run or self._last).trace_id,
         )
 
     def _summary_line(self) -> str:

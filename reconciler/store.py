@@ -354,6 +354,14 @@ class Store:
         return CurrentState(apps={n: r.to_current(n in alive) for n, r in records.items()})
 
 
+def meta_float(text: str | None) -> float | None:
+    """A number kept as text in the meta table; None when absent or unreadable."""
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
+
+
 def pid_alive(pid: int | None, create_time: float | None) -> bool:
     """True when `pid` runs and is the process we recorded (create_time guards pid reuse)."""
     if not pid:

@@ -203,12 +203,20 @@ async def test_deploy_upgrade_rollback(
     assert "web 1.2" in status.message
     assert app_pids("n1", agent.config.state_dir) == {"web": [web.pid]}
 
-    # the failed spec is not retried on the next poll
+    # the failed spec is not retried on the next poll, which finds nothing to do: no events
     before = len(events(agent))
-    run = await agent.reconcile_now()
-    assert [e["type"] for e in events(agent)[before:]] == ["reconcile.started",
-                                                            "reconcile.finished"]
+    run = await agent.reconcile_now("poll")
+    assert (run.outcome, run.message) == ("success", "no changes")
+    assert events(agent)[before:] == []
     assert get(port) == "1.1 n1"
+    # a person asking gets one answer: finished, at the applied revision, "no changes"
+    run = await agent.reconcile_now("rpc")
+    assert [(e["type"], e["revision"], e["outcome"], e["message"], e["data"])
+            for e in events(agent)[before:]] == [
+        ("reconcile.finished", rev3, "success", "no changes", {"reason": "rpc"})]
+    status = agent.status()
+    assert (status.status, status.revision, status.last_reconcile_ms) == (
+        "failed", rev3, run.duration_ms)
 
     # the secret env value is nowhere in what the agent publishes
     published = b"".join(e.payload for e in agent.store.outbox_batch(100_000))
@@ -555,7 +563,18 @@ async def test_trigger_coalesces(repo: SpecRepo, make_agent: MakeAgent) -> None:
     assert (await agent.wait_run(first)).outcome == "success"
     assert (await agent.wait_run(queued)).run_id == queued
     started = [e for e in events(agent) if e["type"] == "reconcile.started"]
-    assert [(e["run_id"], e["message"]) for e in started] == [(first, "a"), (queued, "c")]
+    assert [(e["run_id"], e["message"]) for e in started] == [(first, "a")]  # a new revision
+    finished = [e for e in events(agent) if e["type"] == "reconcile.finished"]
+    assert [(e["run_id"], e["data"]["reason"]) for e in finished] == [
+        (first, "a"), (queued, "c")]  # "c" found nothing to do: only the answer
+
+    # a queued poll covering a person's request takes its reason, so that run answers
+    before = len(events(agent))
+    polled = agent.trigger("poll")
+    assert agent.trigger("fleet") == polled and agent.trigger("poll") == polled
+    await agent.wait_run(polled)
+    assert [(e["type"], e["run_id"], e["data"]) for e in events(agent)[before:]] == [
+        ("reconcile.finished", polled, {"reason": "fleet"})]
 
 
 async def test_restart_after_crash_points_converges(
@@ -827,6 +846,55 @@ async def test_reconfigure_restarts_with_the_new_spec(
     reconfigured = [e for e in events(agent) if e["type"] == "app.reconfigured"]
     assert [(e["version"], e["from_version"]) for e in reconfigured] == [("1", "1")]
     assert SECRET not in caplog.text
+
+
+async def test_polls_that_find_nothing_record_nothing_and_keep_status_timing(
+    repo: SpecRepo, make_agent: MakeAgent, app_script: Path
+) -> None:
+    import asyncio
+
+    port = free_port()
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "1", port))
+    rev1 = repo.commit_and_push("web 1")
+    agent = await make_agent(repo)
+    first = await agent.reconcile_now("startup")
+    assert first.outcome == "success", first.message
+
+    # polls with nothing to do: no events, but status tells when the last one ran
+    before = len(events(agent))
+    poll = await agent.reconcile_now("poll")
+    assert (poll.outcome, poll.message) == ("success", "no changes")
+    assert events(agent)[before:] == []
+    status = agent.status()
+    assert (status.last_reconcile_at, status.last_reconcile_ms, status.run_id) == (
+        poll.finished_at, poll.duration_ms, poll.run_id)
+
+    # a push the poll finds: started names the revision it applies, not the previous one
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "2", port, "slow0.5"))
+    rev2 = repo.commit_and_push("web 2")
+    run_id = agent.trigger("poll")
+    while not agent.reconciling:
+        await asyncio.sleep(0.01)
+    during = agent.status()  # the previous run's timing stays until this one ends
+    assert (during.last_reconcile_at, during.last_reconcile_ms, during.run_id) == (
+        poll.finished_at, poll.duration_ms, run_id)
+    run = await agent.wait_run(run_id)
+    assert run.outcome == "success", run.message
+    assert [(e["type"], e["revision"], e.get("app")) for e in events(agent)[before:]] == [
+        ("reconcile.started", rev2, None), ("source.fetched", rev2, None),
+        ("app.upgraded", rev2, "web"), ("reconcile.finished", rev2, None)]
+    assert agent.status().last_reconcile_ms == run.duration_ms > during.last_reconcile_ms
+
+    # a new revision that changes nothing here still ends in a finished event at that
+    # revision: the console counts the node synced there (per-revision series)
+    before = len(events(agent))
+    repo.write("apps/other.yaml", "name: other\nversion: \"1\"\nnodes: {match: {role: x}}\n")
+    rev3 = repo.commit_and_push("an app for other nodes")
+    run = await agent.reconcile_now("poll")
+    assert [(e["type"], e["revision"], e.get("message")) for e in events(agent)[before:]] == [
+        ("reconcile.started", rev3, "poll"), ("source.fetched", rev3, f"main at {rev3[:12]}"),
+        ("reconcile.finished", rev3, "no changes")]
+    assert rev1 != rev2 != rev3
 
 
 async def test_finished_job_is_not_restarted(repo: SpecRepo, make_agent: MakeAgent) -> None:
