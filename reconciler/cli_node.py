@@ -150,12 +150,14 @@ def print_problems(status: NodeStatus, out: Any) -> None:
 
 def local_status(state_dir: Path) -> NodeStatus | None:
     """A node's status from its store alone (agent running or not); None without a store.
-    Liveness comes from the recorded pids (/proc, create_time checked)."""
+    Liveness comes from the recorded pids (/proc, create_time checked). agent_version and
+    the last reconcile's time and duration are what the last agent on this store recorded;
+    cpu_percent stays None (it needs a running agent's samples)."""
     import psutil
 
     from reconciler.agent import spec_of
     from reconciler.events import iso_time
-    from reconciler.store import pid_alive, read_snapshot
+    from reconciler.store import meta_float, pid_alive, read_snapshot
 
     snap = read_snapshot(state_dir)
     if snap is None:
@@ -196,7 +198,10 @@ def local_status(state_dir: Path) -> NodeStatus | None:
         revision=applied, status=state, message=message, apps=apps,
         updated_at=iso_time(now), desired_revision=desired,
         source_error=meta.get("source_error"), spec_errors=spec_errors,
-        last_reconcile_at=meta.get("last_reconcile"), outbox_backlog=snap.outbox_backlog,
+        agent_version=meta.get("agent_version", ""),
+        last_reconcile_at=meta.get("last_reconcile"),
+        last_reconcile_ms=meta_float(meta.get("last_reconcile_ms")),
+        outbox_backlog=snap.outbox_backlog,
         outbox_dropped=int(meta.get("outbox_dropped") or 0),
     )
 
@@ -239,14 +244,21 @@ def format_status(status: NodeStatus) -> str:
         f"revision {(status.revision or '-')[:12]}",
         f"  {status.message}",
     ]
+    last = status.last_reconcile_at or "-"
+    if status.last_reconcile_ms is not None:
+        last += f" ({status.last_reconcile_ms:.0f} ms)"
+    lines.append(f"  agent {status.agent_version or '-'}  last reconcile {last}")
     if status.source_error:
         lines.append(f"  source error: {status.source_error}")
     lines += [f"  spec error: {e}" for e in status.spec_errors]
-    rows = [("APP", "VERSION", "PHASE", "HEALTH", "PID", "UPTIME", "RESTARTS", "MESSAGE")]
+    rows = [("APP", "VERSION", "PHASE", "HEALTH", "PID", "UPTIME", "CPU", "RESTARTS",
+             "MESSAGE")]
     for app in sorted(status.apps, key=lambda a: a.name):
+        # CPU is sampled by a running agent: "-" for local status without one
+        cpu = "-" if app.cpu_percent is None else f"{app.cpu_percent:.1f}%"
         rows.append((
             app.name + (" (suspended)" if app.suspended else ""), app.version, app.phase,
-            app.health, str(app.pid or "-"), _age(app.uptime_s), str(app.restarts),
+            app.health, str(app.pid or "-"), _age(app.uptime_s), cpu, str(app.restarts),
             app.message[:80],
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]

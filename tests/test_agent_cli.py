@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+import reconciler
 from reconciler.cli_node import local_status
 from reconciler.store import read_snapshot
 from tests.conftest import NatsServer, SpecRepo, eventually, free_port, make_spec_repo
@@ -137,9 +138,21 @@ def test_once_and_status(
         ("web", "1", "running", "healthy")]
     assert status["apps"][0]["pid"] == app_pids("o1", state)["web"][0]
 
+    # what the agent recorded is there with no agent running: its version, the last run
+    assert status["agent_version"] == reconciler.__version__
+    assert status["last_reconcile_at"].endswith("Z") and status["last_reconcile_ms"] > 0
+    assert status["apps"][0]["cpu_percent"] is None  # sampled only by a running agent
+
     table = command(run_status, "status", "--state-dir", str(state))
-    assert table.splitlines()[0] == f"node o1  [role=edge]  SYNCED  revision {rev[:12]}"
-    assert "APP" in table and "web" in table and "running" in table
+    lines = table.splitlines()
+    assert lines[0] == f"node o1  [role=edge]  SYNCED  revision {rev[:12]}"
+    assert lines[2] == (f"  agent {reconciler.__version__}  last reconcile "
+                        f"{status['last_reconcile_at']} ({status['last_reconcile_ms']:.0f} ms)")
+    header = lines[3].split()
+    web_row = next(line.split() for line in lines if line.split()[:1] == ["web"])
+    assert header[:8] == ["APP", "VERSION", "PHASE", "HEALTH", "PID", "UPTIME", "CPU",
+                          "RESTARTS"]
+    assert web_row[:4] == ["web", "1", "running", "healthy"] and web_row[6] == "-"
 
     # a broken upgrade: rolled back, exit 1 naming the app
     repo.write("apps/web.yaml", app_yaml(app_script, "web", "2", port, "exit"))
