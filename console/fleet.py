@@ -103,7 +103,10 @@ class RevisionStats:
     max_ms: float = 0.0
     last_success: datetime | None = None
     failures: int = 0
-    nodes_ok: set[str] = field(default_factory=set)
+    # node -> its latest successful reconcile at this revision (it reached synced here)
+    nodes_ok: dict[str, datetime] = field(default_factory=dict)
+    # node -> message of its latest failed reconcile at this revision
+    nodes_failed: dict[str, str] = field(default_factory=dict)
 
 
 class Fleet:
@@ -220,11 +223,14 @@ class Fleet:
                 stats.total_ms += event.duration_ms
                 stats.max_ms = max(stats.max_ms, event.duration_ms)
             if event.outcome == "success":
-                stats.nodes_ok.add(event.node)
+                seen = stats.nodes_ok.get(event.node)
+                if seen is None or when > seen:
+                    stats.nodes_ok[event.node] = when
                 if stats.last_success is None or when > stats.last_success:
                     stats.last_success = when
             elif event.outcome == "failure":
                 stats.failures += 1
+                stats.nodes_failed[event.node] = event.message or "reconcile failed"
 
     # ---- derived values --------------------------------------------------------------
 
@@ -401,21 +407,48 @@ class Fleet:
         return "progressing"
 
     def rollout_view(self, revision: str, now: datetime) -> dict[str, Any] | None:
+        """Where the rollout of `revision` stands, node by node.
+
+        Nodes at (or heading for) the revision are placed by their live status. Nodes that
+        have moved on (the revision was superseded) are placed by how it went for them
+        here, from the events in memory: synced if a reconcile at it succeeded, failed if
+        it only failed; they are listed in `from_events`.
+        """
         full = self.resolve_revision(revision)
         if full is None:
             return None
+        stats = self.revisions.get(full)
         buckets: dict[str, list[str]] = {b: [] for b in ROLLOUT_BUCKETS}
         failing = []
-        for node in sorted(self.nodes):
-            status = self.nodes[node]
-            bucket = self.rollout_bucket(status, full, now)
-            if bucket is None:
+        from_events = []
+        names = set(self.nodes)
+        if stats is not None:
+            names.update(stats.nodes_ok, stats.nodes_failed)
+        for node in sorted(names):
+            status = self.nodes.get(node)
+            bucket = self.rollout_bucket(status, full, now) if status is not None else None
+            if bucket is not None:
+                buckets[bucket].append(node)
+                if bucket in ("failed", "degraded"):
+                    assert status is not None
+                    failing.append({"node": node, "status": bucket,
+                                    "error": _node_error(status)})
                 continue
-            buckets[bucket].append(node)
-            if bucket in ("failed", "degraded"):
-                failing.append({"node": node, "status": bucket, "error": _node_error(status)})
+            if stats is None:
+                continue
+            if node in stats.nodes_ok:
+                buckets["synced"].append(node)
+            elif node in stats.nodes_failed:
+                buckets["failed"].append(node)
+                failing.append({"node": node, "status": "failed",
+                                "error": stats.nodes_failed[node]})
+            else:
+                continue
+            from_events.append(node)
         targeted = sum(len(v) for v in buckets.values())
-        stats = self.revisions.get(full)
+        # the last success of a node counted as synced: none while no node is synced
+        synced_at = [stats.nodes_ok[n] for n in buckets["synced"]
+                     if stats is not None and n in stats.nodes_ok]
         return {
             "now": _iso(now),
             "revision": full,
@@ -425,8 +458,19 @@ class Fleet:
             "failing": failing,
             "progress": round(len(buckets["synced"]) / targeted, 4) if targeted else 0.0,
             "first_seen": _iso(stats.first_seen) if stats else None,
-            "last_success": _iso(stats.last_success) if stats and stats.last_success else None,
+            "last_success": _iso(max(synced_at)) if synced_at else None,
+            "superseded_by": self.superseded_by(full),
+            "from_events": from_events,
         }
+
+    def superseded_by(self, revision: str) -> str | None:
+        """The next revision the fleet saw after `revision` (by first sighting), or None
+        while it is the newest one known."""
+        stats = self.revisions.get(revision)
+        if stats is None:
+            return None
+        newer = [s for s in self.revisions.values() if s.first_seen > stats.first_seen]
+        return min(newer, key=lambda s: s.first_seen).revision if newer else None
 
     def recent_rollouts(self, now: datetime, limit: int = 5) -> list[dict[str, Any]]:
         """The newest revisions (by first sighting) with their synced/targeted counts."""

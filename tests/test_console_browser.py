@@ -307,6 +307,14 @@ async def test_a_real_push_updates_the_open_node_card_and_rollout_page(
                                          full_page=True)
                 await node.screenshot(path=str(ARTIFACTS / "console-push-node.png"),
                                       full_page=True)
+                # the first revision's rollout now says how it went and what replaced it
+                await overview.goto(f"/rollouts/{first}")
+                await expect(overview.locator("#rollout-superseded")).to_contain_text(
+                    f"Superseded by {second[:10]}: 1 node(s) have moved on")
+                await expect(overview.locator("#rollout-summary")).to_have_text(
+                    "1 of 1 nodes synced (100%)")
+                await overview.screenshot(path=str(ARTIFACTS / "console-superseded.png"),
+                                          full_page=True)
             # what the console showed is real: the agent runs and so does the upgraded app
             assert agent.poll() is None
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as res:

@@ -156,8 +156,72 @@ def test_rollout_view_buckets_targeted_nodes_and_lists_failing_ones_with_errors(
         "progress": 0.2,
         "first_seen": iso(T0),
         "last_success": iso(T0 + timedelta(seconds=4)),
+        "superseded_by": None,
+        "from_events": [],
     }
     assert fleet.rollout_view("ffffffff", T0) is None
+
+
+def test_a_superseded_revision_shows_how_its_rollout_went_from_the_events() -> None:
+    fleet = Fleet()
+    for i, (node, ok) in enumerate([("n1", True), ("n2", True), ("n3", False)]):
+        apply(fleet, event("source.fetched", node, T0, revision=REV1))
+        apply(fleet, event("reconcile.finished", node, T0 + timedelta(seconds=2 + i),
+                           revision=REV1, outcome="success" if ok else "failure",
+                           message=None if ok else "web: health check failed"))
+    # REV2 is pushed a minute later: every node fetches it and moves on
+    later = T0 + timedelta(seconds=60)
+    for node in ("n1", "n2", "n3"):
+        apply(fleet, event("source.fetched", node, later, revision=REV2))
+    fleet.apply_status("n1", status("n1", revision=REV2, at=later))
+    fleet.apply_status("n2", status("n2", "progressing", revision=REV1, desired_revision=REV2,
+                                    at=later))
+    fleet.apply_status("n3", status("n3", revision=REV2, at=later))
+    now = later + timedelta(seconds=1)
+
+    assert fleet.rollout_view(REV1, now) == {
+        "now": iso(now), "revision": REV1, "targeted": 3,
+        "counts": {"synced": 2, "progressing": 0, "degraded": 0, "failed": 1, "pending": 0,
+                   "suspended": 0, "unreachable": 0},
+        "nodes": {"synced": ["n1", "n2"], "progressing": [], "degraded": [],
+                  "failed": ["n3"], "pending": [], "suspended": [], "unreachable": []},
+        "failing": [{"node": "n3", "status": "failed", "error": "web: health check failed"}],
+        "progress": 0.6667,
+        "first_seen": iso(T0),
+        "last_success": iso(T0 + timedelta(seconds=3)),
+        "superseded_by": REV2,
+        "from_events": ["n1", "n2", "n3"],
+    }
+    # the overview's recent rollouts keep it, with how it went
+    assert [(r["revision"], r["synced"], r["failed"], r["targeted"])
+            for r in fleet.recent_rollouts(now)] == [(REV2, 2, 0, 3), (REV1, 2, 1, 3)]
+
+
+def test_no_last_sync_time_while_no_targeted_node_is_synced() -> None:
+    fleet = Fleet()
+    apply(fleet, event("source.fetched", "n1", T0, revision=REV2))
+    apply(fleet, event("reconcile.finished", "n1", T0 + timedelta(seconds=2), revision=REV2,
+                       outcome="success"))
+    # n1 synced at REV2 once, but is degraded now; n2 is still on its way
+    fleet.apply_status("n1", status("n1", "degraded", revision=REV2, message="web unhealthy",
+                                    at=T0 + timedelta(seconds=9)))
+    fleet.apply_status("n2", status("n2", "progressing", revision=REV1, desired_revision=REV2,
+                                    at=T0 + timedelta(seconds=9)))
+    now = T0 + timedelta(seconds=10)
+
+    assert fleet.rollout_view(REV2, now) == {
+        "now": iso(now), "revision": REV2, "targeted": 2,
+        "counts": {"synced": 0, "progressing": 1, "degraded": 1, "failed": 0, "pending": 0,
+                   "suspended": 0, "unreachable": 0},
+        "nodes": {"synced": [], "progressing": ["n2"], "degraded": ["n1"], "failed": [],
+                  "pending": [], "suspended": [], "unreachable": []},
+        "failing": [{"node": "n1", "status": "degraded", "error": "web unhealthy"}],
+        "progress": 0.0,
+        "first_seen": iso(T0),
+        "last_success": None,
+        "superseded_by": None,
+        "from_events": [],
+    }
 
 
 def test_series_gives_durations_and_convergence_per_revision_in_the_window() -> None:

@@ -452,7 +452,14 @@
   function rolloutPage(initial) {
     const ORDER = ["synced", "progressing", "pending", "degraded", "failed", "suspended", "unreachable"];
     function render(v) {
+      const superseded = $("#rollout-superseded");
+      superseded.hidden = !(v && v.superseded_by);
       if (!v) { $("#progress").replaceChildren(h("div", { class: "empty", text: "no node knows this revision yet" })); return; }
+      if (v.superseded_by) {
+        const moved = v.from_events.length;
+        superseded.replaceChildren("Superseded by ", revLink(v.superseded_by),
+          moved ? `: ${moved} node(s) have moved on and are counted by how their reconcile at this revision went.` : ".");
+      }
       syncClock(v.now);
       $("#rev").textContent = v.revision;
       const counts = {};
@@ -463,7 +470,7 @@
         h("strong", { id: "rollout-summary", text: `${v.counts.synced} of ${v.targeted} nodes synced (${Math.round(v.progress * 100)}%)` }),
         ...ORDER.filter((k) => v.counts[k]).map((k) => h("span", { class: `s-${k}`, text: `${k} ${v.counts[k]}` })));
       $("#rollout-times").textContent = v.first_seen
-        ? `first seen ${new Date(v.first_seen).toLocaleString()}` + (v.last_success ? `, last node synced ${new Date(v.last_success).toLocaleString()}` : "")
+        ? `first seen ${new Date(v.first_seen).toLocaleString()}` + (v.counts.synced && v.last_success ? `, last node synced ${new Date(v.last_success).toLocaleString()}` : "")
         : "";
       $("#failing tbody").replaceChildren(...(v.failing.length ? v.failing.map((f) => h("tr", {},
         h("td", {}, nodeLink(f.node)), h("td", {}, badge(f.status)), h("td", { class: "err" }, f.error))) :
