@@ -107,6 +107,8 @@ class RevisionStats:
     nodes_ok: dict[str, datetime] = field(default_factory=dict)
     # node -> message of its latest failed reconcile at this revision
     nodes_failed: dict[str, str] = field(default_factory=dict)
+    # every node with an event at this revision (which nodes follow the same source)
+    nodes_seen: set[str] = field(default_factory=set)
 
 
 class Fleet:
@@ -215,6 +217,7 @@ class Fleet:
                 self.revisions.popitem(last=False)
         elif when < stats.first_seen:
             stats.first_seen = when
+        stats.nodes_seen.add(event.node)
         if event.type == "source.fetched":
             self.fetched[event.node] = rev
         elif event.type == "reconcile.finished":
@@ -464,12 +467,14 @@ class Fleet:
         }
 
     def superseded_by(self, revision: str) -> str | None:
-        """The next revision the fleet saw after `revision` (by first sighting), or None
-        while it is the newest one known."""
+        """The next revision (by first sighting) seen by nodes that saw `revision`, or None
+        while there is none. Nodes may follow other branches or repos: a revision of
+        those does not supersede this one."""
         stats = self.revisions.get(revision)
         if stats is None:
             return None
-        newer = [s for s in self.revisions.values() if s.first_seen > stats.first_seen]
+        newer = [s for s in self.revisions.values() if s.first_seen > stats.first_seen
+                 and not s.nodes_seen.isdisjoint(stats.nodes_seen)]
         return min(newer, key=lambda s: s.first_seen).revision if newer else None
 
     def recent_rollouts(self, now: datetime, limit: int = 5) -> list[dict[str, Any]]:

@@ -169,6 +169,9 @@ def test_a_superseded_revision_shows_how_its_rollout_went_from_the_events() -> N
         apply(fleet, event("reconcile.finished", node, T0 + timedelta(seconds=2 + i),
                            revision=REV1, outcome="success" if ok else "failure",
                            message=None if ok else "web: health check failed"))
+    # a node following another branch saw its own revision in between: not a successor
+    apply(fleet, event("source.fetched", "staging", T0 + timedelta(seconds=30),
+                       revision="c" * 40))
     # REV2 is pushed a minute later: every node fetches it and moves on
     later = T0 + timedelta(seconds=60)
     for node in ("n1", "n2", "n3"):
