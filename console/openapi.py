@@ -65,7 +65,8 @@ def document(actions: bool = True) -> dict[str, Any]:
         "/api/apps/{app}": _get("one app across nodes", [_param("app", "path", "app name")],
                                 True),
         "/api/rollouts/{revision}": _get(
-            "rollout of a revision (full SHA or unique prefix): buckets, failing nodes",
+            "rollout of a revision (full SHA or unique prefix): buckets, failing nodes, "
+            "superseded_by, from_events (nodes that moved on, counted from events)",
             [_param("revision", "path", "git revision")], True),
         "/api/events": _get("event log, newest first", [
             _param("node", "query", "only this node"), _param("app", "query", "only this app"),
@@ -75,7 +76,8 @@ def document(actions: bool = True) -> dict[str, Any]:
         ]),
         "/api/series": _get("reconcile duration and convergence time per revision", [
             _param("hours", "query", "window (default 6)", schema={"type": "number"})]),
-        "/api/health": _get("the console's NATS feed state"),
+        "/api/health": _get("the console's NATS feed state; rejected (bad values) and forged "
+                            "(event body not matching its subject) counts"),
         "/api/stream/{kind}": {"get": {
             "summary": "server-sent events: the view of `kind` (overview, node, app, rollout, "
                        "events) whenever it changes, at most every 250 ms",
