@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from reconciler.events import Event
+from reconciler.spec import NAME_RE
 from reconciler.status import NODE_STATES, UNREACHABLE, NodeStatus
 
 STATUSES: tuple[str, ...] = (*NODE_STATES, UNREACHABLE)
@@ -186,6 +187,12 @@ class Fleet:
                 event = Event.model_validate_json(data)
             except ValidationError as exc:
                 return self._reject(f"event on {subject}: {_first_error(exc)}")
+        if not NAME_RE.fullmatch(event.node):
+            # a dotted "node" would pass the subject check below under a node's own
+            # permissions (n1 may publish gitops.events.n1.x.app.deployed as node "n1.x")
+            self.forged += 1
+            return self._reject(f"event {event.id} on {subject}: node {event.node!r} is not "
+                                "a valid node id: ignored")
         if event.subject != subject:
             self.forged += 1
             return self._reject(

@@ -101,8 +101,13 @@ def test_an_event_whose_body_names_another_node_than_its_subject_is_rejected() -
     # the type is part of the subject too
     assert fleet.apply_event("gitops.events.n2.app.deployed", forged) is not None
     assert fleet.apply_event("gitops.events.n2", forged) is not None
+    # n1's permissions allow gitops.events.n1.n2.app.deployed: a dotted "node" is refused
+    dotted = event("app.deployed", "n1.n2", T0, eid="dotted")
+    assert fleet.apply_event("gitops.events.n1.n2.app.deployed", dotted) == (
+        "event dotted on gitops.events.n1.n2.app.deployed: node 'n1.n2' is not a valid "
+        "node id: ignored")
     assert (fleet.version, fleet.events_total, fleet.event_log(), fleet.series(T0)) == before
-    assert (fleet.rejected, fleet.forged) == (3, 3)
+    assert (fleet.rejected, fleet.forged) == (4, 4)
     # the same event on its own subject is applied
     assert fleet.apply_event("gitops.events.n2.reconcile.finished", forged) is None
     assert [e["id"] for e in fleet.event_log()] == ["forged", "real"]
