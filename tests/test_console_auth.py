@@ -1,6 +1,7 @@
 """The real console with the least-privilege `console` identity from `gitops-mesh nats-config`:
 it creates the stream and bucket on an empty server, follows a node writing with its own
-identity, and reaches that node's RPC, without a single permission violation."""
+identity (and does not believe that node's event claiming another node), and reaches that
+node's RPC, without a single permission violation."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from console import sim
 from console.app import ConsoleConfig
 from console.cli import nats_connector
 from reconciler.bus import NatsOptions, connect
+from reconciler.events import make_event
 from tests.conftest import eventually_async, free_port, start_nats
 
 TOKEN = "auth-test-token"
@@ -49,6 +51,11 @@ async def test_console_works_with_its_least_privilege_identity(
             js = nc.jetstream()
             kv = await js.key_value("gitops_nodes")  # made by the console
             await sim.put_status(kv, sim.node_status("n1", labels={"role": "edge"}))
+            # n1's permissions allow its own subjects only, but a body can claim any node
+            forged = make_event("reconcile.finished", "n2", datetime.now(UTC),
+                                revision="c" * 40, outcome="success")
+            await js.publish("gitops.events.n1.reconcile.finished", forged.to_json_bytes(),
+                             headers={"Nats-Msg-Id": forged.id})
             await sim.publish_many(js, sim.reconcile_events("n1", "c" * 40, datetime.now(UTC)))
             node = await sim.FakeNode(nc, "n1", {"role": "edge"}).start()
 
@@ -56,6 +63,8 @@ async def test_console_works_with_its_least_privilege_identity(
                 view = (await http.get("/api/nodes/n1")).json()
                 return view["card"]["status"] == "synced" and len(view["events"]) == 3
             await eventually_async(n1_seen, what="the console sees n1's status and events")
+            assert (await http.get("/api/events?node=n2")).json() == []
+            assert (await http.get("/api/health")).json()["forged"] == 1
 
             res = await http.post("/api/nodes/n1/reconcile",
                                   headers={"Authorization": f"Bearer {TOKEN}"})
