@@ -149,6 +149,7 @@ async def test_status_kv_follows_changes_and_heartbeats(
         agent, _mesh,
     ):
         first = await eventually_async(lambda: kv_status(client, "kv1"))
+        assert first is not None
         assert first.labels == {"role": "edge"}
         assert first.status == "synced"
         assert first.heartbeat_interval_s == 0.3
@@ -259,7 +260,7 @@ async def test_fleet_trigger_reaches_only_matching_nodes(
         assert all(r["run_id"] for r in replies)
         assert e1.triggers == ["fleet"] and e2.triggers == ["fleet"] and g1.triggers == []
         replies = await fleet_reconcile(
-            client, Selector(**{"in": {"zone": ["b"]}}), timeout=5  # type: ignore[arg-type]
+            client, Selector(**{"in": {"zone": ["b"]}}), timeout=5
         )
         assert [r["node"] for r in replies] == ["fe2"]
         # the contract's literal body: a plain label map selects like {"match": ...}
@@ -414,6 +415,87 @@ def test_kill9_with_a_backlog_delivers_after_restart(tmp_path: Path, kind: str) 
     finally:
         second.terminate()
         second.wait(10)
+        server.stop()
+
+
+def _outbox(state: Path) -> list[dict[str, Any]]:
+    """The events a (running) agent has not published yet, oldest first (read-only)."""
+    import sqlite3
+
+    from reconciler.store import db_path
+
+    assert db_path(state).exists(), "no store yet"
+    db = sqlite3.connect(f"file:{db_path(state)}?mode=ro", uri=True, timeout=5)
+    try:
+        return [json.loads(row[0]) for row in
+                db.execute("SELECT payload FROM outbox ORDER BY seq").fetchall()]
+    finally:
+        db.close()
+
+
+async def test_real_agent_reconciling_through_an_outage_delivers_each_event_once(
+    tmp_path: Path,
+) -> None:
+    """nats-server stops, a push lands, the agent's poll reconciles it while NATS is down;
+    nats-server comes back on the same port and store: every event exactly once."""
+    server = start_nats(tmp_path / "own")
+    node = "outage-real"
+    state = tmp_path / "state"
+    repo = make_spec_repo(tmp_path / "specs", {
+        f"apps/app{i}.yaml": f'name: app{i}\nversion: "1"\n' for i in range(3)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "node", "--repo", repo.url, "--node-id", node,
+         "--state-dir", str(state), "--nats", server.url, "--interval", "1s",
+         "--heartbeat", "1s"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(TESTS.parent)})
+    try:
+        async def published(revision: str) -> list[tuple[dict[str, Any], dict[str, str]]]:
+            assert proc.poll() is None, "the agent exited"
+            assert _outbox(state) == []
+            conn = await connect(NatsOptions(servers=[server.url]))
+            try:
+                events = await stream_events(conn, node)
+            finally:
+                await conn.close()
+            assert ("reconcile.finished", revision) in {
+                (e["type"], e.get("revision")) for e, _ in events}
+            return events
+
+        await eventually_async(lambda: published(repo.head()), timeout=20,
+                               what="the first reconcile in the stream")
+        server.stop()
+        for i in range(3):
+            repo.write(f"apps/app{i}.yaml", f'name: app{i}\nversion: "2"\n')
+        rev2 = repo.commit_and_push("every app 2")
+
+        def reconciled_offline() -> list[dict[str, Any]]:
+            assert proc.poll() is None, "the agent exited"
+            held = _outbox(state)
+            assert ("reconcile.finished", rev2) in {(e["type"], e.get("revision")) for e in held}
+            return held
+
+        held = await eventually_async(lambda: _async(reconciled_offline()), timeout=10,
+                                      what="the poll reconciled while NATS was down")
+        in_run = [(e["type"], e.get("app"), e.get("revision")) for e in held
+                  if e.get("revision") == rev2]
+        # independent apps are upgraded side by side: their order is the run's own
+        assert in_run[:2] == [("reconcile.started", None, rev2), ("source.fetched", None, rev2)]
+        assert sorted(in_run[2:5]) == [("app.upgraded", f"app{i}", rev2) for i in range(3)]
+        assert in_run[5:] == [("reconcile.finished", None, rev2)]
+        server.start()  # same port, same JetStream store
+        events = await eventually_async(lambda: published(rev2), timeout=20,
+                                        what="the backlog published after the restart")
+        ids = [e["id"] for e, _ in events]
+        msg_ids = [h.get("Nats-Msg-Id") for _, h in events]
+        assert msg_ids == ids and len(set(ids)) == len(ids)  # each event once, by its id
+        held_ids = [e["id"] for e in held]
+        assert [i for i in ids if i in set(held_ids)] == held_ids  # all there, in order
+        assert [(e["type"], e.get("app")) for e, _ in events if e.get("revision") == rev2] \
+            == [(t, a) for t, a, _ in in_run]
+    finally:
+        proc.terminate()
+        proc.wait(10)
         server.stop()
 
 
