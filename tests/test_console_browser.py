@@ -310,7 +310,7 @@ async def test_a_real_push_updates_the_open_node_card_and_rollout_page(
                 # the first revision's rollout now says how it went and what replaced it
                 await overview.goto(f"/rollouts/{first}")
                 await expect(overview.locator("#rollout-superseded")).to_contain_text(
-                    f"Superseded by {second[:10]}: 1 node(s) have moved on")
+                    f"Superseded by {second[:10]}. 1 node(s) have moved on")
                 await expect(overview.locator("#rollout-summary")).to_have_text(
                     "1 of 1 nodes synced (100%)")
                 await overview.screenshot(path=str(ARTIFACTS / "console-superseded.png"),

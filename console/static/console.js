@@ -453,13 +453,12 @@
     const ORDER = ["synced", "progressing", "pending", "degraded", "failed", "suspended", "unreachable"];
     function render(v) {
       const superseded = $("#rollout-superseded");
-      superseded.hidden = !(v && v.superseded_by);
+      const moved = v ? v.from_events.length : 0;
+      superseded.hidden = !(v && (v.superseded_by || moved));
       if (!v) { $("#progress").replaceChildren(h("div", { class: "empty", text: "no node knows this revision yet" })); return; }
-      if (v.superseded_by) {
-        const moved = v.from_events.length;
-        superseded.replaceChildren("Superseded by ", revLink(v.superseded_by),
-          moved ? `: ${moved} node(s) have moved on and are counted by how their reconcile at this revision went.` : ".");
-      }
+      superseded.replaceChildren(
+        ...(v.superseded_by ? ["Superseded by ", revLink(v.superseded_by), ". "] : []),
+        moved ? `${moved} node(s) have moved on to another revision; they are counted by how their reconcile at this one went.` : "");
       syncClock(v.now);
       $("#rev").textContent = v.revision;
       const counts = {};
