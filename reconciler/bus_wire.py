@@ -66,16 +66,18 @@ SELECTOR_KEYS = frozenset({"match", "in", "notin", "exists", "absent"})
 
 
 def parse_fleet_request(data: bytes) -> Selector | None:
-    """Body of gitops.fleet.reconcile: none/{} -> every node, or {"selector": ...}.
-
-    The selector is either Selector-shaped ({"match": {"role": "edge"}, "in": ...}) or, when
-    it has none of the keys match/in/notin/exists/absent, a plain label map
-    ({"role": "edge"}, the same as {"match": {"role": "edge"}}). Anything else is a
-    BadRequest: the node then stays silent rather than answer as if it matched."""
+    """Body of gitops.fleet.reconcile: none/{}/{"selector": null} -> every node, or
+    {"selector": ...} as parse_selector reads it. Anything else is a BadRequest: the node
+    then stays silent rather than answer as if it matched."""
     body = parse_body(data, allowed=("selector",))
     raw = body.get("selector")
-    if raw is None:
-        return None
+    return None if raw is None else parse_selector(raw)
+
+
+def parse_selector(raw: object) -> Selector:
+    """A selector as JSON: Selector-shaped ({"match": {"role": "edge"}, "in": ...}) or, when
+    it has none of the keys match/in/notin/exists/absent, a plain label map
+    ({"role": "edge"}, the same as {"match": {"role": "edge"}}). BadRequest otherwise."""
     if not isinstance(raw, dict):
         raise BadRequest("'selector' must be an object like {\"role\": \"edge\"} or "
                          "{\"match\": {\"role\": \"edge\"}}")

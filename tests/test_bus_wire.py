@@ -16,6 +16,7 @@ from reconciler.bus_wire import (
     normalize_repo_url,
     parse_app_body,
     parse_fleet_request,
+    parse_selector,
     parse_source_changed,
     revision_matches,
     selector_from_pairs,
@@ -87,6 +88,8 @@ def test_fleet_request_bodies() -> None:
         match={"role": "edge", "site": "a"}
     )
     assert parse_fleet_request(b'{"selector": {}}') == Selector()  # no clause: every node
+    assert parse_fleet_request(b'{"selector": null}') is None
+    assert parse_selector({"role": "edge"}) == parse_selector({"match": {"role": "edge"}})
     with pytest.raises(BadRequest, match="invalid selector: label 'bogus' must be a string"):
         parse_fleet_request(b'{"selector": {"bogus": 1}}')
     with pytest.raises(BadRequest, match="invalid selector: role: Extra inputs"):
