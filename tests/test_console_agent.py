@@ -116,6 +116,10 @@ def test_console_follows_a_real_agent_and_drives_a_rollout(
 
     rollout = eventually(rolled_out, timeout=60, what="the rollout of web 2 completes")
     assert rollout["nodes"]["synced"] == [NODE]
+    # the first revision was superseded: it still shows how it went, and by what
+    before = http.get(f"/api/rollouts/{first}").json()
+    assert (before["superseded_by"], before["nodes"]["synced"], before["from_events"],
+            before["progress"]) == (second, [NODE], [NODE], 1.0)
     assert http.get("/api/apps/web").json()["versions"] == {"2": 1}
     upgraded = http.get(f"/api/events?node={NODE}&type=app.upgraded").json()
     assert [(e["app"], e["from_version"], e["version"]) for e in upgraded] == [("web", "1", "2")]
