@@ -168,11 +168,14 @@ class Agent:
         self._source_error: str | None = self.store.get_meta("source_error")
         self._spec_errors: list[str] = [
             e for e in (self.store.get_meta("spec_errors") or "").split("\n") if e]
-        # the last finished run (its duration stays in status while the next one runs) and
-        # the one running now; after a restart the last one comes from the store
-        self._last = RunInfo(finished_at=self.store.get_meta("last_reconcile"),
-                             duration_ms=meta_float(self.store.get_meta("last_reconcile_ms")))
+        # the last finished run and the one running now
+        self._last = RunInfo()
         self._run: RunInfo | None = None
+        # when the last reconcile that ran (not skipped) ended and how long it took: status
+        # keeps them while the next one runs; after a restart they come from the store
+        self._last_reconcile: tuple[str | None, float | None] = (
+            self.store.get_meta("last_reconcile"),
+            meta_float(self.store.get_meta("last_reconcile_ms")))
         self._run_reason = ""
         self._announced = False  # reconcile.started recorded for the current run
         self._ready_sent = False
@@ -375,6 +378,7 @@ class Agent:
                 info.outcome, info.message = outcome, message
                 info.duration_ms = round((time.monotonic() - started) * 1000, 1)
                 info.finished_at = iso_time(self._now())
+                self._last_reconcile = (info.finished_at, info.duration_ms)
                 with self.store.transaction():
                     self.store.set_meta("last_reconcile", info.finished_at)
                     self.store.set_meta("last_reconcile_ms", str(info.duration_ms))
@@ -843,8 +847,7 @@ class Agent:
             message=message, apps=apps, updated_at=iso_time(self._now()),
             agent_version=__version__, desired_revision=self._desired_revision,
             source_error=self._source_error, spec_errors=list(self._spec_errors),
-            # the last finished run's time and duration (kept while the next one runs)
-            last_reconcile_at=self._last.finished_at, last_reconcile_ms=self._last.duration_ms,
+            last_reconcile_at=self._last_reconcile[0], last_reconcile_ms=self._last_reconcile[1],
             run_id=(self._run or self._last).run_id, heartbeat_interval_s=self.config.heartbeat,
             outbox_backlog=backlog, outbox_dropped=dropped,
             trace_id=(self._run or self._last).trace_id,

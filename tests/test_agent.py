@@ -896,6 +896,17 @@ async def test_polls_that_find_nothing_record_nothing_and_keep_status_timing(
         ("reconcile.finished", rev3, "no changes")]
     assert rev1 != rev2 != rev3
 
+    # runs skipped on a suspended node are not reconciles: the last one's timing stays
+    last = agent.status()
+    await agent.suspend()
+    assert (await agent.reconcile_now("poll")).outcome == "skipped"
+    assert (agent.status().last_reconcile_at, agent.status().last_reconcile_ms) == (
+        last.last_reconcile_at, last.last_reconcile_ms)
+    await agent.close()  # and a restarted agent reports them until its first run ends
+    again = await make_agent(repo)
+    assert (again.status().last_reconcile_at, again.status().last_reconcile_ms) == (
+        last.last_reconcile_at, last.last_reconcile_ms)
+
 
 async def test_finished_job_is_not_restarted(repo: SpecRepo, make_agent: MakeAgent) -> None:
     repo.write("apps/job.yaml", textwrap.dedent(f"""\
