@@ -116,13 +116,20 @@ def test_console_follows_a_real_agent_and_drives_a_rollout(
 
     rollout = eventually(rolled_out, timeout=60, what="the rollout of web 2 completes")
     assert rollout["nodes"]["synced"] == [NODE]
-    # the first revision was superseded: it still shows how it went, and by what
-    before = http.get(f"/api/rollouts/{first}").json()
-    assert (before["superseded_by"], before["nodes"]["synced"], before["from_events"],
-            before["progress"]) == (second, [NODE], [NODE], 1.0)
     assert http.get("/api/apps/web").json()["versions"] == {"2": 1}
-    upgraded = http.get(f"/api/events?node={NODE}&type=app.upgraded").json()
-    assert [(e["app"], e["from_version"], e["version"]) for e in upgraded] == [("web", "1", "2")]
+
+    # status (KV) and events (stream) arrive separately: the events may trail the status
+    def superseded() -> bool:
+        # the first revision was superseded: it still shows how it went, and by what
+        before = http.get(f"/api/rollouts/{first}").json()
+        assert (before["superseded_by"], before["nodes"]["synced"], before["from_events"],
+                before["progress"]) == (second, [NODE], [NODE], 1.0), before
+        upgraded = http.get(f"/api/events?node={NODE}&type=app.upgraded").json()
+        assert [(e["app"], e["from_version"], e["version"]) for e in upgraded] == [
+            ("web", "1", "2")]
+        return True
+
+    eventually(superseded, timeout=10, what="the rollout of web 1 shows it was superseded")
 
     # the node's RPC answers the console's per-node actions
     res = http.post(f"/api/nodes/{NODE}/health", json={"app": "web"},
