@@ -249,6 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return resolve_handler(name)(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `gitops-mesh schema | head`: the reader left; exit quietly like other CLI tools.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -337,3 +337,17 @@ def test_validate_checks_repo_relative_archives(tmp_path: Path) -> None:
         f"{tmp_path}/apps/worker.yaml:10:8: source.url: artifacts/worker-1.0.0.tar.gz: no such "
         "file in the repository",
     ]
+
+
+def test_schema_into_a_closed_pipe_exits_quietly() -> None:
+    """`gitops-mesh schema | head`: the reader leaves early; no traceback on stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "schema"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the interpreter has started: its write meets a closed pipe
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=30)
+    assert "Traceback" not in err
+    assert proc.returncode == 141
