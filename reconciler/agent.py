@@ -471,7 +471,7 @@ class Agent:
         self._desired = desired
         self._spec_errors = [str(p) for p in desired.problems]
         plan = make_plan(desired, self._current_state())
-        if plan.actions:
+        if plan.actions or plan.metadata_only:
             self._announce(revision)
         results = await self.executor.apply(
             plan, desired.apps, lambda path: self.source.read_file(revision, path)

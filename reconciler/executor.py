@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -16,7 +17,7 @@ from reconciler.errors import ArtifactError, ReconcileError, SourceError
 from reconciler.events import Event
 from reconciler.plan import Action, ActionKind, Plan
 from reconciler.runtimes.base import LaunchSpec, RestartPolicy, Runtime
-from reconciler.spec import AppSpec
+from reconciler.spec import METADATA_FIELDS, AppSpec
 from reconciler.store import AppRecord, Store, spec_to_json
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ class Executor:
     ) -> list[ActionResult]:
         """Removals first (dependents first), then each generation's actions in parallel. An
         action whose dependency failed in this run is blocked; independent apps go on."""
+        self._store_metadata(plan.metadata_only, desired)
         results: list[ActionResult] = []
         removal_groups: dict[int, list[Action]] = {}
         for action in plan.removals():
@@ -185,6 +187,29 @@ class Executor:
             failed |= {r.action.app for r in group_results if r.outcome != "success"}
             results += group_results
         return results
+
+    def _store_metadata(self, names: tuple[str, ...], desired: Mapping[str, AppSpec]) -> None:
+        """Metadata-only changes (Plan.metadata_only): store the new spec so status, removal
+        order and dependency gating use it; the process is not touched. One transaction, one
+        app.reconfigured event per app with data {"restart": false, "changed": [fields]}."""
+        if not names:
+            return
+        with self.store.transaction():
+            for name in names:
+                spec, record = desired.get(name), self.store.get_app(name)
+                if spec is None or record is None:
+                    continue
+                old = json.loads(record.spec_json)
+                new = json.loads(spec_to_json(spec))
+                changed = [f for f in METADATA_FIELDS if old.get(f) != new.get(f)]
+                self.store.update_app(name, spec_json=spec_to_json(spec),
+                                      spec_hash=spec.spec_hash())
+                self.hooks.record(
+                    "app.reconfigured", app=name, version=spec.version,
+                    from_version=record.version, outcome="success",
+                    message=f"{', '.join(changed)} changed; not restarted",
+                    data={"restart": False, "changed": changed},
+                )
 
     async def _run(
         self, action: Action, spec: AppSpec | None, read_repo_file: ReadRepoFile | None,

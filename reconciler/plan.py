@@ -57,6 +57,9 @@ class Plan:
     actions: tuple[Action, ...] = ()
     held: tuple[HeldApp, ...] = ()
     unchanged: tuple[str, ...] = field(default=())
+    # Installed apps whose process stays as it is but whose metadata (labels, layer,
+    # description, nodes, depends_on) changed: the executor stores their new spec, no restart.
+    metadata_only: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -79,6 +82,7 @@ class Plan:
             "actions": [a.to_json() for a in self.actions],
             "held": [{"app": h.app, "reason": h.reason} for h in self.held],
             "unchanged": list(self.unchanged),
+            "metadata_only": list(self.metadata_only),
         }
 
 
@@ -117,13 +121,16 @@ def make_plan(desired: DesiredState, current: CurrentState) -> Plan:
       dependent at its current spec stays safe;
     - suspended and running: nothing is held; suspension freezes that app, not the stack.
     Apps with nothing to do stay unchanged whatever their dependencies do. An installed app
-    that is held keeps what it depends on: those removals are held too.
+    whose process spec is unchanged but whose metadata (METADATA_FIELDS) changed is listed in
+    metadata_only (too when it restarts for drift): the executor stores its new spec, no restart.
+    An installed app that is held keeps what it depends on: those removals are held too.
     """
     from reconciler.graph import DependencyGraph
 
     held: dict[str, str] = {}
     changes: list[Action] = []
     unchanged: list[str] = []
+    metadata_only: list[str] = []
 
     holds: dict[str, _Hold | None] = {}
     for name in desired.invalid:
@@ -147,6 +154,10 @@ def make_plan(desired: DesiredState, current: CurrentState) -> Plan:
                 held[name] = reason
                 holds[name] = _Hold(reason, _is_up(cur), stale=reason == HELD_FAILED)
                 continue
+            if _metadata_changed(spec, cur) and kind in (None, ActionKind.RESTART):
+                # the process is (or restarts) at this spec either way: store the new
+                # metadata now; a held dependency does not hold a relabel
+                metadata_only.append(name)
             blocker = None if kind is None else _blocked_by(spec.depends_on, holds, kind)
             if blocker is not None:
                 held[name] = blocker
@@ -170,6 +181,7 @@ def make_plan(desired: DesiredState, current: CurrentState) -> Plan:
         actions=(*removals, *changes),
         held=tuple(HeldApp(name, held[name]) for name in sorted(held)),
         unchanged=tuple(sorted(unchanged)),
+        metadata_only=tuple(sorted(metadata_only)),
     )
 
 
@@ -213,23 +225,37 @@ def _removals(desired: DesiredState, current: CurrentState, held: dict[str, str]
     ]
 
 
-# id(spec) -> (spec, hash). Holding the spec keeps its id from being reused while cached.
+# id(spec) -> (spec, hash, metadata hash). Holding the spec keeps its id from being reused
+# while cached.
 # AppSpecs are frozen and the loader's ParseCache hands the same instances to every
 # revision, so a steady-state node hashes each spec once instead of once per reconcile.
-_HASHES: dict[int, tuple[AppSpec, str]] = {}
+_HASHES: dict[int, tuple[AppSpec, str, str]] = {}
 _HASHES_MAX = 50_000
+
+
+def _hashes_of(spec: AppSpec) -> tuple[AppSpec, str, str]:
+    hit = _HASHES.get(id(spec))
+    if hit is not None and hit[0] is spec:
+        return hit
+    if len(_HASHES) >= _HASHES_MAX:
+        _HASHES.clear()
+    entry = (spec, spec.spec_hash(), spec.metadata_hash())
+    _HASHES[id(spec)] = entry
+    return entry
 
 
 def spec_hash_of(spec: AppSpec) -> str:
     """spec.spec_hash(), memoized per instance (it dominates planning big nodes)."""
-    hit = _HASHES.get(id(spec))
-    if hit is not None and hit[0] is spec:
-        return hit[1]
-    if len(_HASHES) >= _HASHES_MAX:
-        _HASHES.clear()
-    digest = spec.spec_hash()
-    _HASHES[id(spec)] = (spec, digest)
-    return digest
+    return _hashes_of(spec)[1]
+
+
+def _metadata_changed(spec: AppSpec, cur: CurrentApp | None) -> bool:
+    """The installed app runs this very process spec but its stored metadata differs."""
+    return (
+        cur is not None and cur.metadata_hash is not None
+        and cur.version == spec.version and cur.spec_hash == spec_hash_of(spec)
+        and cur.metadata_hash != _hashes_of(spec)[2]
+    )
 
 
 def _is_up(cur: CurrentApp | None) -> bool:

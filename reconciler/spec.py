@@ -230,6 +230,21 @@ class UpgradeSpec(StrictModel):
     rollback: bool = Field(default=True, description="roll back when the new version fails")
 
 
+# Fields that describe or place an app but do not shape its process: a change in them
+# alone is stored (status, removal order, dependency gating) without restarting it.
+METADATA_FIELDS: tuple[str, ...] = ("description", "labels", "layer", "nodes", "depends_on")
+
+
+def _digest(payload: Any) -> str:
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def metadata_hash_of(spec_json: dict[str, Any]) -> str:
+    """metadata_hash of an app from its JSON form (a stored spec_json, parsed)."""
+    return _digest({key: spec_json.get(key) for key in METADATA_FIELDS})
+
+
 class AppSpec(StrictModel):
     """One app: what to run, where, after what, and how to know it is healthy."""
 
@@ -265,10 +280,18 @@ class AppSpec(StrictModel):
         return self
 
     def spec_hash(self) -> str:
-        """Hash of everything that shapes the running app (suspend excluded)."""
-        payload = self.model_dump(mode="json", by_alias=True, exclude={"suspend"})
-        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        """Hash of what shapes the running process: version, source, run, health, restart,
+        upgrade. Metadata (METADATA_FIELDS) and suspend are left out, so relabeling an app
+        does not restart it (see metadata_hash)."""
+        payload = self.model_dump(
+            mode="json", by_alias=True, exclude={"suspend", *METADATA_FIELDS}
+        )
+        return _digest(payload)
+
+    def metadata_hash(self) -> str:
+        """Hash of the fields that do not touch the process (METADATA_FIELDS): a change here
+        is persisted without a restart."""
+        return metadata_hash_of(self.model_dump(mode="json", by_alias=True))
 
     def targets(self, labels: dict[str, str]) -> bool:
         return self.nodes is None or self.nodes.matches(labels)

@@ -48,6 +48,8 @@ class CurrentApp:
     # A (version, spec_hash) that failed and was rolled back: not retried until the spec
     # changes or an operator asks (see plan.make_plan).
     failed_spec_hash: str | None = None
+    # AppSpec.metadata_hash of the stored spec; None: unknown, metadata changes not detected
+    metadata_hash: str | None = None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 from reconciler.agent_api import OutboxEntry
 from reconciler.events import Event
 from reconciler.runtimes.base import ProcessRecord
-from reconciler.spec import AppSpec
+from reconciler.spec import AppSpec, metadata_hash_of
 from reconciler.state import CurrentApp, CurrentState
 
 DB_NAME = "state.db"
@@ -105,8 +105,17 @@ class AppRecord:
         return AppSpec.model_validate_json(self.prev_spec_json) if self.prev_spec_json else None
 
     @cached_property
+    def _spec_dict(self) -> dict[str, Any]:
+        loaded: dict[str, Any] = json.loads(self.spec_json)
+        return loaded
+
+    @property
     def depends_on(self) -> tuple[str, ...]:
-        return tuple(json.loads(self.spec_json).get("depends_on", []))
+        return tuple(self._spec_dict.get("depends_on", []))
+
+    @property
+    def metadata_hash(self) -> str:
+        return metadata_hash_of(self._spec_dict)
 
     @property
     def process(self) -> ProcessRecord | None:
@@ -133,7 +142,7 @@ class AppRecord:
             phase=self.phase,  # type: ignore[arg-type]
             health=self.health,  # type: ignore[arg-type]
             running=running, depends_on=self.depends_on, suspended=self.suspended,
-            failed_spec_hash=self.failed_spec_hash,
+            failed_spec_hash=self.failed_spec_hash, metadata_hash=self.metadata_hash,
         )
 
 

@@ -848,6 +848,36 @@ async def test_reconfigure_restarts_with_the_new_spec(
     assert SECRET not in caplog.text
 
 
+async def test_relabeling_keeps_the_process_and_shows_the_new_labels(
+    repo: SpecRepo, make_agent: MakeAgent, app_script: Path
+) -> None:
+    port = free_port()
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "1", port))
+    repo.commit_and_push()
+    agent = await make_agent(repo)
+    assert (await agent.reconcile_now()).outcome == "success"
+    before = agent.store.get_app("web")
+    assert before is not None and before.pid is not None
+    repo.write("apps/web.yaml", app_yaml(
+        app_script, "web", "1", port, extra="labels: {tier: frontend}\nlayer: edge\n"))
+    repo.commit_and_push("relabel web")
+    run = await agent.reconcile_now()
+    assert run.outcome == "success", run.message
+    after = agent.store.get_app("web")
+    assert after is not None
+    assert (after.pid, after.create_time, after.phase) == (before.pid, before.create_time,
+                                                          "running")
+    assert get(port) == "1 n1"
+    (web,) = agent.status().apps
+    assert (web.labels, web.layer, web.phase) == ({"tier": "frontend"}, "edge", "running")
+    reconfigured = [e for e in events(agent) if e["type"] == "app.reconfigured"]
+    assert [(e["message"], e["data"]) for e in reconfigured] == [
+        ("labels, layer changed; not restarted",
+         {"restart": False, "changed": ["labels", "layer"]})]
+    # stored: the next run has nothing to do
+    assert (await agent.reconcile_now()).message == "no changes"
+
+
 async def test_polls_that_find_nothing_record_nothing_and_keep_status_timing(
     repo: SpecRepo, make_agent: MakeAgent, app_script: Path
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from reconciler.errors import SpecProblem
@@ -78,7 +79,7 @@ def test_synced_node_has_nothing_to_do() -> None:
 
 def test_upgrade_and_reconfigure() -> None:
     new_api = app("api", "1.1", ("database", "broker"))
-    new_db = app("database", labels={"tier": "data"})
+    new_db = app("database", run={"command": ["db", "--fast"]})
     specs = [new_db if s.name == "database" else new_api if s.name == "api" else s
              for s in STACK]
     plan = make_plan(desired(*specs), current(*(installed(s) for s in STACK)))
@@ -321,7 +322,34 @@ def test_plan_json_is_the_whole_plan() -> None:
         ],
         "held": [],
         "unchanged": [],
+        "metadata_only": [],
     }
+
+
+def test_a_metadata_change_is_stored_without_touching_the_process() -> None:
+    """Relabeling (labels, layer, description, depends_on) restarts nothing: the app is
+    listed as metadata-only for the executor to store; a command change still reconfigures."""
+    def meta(spec: AppSpec) -> CurrentApp:
+        return installed(spec, metadata_hash=spec.metadata_hash())
+
+    db = app("database", run={"command": ["db"]})
+    relabeled = app("database", run={"command": ["db"]}, labels={"tier": "data"},
+                    layer="storage", description="the main database")
+    api = app("api", deps=("database",))
+    api_without_dep = app("api")
+    plan = make_plan(desired(relabeled, api_without_dep), current(meta(db), meta(api)))
+    assert plan == Plan("rev2", unchanged=("api", "database"),
+                        metadata_only=("api", "database"))
+    assert plan.empty
+
+    new_command = app("database", run={"command": ["db", "--fast"]}, labels={"tier": "data"})
+    plan = make_plan(desired(new_command), current(meta(db)))
+    assert plan == Plan("rev2", actions=(act(C, "database", 0, "spec changed", frm="1.0"),))
+
+    # a crashed app restarts at the same process spec and gets its new metadata stored
+    plan = make_plan(desired(relabeled), current(replace(meta(db), running=False)))
+    assert plan == Plan("rev2", actions=(act(R, "database", 0, "not running (drift)", "1.0"),),
+                        metadata_only=("database",))
 
 
 def test_a_held_app_keeps_what_it_depends_on() -> None:
@@ -331,16 +359,17 @@ def test_a_held_app_keeps_what_it_depends_on() -> None:
     plan = make_plan(
         desired(broker, database, gateway.model_copy(update={"depends_on": []})),
         current(installed(broker), installed(database), installed(api),
-                installed(worker, suspended=True), installed(gateway)),
+                installed(worker, suspended=True),
+                installed(gateway, metadata_hash=gateway.metadata_hash())),
     )
     assert plan == Plan(
         "rev2",
-        actions=(act(C, "gateway", 0, "spec changed", frm="1.0"),),
         held=(
             HeldApp("api", "still needed by worker, which is held"),
             HeldApp("worker", "suspended by an operator; not removed until resumed"),
         ),
-        unchanged=("broker", "database"),
+        unchanged=("broker", "database", "gateway"),
+        metadata_only=("gateway",),
     )
 
 
