@@ -361,7 +361,12 @@ class Agent:
         poll, source retry); for any other reason (rpc, fleet trigger, notify, resume,
         --once, startup) it records just reconcile.finished, outcome success, "no changes",
         so the person who asked sees the answer. Either way status gets last_reconcile_at
-        and last_reconcile_ms (also kept in the store for `status --state-dir`)."""
+        and last_reconcile_ms (also kept in the store for `status --state-dir`).
+
+        Likewise a poll or source retry that meets the very source failure already reported
+        records nothing (no started / source.failed / finished): an outage is reported once
+        when it starts or its error changes, and once more (source.fetched for a new
+        revision, reconcile.*) when it ends; status keeps source_error meanwhile."""
         self._current_run = run_id
         self._reconciling = True
         started = time.monotonic()
@@ -452,9 +457,14 @@ class Agent:
             revision = await self._fetch()
         except (SourceError, SignatureError) as exc:
             # an unsigned or unreachable revision never becomes the desired one: the node
-            # stays at its last good revision and reports the source problem
-            self._announce(None)
-            return self._source_failed(exc)
+            # stays at its last good revision and reports the source problem. A poll or
+            # retry that meets the same failure again records nothing (an outage would
+            # flood the event stream); a new or different failure, or a run someone asked
+            # for, is news.
+            repeat = str(exc) == self._source_error and self._run_reason in QUIET_REASONS
+            if not repeat:
+                self._announce(None)
+            return self._source_failed(exc, record=not repeat)
         if (self._source_error is not None or revision != self._desired_revision
                 or revision != self.store.get_meta("applied_revision")):
             self._announce(revision)  # something new to report even if the plan is empty
@@ -519,13 +529,15 @@ class Agent:
         changed = len(results)
         return "success", f"{changed} action(s)" if changed else "no changes"
 
-    def _source_failed(self, exc: ReconcileError) -> tuple[str, str]:
-        """Keep running what runs; retry with backoff (signature problems wait for a poll)."""
+    def _source_failed(self, exc: ReconcileError, record: bool = True) -> tuple[str, str]:
+        """Keep running what runs; retry with backoff (signature problems wait for a poll).
+        `record`: False for a repeat of the failure already reported (no source.failed)."""
         reason = str(exc)
         self._source_error = reason
-        with self.store.transaction():
-            self.store.set_meta("source_error", reason)
-            self.record("source.failed", outcome="failure", message=reason)
+        if record:
+            with self.store.transaction():
+                self.store.set_meta("source_error", reason)
+                self.record("source.failed", outcome="failure", message=reason)
         if isinstance(exc, SourceError) and not self._closed and self._loop is not None:
             self._source_failures += 1
             delay = min(2.0 ** (self._source_failures - 1), max(self.config.interval, 1.0))

@@ -416,6 +416,40 @@ async def test_source_gone_keeps_running_then_recovers(
     await _eventually_async(recovered, what="source error cleared by the retry", timeout=10)
 
 
+async def test_a_source_outage_is_reported_once_not_on_every_retry(
+    repo: SpecRepo, make_agent: MakeAgent, app_script: Path
+) -> None:
+    port = free_port()
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "1", port))
+    repo.commit_and_push()
+    agent = await make_agent(repo)
+    assert (await agent.reconcile_now()).outcome == "success"
+    seen = len(events(agent))
+    moved = repo.bare.with_name("moved.git")
+    repo.bare.rename(moved)
+    # polls and the agent's own backoff retries ("source retry") meet the same failure
+    for reason in ("poll", "source retry", "poll", "source retry"):
+        run = await agent.reconcile_now(reason)
+        assert run.outcome == "failure" and run.message.startswith("source: ")
+    outage = events(agent)[seen:]
+    assert [e["type"] for e in outage] == [
+        "reconcile.started", "source.failed", "reconcile.finished"]
+    assert agent.status().source_error == outage[1]["message"]
+    # someone who asks gets an answer, even for the same failure
+    assert (await agent.reconcile_now("rpc")).outcome == "failure"
+    assert [e["type"] for e in events(agent)[seen + 3:]] == [
+        "reconcile.started", "source.failed", "reconcile.finished"]
+    # recovery (with a new revision pushed meanwhile) is reported
+    moved.rename(repo.bare)
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "2", port))
+    rev = repo.commit_and_push("web 2")
+    run = await agent.reconcile_now("poll")
+    assert run.outcome == "success", run.message
+    assert agent.status().source_error is None and agent.status().revision == rev
+    fetched = [e for e in events(agent)[seen:] if e["type"] == "source.fetched"]
+    assert [e["revision"] for e in fetched] == [rev]
+
+
 @pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen is not installed")
 async def test_unsigned_commit_refused(
     repo: SpecRepo, make_agent: MakeAgent, app_script: Path, tmp_path: Path
