@@ -40,7 +40,8 @@ from console import openapi
 from console.feed import Connector, Feed, collect, rpc
 from console.fleet import EventFilter, Fleet, NodeFilter
 from reconciler import subjects
-from reconciler.spec import NAME_RE, Selector
+from reconciler.bus_wire import BadRequest, parse_selector
+from reconciler.spec import NAME_RE
 
 HERE = Path(__file__).parent
 CSRF_COOKIE = "gm_csrf"
@@ -349,11 +350,12 @@ def create_app(
         body = await _json_body(request)
         payload: dict[str, Any] = {}
         if body.get("selector"):
+            # the nodes' own parser: {"match": {...}, "in": ...} or a plain label map
             try:
-                payload["selector"] = Selector.model_validate(body["selector"]).model_dump(
+                payload["selector"] = parse_selector(body["selector"]).model_dump(
                     by_alias=True, exclude_defaults=True)
-            except ValueError as exc:
-                return _error(400, f"invalid selector: {exc}")
+            except BadRequest as exc:
+                return _error(400, str(exc))
         nc = _nats(console)
         if nc is None:
             return _error(503, "the console is not connected to NATS")

@@ -206,6 +206,15 @@ async def test_actions_reach_the_node_rpc_only_with_the_token(
                               json={"selector": {"match": {"role": "gw"}}})
         assert res.json() == {"replies": [{"node": "act-n2", "run_id": "act-n2-run-1"}],
                               "count": 1}
+        # the nodes' short form: a plain label map
+        res = await http.post("/api/fleet/reconcile", headers=headers(),
+                              json={"selector": {"role": "gw"}})
+        assert res.json() == {"replies": [{"node": "act-n2", "run_id": "act-n2-run-2"}],
+                              "count": 1}
+        res = await http.post("/api/fleet/reconcile", headers=headers(),
+                              json={"selector": {"role": 1}})
+        assert (res.status_code, res.json()) == (
+            400, {"error": "invalid selector: label 'role' must be a string, got int"})
         res = await http.post("/api/fleet/reconcile", headers=headers())
         assert [r["node"] for r in res.json()["replies"]] == ["act-n1", "act-n2"]
     finally:
