@@ -169,6 +169,10 @@ class StoreError(Exception):
     """The state store cannot be opened or is not ours."""
 
 
+# Bumped when AppSpec.spec_hash covers other fields: stored hashes are recomputed on open.
+SPEC_HASH_SCHEME = "2"
+
+
 def db_path(state_dir: Path) -> Path:
     return Path(state_dir) / DB_NAME
 
@@ -204,6 +208,7 @@ class Store:
         # connection is the only writer, so a cache dropped on every write stays true
         self._apps_cache: dict[str, AppRecord] | None = None
         self._outbox_count = self._count_outbox()
+        self._rehash_specs()
         for suffix in ("-wal", "-shm"):
             side = path.with_name(path.name + suffix)
             if side.exists():
@@ -211,6 +216,22 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
+
+    def _rehash_specs(self) -> None:
+        """Once per store: recompute spec_hash from the stored spec when AppSpec.spec_hash
+        changed what it covers (scheme 2 left metadata out), so upgrading the agent does not
+        reconfigure (restart) every app. A spec that no longer parses keeps its hash."""
+        if self.get_meta("spec_hash_scheme") == SPEC_HASH_SCHEME:
+            return
+        with self.transaction():
+            for name, record in self._all_apps().items():
+                try:
+                    digest = record.spec.spec_hash()
+                except ValueError:
+                    continue
+                if digest != record.spec_hash:
+                    self.update_app(name, spec_hash=digest)
+            self.set_meta("spec_hash_scheme", SPEC_HASH_SCHEME)
 
     # -- transactions -------------------------------------------------------------------
     @contextmanager

@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from reconciler.runtimes.base import ProcessRecord
 from reconciler.spec import AppSpec
 from reconciler.state import CurrentApp, CurrentState
 from reconciler.store import (
+    SPEC_HASH_SCHEME,
     AppRecord,
     Store,
     StoreError,
@@ -135,7 +137,8 @@ def test_read_only_views(tmp_path: Path) -> None:
     store.add_event(_event())  # type: ignore[arg-type]
     snap = read_snapshot(tmp_path)
     assert snap is not None
-    assert snap.meta == {"applied_revision": "abc123", "node_suspended": "1"}
+    assert snap.meta == {"applied_revision": "abc123", "node_suspended": "1",
+                         "spec_hash_scheme": SPEC_HASH_SCHEME}
     assert snap.outbox_backlog == 1
     assert store.node_suspended
     store.set_meta("node_suspended", None)
@@ -155,3 +158,21 @@ def test_update_unknown_app_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(KeyError):
         store.update_app("ghost", phase="running")
     assert os.path.exists(tmp_path / "state.db")
+
+
+def test_hashes_from_an_older_agent_are_recomputed_once_so_nothing_restarts(
+        tmp_path: Path) -> None:
+    """An agent upgrade that changes what spec_hash covers (metadata left out) must not
+    make every installed app look changed, which would restart it."""
+    store = Store(tmp_path)
+    spec = _spec(labels={"tier": "web"})
+    store.put_app(replace(_record(spec, phase="running"), spec_hash="0ld5c4eme0ld5c4e"))
+    store.set_meta("spec_hash_scheme", None)  # as written by the older agent
+    store.close()
+    store = Store(tmp_path)
+    assert store.get_app("web").spec_hash == spec.spec_hash()  # type: ignore[union-attr]
+    assert load_current_state(tmp_path).apps["web"].spec_hash == spec.spec_hash()
+    # once: a later hash is the agent's own and is kept as written
+    store.update_app("web", spec_hash="kept")
+    store.close()
+    assert Store(tmp_path).get_app("web").spec_hash == "kept"  # type: ignore[union-attr]
