@@ -151,19 +151,49 @@ def reason_of(exc: BaseException) -> str:
     return text.removeprefix("nats: ")
 
 
+_TELLING = (ssl.SSLError, nats.errors.AuthorizationError)
+# A server that refuses a CONNECT writes -ERR and closes; when our PING is still unread
+# there, its kernel answers with a reset that can discard the -ERR on our side. A fresh
+# attempt usually reads the real reason.
+_RESET_ATTEMPTS = 3
+
+
 async def connect(opts: NatsOptions, timeout: float = 5.0, **kw: Any) -> NATS:
     """One-shot connection for CLI commands: bounded, and a clear error naming the server.
 
-    TLS and authorization failures end the attempt at once (retrying cannot fix them); `kw`
-    goes to nats.connect (an `error_cb` there is called too, for later errors as well).
+    TLS and authorization failures end the attempt at once (retrying cannot fix them); a bare
+    connection reset is tried again a couple of times, since it can hide the server's reason.
+    `kw` goes to nats.connect (an `error_cb` there is called too, for later errors as well).
     """
+    deadline = asyncio.get_running_loop().time() + timeout
+    cause: BaseException = TimeoutError(f"no connection within {timeout:g}s")
+    reset = False
+    for attempt in range(1, _RESET_ATTEMPTS + 1):
+        remaining = max(0.1, deadline - asyncio.get_running_loop().time())
+        nc, failure = await _connect_once(opts, remaining, dict(kw))
+        if nc is not None:
+            return nc
+        cause = failure or cause
+        reset = isinstance(cause, ConnectionResetError)
+        if not reset or attempt == _RESET_ATTEMPTS or remaining <= 0.1:
+            break
+    reason = reason_of(cause)
+    if reset and (opts.user or opts.token or opts.nkey_seed_file or opts.creds_file):
+        reason += " (a server that refuses these credentials may reset the connection)"
+    raise MeshError(f"cannot connect to NATS at {opts.describe()}: {reason}")
+
+
+async def _connect_once(
+    opts: NatsOptions, timeout: float, kw: dict[str, Any]
+) -> tuple[NATS | None, BaseException | None]:
+    """(connection, None) or (None, the most telling error of this attempt)."""
     errors: list[BaseException] = []
     hopeless = asyncio.Event()
     user_cb = kw.pop("error_cb", None)
 
     async def on_error(exc: Exception) -> None:
         errors.append(exc)
-        if isinstance(exc, ssl.SSLError | nats.errors.AuthorizationError):
+        if isinstance(exc, _TELLING):
             hopeless.set()
         if user_cb is not None:
             await user_cb(exc)
@@ -190,10 +220,9 @@ async def connect(opts: NatsOptions, timeout: float = 5.0, **kw: Any) -> NATS:
         failure = TimeoutError(f"no connection within {timeout:g}s")
     elif connecting.exception() is not None:
         failure = connecting.exception()
-    if failure is not None:
-        with contextlib.suppress(Exception):
-            await nc.close()
-        cause = errors[-1] if errors else failure
-        where = opts.describe()
-        raise MeshError(f"cannot connect to NATS at {where}: {reason_of(cause)}") from None
-    return nc
+    if failure is None:
+        return nc, None
+    with contextlib.suppress(Exception):
+        await nc.close()
+    telling = [e for e in errors if isinstance(e, _TELLING)]
+    return None, telling[-1] if telling else errors[-1] if errors else failure

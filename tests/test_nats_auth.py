@@ -208,7 +208,10 @@ async def test_password_mode_and_bad_credentials(tmp_path: Path) -> None:
         with pytest.raises(MeshError) as err:
             await connect(bad, timeout=3)
         assert str(err.value).startswith(f"cannot connect to NATS at {server.url}:")
-        assert "authorization" in str(err.value).lower()
+        # The server's reason, or (when its reset discarded the -ERR on every attempt) a hint
+        # that points at the credentials all the same.
+        message = str(err.value).lower()
+        assert "authorization" in message or "refuses these credentials" in message
         assert "wrong-password" not in str(err.value)
     finally:
         server.stop()
