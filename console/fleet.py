@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from reconciler.events import Event
+from reconciler.events import Event, parse_time
 from reconciler.spec import NAME_RE
 from reconciler.status import NODE_STATES, UNREACHABLE, NodeStatus
 
@@ -26,17 +26,6 @@ ROLLOUT_BUCKETS: tuple[str, ...] = (
     "synced", "progressing", "degraded", "failed", "pending", "suspended", UNREACHABLE,
 )
 _FAILED_PHASES = ("failed", "blocked")
-
-
-def parse_time(text: str | None) -> datetime | None:
-    """ISO 8601 (with `Z` or an offset) -> aware datetime; None if absent or unparseable."""
-    if not text:
-        return None
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def _iso(when: datetime) -> str:

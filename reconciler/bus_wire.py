@@ -9,12 +9,13 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
+from reconciler.events import parse_time
 from reconciler.spec import NAME_RE, Selector
 from reconciler.status import UNREACHABLE, NodeStatus
 
@@ -164,16 +165,6 @@ def source_matches(change: SourceChanged, repo_url: str, branch: str) -> bool:
     return short_branch(change.branch) == short_branch(branch) and normalize_repo_url(
         change.repo
     ) == normalize_repo_url(repo_url)
-
-
-def parse_time(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def heartbeat_age(status: NodeStatus, now: datetime, written_at: datetime | None = None) -> float:

@@ -67,6 +67,17 @@ def iso_time(when: datetime) -> str:
     return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def parse_time(text: str | None) -> datetime | None:
+    """ISO 8601 (with `Z` or an offset) -> aware datetime; None if absent or unparseable."""
+    if not text:
+        return None
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
 def make_event(
     type: str, node: str, now: datetime, *, event_id: str | None = None, **fields: Any
 ) -> Event:
