@@ -46,7 +46,7 @@ async def chromium(base_url: str) -> AsyncIterator[tuple[BrowserContext, list[st
     """A Chromium context on the console; JavaScript errors of any of its pages are
     collected and must be none at the end."""
     if not shutil.which(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+        pytest.skip(reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         context = await browser.new_context(viewport={"width": 1360, "height": 900},

@@ -200,7 +200,7 @@ async def test_sigterm_ignoring_app_and_its_children_are_killed(tmp_path: Path) 
         a = subprocess.Popen(child)
         b = subprocess.Popen(child, process_group=0)  # moved to its own group, same session
         print("children", a.pid, b.pid, flush=True)
-        time.sleep(60)
+        signal.pause()  # until killed
     """), stop_timeout=0.3)
     record = await runtime.start(app)
 
@@ -390,7 +390,7 @@ async def main():
     launch = LaunchSpec("survivor", "1.0", argv, {"PATH": "/usr/bin:/bin"}, root, root / "logs")
     record = await runtime.start(launch)
     print(json.dumps(vars(record)), flush=True)
-    await asyncio.sleep(60)  # killed -9 by the test, like a crashing agent
+    await asyncio.Event().wait()  # forever: killed -9 by the test, like a crashing agent
 
 asyncio.run(main())
 """

@@ -276,9 +276,8 @@ def _signed_commit(repo: SpecRepo, message: str, *config: str) -> str:
     return repo.head()
 
 
-needs_ssh_keygen = pytest.mark.skipif(
-    shutil.which("ssh-keygen") is None, reason="ssh-keygen (openssh-client) is not installed"
-)
+_NO_SSH_KEYGEN = "ssh-keygen (openssh-client) is not installed"
+needs_ssh_keygen = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason=_NO_SSH_KEYGEN)
 
 
 @needs_ssh_keygen
