@@ -347,6 +347,15 @@ class Executor:
                 spec_hash=spec.spec_hash(), phase="deploying", attempted_revision=revision,
                 suspended=False,
             ))
+        return await self._bring_up(spec, read_repo_file, revision, started, event,
+                                    from_version=from_version)
+
+    async def _bring_up(
+        self, spec: AppSpec, read_repo_file: ReadRepoFile | None, revision: str,
+        started: float, event: str, **event_fields: Any,
+    ) -> tuple[str, str]:
+        """Install, start and wait healthy; then mark the app running and record `event`,
+        in one transaction. A failure becomes the app's failed state (see _failed)."""
         try:
             install_dir = await self._install(spec, read_repo_file)
             self.store.update_app(spec.name, install_dir=str(install_dir))
@@ -358,9 +367,8 @@ class Executor:
                 spec.name, phase="running", health="healthy", message="",
                 applied_revision=revision, failed_spec_hash=None, failed_version=None,
             )
-            self.hooks.record(event, app=spec.name, version=spec.version,
-                              from_version=from_version, outcome="success",
-                              duration_ms=_ms(started))
+            self.hooks.record(event, app=spec.name, version=spec.version, outcome="success",
+                              duration_ms=_ms(started), **event_fields)
         return "success", ""
 
     async def _restart(
@@ -371,22 +379,9 @@ class Executor:
         with self.store.transaction():
             self.store.update_app(spec.name, phase="deploying", attempted_revision=revision,
                                   message="restarting: not running")
-        try:
-            await self._stop(spec.name)  # a process in restart backoff: take over cleanly
-            install_dir = await self._install(spec, read_repo_file)
-            self.store.update_app(spec.name, install_dir=str(install_dir))
-            await self._start(spec, install_dir)
-        except ActionFailed as exc:
-            return self._failed(spec, str(exc), exc.permanent, started)
-        with self.store.transaction():
-            self.store.update_app(
-                spec.name, phase="running", health="healthy", message="",
-                applied_revision=revision, failed_spec_hash=None, failed_version=None,
-            )
-            self.hooks.record("app.restarted", app=spec.name, version=spec.version,
-                              outcome="success", duration_ms=_ms(started),
-                              message="started again: it was not running")
-        return "success", ""
+        await self._stop(spec.name)  # a process in restart backoff: take over cleanly
+        return await self._bring_up(spec, read_repo_file, revision, started, "app.restarted",
+                                    message="started again: it was not running")
 
     async def _replace(
         self, action: Action, record: AppRecord, spec: AppSpec,
