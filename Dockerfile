@@ -13,11 +13,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY reconciler ./reconciler
 COPY console ./console
 COPY specs-example ./specs-example
-RUN pip install . \
+RUN pip install -c constraints.txt . \
  && mkdir -p /usr/share/gitops-mesh \
  && cp -r specs-example /usr/share/gitops-mesh/specs-example \
  && rm -rf /src
