@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reconciler.agent import Agent, AgentConfig
-from reconciler.source import GitSource
+from reconciler.node.agent import Agent, AgentConfig
+from reconciler.node.source import GitSource
 
 ENV = {
     **os.environ,
@@ -226,7 +226,7 @@ def bench_rss(root: Path, apps: int) -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        from reconciler.cli_node import local_status
+        from reconciler.cli.node_cmds import local_status
 
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

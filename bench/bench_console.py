@@ -24,9 +24,11 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # sim.py
 
-from console import sim
-from reconciler.events import Event, make_event
+import sim
+
+from reconciler.core.events import Event, make_event
 from tests.conftest import free_port, start_nats
 
 TYPES = ["reconcile.started", "app.deployed", "app.health-changed", "reconcile.finished"]

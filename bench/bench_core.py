@@ -21,12 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reconciler import plan as plan_module
-from reconciler.graph import DependencyGraph
-from reconciler.loader import ParseCache, SpecFile, load_directory, load_files, read_directory
-from reconciler.plan import make_plan
-from reconciler.spec import AppSpec
-from reconciler.state import CurrentApp, CurrentState, DesiredState
+from reconciler.core import plan as plan_module
+from reconciler.core.graph import DependencyGraph
+from reconciler.core.loader import ParseCache, SpecFile, load_directory, load_files, read_directory
+from reconciler.core.plan import make_plan
+from reconciler.core.spec import AppSpec
+from reconciler.core.state import CurrentApp, CurrentState, DesiredState
 
 SPEC = """\
 # app {i}: a realistic document, like specs-example/apps/api.yaml
@@ -101,7 +101,7 @@ def bench_load(files: int, rounds: int) -> None:
                "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@x.invalid"}
         for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-qm", "specs"]):
             subprocess.run(["git", *args], cwd=root, env=env, check=True)
-        from reconciler.source import GitSource
+        from reconciler.node.source import GitSource
 
         source = GitSource(str(root), "main", root / ".cache")
         try:

@@ -5,7 +5,7 @@
 1. push -> `gitops-mesh wait` returns, for N nodes: a bare spec repo with the shipped
    post-receive hook (which runs `gitops-mesh notify`), N agents in this process, each with
    its own state dir, Store and Mesh, then `git push` and `gitops-mesh wait --revision SHA`
-   as subprocesses, timed together. `--agents real` (default): reconciler.agent.Agent with
+   as subprocesses, timed together. `--agents real` (default): reconciler.node.agent.Agent with
    its own git clone, apps without processes (`run` absent), so the numbers are the mesh and
    the reconcile loop, not app start-up; `--agents fake`: tests/fake_agent.FakeAgent.
 2. event throughput from one agent's sqlite outbox to the GITOPS_EVENTS stream, next to the
@@ -33,10 +33,10 @@ from conftest import git, make_spec_repo, start_nats  # noqa: E402
 from fake_agent import FakeAgent  # noqa: E402
 
 import reconciler  # noqa: E402
-from reconciler.bus import Mesh, NatsOptions, connect  # noqa: E402
-from reconciler.events import make_event  # noqa: E402
-from reconciler.store import Store  # noqa: E402
-from reconciler.subjects import EVENTS_STREAM, rpc_subject  # noqa: E402
+from reconciler.core.events import make_event  # noqa: E402
+from reconciler.mesh.link import Mesh, NatsOptions, connect  # noqa: E402
+from reconciler.mesh.subjects import EVENTS_STREAM, rpc_subject  # noqa: E402
+from reconciler.node.store import Store  # noqa: E402
 
 PY = sys.executable
 HOOK = Path(reconciler.__file__).parent / "hooks" / "post-receive"
@@ -68,7 +68,7 @@ async def bench_push_wait(tmp: Path, url: str, n: int, kind: str, rounds: int = 
     for i in range(n):
         node, labels = f"b{n}-{i}", {"bench": str(n)}
         if kind == "real":
-            from reconciler.agent import Agent, AgentConfig
+            from reconciler.node.agent import Agent, AgentConfig
 
             agent = Agent(AgentConfig(node_id=node, repo_url=repo.url, labels=labels,
                                       state_dir=tmp / f"n{n}-{i}", interval=3600.0))
@@ -190,7 +190,7 @@ async def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-mesh-"))
     server = start_nats(tmp)
     try:
-        agents = ("reconciler.agent.Agent (own clone each, apps without processes)"
+        agents = ("reconciler.node.agent.Agent (own clone each, apps without processes)"
                   if args.agents == "real" else "tests/fake_agent.FakeAgent")
         print(f"nats-server {server.url}, {os.cpu_count()} CPUs, agents: {agents}")
         print("push -> wait returns (git push with the notify hook + `gitops-mesh wait`):")

@@ -17,10 +17,10 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from reconciler.health import wait_healthy
-from reconciler.runtimes.base import LaunchSpec, ProcessRecord
-from reconciler.runtimes.process import ProcessRuntime
-from reconciler.spec import HealthSpec
+from reconciler.core.spec import HealthSpec
+from reconciler.node.health import wait_healthy
+from reconciler.node.runtimes.base import LaunchSpec, ProcessRecord
+from reconciler.node.runtimes.process import ProcessRuntime
 
 
 class Quiet:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reconciler.source import GitSource, SignatureVerifier
+from reconciler.node.source import GitSource, SignatureVerifier
 
 ENV = {
     **os.environ,

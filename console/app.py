@@ -39,9 +39,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from console import openapi
 from console.feed import Connector, Feed, collect, rpc
 from console.fleet import EventFilter, Fleet, NodeFilter
-from reconciler import subjects
-from reconciler.bus_wire import BadRequest, parse_selector
-from reconciler.spec import NAME_RE
+from reconciler.core.spec import NAME_RE
+from reconciler.mesh import subjects
+from reconciler.mesh.wire import BadRequest, parse_selector
 
 HERE = Path(__file__).parent
 CSRF_COOKIE = "gm_csrf"

@@ -16,8 +16,8 @@ from console.feed import Connector
 
 
 def nats_connector(args: argparse.Namespace) -> Connector:
-    """A Connector from the shared --nats* flags (reconciler.bus.NatsOptions and connect)."""
-    from reconciler.bus import NatsOptions
+    """A Connector from the shared --nats* flags (reconciler.mesh.link.NatsOptions and connect)."""
+    from reconciler.mesh.link import NatsOptions
 
     options = NatsOptions.from_args(args)
     options.name = "gitops-mesh-console"
@@ -32,7 +32,7 @@ class _Connector:
         self.js_domain: str | None = options.js_domain
 
     async def __call__(self, **callbacks: Any) -> NATS:
-        from reconciler.bus import connect
+        from reconciler.mesh.link import connect
 
         # the feed asks for endless reconnects; connect() bounds only the first attempt
         return await connect(self.options, timeout=5.0, **callbacks)

@@ -25,12 +25,12 @@ from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
 from console.fleet import Fleet
-from reconciler import subjects
-from reconciler.bus_conn import js_api_prefix, no_jetstream
+from reconciler.mesh import subjects
+from reconciler.mesh.conn import js_api_prefix, no_jetstream
 
 log = logging.getLogger("gitops_mesh.console.feed")
 
-# Same shape the agents create (reconciler.bus), from the shared constants.
+# Same shape the agents create (reconciler.mesh.link), from the shared constants.
 EVENTS_MAX_AGE_S = subjects.EVENTS_MAX_AGE_S
 EVENTS_DUPLICATE_WINDOW_S = subjects.EVENTS_DEDUP_WINDOW_S
 KV_HISTORY = subjects.KV_HISTORY

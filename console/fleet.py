@@ -15,9 +15,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from reconciler.events import Event, parse_time
-from reconciler.spec import NAME_RE
-from reconciler.status import NODE_STATES, UNREACHABLE, NodeStatus
+from reconciler.core.events import Event, parse_time
+from reconciler.core.spec import NAME_RE
+from reconciler.core.status import NODE_STATES, UNREACHABLE, NodeStatus
 
 STATUSES: tuple[str, ...] = (*NODE_STATES, UNREACHABLE)
 # How many missed heartbeats make a node unreachable (the contract says 3).

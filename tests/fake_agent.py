@@ -1,5 +1,5 @@
 """A small real AgentAPI for mesh tests: reads `apps.json` from a git repo, keeps events in a
-real reconciler.store.Store outbox. It runs no processes; "broken": true makes an app fail.
+real reconciler.node.store.Store outbox. It runs no processes; "broken": true makes an app fail.
 
 Also runnable as a process (`python tests/fake_agent.py --nats URL ...`) for kill -9 tests.
 """
@@ -18,10 +18,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from reconciler.events import iso_time, make_event
-from reconciler.plan import Action, ActionKind, Plan
-from reconciler.status import AppStatus, NodeStatus
-from reconciler.store import Store
+from reconciler.core.events import iso_time, make_event
+from reconciler.core.plan import Action, ActionKind, Plan
+from reconciler.core.status import AppStatus, NodeStatus
+from reconciler.node.store import Store
 
 
 class FakeAgent:
@@ -162,7 +162,7 @@ class FakeAgent:
 
 async def _main(argv: list[str]) -> None:
     """Run a FakeAgent + Mesh; `--emit N` records N events at start (a backlog)."""
-    from reconciler.bus import Mesh, NatsOptions
+    from reconciler.mesh.link import Mesh, NatsOptions
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--nats", required=True)

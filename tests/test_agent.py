@@ -16,8 +16,8 @@ from typing import Any
 import psutil
 import pytest
 
-from reconciler.agent import Agent, AgentConfig
-from reconciler.store import read_snapshot
+from reconciler.node.agent import Agent, AgentConfig
+from reconciler.node.store import read_snapshot
 from tests.conftest import SpecRepo, free_port, git, make_spec_repo
 
 APP_SCRIPT = textwrap.dedent('''
@@ -542,7 +542,7 @@ async def test_telemetry_spans_metrics_and_trace_ids(
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from reconciler.telemetry import Telemetry
+    from reconciler.node.telemetry import Telemetry
 
     spans, reader = InMemorySpanExporter(), InMemoryMetricReader()
     telemetry = Telemetry("t1", environ={}, span_exporter=spans, metric_reader=reader)
@@ -619,8 +619,8 @@ async def test_restart_after_crash_points_converges(
     the next agent converges with exactly one process per app, the right version each."""
     import yaml
 
-    from reconciler.spec import AppSpec
-    from reconciler.store import Store, spec_to_json
+    from reconciler.core.spec import AppSpec
+    from reconciler.node.store import Store, spec_to_json
 
     port, other, roll = free_port(), free_port(), free_port()
     repo.write("apps/web.yaml", app_yaml(app_script, "web", "1", port))
@@ -734,10 +734,10 @@ def test_app_pids_ignores_another_agent_with_the_same_node_id(tmp_path: Path) ->
 def test_launch_spec_env_and_argv(tmp_path: Path) -> None:
     """The app's environment: PATH from the agent, env_files (read on the node), the spec's
     env on top, then the agent's GITOPS_* values; shell commands only when asked for."""
-    from reconciler.executor import ActionFailed, Executor, read_env_file
-    from reconciler.runtimes.base import LaunchSpec, RestartPolicy
-    from reconciler.spec import AppSpec
-    from reconciler.store import Store
+    from reconciler.core.spec import AppSpec
+    from reconciler.node.executor import ActionFailed, Executor, read_env_file
+    from reconciler.node.runtimes.base import LaunchSpec, RestartPolicy
+    from reconciler.node.store import Store
 
     app_dir = tmp_path / "apps" / "web" / "1-abc"
     app_dir.mkdir(parents=True)
@@ -811,7 +811,7 @@ async def test_stop_apps_on_exit_stops_dependents_first(
 
 
 async def test_one_agent_per_state_dir(repo: SpecRepo, make_agent: MakeAgent) -> None:
-    from reconciler.agent import StateDirBusy
+    from reconciler.node.agent import StateDirBusy
 
     agent = await make_agent(repo)
     with pytest.raises(StateDirBusy, match=f"in use by another agent \\(pid {os.getpid()}\\)"):
@@ -996,8 +996,8 @@ async def test_finished_job_is_not_restarted(repo: SpecRepo, make_agent: MakeAge
 
 
 def test_redacted_spec_hides_env_values_and_url_credentials() -> None:
-    from reconciler.agent import redact_spec
-    from reconciler.spec import AppSpec
+    from reconciler.core.spec import AppSpec
+    from reconciler.node.agent import redact_spec
 
     spec = AppSpec.model_validate({
         "name": "a", "version": "1",

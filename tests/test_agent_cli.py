@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 import reconciler
-from reconciler.cli_node import local_status
-from reconciler.store import read_snapshot
+from reconciler.cli.node_cmds import local_status
+from reconciler.node.store import read_snapshot
 from tests.conftest import NatsServer, SpecRepo, eventually, free_port, make_spec_repo
 from tests.test_agent import APP_SCRIPT, SECRET, answers, app_pids, app_yaml
 
@@ -110,9 +110,9 @@ def test_kill_9_mid_upgrade_converges_without_duplicates_or_orphans(
 def test_once_and_status(
     tmp_path: Path, app_script: Path, cleanup_node: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from reconciler.cli import parse_args
-    from reconciler.cli_core import run_plan
-    from reconciler.cli_node import run_status
+    from reconciler.cli.main import parse_args
+    from reconciler.cli.node_cmds import run_status
+    from reconciler.cli.spec_cmds import run_plan
 
     def command(run: Callable[[Any], int], *argv: str) -> str:
         capsys.readouterr()
@@ -181,8 +181,8 @@ def test_once_and_status(
 def test_bad_options_and_missing_store(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from reconciler.cli import parse_args
-    from reconciler.cli_node import run_node, run_status
+    from reconciler.cli.main import parse_args
+    from reconciler.cli.node_cmds import run_node, run_status
 
     node = ["node", "--repo", str(tmp_path), "--state-dir", str(tmp_path / "s"), "--node-id"]
     assert run_node(parse_args([*node, "Bad_Id"])) == 2

@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from reconciler.artifacts import MARKER, ArtifactStore, Limits
-from reconciler.errors import ArtifactError, SourceError
-from reconciler.source import GitSource
-from reconciler.spec import AppSpec
+from reconciler.core.errors import ArtifactError, SourceError
+from reconciler.core.spec import AppSpec
+from reconciler.node.artifacts import MARKER, ArtifactStore, Limits
+from reconciler.node.source import GitSource
 from tests.conftest import eventually, free_port, git, make_spec_repo
 
 RUN_SH = b"#!/bin/sh\necho hello\n"
@@ -455,8 +455,8 @@ def test_stalled_download_gives_up(dripping_server: str, tmp_path: Path) -> None
 KILLED_INSTALL = """
 import sys
 from pathlib import Path
-from reconciler.artifacts import ArtifactStore
-from reconciler.spec import AppSpec
+from reconciler.node.artifacts import ArtifactStore
+from reconciler.core.spec import AppSpec
 spec = AppSpec.model_validate_json(sys.argv[2])
 ArtifactStore(Path(sys.argv[1])).install(spec)
 """

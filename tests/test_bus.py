@@ -1,6 +1,6 @@
 """The mesh against a real nats-server: events, status KV, RPC, discovery, fleet/push triggers.
 
-Agents here are tests/fake_agent.FakeAgent over a real reconciler.store.Store outbox.
+Agents here are tests/fake_agent.FakeAgent over a real reconciler.node.store.Store outbox.
 """
 
 from __future__ import annotations
@@ -31,19 +31,19 @@ from fake_agent import FakeAgent
 from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
-from reconciler.bus import Mesh, NatsOptions, connect
-from reconciler.bus_wire import SourceChanged
-from reconciler.cli_mesh import fleet_reconcile
-from reconciler.spec import Selector
-from reconciler.status import NodeStatus
-from reconciler.store import Store
-from reconciler.subjects import (
+from reconciler.cli.mesh_cmds import fleet_reconcile
+from reconciler.core.spec import Selector
+from reconciler.core.status import NodeStatus
+from reconciler.mesh.link import Mesh, NatsOptions, connect
+from reconciler.mesh.subjects import (
     EVENTS_STREAM,
     KV_BUCKET,
     SOURCE_CHANGED,
     node_events_subject,
     rpc_subject,
 )
+from reconciler.mesh.wire import SourceChanged
+from reconciler.node.store import Store
 
 TESTS = Path(__file__).parent
 
@@ -422,7 +422,7 @@ def _outbox(state: Path) -> list[dict[str, Any]]:
     """The events a (running) agent has not published yet, oldest first (read-only)."""
     import sqlite3
 
-    from reconciler.store import db_path
+    from reconciler.node.store import db_path
 
     assert db_path(state).exists(), "no store yet"
     db = sqlite3.connect(f"file:{db_path(state)}?mode=ro", uri=True, timeout=5)
@@ -518,7 +518,7 @@ async def test_nats_trouble_is_logged_once_not_per_retry(
     store = Store(tmp_path / "state")
     mesh = Mesh(FakeAgent(store, "quiet"), store,
                 NatsOptions(servers=[f"nats://127.0.0.1:{free_port()}"]))
-    with caplog.at_level("INFO", logger="reconciler.bus"):
+    with caplog.at_level("INFO", logger="reconciler.mesh.link"):
         await mesh.start()
         await eventually_async(lambda: _async(mesh.nats_errors >= 2), what="two retries")
         await mesh.close()

@@ -6,8 +6,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from reconciler.bus import NatsOptions, redact_url
-from reconciler.bus_wire import (
+from reconciler.core.spec import Selector
+from reconciler.core.status import AppStatus, NodeStatus
+from reconciler.mesh.link import NatsOptions, redact_url
+from reconciler.mesh.permissions import Permissions, node_permissions, notifier_permissions
+from reconciler.mesh.subjects import event_subject, node_from_event_subject, rpc_subject
+from reconciler.mesh.wire import (
     BadRequest,
     Observed,
     SourceChanged,
@@ -24,10 +28,6 @@ from reconciler.bus_wire import (
     wait_targets,
     wait_verdict,
 )
-from reconciler.natsconfig import Permissions, node_permissions, notifier_permissions
-from reconciler.spec import Selector
-from reconciler.status import AppStatus, NodeStatus
-from reconciler.subjects import event_subject, node_from_event_subject, rpc_subject
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 OLD = "a" * 40

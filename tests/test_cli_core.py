@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.cli import parse_args, resolve_handler
-from reconciler.loader import SpecFile, load_directory, load_files, read_directory
+from reconciler.cli.main import parse_args, resolve_handler
+from reconciler.core.loader import SpecFile, load_directory, load_files, read_directory
 from tests.conftest import eventually, free_port, make_spec_repo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,7 +156,7 @@ def test_plan_json_on_an_edge_node(example_repo, tmp_path: Path) -> None:  # typ
 
 def test_plan_with_a_state_dir_and_spec_errors(example_repo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Current state comes from the agent's store; a broken file holds every removal."""
-    from reconciler.store import AppRecord, Store
+    from reconciler.node.store import AppRecord, Store
 
     result = load_directory(example_repo.work)
     broker = result.apps["broker"]

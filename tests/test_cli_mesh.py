@@ -18,8 +18,8 @@ import pytest
 from conftest import NatsServer, SpecRepo, eventually, make_spec_repo
 
 import reconciler
-from reconciler.bus import NatsOptions, connect
-from reconciler.subjects import EVENTS_STREAM, KV_BUCKET
+from reconciler.mesh.link import NatsOptions, connect
+from reconciler.mesh.subjects import EVENTS_STREAM, KV_BUCKET
 
 SECRET = "sup3r-s3cret-v4lue-91"
 PY = sys.executable

@@ -12,8 +12,8 @@ from pathlib import Path
 import nats
 import psutil
 
-from reconciler.status import NodeStatus
-from reconciler.subjects import KV_BUCKET
+from reconciler.core.status import NodeStatus
+from reconciler.mesh.subjects import KV_BUCKET
 from tests.conftest import eventually, start_nats
 
 

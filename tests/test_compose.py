@@ -17,9 +17,9 @@ import pytest
 import yaml
 from nats.aio.msg import Msg
 
-from reconciler.cli import parse_args
+from reconciler.cli.main import parse_args
 from reconciler.demo import health_ports, pick_offsets, port_is_free
-from reconciler.subjects import SOURCE_CHANGED
+from reconciler.mesh.subjects import SOURCE_CHANGED
 from tests.conftest import NatsServer, eventually_async, free_port, git
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
+import sim
 
-from console import sim
 from console.app import ConsoleConfig
 from tests.conftest import NatsServer, SpecRepo, eventually, free_port, make_spec_repo
 

@@ -14,11 +14,11 @@ from typing import Any
 import httpx
 import nats
 import pytest
+import sim
 from nats.aio.client import Client as NATS
 
-from console import sim
 from console.app import ConsoleConfig
-from reconciler.events import make_event
+from reconciler.core.events import make_event
 from tests.conftest import NatsServer, eventually_async, free_port, start_nats
 
 TOKEN = "s3cret-token"
@@ -388,7 +388,7 @@ async def test_node_page_stream_waits_for_a_node_that_has_not_reported_yet(
 
 def test_flags_and_env_make_the_console_config(monkeypatch: pytest.MonkeyPatch) -> None:
     from console.cli import config_from_args
-    from reconciler.cli import parse_args
+    from reconciler.cli.main import parse_args
 
     monkeypatch.setenv("GITOPS_MESH_TOKEN", "from-env")  # the environment, not project code
     args = parse_args(["console", "--nats", "nats://h:4222", "--events-keep", "7",
@@ -406,7 +406,7 @@ def test_flags_and_env_make_the_console_config(monkeypatch: pytest.MonkeyPatch) 
 def test_trace_url_comes_from_the_flag_or_env_and_must_be_an_http_template(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from console.cli import config_from_args
-    from reconciler.cli import parse_args
+    from reconciler.cli.main import parse_args
 
     jaeger = "http://jaeger:16686/trace/{trace_id}"
     args = parse_args(["console", "--nats", "x", "--read-only", "--trace-url", jaeger])

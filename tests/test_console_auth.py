@@ -14,12 +14,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sim
 
-from console import sim
 from console.app import ConsoleConfig
 from console.cli import nats_connector
-from reconciler.bus import NatsOptions, connect
-from reconciler.events import make_event
+from reconciler.core.events import make_event
+from reconciler.mesh.link import NatsOptions, connect
 from tests.conftest import eventually_async, free_port, start_nats
 
 TOKEN = "auth-test-token"

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sim
 from playwright.async_api import BrowserContext, Page, async_playwright, expect
 
-from console import sim
 from console.app import ConsoleConfig
 from tests.conftest import (
     ARTIFACTS,

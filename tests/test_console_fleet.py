@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from console.fleet import EventFilter, Fleet, NodeFilter
-from reconciler.events import Event, make_event
-from reconciler.status import AppStatus, NodeStatus
+from reconciler.core.events import Event, make_event
+from reconciler.core.status import AppStatus, NodeStatus
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 REV1 = "a" * 40

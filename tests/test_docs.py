@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from reconciler.loader import SpecFile, load_files
+from reconciler.core.loader import SpecFile, load_files
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,8 +31,10 @@ def test_readme_starts_with_the_two_commands() -> None:
     lines = (ROOT / "README.md").read_text().splitlines()
     assert lines[2] == "```bash"
     assert lines[3].startswith(
-        "python3 -m venv .venv && .venv/bin/pip install -q -e . && .venv/bin/gitops-mesh demo"
+        "python3 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e . "
+        "&& .venv/bin/gitops-mesh demo"
     )
+    assert (ROOT / "constraints.txt").is_file()
     assert lines[4].startswith("bash .ci/run")
 
 

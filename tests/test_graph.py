@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from reconciler.graph import DependencyGraph, format_cycle
-from reconciler.spec import AppSpec
+from reconciler.core.graph import DependencyGraph, format_cycle
+from reconciler.core.spec import AppSpec
 
 
 def apps(edges: dict[str, list[str]]) -> dict[str, AppSpec]:

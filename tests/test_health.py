@@ -12,7 +12,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from reconciler.health import (
+from reconciler.core.spec import HealthSpec
+from reconciler.core.state import Health
+from reconciler.node.health import (
     HealthMonitor,
     HttpTarget,
     ProbeResult,
@@ -22,8 +24,6 @@ from reconciler.health import (
     redact,
     wait_healthy,
 )
-from reconciler.spec import HealthSpec
-from reconciler.state import Health
 from tests.conftest import eventually_async, free_port
 
 SECRET = "hunter2-secret-value"

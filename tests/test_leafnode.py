@@ -27,12 +27,12 @@ from nats.aio.client import Client as NATS
 from console.cli import nats_connector
 from console.feed import Feed
 from console.fleet import Fleet
-from reconciler.bus_conn import MeshError, NatsOptions
-from reconciler.cli import parse_args
-from reconciler.cli_mesh import fleet_reconcile, rpc
-from reconciler.events import Event
-from reconciler.status import NodeStatus
-from reconciler.subjects import EVENTS_STREAM, KV_BUCKET
+from reconciler.cli.main import parse_args
+from reconciler.cli.mesh_cmds import fleet_reconcile, rpc
+from reconciler.core.events import Event
+from reconciler.core.status import NodeStatus
+from reconciler.mesh.conn import MeshError, NatsOptions
+from reconciler.mesh.subjects import EVENTS_STREAM, KV_BUCKET
 
 PY = sys.executable
 DEPLOY = Path(__file__).parent.parent / "deploy" / "nats"

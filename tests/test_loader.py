@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.loader import (
+from reconciler.core.loader import (
     MAX_FILE_BYTES,
     ParseCache,
     SpecFile,
@@ -16,8 +16,8 @@ from reconciler.loader import (
     read_directory,
     resolve_spec_path,
 )
-from reconciler.spec import AppSpec, Selector
-from reconciler.targeting import desired_for_node, parse_labels, selector_implies
+from reconciler.core.spec import AppSpec, Selector
+from reconciler.core.targeting import desired_for_node, parse_labels, selector_implies
 from tests.conftest import make_spec_repo
 
 
@@ -422,7 +422,7 @@ def test_read_directory_does_not_read_all_of_a_huge_file(tmp_path: Path) -> None
 
 def test_git_tree_loads_like_the_directory(tmp_path: Path) -> None:
     """The agent's path: GitSource.spec_files (blob sha as cache key) -> load_files."""
-    from reconciler.source import GitSource
+    from reconciler.node.source import GitSource
 
     repo = make_spec_repo(tmp_path / "specs", {
         "apps/a.yaml": APP.format(name="a"),

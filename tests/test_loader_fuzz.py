@@ -9,7 +9,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler.loader import LoadResult, SpecFile, load_files
+from reconciler.core.loader import LoadResult, SpecFile, load_files
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "specs-example" / "apps"
 SEEDS = [p.read_bytes() for p in sorted(EXAMPLE.glob("*.yaml"))]

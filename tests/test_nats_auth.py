@@ -21,11 +21,11 @@ from fake_agent import FakeAgent
 from nats.aio.client import Client as NATS
 
 import reconciler
-from reconciler.bus import Mesh, MeshError, NatsOptions, connect
-from reconciler.cli_mesh import fleet_reconcile
-from reconciler.natsconfig import NatsConfigError, write_config
-from reconciler.status import NodeStatus
-from reconciler.store import Store
+from reconciler.cli.mesh_cmds import fleet_reconcile
+from reconciler.core.status import NodeStatus
+from reconciler.mesh.link import Mesh, MeshError, NatsOptions, connect
+from reconciler.mesh.permissions import NatsConfigError, write_config
+from reconciler.node.store import Store
 
 
 @pytest.fixture(scope="module")
@@ -275,8 +275,8 @@ async def test_console_and_observer_can_read_like_the_console_and_cli_do(
     with ordered consumers (as console/feed.py does); the observer runs a `wait`."""
     from nats.js import api
 
-    from reconciler.cli_mesh import read_fleet, wait_for_revision
-    from reconciler.subjects import (
+    from reconciler.cli.mesh_cmds import read_fleet, wait_for_revision
+    from reconciler.mesh.subjects import (
         EVENTS_DEDUP_WINDOW_S,
         EVENTS_STREAM,
         EVENTS_SUBJECTS,

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from reconciler.errors import SpecProblem
-from reconciler.loader import SpecFile, load_files
-from reconciler.plan import HELD_FAILED, HELD_SPEC_ERRORS, Action, HeldApp, Plan, make_plan
-from reconciler.spec import AppSpec
-from reconciler.state import CurrentApp, CurrentState, DesiredState
-from reconciler.targeting import desired_for_node
+from reconciler.core.errors import SpecProblem
+from reconciler.core.loader import SpecFile, load_files
+from reconciler.core.plan import HELD_FAILED, HELD_SPEC_ERRORS, Action, HeldApp, Plan, make_plan
+from reconciler.core.spec import AppSpec
+from reconciler.core.state import CurrentApp, CurrentState, DesiredState
+from reconciler.core.targeting import desired_for_node
 
 D, U, C, R, X = "deploy", "upgrade", "reconfigure", "restart", "remove"
 
@@ -50,7 +50,7 @@ def current(*apps: CurrentApp) -> CurrentState:
 
 def act(kind: str, name: str, gen: int, reason: str, frm: str | None = None,
         to: str | None = "1.0", deps: tuple[str, ...] = ()) -> Action:
-    from reconciler.plan import ActionKind
+    from reconciler.core.plan import ActionKind
 
     return Action(ActionKind(kind), name, gen, reason, frm, to, deps)
 

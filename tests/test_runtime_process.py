@@ -15,9 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from reconciler.errors import RuntimeFailure
-from reconciler.runtimes.base import LaunchSpec, ProcessRecord, ProcessStats, RestartPolicy
-from reconciler.runtimes.process import (
+from reconciler.core.errors import RuntimeFailure
+from reconciler.node.runtimes.base import LaunchSpec, ProcessRecord, ProcessStats, RestartPolicy
+from reconciler.node.runtimes.process import (
     ExitDecision,
     ProcessRuntime,
     group_members,
@@ -375,8 +375,8 @@ async def test_adoption_across_runtime_restart(tmp_path: Path, use_pidfd: bool) 
 AGENT = """
 import asyncio, json, sys
 from pathlib import Path
-from reconciler.runtimes.base import LaunchSpec
-from reconciler.runtimes.process import ProcessRuntime
+from reconciler.node.runtimes.base import LaunchSpec
+from reconciler.node.runtimes.process import ProcessRuntime
 
 class Quiet:
     def on_started(self, record, restarted): pass

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.sdnotify import SdNotifier
+from reconciler.node.sdnotify import SdNotifier
 from tests.conftest import make_spec_repo
 
 

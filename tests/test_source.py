@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.errors import ArtifactError, SignatureError, SourceError
-from reconciler.loader import SpecFile
-from reconciler.source import GitSource, SignatureVerifier, redact_url
+from reconciler.core.errors import ArtifactError, SignatureError, SourceError
+from reconciler.core.loader import SpecFile
+from reconciler.node.source import GitSource, SignatureVerifier, redact_url
 from tests.conftest import SpecRepo, git, make_spec_repo
 
 APP_A = "name: a\nversion: '1'\n"

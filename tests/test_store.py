@@ -13,12 +13,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from reconciler.agent_api import OutboxEntry
-from reconciler.events import make_event
-from reconciler.runtimes.base import ProcessRecord
-from reconciler.spec import AppSpec
-from reconciler.state import CurrentApp, CurrentState
-from reconciler.store import (
+from reconciler.core.events import make_event
+from reconciler.core.ports import OutboxEntry
+from reconciler.core.spec import AppSpec
+from reconciler.core.state import CurrentApp, CurrentState
+from reconciler.node.runtimes.base import ProcessRecord
+from reconciler.node.store import (
     SPEC_HASH_SCHEME,
     AppRecord,
     Store,

@@ -14,9 +14,9 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from console.feed import Connector, ensure_bucket, ensure_stream
-from reconciler import subjects
-from reconciler.events import Event, iso_time, make_event
-from reconciler.status import AppStatus, NodeStatus
+from reconciler.core.events import Event, iso_time, make_event
+from reconciler.core.status import AppStatus, NodeStatus
+from reconciler.mesh import subjects
 
 
 async def ensure(js: JetStreamContext) -> KeyValue:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from reconciler.spec import AppSpec
+from reconciler.core.spec import AppSpec
 
 if TYPE_CHECKING:
     import networkx as nx

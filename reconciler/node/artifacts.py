@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
 
-from reconciler.errors import ArtifactError, SourceError
-from reconciler.source import FULL_SHA_RE, redact_url, run_git
-from reconciler.spec import NAME_RE, AppSpec, ArchiveSource, NoSource
-from reconciler.spec import GitSource as GitSourceSpec
+from reconciler.core.errors import ArtifactError, SourceError
+from reconciler.core.spec import NAME_RE, AppSpec, ArchiveSource, NoSource
+from reconciler.core.spec import GitSource as GitSourceSpec
+from reconciler.node.source import FULL_SHA_RE, redact_url, run_git
 
 MARKER = ".gitops-mesh-installed"
 _TMP_PREFIX = ".tmp-"

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import psutil
 
-from reconciler.errors import RuntimeFailure
-from reconciler.runtimes.base import (
+from reconciler.core.errors import RuntimeFailure
+from reconciler.node.runtimes.base import (
     LaunchSpec,
     ProcessRecord,
     ProcessStats,

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from reconciler.spec import AppSpec
-from reconciler.state import CurrentApp, CurrentState, DesiredState
+from reconciler.core.spec import AppSpec
+from reconciler.core.state import CurrentApp, CurrentState, DesiredState
 
 
 class ActionKind(StrEnum):
@@ -125,7 +125,7 @@ def make_plan(desired: DesiredState, current: CurrentState) -> Plan:
     metadata_only (too when it restarts for drift): the executor stores its new spec, no restart.
     An installed app that is held keeps what it depends on: those removals are held too.
     """
-    from reconciler.graph import DependencyGraph
+    from reconciler.core.graph import DependencyGraph
 
     held: dict[str, str] = {}
     changes: list[Action] = []
@@ -188,7 +188,7 @@ def make_plan(desired: DesiredState, current: CurrentState) -> Plan:
 def _removals(desired: DesiredState, current: CurrentState, held: dict[str, str]) -> list[Action]:
     """Remove actions for installed apps no longer desired, dependents first; records the
     removals it holds in `held` (spec errors, suspension, still needed by a held app)."""
-    from reconciler.graph import DependencyGraph
+    from reconciler.core.graph import DependencyGraph
 
     to_remove: set[str] = set()
     for name, installed_app in current.apps.items():

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from reconciler.spec import ExecProbe, HealthSpec, HttpProbe, TcpProbe, format_duration
-from reconciler.state import Health
+from reconciler.core.spec import ExecProbe, HealthSpec, HttpProbe, TcpProbe, format_duration
+from reconciler.core.state import Health
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The node's NATS endpoints: the `gitops-node` micro service and the fleet/push triggers.
 
-Each request is parsed by reconciler.bus_wire (bad bodies -> micro error 400) and served by
+Each request is parsed by reconciler.mesh.wire (bad bodies -> micro error 400) and served by
 the agent through AgentAPI; nothing here blocks on a reconcile.
 """
 
@@ -22,8 +22,10 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 
 from reconciler import __version__
-from reconciler.agent_api import AgentAPI
-from reconciler.bus_wire import (
+from reconciler.core.ports import AgentAPI
+from reconciler.core.status import NodeStatus
+from reconciler.mesh.subjects import FLEET_RECONCILE, RPC_SERVICE, SOURCE_CHANGED, rpc_subject
+from reconciler.mesh.wire import (
     BadRequest,
     SourceChanged,
     parse_app_body,
@@ -32,10 +34,8 @@ from reconciler.bus_wire import (
     parse_source_changed,
     source_matches,
 )
-from reconciler.status import NodeStatus
-from reconciler.subjects import FLEET_RECONCILE, RPC_SERVICE, SOURCE_CHANGED, rpc_subject
 
-log = logging.getLogger("reconciler.bus")
+log = logging.getLogger("reconciler.mesh.link")
 
 
 class NodeEndpoints:

@@ -15,9 +15,9 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from reconciler.events import parse_time
-from reconciler.spec import NAME_RE, Selector
-from reconciler.status import UNREACHABLE, NodeStatus
+from reconciler.core.events import parse_time
+from reconciler.core.spec import NAME_RE, Selector
+from reconciler.core.status import UNREACHABLE, NodeStatus
 
 # How many missed heartbeats make a node unreachable for observers.
 UNREACHABLE_AFTER_HEARTBEATS = 3.0

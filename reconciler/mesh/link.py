@@ -21,8 +21,10 @@ from nats.js.api import StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
-from reconciler.agent_api import AgentAPI, Outbox, OutboxEntry
-from reconciler.bus_conn import (
+from reconciler.core.events import iso_time
+from reconciler.core.ports import AgentAPI, Outbox, OutboxEntry
+from reconciler.core.status import NodeStatus
+from reconciler.mesh.conn import (
     MeshError,
     NatsOptions,
     connect,
@@ -30,10 +32,8 @@ from reconciler.bus_conn import (
     reason_of,
     redact_url,
 )
-from reconciler.bus_rpc import NodeEndpoints
-from reconciler.events import iso_time
-from reconciler.status import NodeStatus
-from reconciler.subjects import (
+from reconciler.mesh.service import NodeEndpoints
+from reconciler.mesh.subjects import (
     EVENTS_DEDUP_WINDOW_S,
     EVENTS_MAX_AGE_S,
     EVENTS_STREAM,
@@ -44,7 +44,7 @@ from reconciler.subjects import (
 
 __all__ = ["Mesh", "MeshError", "NatsOptions", "connect", "redact_url"]
 
-log = logging.getLogger("reconciler.bus")
+log = logging.getLogger("reconciler.mesh.link")
 
 PUBLISH_BATCH = 512
 ACK_TIMEOUT_S = 5.0

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reconciler.spec import NAME_RE
-from reconciler.subjects import (
+from reconciler.core.spec import NAME_RE
+from reconciler.mesh.subjects import (
     EVENTS_STREAM,
     EVENTS_SUBJECTS,
     FLEET_RECONCILE,

@@ -25,10 +25,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from reconciler.errors import SpecProblem
-from reconciler.graph import DependencyGraph, format_cycle
-from reconciler.spec import NAME_RE, AppSpec
-from reconciler.targeting import selector_implies, untargeted_dependency_message
+from reconciler.core.errors import SpecProblem
+from reconciler.core.graph import DependencyGraph, format_cycle
+from reconciler.core.spec import NAME_RE, AppSpec
+from reconciler.core.targeting import selector_implies, untargeted_dependency_message
 
 MAX_FILE_BYTES = 1024 * 1024
 MAX_DEPTH = 32
@@ -778,7 +778,7 @@ def check_tree(parsed: list[ParsedFile], apps_path: str = "apps") -> LoadResult:
 
 
 # ---------------------------------------------------------------------------------------
-# Reading a directory (the only I/O here; the git tree is read by reconciler.source)
+# Reading a directory (the only I/O here; the git tree is read by reconciler.node.source)
 
 
 def read_directory(

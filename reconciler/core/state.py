@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from reconciler.errors import SpecProblem
-from reconciler.spec import AppSpec
+from reconciler.core.errors import SpecProblem
+from reconciler.core.spec import AppSpec
 
 Phase = Literal[
     "pending", "deploying", "upgrading", "running", "rolling-back", "removing", "failed", "blocked"

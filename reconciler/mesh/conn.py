@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from reconciler.errors import TransientError
+from reconciler.core.errors import TransientError
 
 if TYPE_CHECKING:  # `notify` (a git hook) imports this module: keep JetStream out of it
     from nats.js.client import JetStreamContext

@@ -9,17 +9,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from reconciler.errors import ReconcileError, SpecProblem
-from reconciler.loader import (
+from reconciler.core.errors import ReconcileError, SpecProblem
+from reconciler.core.loader import (
     LoadResult,
     SpecFile,
     load_files,
     read_directory,
     resolve_spec_path,
 )
-from reconciler.plan import Action, ActionKind, Plan
-from reconciler.spec import NAME_RE, app_json_schema
-from reconciler.state import CurrentState
+from reconciler.core.plan import Action, ActionKind, Plan
+from reconciler.core.spec import NAME_RE, app_json_schema
+from reconciler.core.state import CurrentState
 
 # Exit codes: 0 fine, 1 spec problems (plan still printed, with removals held), 2 could not
 # run at all (bad flags, unreachable repository).
@@ -67,7 +67,7 @@ def run_validate(args: argparse.Namespace) -> int:
 
 def check_archives(root: Path, result: LoadResult) -> list[SpecProblem]:
     """Repo-relative archives must exist under `root` and match their pinned sha256."""
-    from reconciler.spec import ArchiveSource
+    from reconciler.core.spec import ArchiveSource
 
     problems: list[SpecProblem] = []
     for name, app in result.valid_apps.items():
@@ -115,7 +115,7 @@ def run_schema(args: argparse.Namespace) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from reconciler.targeting import desired_for_node
+    from reconciler.core.targeting import desired_for_node
 
     try:
         if not NAME_RE.match(args.node_id):
@@ -130,7 +130,7 @@ def run_plan(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     result: LoadResult = load_files(files, apps_path=args.path)
     desired = desired_for_node(result, args.node_id, labels, revision)
-    from reconciler.plan import make_plan
+    from reconciler.core.plan import make_plan
 
     plan = make_plan(desired, current)
     if args.json:
@@ -145,7 +145,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def _labels(items: list[str]) -> dict[str, str]:
-    from reconciler.targeting import parse_labels
+    from reconciler.core.targeting import parse_labels
 
     try:
         return parse_labels(items)
@@ -154,7 +154,7 @@ def _labels(items: list[str]) -> dict[str, str]:
 
 
 def _read_repo(url: str, branch: str, apps_path: str, cache: Path) -> tuple[str, list[SpecFile]]:
-    from reconciler.source import GitSource
+    from reconciler.node.source import GitSource
 
     source = GitSource(url, branch, cache / "repo")
     try:
@@ -168,7 +168,7 @@ def _current_state(state_dir: Path | None) -> CurrentState:
     """What runs on this node per the agent's store; nothing when there is no store there."""
     if state_dir is None or not state_dir.is_dir():
         return CurrentState()
-    from reconciler.store import StoreError, load_current_state
+    from reconciler.node.store import StoreError, load_current_state
 
     try:
         return load_current_state(state_dir)

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from reconciler.errors import ArtifactError, ReconcileError, SourceError
-from reconciler.events import Event
-from reconciler.plan import Action, ActionKind, Plan
-from reconciler.runtimes.base import LaunchSpec, RestartPolicy, Runtime
-from reconciler.spec import METADATA_FIELDS, AppSpec
-from reconciler.store import AppRecord, Store, spec_to_json
+from reconciler.core.errors import ArtifactError, ReconcileError, SourceError
+from reconciler.core.events import Event
+from reconciler.core.plan import Action, ActionKind, Plan
+from reconciler.core.spec import METADATA_FIELDS, AppSpec
+from reconciler.node.runtimes.base import LaunchSpec, RestartPolicy, Runtime
+from reconciler.node.store import AppRecord, Store, spec_to_json
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ ReadRepoFile = Callable[[str], bytes]
 
 
 class Artifacts(Protocol):
-    """What the executor needs from reconciler.artifacts.ArtifactStore."""
+    """What the executor needs from reconciler.node.artifacts.ArtifactStore."""
 
     def install(self, spec: AppSpec, read_repo_file: ReadRepoFile | None = None) -> Path: ...
 

@@ -1,7 +1,7 @@
 """The seams between the agent and the mesh: what RPC/KV need from an agent, and the outbox.
 
-The agent (reconciler.agent) implements AgentAPI; the store (reconciler.store) implements
-Outbox; the mesh (reconciler.bus) consumes both and never reaches further into the agent.
+The agent (reconciler.node.agent) implements AgentAPI; the store (reconciler.node.store) implements
+Outbox; the mesh (reconciler.mesh.link) consumes both and never reaches further into the agent.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from reconciler.plan import Plan
-from reconciler.status import NodeStatus
+from reconciler.core.plan import Plan
+from reconciler.core.status import NodeStatus
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from typing import IO, Any
 import psutil
 
 import reconciler
-from reconciler.subjects import KV_BUCKET
+from reconciler.mesh.subjects import KV_BUCKET
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -280,8 +280,8 @@ def port_is_free(port: int) -> bool:
 
 def health_ports(specs: Path) -> list[int]:
     """The base ports the specs' health checks use (the apps listen there, plus the offset)."""
-    from reconciler.health import http_target
-    from reconciler.loader import load_directory
+    from reconciler.core.loader import load_directory
+    from reconciler.node.health import http_target
 
     ports: set[int] = set()
     for app in load_directory(specs).apps.values():

@@ -27,8 +27,8 @@ from git import BadName, Repo
 from git.exc import GitError
 from git.objects import Blob, Tree
 
-from reconciler.errors import ArtifactError, SignatureError, SourceError
-from reconciler.loader import SpecFile
+from reconciler.core.errors import ArtifactError, SignatureError, SourceError
+from reconciler.core.loader import SpecFile
 
 log = logging.getLogger(__name__)
 

@@ -16,16 +16,16 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
-from reconciler.bus_conn import MeshError, NatsOptions, connect, no_jetstream
-from reconciler.subjects import FLEET_RECONCILE, KV_BUCKET, SOURCE_CHANGED, rpc_subject
+from reconciler.mesh.conn import MeshError, NatsOptions, connect, no_jetstream
+from reconciler.mesh.subjects import FLEET_RECONCILE, KV_BUCKET, SOURCE_CHANGED, rpc_subject
 
 # `notify` runs in a git hook on every push: it must not pay for pydantic models, so the
 # status/selector modules are imported only by the commands that use them.
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
 
-    from reconciler.bus_wire import Observed
-    from reconciler.spec import Selector
+    from reconciler.core.spec import Selector
+    from reconciler.mesh.wire import Observed
 
 RPC_TIMEOUT_S = 5.0
 EXIT_FAILED = 1
@@ -43,7 +43,7 @@ def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
         _err(str(exc))
         return EXIT_USAGE
     except ValueError as exc:
-        from reconciler.bus_wire import BadRequest
+        from reconciler.mesh.wire import BadRequest
 
         if not isinstance(exc, BadRequest):
             raise
@@ -52,8 +52,8 @@ def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 
 def _timeout(text: str) -> float:
-    from reconciler.bus_wire import BadRequest
-    from reconciler.spec import parse_duration
+    from reconciler.core.spec import parse_duration
+    from reconciler.mesh.wire import BadRequest
 
     try:
         return parse_duration(text)
@@ -101,8 +101,8 @@ async def read_fleet(nc: NATS, *, js_domain: str | None = None) -> dict[str, Obs
 
 
 def _apply(fleet: dict[str, Observed], entry: KeyValue.Entry) -> None:
-    from reconciler.bus_wire import Observed
-    from reconciler.status import NodeStatus
+    from reconciler.core.status import NodeStatus
+    from reconciler.mesh.wire import Observed
 
     if entry.operation in ("DEL", "PURGE") or not entry.value:
         fleet.pop(entry.key, None)
@@ -140,7 +140,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    from reconciler.bus_wire import fleet_rows, format_table, observed_state
+    from reconciler.mesh.wire import fleet_rows, format_table, observed_state
 
     options = NatsOptions.from_args(args)
     nc = await connect(options)
@@ -168,8 +168,8 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 async def _node_status(nc: NATS, node: str, as_json: bool, js_domain: str | None) -> int:
-    from reconciler.bus_wire import observed_state
-    from reconciler.status import NodeStatus
+    from reconciler.core.status import NodeStatus
+    from reconciler.mesh.wire import observed_state
 
     written_at = None
     try:
@@ -197,7 +197,7 @@ async def _node_status(nc: NATS, node: str, as_json: bool, js_domain: str | None
         data["status"] = state
         print(json.dumps(data, indent=2))
         return 0
-    from reconciler.cli_node import format_status
+    from reconciler.cli.node_cmds import format_status
 
     print(format_status(status.model_copy(update={"status": state})))
     return 0
@@ -209,7 +209,7 @@ def run_reconcile(args: argparse.Namespace) -> int:
 
 
 async def _reconcile(args: argparse.Namespace) -> int:
-    from reconciler.bus_wire import selector_from_pairs
+    from reconciler.mesh.wire import selector_from_pairs
 
     timeout = _timeout(args.timeout)
     selector = selector_from_pairs(args.selector or [])
@@ -244,7 +244,7 @@ async def fleet_reconcile(
 ) -> list[dict[str, Any]]:
     """Trigger every matching node; collect replies until the reachable matching nodes known
     from the KV have all answered, or `timeout`."""
-    from reconciler.bus_wire import is_unreachable
+    from reconciler.mesh.wire import is_unreachable
 
     now = _now()
     expected = {
@@ -281,7 +281,7 @@ def run_wait(args: argparse.Namespace) -> int:
 
 
 async def _wait(args: argparse.Namespace) -> int:
-    from reconciler.bus_wire import selector_from_pairs
+    from reconciler.mesh.wire import selector_from_pairs
 
     revision = args.revision.strip()
     timeout = _timeout(args.timeout)
@@ -301,7 +301,7 @@ async def wait_for_revision(
     *, js_domain: str | None = None,
 ) -> int:
     """Watch the status KV until every targeted node is synced (or failed) at `revision`."""
-    from reconciler.bus_wire import wait_targets, wait_verdict
+    from reconciler.mesh.wire import wait_targets, wait_verdict
 
     kv = await _bucket(nc, js_domain)
     while kv is None:
@@ -382,7 +382,7 @@ async def _notify(args: argparse.Namespace) -> int:
 def run_nats_config(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from reconciler.natsconfig import NatsConfigError, write_config
+    from reconciler.mesh.permissions import NatsConfigError, write_config
 
     try:
         written = write_config(Path(args.out), list(args.node or []), auth=args.auth)

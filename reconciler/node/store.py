@@ -12,11 +12,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from reconciler.agent_api import OutboxEntry
-from reconciler.events import Event
-from reconciler.runtimes.base import ProcessRecord
-from reconciler.spec import AppSpec, metadata_hash_of
-from reconciler.state import CurrentApp, CurrentState
+from reconciler.core.events import Event
+from reconciler.core.ports import OutboxEntry
+from reconciler.core.spec import AppSpec, metadata_hash_of
+from reconciler.core.state import CurrentApp, CurrentState
+from reconciler.node.runtimes.base import ProcessRecord
 
 DB_NAME = "state.db"
 SCHEMA_VERSION = 1

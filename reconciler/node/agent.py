@@ -17,16 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import __version__
-from reconciler.errors import ReconcileError, SignatureError, SourceError
-from reconciler.events import Event, iso_time, make_event
-from reconciler.executor import ActionFailed, ActionResult, Executor
-from reconciler.plan import Plan
-from reconciler.runtimes.base import LaunchSpec, ProcessRecord, Runtime
-from reconciler.spec import AppSpec
-from reconciler.state import CurrentState, DesiredState
-from reconciler.status import AppStatus, NodeStatus, summarize
-from reconciler.store import AppRecord, Store, meta_float, pid_alive
-from reconciler.telemetry import Telemetry
+from reconciler.core.errors import ReconcileError, SignatureError, SourceError
+from reconciler.core.events import Event, iso_time, make_event
+from reconciler.core.plan import Plan
+from reconciler.core.spec import AppSpec
+from reconciler.core.state import CurrentState, DesiredState
+from reconciler.core.status import AppStatus, NodeStatus, summarize
+from reconciler.node.executor import ActionFailed, ActionResult, Executor
+from reconciler.node.runtimes.base import LaunchSpec, ProcessRecord, Runtime
+from reconciler.node.store import AppRecord, Store, meta_float, pid_alive
+from reconciler.node.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class RunInfo:
 def redact_spec(spec: AppSpec) -> dict[str, Any]:
     """JSON-ready spec with env values replaced by "***" and URL credentials removed (safe
     to publish)."""
-    from reconciler.source import redact_url
+    from reconciler.node.source import redact_url
 
     data = spec.model_dump(mode="json", by_alias=True)
     run = data.get("run")
@@ -100,10 +100,10 @@ class Agent:
         telemetry: Telemetry | None = None,
         notifier: Any = None,
     ) -> None:
-        from reconciler.artifacts import ArtifactStore
-        from reconciler.health import HealthMonitor
-        from reconciler.loader import ParseCache
-        from reconciler.source import GitSource, SignatureVerifier
+        from reconciler.core.loader import ParseCache
+        from reconciler.node.artifacts import ArtifactStore
+        from reconciler.node.health import HealthMonitor
+        from reconciler.node.source import GitSource, SignatureVerifier
 
         self.config = config
         self.node_id = config.node_id
@@ -129,7 +129,7 @@ class Agent:
                                 fetch_timeout=config.fetch_timeout, verifier=verifier)
         self.artifacts = ArtifactStore(state_dir / "apps")
         if runtime is None:
-            from reconciler.runtimes.process import ProcessRuntime
+            from reconciler.node.runtimes.process import ProcessRuntime
 
             runtime = ProcessRuntime(self)
         self.runtime = runtime
@@ -144,7 +144,7 @@ class Agent:
         )
         if notifier is None:
             try:
-                from reconciler.sdnotify import SdNotifier
+                from reconciler.node.sdnotify import SdNotifier
 
                 notifier = SdNotifier.from_env()
             except ImportError:
@@ -272,7 +272,7 @@ class Agent:
         os.close(self._lock_fd)  # releases the state dir for the next agent
 
     def _stop_order(self) -> list[list[str]]:
-        from reconciler.graph import DependencyGraph
+        from reconciler.core.graph import DependencyGraph
 
         records = self.store.apps()
         specs = {name: r.spec for name, r in records.items()}
@@ -441,8 +441,8 @@ class Agent:
             self._desired_revision = revision
 
     async def _desired_state(self, revision: str) -> DesiredState:
-        from reconciler.loader import load_files
-        from reconciler.targeting import desired_for_node
+        from reconciler.core.loader import load_files
+        from reconciler.core.targeting import desired_for_node
 
         files = await asyncio.to_thread(self.source.spec_files, revision, self.config.apps_path)
         result = await asyncio.to_thread(
@@ -451,7 +451,7 @@ class Agent:
         return desired_for_node(result, self.node_id, self.labels, revision)
 
     async def _reconcile_steps(self) -> tuple[str, str]:
-        from reconciler.plan import make_plan
+        from reconciler.core.plan import make_plan
 
         try:
             revision = await self._fetch()
@@ -774,7 +774,7 @@ class Agent:
     async def wait_healthy(
         self, spec: AppSpec, launch: LaunchSpec | None, is_alive: Callable[[], bool]
     ) -> tuple[bool, str]:
-        from reconciler.health import wait_healthy
+        from reconciler.node.health import wait_healthy
 
         result = await wait_healthy(
             spec.health, cwd=launch.workdir if launch else self.config.state_dir,
@@ -894,7 +894,7 @@ class Agent:
         }
 
     async def plan(self) -> Plan:
-        from reconciler.plan import make_plan
+        from reconciler.core.plan import make_plan
 
         revision = await self._fetch()  # records nothing: a plan changes nothing
         desired = await self._desired_state(revision)

@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from reconciler.spec import parse_duration
-from reconciler.status import AppStatus, NodeStatus, summarize
+from reconciler.core.spec import parse_duration
+from reconciler.core.status import AppStatus, NodeStatus, summarize
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def _duration(args: argparse.Namespace, name: str) -> float:
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:
-    from reconciler.targeting import parse_labels
+    from reconciler.core.targeting import parse_labels
 
     try:
         return parse_labels(pairs)
@@ -50,8 +50,8 @@ def _existing_file(value: str | None, flag: str) -> Path | None:
 
 
 def agent_config(args: argparse.Namespace) -> Any:
-    from reconciler.agent import AgentConfig
-    from reconciler.spec import NAME_RE
+    from reconciler.core.spec import NAME_RE
+    from reconciler.node.agent import AgentConfig
 
     if not NAME_RE.match(args.node_id):
         raise UsageError(f"--node-id: {args.node_id!r} is not a valid node id "
@@ -81,9 +81,9 @@ def run_node(args: argparse.Namespace) -> int:
 
 
 async def _node(args: argparse.Namespace, config: Any) -> int:
-    from reconciler.agent import Agent, StateDirBusy
-    from reconciler.errors import ReconcileError
-    from reconciler.store import StoreError
+    from reconciler.core.errors import ReconcileError
+    from reconciler.node.agent import Agent, StateDirBusy
+    from reconciler.node.store import StoreError
 
     try:
         agent = Agent(config)
@@ -93,7 +93,7 @@ async def _node(args: argparse.Namespace, config: Any) -> int:
     mesh = None
     if getattr(args, "nats", None):
         try:
-            from reconciler.bus import Mesh, NatsOptions
+            from reconciler.mesh.link import Mesh, NatsOptions
         except ImportError as exc:  # the mesh is optional: the node still reconciles
             log.error("--nats given but the mesh is unavailable: %s", exc)
         else:
@@ -155,9 +155,9 @@ def local_status(state_dir: Path) -> NodeStatus | None:
     cpu_percent stays None (it needs a running agent's samples)."""
     import psutil
 
-    from reconciler.agent import spec_of
-    from reconciler.events import iso_time
-    from reconciler.store import meta_float, pid_alive, read_snapshot
+    from reconciler.core.events import iso_time
+    from reconciler.node.agent import spec_of
+    from reconciler.node.store import meta_float, pid_alive, read_snapshot
 
     snap = read_snapshot(state_dir)
     if snap is None:
@@ -207,8 +207,8 @@ def local_status(state_dir: Path) -> NodeStatus | None:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from reconciler.cli import DEFAULT_STATE_DIR
-    from reconciler.store import StoreError
+    from reconciler.cli.main import DEFAULT_STATE_DIR
+    from reconciler.node.store import StoreError
 
     state_dir = Path(args.state_dir or DEFAULT_STATE_DIR)
     try:

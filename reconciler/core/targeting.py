@@ -6,12 +6,12 @@ import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from reconciler.errors import SpecProblem
-from reconciler.spec import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, AppSpec, Selector
-from reconciler.state import DesiredState
+from reconciler.core.errors import SpecProblem
+from reconciler.core.spec import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, AppSpec, Selector
+from reconciler.core.state import DesiredState
 
 if TYPE_CHECKING:
-    from reconciler.loader import LoadResult
+    from reconciler.core.loader import LoadResult
 
 _KEY_RE = re.compile(LABEL_KEY_PATTERN)
 _VALUE_RE = re.compile(LABEL_VALUE_PATTERN)

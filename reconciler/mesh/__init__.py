@@ -1,0 +1,1 @@
+"""NATS: subject names, wire shapes, connection, the node's service, clients and permissions."""
