@@ -1,0 +1,550 @@
+"""Fleet rollout decisions, pure: the rollout entry, and what happens to it. No I/O, no clock.
+
+The entry (JSON in the `gitops_rollouts` KV bucket, key = full revision SHA) is the whole
+state of one revision's rollout. Every change is a function here, entry (+ fleet, + `now`)
+in, `Step(entry, events)` out; the mesh shell applies it with a compare-and-set and records
+the events only when its write won, so each transition is announced once.
+
+    new_entry ──▶ progressing ──pause──▶ paused ──resume──▶ progressing
+                      │  advance: wave done + bake ─▶ next wave opens (rollout.wave-opened)
+                      │  last wave done ───────────▶ complete (rollout.completed)
+                      └─ failed > max_failed, abort, superseded ─▶ aborted (rollout.aborted)
+
+Who may apply: `consult` (wave open, not paused/aborted, a max_unavailable slot free: the
+node claims it). Who reports: `report` (synced / failed). Offline nodes (stale heartbeat)
+are counted `offline`: they neither fail nor hold their wave, and join when they return.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from reconciler.events import iso_time, parse_time
+from reconciler.rollout_spec import RolloutSpec, resolve_count
+from reconciler.spec import Selector, format_duration
+
+RolloutState = Literal["progressing", "paused", "complete", "aborted"]
+ROLLOUT_STATES: tuple[str, ...] = ("progressing", "paused", "complete", "aborted")
+ACTIVE_STATES = frozenset({"progressing", "paused"})
+OPERATOR_ACTIONS: tuple[str, ...] = ("pause", "resume", "abort", "promote")
+ROLLOUT_EVENT_TYPES: tuple[str, ...] = (
+    "rollout.wave-opened", "rollout.completed", "rollout.aborted", "rollout.paused",
+    "rollout.resumed",
+)
+_EVENT_NAMESPACE = uuid.UUID("5b1c4a52-6f0e-4d8c-9d6e-2f7e0c1a9b31")
+
+
+class RolloutRefused(ValueError):
+    """An operator action that does not apply to the entry as it is (message says why)."""
+
+
+class WaveEntry(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    selector: Selector = Field(default_factory=Selector)
+    max_unavailable: int | str = "100%"
+    nodes: list[str] = Field(default_factory=list)
+    synced: list[str] = Field(default_factory=list)
+    failed: list[str] = Field(default_factory=list)
+    offline: list[str] = Field(default_factory=list)
+    opened_at: str | None = None
+    synced_at: str | None = None  # every online node done: the bake started
+    baked_at: str | None = None   # the bake ended (or was skipped) and the next wave opened
+
+    def pending(self) -> list[str]:
+        done = {*self.synced, *self.failed, *self.offline}
+        return [n for n in self.nodes if n not in done]
+
+
+class RolloutEntry(BaseModel):
+    """One revision's rollout, as stored in gitops_rollouts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    revision: str
+    state: RolloutState = "progressing"
+    wave: str | None = None  # the open wave's name
+    wave_index: int = 0
+    waves: list[WaveEntry]
+    applying: dict[str, str] = Field(default_factory=dict)  # node -> since (ISO)
+    failures: dict[str, str] = Field(default_factory=dict)  # node -> why
+    reason: str = ""
+    base: str | None = None  # the last completed revision (what `revert` goes back to)
+    bake_s: float = 0.0
+    progress_deadline_s: float = 600.0
+    max_failed: int | str = 0
+    revert: bool = True
+    superseded_by: str | None = None
+    created_at: str
+    updated_at: str
+    transitions: int = 0  # counts announced transitions (deterministic event ids)
+
+    def to_json_bytes(self) -> bytes:
+        return self.model_dump_json(by_alias=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> RolloutEntry:
+        return cls.model_validate_json(data)
+
+    def targeted(self) -> list[str]:
+        return sorted({n for w in self.waves for n in w.nodes})
+
+    def failed_nodes(self) -> list[str]:
+        return sorted({n for w in self.waves for n in w.failed})
+
+    def done_nodes(self) -> set[str]:
+        """Nodes that applied the revision (synced or failed at it)."""
+        return {n for w in self.waves for n in (*w.synced, *w.failed)}
+
+    def max_failed_count(self) -> int:
+        return resolve_count(self.max_failed, len(self.targeted()), at_least_one=False)
+
+    def wave_of(self, labels: Mapping[str, str]) -> int:
+        for index, wave in enumerate(self.waves):
+            if wave.selector.matches(dict(labels)):
+                return index
+        return len(self.waves) - 1
+
+
+@dataclass(frozen=True)
+class Member:
+    """What the fleet says about one node: its labels and whether its heartbeat is fresh."""
+
+    labels: Mapping[str, str]
+    online: bool = True
+
+
+@dataclass(frozen=True)
+class RolloutEvent:
+    type: str
+    message: str
+    id: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Step:
+    """An entry after a change, and the events the change announces (if its write wins)."""
+
+    entry: RolloutEntry
+    events: tuple[RolloutEvent, ...] = ()
+
+
+VerdictKind = Literal["apply", "wait", "aborted", "superseded"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a node does about a governed revision.
+
+    apply: go ahead (claimed a slot, or applied it already, or the rollout completed).
+    wait: keep running what runs; `message` names what it waits for; check again in
+      `recheck_in` seconds (bake end, a deadline) or when the entry changes.
+    aborted: never start the revision; with `revert`, a node that applied it goes back to
+      `base`. superseded: a newer commit took over; do nothing for this one.
+    """
+
+    kind: VerdictKind
+    message: str = ""
+    base: str | None = None
+    revert: bool = False
+    recheck_in: float | None = None
+
+
+# ---- building and advancing ----------------------------------------------------------------
+
+def new_entry(revision: str, spec: RolloutSpec, base: str | None, now: datetime) -> RolloutEntry:
+    """A fresh rollout: the first wave open at `now`."""
+    at = iso_time(now)
+    waves = [WaveEntry(name=w.name, selector=w.nodes, max_unavailable=w.max_unavailable)
+             for w in spec.waves]
+    waves[0].opened_at = at
+    return RolloutEntry(
+        revision=revision, wave=waves[0].name, waves=waves, base=base, bake_s=spec.bake,
+        progress_deadline_s=spec.progress_deadline, max_failed=spec.max_failed,
+        revert=spec.revert, created_at=at, updated_at=at,
+    )
+
+
+def base_for(previous: RolloutEntry | None, previous_revision: str | None) -> str | None:
+    """The revision a revert of the next rollout goes back to: the last completed one.
+    A previous revision without an entry had no rollout.yaml: it applied everywhere at once,
+    which counts as completed."""
+    if previous is None:
+        return previous_revision
+    return previous.revision if previous.state == "complete" else previous.base
+
+
+def _event(e: RolloutEntry, type: str, message: str, **data: Any) -> RolloutEvent:
+    e.transitions += 1
+    event_id = uuid.uuid5(_EVENT_NAMESPACE, f"{e.revision}:{e.transitions}:{type}").hex
+    return RolloutEvent(type, message, event_id, data)
+
+
+def _place(e: RolloutEntry, node: str, wave: int) -> None:
+    """Put `node` in wave `wave` (moving its lists along if its labels moved it)."""
+    target = e.waves[wave]
+    if node in target.nodes:
+        return
+    for other in e.waves:
+        if node in other.nodes:
+            for name in ("nodes", "synced", "failed", "offline"):
+                values: list[str] = getattr(other, name)
+                if node in values:
+                    values.remove(node)
+                    if name != "nodes":
+                        getattr(target, name).append(node)
+    target.nodes.append(node)
+    target.nodes.sort()
+
+
+def _place_all(e: RolloutEntry, members: Mapping[str, Member]) -> None:
+    for node in sorted(members):
+        _place(e, node, e.wave_of(members[node].labels))
+    for wave in e.waves:
+        offline = {n for n in wave.offline if n not in members}  # no news: keep
+        offline |= {n for n in wave.nodes if n in members and not members[n].online}
+        wave.offline = sorted(offline - {*wave.synced, *wave.failed})
+
+
+def _expire(e: RolloutEntry, now: datetime) -> None:
+    """A node applying longer than progress_deadline counts failed."""
+    for node, since in sorted(e.applying.items()):
+        started = parse_time(since)
+        if started is None or (now - started).total_seconds() <= e.progress_deadline_s:
+            continue
+        del e.applying[node]
+        wave = next((w for w in e.waves if node in w.nodes), e.waves[-1])
+        if node not in wave.failed:
+            wave.failed.append(node)
+        if node in wave.synced:
+            wave.synced.remove(node)
+        e.failures[node] = (f"not synced within progress_deadline "
+                            f"{format_duration(e.progress_deadline_s)}")
+
+
+def _abort_if_too_many_failed(e: RolloutEntry, now: datetime) -> list[RolloutEvent]:
+    failed = e.failed_nodes()
+    allowed = e.max_failed_count()
+    if len(failed) <= allowed:
+        return []
+    details = "; ".join(f"{n}: {e.failures.get(n, 'failed')}" for n in failed[:3])
+    reason = (f"{len(failed)} node(s) failed, more than max_failed {e.max_failed}"
+              + (f" ({allowed})" if isinstance(e.max_failed, str) else "") + f": {details}")
+    return _set_aborted(e, reason[:500])
+
+
+def _set_aborted(e: RolloutEntry, reason: str) -> list[RolloutEvent]:
+    e.state, e.reason = "aborted", reason
+    return [_event(e, "rollout.aborted", reason, wave=e.wave, base=e.base,
+                   revert=e.revert, superseded_by=e.superseded_by)]
+
+
+def _open_next(e: RolloutEntry, now: datetime, why: str) -> RolloutEvent:
+    at = iso_time(now)
+    e.waves[e.wave_index].baked_at = at
+    e.wave_index += 1
+    wave = e.waves[e.wave_index]
+    wave.opened_at = at
+    e.wave = wave.name
+    return _event(e, "rollout.wave-opened", f"wave {wave.name} opened ({why})",
+                  wave=wave.name, index=e.wave_index)
+
+
+def _open_waves(e: RolloutEntry, now: datetime) -> list[RolloutEvent]:
+    events: list[RolloutEvent] = []
+    while e.state == "progressing":
+        wave = e.waves[e.wave_index]
+        if wave.pending():
+            wave.synced_at = None  # someone (new, or back online) still has to apply
+            return events
+        if wave.synced_at is None:
+            wave.synced_at = iso_time(now)
+        if e.wave_index == len(e.waves) - 1:
+            e.state, e.reason = "complete", ""
+            e.wave = None
+            synced = sum(len(w.synced) for w in e.waves)
+            events.append(_event(e, "rollout.completed",
+                                 f"every wave done: {synced} node(s) synced",
+                                 synced=synced, failed=len(e.failed_nodes())))
+            return events
+        online = [n for n in wave.nodes if n not in wave.offline]
+        baked = parse_time(wave.synced_at) or now
+        if not online:
+            events.append(_open_next(e, now, f"wave {wave.name} has no online node"))
+        elif now >= baked + timedelta(seconds=e.bake_s):
+            events.append(_open_next(e, now, f"wave {wave.name} synced and baked "
+                                             f"{format_duration(e.bake_s)}"))
+        else:
+            return events
+    return events
+
+
+def advance(entry: RolloutEntry, members: Mapping[str, Member], now: datetime) -> Step:
+    """Bring the entry up to date with the fleet and the clock: membership and offline
+    nodes, progress deadlines, the abort rule, and waves whose bake is over."""
+    if entry.state in ("complete", "aborted"):
+        return Step(entry)
+    e = entry.model_copy(deep=True)
+    _place_all(e, members)
+    _expire(e, now)
+    events = _abort_if_too_many_failed(e, now)
+    if e.state == "progressing":
+        events += _open_waves(e, now)
+    return _finish(entry, e, events, now)
+
+
+def _finish(before: RolloutEntry, e: RolloutEntry, events: list[RolloutEvent],
+            now: datetime) -> Step:
+    if e == before:
+        return Step(before)
+    e.updated_at = iso_time(now)
+    return Step(e, tuple(events))
+
+
+# ---- a node's part ---------------------------------------------------------------------------
+
+def consult(entry: RolloutEntry, node: str, members: Mapping[str, Member], now: datetime,
+            ) -> tuple[Step, Verdict]:
+    """May `node` apply the entry's revision now? Claims a max_unavailable slot when it may.
+    `members` must include `node` itself."""
+    step = advance(entry, members, now)
+    e = step.entry
+    if e.state == "aborted":
+        if e.superseded_by:
+            return step, Verdict("superseded", f"superseded by {e.superseded_by[:12]}")
+        return step, Verdict("aborted", f"rollout of {e.revision[:12]} aborted: {e.reason}",
+                             base=e.base, revert=e.revert)
+    if e.state == "complete" or node in e.done_nodes() or node in e.applying:
+        return step, Verdict("apply")
+    index = e.wave_of(members[node].labels) if node in members else len(e.waves) - 1
+    wave = e.waves[index]
+    if e.state == "paused":
+        return step, Verdict("wait", f"rollout of {e.revision[:12]} paused: "
+                                     f"{e.reason or 'by an operator'} (wave {wave.name})")
+    if index > e.wave_index:
+        return step, Verdict("wait", f"waiting for wave {wave.name} of rollout "
+                                     f"{e.revision[:12]} ({describe_open(e, now)})",
+                             recheck_in=recheck_in(e, now))
+    limit = resolve_count(wave.max_unavailable, len(wave.nodes), at_least_one=True)
+    busy = sorted(n for n in e.applying if n in wave.nodes)
+    if len(busy) >= limit:
+        return step, Verdict("wait", f"wave {wave.name} of rollout {e.revision[:12]}: no slot "
+                                     f"free ({len(busy)} applying, max_unavailable "
+                                     f"{wave.max_unavailable})", recheck_in=recheck_in(e, now))
+    claimed = e.model_copy(deep=True)
+    claimed.applying[node] = iso_time(now)
+    claimed.updated_at = iso_time(now)
+    return Step(claimed, step.events), Verdict("apply")
+
+
+NodeOutcome = Literal["synced", "failed"]
+
+
+def report(entry: RolloutEntry, node: str, outcome: NodeOutcome, message: str,
+           members: Mapping[str, Member], now: datetime) -> Step:
+    """`node` applied the revision: synced, or failed (why in `message`); then advance."""
+    e = entry.model_copy(deep=True)
+    e.applying.pop(node, None)
+    if node in members:
+        _place(e, node, e.wave_of(members[node].labels))
+    wave = next((w for w in e.waves if node in w.nodes), None)
+    if wave is None:
+        wave = e.waves[-1]
+        wave.nodes.append(node)
+        wave.nodes.sort()
+    add, drop = (wave.synced, wave.failed) if outcome == "synced" else (wave.failed, wave.synced)
+    if node not in add:
+        add.append(node)
+        add.sort()
+    if node in drop:
+        drop.remove(node)
+    if node in wave.offline:
+        wave.offline.remove(node)
+    if outcome == "failed":
+        e.failures[node] = message[:300] or "failed"
+    else:
+        e.failures.pop(node, None)
+    if e == entry:
+        return advance(entry, members, now)
+    e.updated_at = iso_time(now)
+    after = advance(e, members, now)
+    return after
+
+
+# ---- operators and newer commits --------------------------------------------------------------
+
+def pause(entry: RolloutEntry, now: datetime, reason: str = "") -> Step:
+    if entry.state != "progressing":
+        raise RolloutRefused(f"cannot pause a rollout that is {entry.state}")
+    e = entry.model_copy(deep=True)
+    e.state, e.reason = "paused", reason or "paused by an operator"
+    return _finish(entry, e, [_event(e, "rollout.paused", e.reason, wave=e.wave)], now)
+
+
+def resume(entry: RolloutEntry, now: datetime) -> Step:
+    if entry.state != "paused":
+        raise RolloutRefused(f"cannot resume a rollout that is {entry.state}")
+    e = entry.model_copy(deep=True)
+    e.state, e.reason = "progressing", ""
+    events = [_event(e, "rollout.resumed", "resumed by an operator", wave=e.wave)]
+    events += _open_waves(e, now)
+    return _finish(entry, e, events, now)
+
+
+def abort(entry: RolloutEntry, now: datetime, reason: str = "") -> Step:
+    if entry.state not in ACTIVE_STATES:
+        raise RolloutRefused(f"cannot abort a rollout that is {entry.state}")
+    e = entry.model_copy(deep=True)
+    return _finish(entry, e, _set_aborted(e, reason or "aborted by an operator"), now)
+
+
+def promote(entry: RolloutEntry, now: datetime) -> Step:
+    """Open the next wave now, skipping the bake (and whatever the open wave still lacks)."""
+    if entry.state not in ACTIVE_STATES:
+        raise RolloutRefused(f"cannot promote a rollout that is {entry.state}")
+    if entry.wave_index >= len(entry.waves) - 1:
+        raise RolloutRefused(f"the last wave ({entry.waves[-1].name}) is open already")
+    e = entry.model_copy(deep=True)
+    events = [_open_next(e, now, "promoted by an operator")]
+    if e.state == "progressing":
+        events += _open_waves(e, now)
+    return _finish(entry, e, events, now)
+
+
+def supersede(entry: RolloutEntry, newer: str, now: datetime) -> Step:
+    """A newer commit takes over an unfinished rollout: it ends as aborted, `superseded_by`
+    naming the newer revision (nodes following it do not revert for it)."""
+    if entry.state not in ACTIVE_STATES:
+        return Step(entry)
+    e = entry.model_copy(deep=True)
+    e.superseded_by = newer
+    return _finish(entry, e, _set_aborted(e, f"superseded by {newer[:12]}"), now)
+
+
+OPERATIONS = {"pause": pause, "resume": resume, "promote": promote}
+
+
+def operate(entry: RolloutEntry, action: str, now: datetime, reason: str = "") -> Step:
+    """One operator action by name (pause, resume, abort, promote)."""
+    if action == "abort":
+        return abort(entry, now, reason)
+    if action == "pause":
+        return pause(entry, now, reason)
+    if action not in OPERATIONS:
+        raise RolloutRefused(f"no rollout action {action!r}; use {', '.join(OPERATOR_ACTIONS)}")
+    return OPERATIONS[action](entry, now)  # type: ignore[operator]
+
+
+# ---- reading an entry ----------------------------------------------------------------------------
+
+def recheck_in(entry: RolloutEntry, now: datetime) -> float | None:
+    """Seconds until the entry may change by the clock alone (a bake ends, a progress
+    deadline passes), or None."""
+    if entry.state != "progressing":
+        return None
+    times: list[datetime] = []
+    wave = entry.waves[entry.wave_index]
+    synced = parse_time(wave.synced_at)
+    if synced is not None:
+        times.append(synced + timedelta(seconds=entry.bake_s))
+    for since in entry.applying.values():
+        started = parse_time(since)
+        if started is not None:
+            times.append(started + timedelta(seconds=entry.progress_deadline_s))
+    if not times:
+        return None
+    return max(0.0, (min(times) - now).total_seconds())
+
+
+def bake_left(entry: RolloutEntry, now: datetime) -> float | None:
+    """Seconds of bake left on the open wave (None when it is not baking)."""
+    if entry.state not in ACTIVE_STATES:
+        return None
+    synced = parse_time(entry.waves[entry.wave_index].synced_at)
+    if synced is None:
+        return None
+    return max(0.0, (synced + timedelta(seconds=entry.bake_s) - now).total_seconds())
+
+
+def describe_open(entry: RolloutEntry, now: datetime) -> str:
+    """e.g. 'wave canary open: 1/1 synced, baking 3s left'."""
+    wave = entry.waves[entry.wave_index]
+    text = f"wave {wave.name} open: {len(wave.synced)}/{len(wave.nodes)} synced"
+    left = bake_left(entry, now)
+    if left is not None:
+        text += f", baking {left:.0f}s left"
+    return text
+
+
+def wave_rows(entry: RolloutEntry, now: datetime) -> list[dict[str, Any]]:
+    """One row per wave for tables, the console and `wait`'s progress lines."""
+    rows = []
+    for index, wave in enumerate(entry.waves):
+        if index < entry.wave_index or entry.state == "complete":
+            phase = "done"
+        elif index == entry.wave_index:
+            phase = "open"
+        else:
+            phase = "waiting"
+        applying = sorted(n for n in entry.applying if n in wave.nodes)
+        left = bake_left(entry, now) if index == entry.wave_index else None
+        rows.append({
+            "name": wave.name, "phase": phase, "max_unavailable": wave.max_unavailable,
+            "nodes": len(wave.nodes), "synced": len(wave.synced), "failed": len(wave.failed),
+            "offline": len(wave.offline), "applying": len(applying),
+            "pending": len(wave.pending()),
+            "opened_at": wave.opened_at, "synced_at": wave.synced_at,
+            "baked_at": wave.baked_at,
+            "bake_left_s": None if left is None else round(left, 1),
+        })
+    return rows
+
+
+def progress_line(entry: RolloutEntry, now: datetime) -> str:
+    """e.g. 'abc123456789 progressing: canary 1/1 synced (baking 3s) | fleet 0/2'."""
+    parts = []
+    for row in wave_rows(entry, now):
+        text = f"{row['name']} {row['synced']}/{row['nodes']}"
+        extras = [f"{row[k]} {k}" for k in ("applying", "failed", "offline") if row[k]]
+        if row["bake_left_s"] is not None:
+            extras.append(f"baking {row['bake_left_s']:.0f}s")
+        if row["phase"] == "waiting":
+            extras.append("waiting")
+        parts.append(text + (f" ({', '.join(extras)})" if extras else ""))
+    line = f"{entry.revision[:12]} {entry.state}: " + " | ".join(parts)
+    return line + (f" — {entry.reason}" if entry.reason else "")
+
+
+# ---- the seam the agent uses ----------------------------------------------------------------
+
+class RolloutUnavailable(Exception):
+    """The rollout state cannot be read or written (no NATS, bucket missing, timeout)."""
+
+
+class RolloutCoordinator(Protocol):
+    """What the agent needs for a governed revision; the mesh implements it over KV."""
+
+    async def consult(self, revision: str, spec: RolloutSpec, node: str,
+                      labels: Mapping[str, str], previous: str | None
+                      ) -> tuple[Verdict, tuple[RolloutEvent, ...]]:
+        """May this node apply `revision` now? Creates the entry if this is the first node
+        to see the revision (`previous`: the revision it followed before, for the base).
+        Returns the verdict and the events this node's write caused (to record once).
+        Raises RolloutUnavailable."""
+
+    async def report(self, revision: str, node: str, labels: Mapping[str, str],
+                     outcome: NodeOutcome, message: str
+                     ) -> tuple[RolloutEntry | None, tuple[RolloutEvent, ...]]:
+        """The node applied `revision`. Raises RolloutUnavailable."""
+
+    def watch(self, revision: str | None, on_change: Any) -> None:
+        """Call `on_change()` (on the loop) whenever the entry of `revision` changes;
+        None stops watching."""
