@@ -156,6 +156,7 @@ class Verdict:
     base: str | None = None
     revert: bool = False
     recheck_in: float | None = None
+    state: RolloutState = "progressing"  # the entry's state when the verdict was made
 
 
 # ---- building and advancing ----------------------------------------------------------------
@@ -319,16 +320,18 @@ def consult(entry: RolloutEntry, node: str, members: Mapping[str, Member], now: 
     e = step.entry
     if e.state == "aborted":
         if e.superseded_by:
-            return step, Verdict("superseded", f"superseded by {e.superseded_by[:12]}")
+            return step, Verdict("superseded", f"superseded by {e.superseded_by[:12]}",
+                                 state=e.state)
         return step, Verdict("aborted", f"rollout of {e.revision[:12]} aborted: {e.reason}",
-                             base=e.base, revert=e.revert)
+                             base=e.base, revert=e.revert, state=e.state)
     if e.state == "complete" or node in e.done_nodes() or node in e.applying:
-        return step, Verdict("apply")
+        return step, Verdict("apply", state=e.state)
     index = e.wave_of(members[node].labels) if node in members else len(e.waves) - 1
     wave = e.waves[index]
     if e.state == "paused":
         return step, Verdict("wait", f"rollout of {e.revision[:12]} paused: "
-                                     f"{e.reason or 'by an operator'} (wave {wave.name})")
+                                     f"{e.reason or 'by an operator'} (wave {wave.name})",
+                             state=e.state)
     if index > e.wave_index:
         return step, Verdict("wait", f"waiting for wave {wave.name} of rollout "
                                      f"{e.revision[:12]} ({describe_open(e, now)})",
@@ -440,7 +443,7 @@ def operate(entry: RolloutEntry, action: str, now: datetime, reason: str = "") -
         return pause(entry, now, reason)
     if action not in OPERATIONS:
         raise RolloutRefused(f"no rollout action {action!r}; use {', '.join(OPERATOR_ACTIONS)}")
-    return OPERATIONS[action](entry, now)  # type: ignore[operator]
+    return OPERATIONS[action](entry, now)
 
 
 # ---- reading an entry ----------------------------------------------------------------------------
@@ -546,5 +549,5 @@ class RolloutCoordinator(Protocol):
         """The node applied `revision`. Raises RolloutUnavailable."""
 
     def watch(self, revision: str | None, on_change: Any) -> None:
-        """Call `on_change()` (on the loop) whenever the entry of `revision` changes;
-        None stops watching."""
+        """Call `on_change(state)` (on the loop) for the entry of `revision` and whenever it
+        changes; None stops watching."""

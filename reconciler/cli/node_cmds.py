@@ -99,6 +99,7 @@ async def _node(args: argparse.Namespace, config: Any) -> int:
         else:
             mesh = Mesh(agent=agent, outbox=agent.store, options=NatsOptions.from_args(args),
                         heartbeat=config.heartbeat)
+            agent.coordinator = mesh.coordinator  # rollout.yaml is enforced over the mesh
             await mesh.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -26,6 +26,11 @@ EventType = Literal[
     "source.failed",
     "node.started",
     "node.stopping",
+    "rollout.wave-opened",
+    "rollout.completed",
+    "rollout.aborted",
+    "rollout.paused",
+    "rollout.resumed",
 ]
 EVENT_TYPES: tuple[str, ...] = EventType.__args__  # type: ignore[attr-defined]
 Outcome = Literal["success", "failure", "skipped"]

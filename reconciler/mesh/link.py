@@ -32,6 +32,7 @@ from reconciler.mesh.conn import (
     reason_of,
     redact_url,
 )
+from reconciler.mesh.rollouts import MeshCoordinator
 from reconciler.mesh.service import NodeEndpoints
 from reconciler.mesh.subjects import (
     EVENTS_DEDUP_WINDOW_S,
@@ -77,6 +78,9 @@ class Mesh:
         self._kv: KeyValue | None = None
         self._js: JetStreamContext | None = None
         self.endpoints = NodeEndpoints(agent, self.snapshot)
+        # the agent's RolloutCoordinator (the composition root hands it to the agent)
+        self.coordinator = MeshCoordinator(lambda: self._nc if self._setup_done else None,
+                                           options, now=now)
         self._setup_done = False
         self._stream_ready = False
         self._closing = False
@@ -107,6 +111,7 @@ class Mesh:
     async def close(self, timeout: float = 5.0) -> None:
         """Publish what is pending (bounded), write a last status, and disconnect."""
         self._closing = True
+        await self.coordinator.close()
         self._wake_publisher.set()
         self._status_dirty.set()
         loops = self._tasks[1:]  # publisher and status writer finish their last pass

@@ -15,6 +15,12 @@ KV_HISTORY = 5
 KV_STREAM = f"KV_{KV_BUCKET}"
 KV_SUBJECT_PREFIX = f"$KV.{KV_BUCKET}"
 
+# Fleet rollouts: one entry per governed revision (key = full SHA), changed by CAS only.
+ROLLOUTS_BUCKET = "gitops_rollouts"
+ROLLOUTS_HISTORY = 10
+ROLLOUTS_STREAM = f"KV_{ROLLOUTS_BUCKET}"
+ROLLOUTS_SUBJECT_PREFIX = f"$KV.{ROLLOUTS_BUCKET}"
+
 RPC_SERVICE = "gitops-node"
 RPC_PREFIX = "gitops.rpc"
 RPC_ENDPOINTS: tuple[str, ...] = (

@@ -20,6 +20,18 @@ from reconciler import __version__
 from reconciler.core.errors import ReconcileError, SignatureError, SourceError
 from reconciler.core.events import Event, iso_time, make_event
 from reconciler.core.plan import Plan
+from reconciler.core.rollout import (
+    NodeOutcome,
+    RolloutCoordinator,
+    RolloutEvent,
+    RolloutUnavailable,
+)
+from reconciler.core.rollout_spec import (
+    MAX_ROLLOUT_BYTES,
+    ROLLOUT_FILE,
+    RolloutSpec,
+    parse_rollout,
+)
 from reconciler.core.spec import AppSpec
 from reconciler.core.state import CurrentState, DesiredState
 from reconciler.core.status import AppStatus, NodeStatus, summarize
@@ -38,7 +50,7 @@ STUCK_AFTER = 900.0
 # do records no events (every 30 s on every node they would bury the real ones); a run a
 # person or a push asked for (rpc, fleet, source.changed, resume, once, startup...) always
 # answers with a reconcile.finished.
-QUIET_REASONS = frozenset({"poll", "source retry"})
+QUIET_REASONS = frozenset({"poll", "source retry", "rollout"})
 
 
 @dataclass
@@ -72,6 +84,17 @@ class RunInfo:
     trace_id: str | None = None
 
 
+@dataclass(frozen=True)
+class RolloutGate:
+    """What the rollout gate decided: apply `revision` (the fetched one, or the base a
+    revert goes back to), or `hold`: the run's (outcome, message), nothing applied.
+    `spec`: the rollout.yaml that governs the fetched revision (its result is reported)."""
+
+    revision: str | None
+    hold: tuple[str, str] | None = None
+    spec: RolloutSpec | None = None
+
+
 def redact_spec(spec: AppSpec) -> dict[str, Any]:
     """JSON-ready spec with env values replaced by "***" and URL credentials removed (safe
     to publish)."""
@@ -99,6 +122,7 @@ class Agent:
         runtime: Runtime | None = None,
         telemetry: Telemetry | None = None,
         notifier: Any = None,
+        coordinator: RolloutCoordinator | None = None,
     ) -> None:
         from reconciler.core.loader import ParseCache
         from reconciler.node.artifacts import ArtifactStore
@@ -183,6 +207,14 @@ class Agent:
         self._launches: dict[str, LaunchSpec | None] = {}
         self._down: set[str] = set()  # supervised apps that exited for good / crash-looped
         self._completed: set[str] = set()  # exited 0 under a never/on-failure policy
+        # fleet rollouts (rollout.yaml): the composition root injects the mesh's coordinator
+        self.coordinator = coordinator
+        self._rollout_rules: tuple[str, RolloutSpec | None, list[str]] | None = None
+        self._rollout_note: tuple[str, str] | None = None  # (status, message) overlay
+        self._rollout_waiting = False
+        self._rollout_state: str | None = None
+        self._rollout_reported: tuple[str, str] | None = None
+        self._rollout_timer: asyncio.TimerHandle | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self, first_reconcile: bool = True, schedule: bool = True) -> None:
@@ -242,6 +274,8 @@ class Agent:
             self._scheduler.shutdown(wait=False)
         if self._retry_handle is not None:
             self._retry_handle.cancel()
+        if self._rollout_timer is not None:
+            self._rollout_timer.cancel()
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -465,14 +499,20 @@ class Agent:
             if not repeat:
                 self._announce(None)
             return self._source_failed(exc, record=not repeat)
+        gate = await self._rollout_gate(revision, self._desired_revision)
         if (self._source_error is not None or revision != self._desired_revision
-                or revision != self.store.get_meta("applied_revision")):
+                or (gate.hold is None and gate.revision != self.store.get_meta(
+                    "applied_revision"))):
             self._announce(revision)  # something new to report even if the plan is empty
         self._fetched(revision)
         self._source_failures = 0
         if self._source_error is not None:
             self._source_error = None
             self.store.set_meta("source_error", None)
+        if gate.hold is not None:
+            return gate.hold
+        assert gate.revision is not None
+        fetched, revision = revision, gate.revision  # a revert applies the base's tree
         self._current_revision = revision
         desired = self._desired
         if desired is None or desired.revision != revision:
@@ -496,6 +536,8 @@ class Agent:
         outcome = self._outcome(plan, results)
         if outcome[0] != "success":
             self._announce(revision)  # a held failure is news on every run
+        if gate.spec is not None and revision == fetched:
+            await self._rollout_report(fetched, outcome)
         return outcome
 
     def _forget_abandoned_failures(self, desired: DesiredState) -> None:
@@ -561,6 +603,142 @@ class Agent:
         if names is None:
             names = self.runtime.names()
         return record.name in names and record.name not in self._down
+
+    # -- fleet rollout gate (rollout.yaml, issue #9) -------------------------------------------
+    async def _rollout_gate(self, revision: str, previous: str | None) -> RolloutGate:
+        """May this node apply `revision` now? Without rollout.yaml: yes (every node at
+        once). With it, the coordinator decides (wave open, slot free); a node that waits
+        keeps what runs and reports progressing with the wave it waits for. On abort, a node
+        that applied the revision goes back to the last completed one (when `revert`), and
+        stays there on later polls: only a new commit starts a new rollout. A node that
+        cannot read the rollout state does not apply a governed revision."""
+        spec, problems = await self._rollout_file(revision)
+        if spec is None and not problems:
+            self._rollout_note, self._rollout_waiting = None, False
+            if self.coordinator is not None:
+                self.coordinator.watch(None, None)
+            return RolloutGate(revision)
+        short = revision[:12]
+        if spec is None:
+            return self._rollout_hold(
+                "degraded", f"{ROLLOUT_FILE} at {short} is invalid, so {short} is not "
+                            f"applied: " + "; ".join(problems[:3]))
+        if self.coordinator is None:
+            return self._rollout_hold(
+                "degraded", f"{ROLLOUT_FILE} governs {short} but this node has no NATS "
+                            f"configured: the rollout is not enforceable, so {short} is not "
+                            "applied")
+        if previous in (None, revision):
+            previous = self.store.get_meta("applied_revision")
+        try:
+            verdict, events = await self.coordinator.consult(
+                revision, spec, self.node_id, self.labels, previous)
+        except RolloutUnavailable as exc:
+            self._rollout_recheck(5.0)
+            return self._rollout_hold(
+                "degraded", f"the rollout state of {short} cannot be read ({exc}): not "
+                            f"enforceable, so {short} is not applied (retrying)")
+        self._record_rollout_events(revision, events)
+        self._rollout_state = verdict.state
+        self.coordinator.watch(revision, self._on_rollout_change)
+        if verdict.kind == "apply":
+            self._rollout_note, self._rollout_waiting = None, False
+            return RolloutGate(revision, spec=spec)
+        if verdict.kind == "wait":
+            if verdict.recheck_in is not None:
+                self._rollout_recheck(verdict.recheck_in + 0.02)
+            return self._rollout_hold("progressing", verdict.message, waiting=True)
+        if verdict.kind == "superseded":
+            return self._rollout_hold("progressing", f"{verdict.message}; polling for it")
+        applied = self.store.get_meta("applied_revision")
+        if verdict.revert and verdict.base and (
+                applied == revision or self.store.get_meta("rollout_reverted") == revision):
+            with self.store.transaction():
+                self.store.set_meta("rollout_reverted", revision)
+            self._rollout_note = ("degraded", f"{verdict.message}; reverted to "
+                                              f"{verdict.base[:12]}")
+            self._rollout_waiting = False
+            return RolloutGate(verdict.base)
+        return self._rollout_hold(
+            "degraded", f"{verdict.message}; {short} not applied, staying at "
+                        f"{(applied or 'no revision')[:12]}")
+
+    async def _rollout_file(self, revision: str) -> tuple[RolloutSpec | None, list[str]]:
+        """rollout.yaml at `revision` (read once per revision, bounded): (spec, []), (None,
+        problems), or (None, []) when the revision has none."""
+        from reconciler.errors import ArtifactError
+
+        cached = self._rollout_rules
+        if cached is not None and cached[0] == revision:
+            return cached[1], cached[2]
+        try:
+            data = await asyncio.to_thread(self.source.read_file, revision, ROLLOUT_FILE,
+                                           MAX_ROLLOUT_BYTES)
+        except ArtifactError as exc:
+            if "no such file" in str(exc):
+                result: tuple[RolloutSpec | None, list[str]] = (None, [])
+            else:
+                result = (None, [str(exc)])
+        else:
+            spec, found = parse_rollout(ROLLOUT_FILE, data)
+            result = (spec, [str(p) for p in found])
+        self._rollout_rules = (revision, *result)
+        return result
+
+    def _rollout_hold(self, state: str, message: str, waiting: bool = False) -> RolloutGate:
+        """Keep running what runs; the status says why. Announced when the reason changed."""
+        if self._rollout_note != (state, message):
+            self._announce(self._desired_revision)
+            log.info("rollout: %s", message)
+        self._rollout_note, self._rollout_waiting = (state, message), waiting
+        return RolloutGate(None, hold=("skipped", message))
+
+    def _rollout_recheck(self, delay: float) -> None:
+        """Reconcile again in `delay` s (a bake ends, a deadline passes, NATS may be back)."""
+        if self._loop is None or self._closed:
+            return
+        if self._rollout_timer is not None:
+            self._rollout_timer.cancel()
+        self._rollout_timer = self._loop.call_later(delay, self.trigger, "rollout")
+
+    def _on_rollout_change(self, state: str) -> None:
+        """The entry changed: a waiting node looks again; so does every node when the
+        rollout's state moved (an abort must reach nodes that applied, for the revert)."""
+        if self._rollout_waiting or (state and state != self._rollout_state):
+            self.trigger("rollout")
+
+    async def _rollout_report(self, revision: str, outcome: tuple[str, str]) -> None:
+        """Tell the rollout this node synced or failed at `revision` (once per change)."""
+        kind: NodeOutcome = "synced" if outcome[0] == "success" else "failed"
+        if self.coordinator is None or self._rollout_reported == (revision, kind):
+            return
+        try:
+            entry, events = await self.coordinator.report(
+                revision, self.node_id, self.labels, kind, outcome[1])
+        except RolloutUnavailable as exc:
+            log.warning("rollout: could not report %s for %s: %s", kind, revision[:12], exc)
+            self._rollout_recheck(5.0)
+            return
+        self._rollout_reported = (revision, kind)
+        self._record_rollout_events(revision, events)
+        if entry is not None and entry.state != self._rollout_state:
+            self._rollout_state = entry.state
+            if entry.state == "aborted":
+                self.trigger("rollout")  # this report aborted it: revert now
+
+    def _record_rollout_events(self, revision: str, events: tuple[RolloutEvent, ...]) -> None:
+        """Events of transitions this node's write caused (it won the CAS): once, via the
+        outbox, with the transition's deterministic id."""
+        if not events:
+            return
+        with self.store.transaction():
+            for event in events:
+                self.store.add_event(make_event(
+                    event.type, self.node_id, self._now(), event_id=event.id,
+                    revision=revision, message=event.message, data=event.data or None,
+                    run_id=self._current_run))
+                log.info("%s: %s", event.type, event.message)
+        self._notify_soon()
 
     # -- startup adoption -----------------------------------------------------------------
     async def _adopt_all(self) -> None:
@@ -853,6 +1031,9 @@ class Agent:
             source_error=self._source_error, spec_errors=bool(self._spec_errors),
             at_desired_revision=applied is not None and applied == self._desired_revision,
         )
+        note = self._rollout_note
+        if note is not None and not self._reconciling and state in ("synced", "progressing"):
+            state, message = note  # waiting for a wave, not enforceable, aborted/reverted
         backlog, dropped = self.store.outbox_stats()
         return NodeStatus(
             node=self.node_id, labels=self.labels, revision=applied, status=state,

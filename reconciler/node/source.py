@@ -440,9 +440,10 @@ class GitSource:
                 raise SourceError(f"diff {old}..{new} failed: {_first_error_line(res.stderr)}")
             return {p for p in res.stdout.split("\0") if p}
 
-    def read_file(self, revision: str, path: str) -> bytes:
+    def read_file(self, revision: str, path: str, max_bytes: int | None = None) -> bytes:
         """A repo-relative file's bytes at `revision` (an artifact archive kept in the repo).
-        Paths that are absolute or climb out with `..` are refused (ArtifactError)."""
+        Paths that are absolute or climb out with `..` are refused (ArtifactError), and so
+        are files larger than `max_bytes` when given (checked before reading)."""
         clean = _safe_repo_path(path)
         with self._lock:
             tree = self._commit_tree(revision)
@@ -456,6 +457,8 @@ class GitSource:
                 raise ArtifactError(f"{path}: not a file in the repository at {revision[:12]}")
             if item.mode not in _REGULAR_FILE_MODES:
                 raise ArtifactError(f"{path}: a symlink or special entry, not a regular file")
+            if max_bytes is not None and item.size > max_bytes:
+                raise ArtifactError(f"{path}: larger than {max_bytes} bytes; refused")
             return bytes(item.data_stream.read())
 
     # -- signatures --------------------------------------------------------------------------

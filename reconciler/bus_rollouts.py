@@ -1,0 +1,358 @@
+"""The rollouts KV shell: `gitops_rollouts` entries read, and changed only by compare-and-set.
+
+Every change is get -> a pure function of reconciler.rollout -> a write that expects the
+entry's KV revision (`Nats-Expected-Last-Subject-Sequence`; 0 = the key must not exist).
+When another node or operator wrote in between, the server refuses the write (wrong last
+sequence) and the change is computed again from the new value, so no update is lost. Only
+the writer that won announces the transition's events: a node through its outbox (the
+agent records them), the CLI and the console by publishing with Nats-Msg-Id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.client import JetStreamContext
+from nats.js.kv import KeyValue
+
+from reconciler.bus_conn import NatsOptions, reason_of
+from reconciler.bus_wire import is_unreachable
+from reconciler.events import make_event
+from reconciler.rollout import (
+    Member,
+    NodeOutcome,
+    RolloutEntry,
+    RolloutEvent,
+    RolloutUnavailable,
+    Step,
+    Verdict,
+    advance,
+    base_for,
+    consult,
+    new_entry,
+    report,
+    supersede,
+)
+from reconciler.rollout_spec import RolloutSpec
+from reconciler.status import NodeStatus
+from reconciler.subjects import (
+    KV_BUCKET,
+    ROLLOUTS_BUCKET,
+    ROLLOUTS_HISTORY,
+    ROLLOUTS_STREAM,
+    ROLLOUTS_SUBJECT_PREFIX,
+    event_subject,
+)
+
+log = logging.getLogger("reconciler.bus.rollouts")
+
+CAS_ATTEMPTS = 64
+OP_TIMEOUT_S = 5.0
+FLEET_CACHE_S = 1.0
+_WRONG_LAST = (10071, 10164)
+STATE_HEADER = "Gitops-Rollout-State"
+
+
+@dataclass(frozen=True)
+class CasResult:
+    entry: RolloutEntry | None
+    events: tuple[RolloutEvent, ...] = ()
+    wrote: bool = False
+    attempts: int = 1
+
+
+async def rollouts_bucket(js: JetStreamContext, create: bool = True) -> KeyValue | None:
+    """The bucket; created when missing and `create` (dev mode, as gitops_nodes is)."""
+    try:
+        return await js.key_value(ROLLOUTS_BUCKET)
+    except nats.js.errors.BucketNotFoundError:
+        if not create:
+            return None
+    try:
+        return await js.create_key_value(bucket=ROLLOUTS_BUCKET, history=ROLLOUTS_HISTORY,
+                                         description="gitops-mesh fleet rollouts")
+    except nats.js.errors.BadRequestError:
+        return await js.key_value(ROLLOUTS_BUCKET)  # created meanwhile
+
+
+async def read_entry(kv: KeyValue, revision: str) -> tuple[RolloutEntry | None, int]:
+    """(entry or None, its KV revision: 0 when the key does not exist)."""
+    try:
+        got = await kv.get(revision)
+    except nats.js.errors.KeyNotFoundError:
+        return None, 0
+    if got.value is None or got.operation in ("DEL", "PURGE"):
+        return None, int(got.revision or 0)
+    try:
+        return RolloutEntry.from_json(got.value), int(got.revision or 0)
+    except ValueError:
+        log.warning("unreadable rollout entry %s in %s: overwriting it", revision[:12],
+                    ROLLOUTS_BUCKET)
+        return None, int(got.revision or 0)
+
+
+async def cas_update(
+    js: JetStreamContext, kv: KeyValue, options: NatsOptions, revision: str,
+    change: Callable[[RolloutEntry | None], Step | None], attempts: int = CAS_ATTEMPTS,
+) -> CasResult:
+    """get -> change -> write expecting the read revision; again on a conflict.
+    `change` returns None (or the same entry) for "nothing to write"."""
+    subject = options.kv_put_subject(ROLLOUTS_BUCKET, revision)
+    for attempt in range(1, attempts + 1):
+        current, seq = await read_entry(kv, revision)
+        step = change(current)
+        if step is None or step.entry == current:
+            return CasResult(current, (), False, attempt)
+        # the state in a header: watchers decide whether to act without parsing the JSON
+        headers = {"Nats-Expected-Last-Subject-Sequence": str(seq),
+                   STATE_HEADER: step.entry.state}
+        try:
+            await js.publish(subject, step.entry.to_json_bytes(), headers=headers)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code not in _WRONG_LAST:
+                raise
+            # someone wrote first: compute again from theirs (a little jitter spreads a herd)
+            await asyncio.sleep(random.uniform(0, 0.002 * min(attempt, 20)))
+            continue
+        return CasResult(step.entry, step.events, True, attempt)
+    raise RolloutUnavailable(f"{ROLLOUTS_BUCKET} {revision[:12]}: no compare-and-set won "
+                             f"after {attempts} attempts")
+
+
+async def read_members(js: JetStreamContext, now: datetime) -> dict[str, Member]:
+    """Every node's labels and liveness from gitops_nodes (heartbeat age, as observers see)."""
+    try:
+        kv = await js.key_value(KV_BUCKET)
+    except nats.js.errors.BucketNotFoundError:
+        return {}
+    members: dict[str, Member] = {}
+    watcher = await kv.watchall(ignore_deletes=True)
+    try:
+        while True:
+            entry = await watcher.updates(timeout=OP_TIMEOUT_S)
+            if entry is None:
+                return members
+            if not entry.value or entry.operation in ("DEL", "PURGE"):
+                members.pop(entry.key, None)
+                continue
+            try:
+                status = NodeStatus.from_json(entry.value)
+            except ValueError:
+                continue
+            created: Any = entry.created
+            written = created if isinstance(created, datetime) else None
+            members[entry.key] = Member(dict(status.labels),
+                                        not is_unreachable(status, now, written))
+    finally:
+        with contextlib.suppress(Exception):
+            await watcher.stop()
+
+
+def rollout_event_payload(event: RolloutEvent, node: str, revision: str, now: datetime
+                          ) -> tuple[str, bytes]:
+    """(subject, JSON) of a rollout event announced by `node` (an operator: "console")."""
+    built = make_event(event.type, node, now, event_id=event.id, revision=revision,
+                       message=event.message, data=event.data or None)
+    return event_subject(node, event.type), built.to_json_bytes()
+
+
+async def publish_events(js: JetStreamContext, events: tuple[RolloutEvent, ...], node: str,
+                         revision: str, now: datetime) -> None:
+    """Publish operator-caused events straight to the stream (Nats-Msg-Id = event id)."""
+    for event in events:
+        subject, payload = rollout_event_payload(event, node, revision, now)
+        try:
+            await js.publish(subject, payload, headers={"Nats-Msg-Id": event.id})
+        except (TimeoutError, nats.errors.Error) as exc:
+            log.warning("could not publish %s: %s", event.type, reason_of(exc))
+
+
+class MeshCoordinator:
+    """RolloutCoordinator over one node's NATS connection (reconciler.bus.Mesh owns it)."""
+
+    def __init__(self, connection: Callable[[], NATS | None], options: NatsOptions, *,
+                 create_bucket: bool = True,
+                 now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self._connection = connection
+        self.options = options
+        self.create_bucket = create_bucket
+        self._now = now
+        self._kv: KeyValue | None = None
+        self._js: JetStreamContext | None = None
+        self._js_of: NATS | None = None
+        self._members: tuple[float, dict[str, Member]] | None = None
+        self._watch: tuple[str, asyncio.Task[None]] | None = None
+        self.cas_attempts = 0  # writes tried in total (for tests and benchmarks)
+
+    async def _open(self) -> tuple[JetStreamContext, KeyValue]:
+        nc = self._connection()
+        if nc is None or not nc.is_connected:
+            raise RolloutUnavailable("NATS is not connected")
+        if self._js is None or self._js_of is not nc:
+            self._js, self._js_of, self._kv = self.options.jetstream(nc), nc, None
+        if self._kv is None:
+            self._kv = await rollouts_bucket(self._js, create=self.create_bucket)
+            if self._kv is None:
+                raise RolloutUnavailable(f"the {ROLLOUTS_BUCKET} bucket does not exist "
+                                         "(run gitops-mesh nats-init)")
+        return self._js, self._kv
+
+    async def _fleet(self, js: JetStreamContext, node: str, labels: Mapping[str, str]
+                     ) -> dict[str, Member]:
+        """The fleet, read at most once per FLEET_CACHE_S (this node always online)."""
+        cached = self._members
+        if cached is None or time.monotonic() - cached[0] > FLEET_CACHE_S:
+            cached = (time.monotonic(), await read_members(js, self._now()))
+            self._members = cached
+        return {**cached[1], node: Member(dict(labels), True)}
+
+    async def _guarded(self, work: Any) -> Any:
+        try:
+            return await asyncio.wait_for(work, 3 * OP_TIMEOUT_S)
+        except RolloutUnavailable:
+            self._kv = None
+            raise
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            self._kv = None
+            raise RolloutUnavailable(f"{ROLLOUTS_BUCKET}: {reason_of(exc)}") from exc
+
+    async def consult(self, revision: str, spec: RolloutSpec, node: str,
+                      labels: Mapping[str, str], previous: str | None
+                      ) -> tuple[Verdict, tuple[RolloutEvent, ...]]:
+        result: tuple[Verdict, tuple[RolloutEvent, ...]] = await self._guarded(
+            self._consult(revision, spec, node, labels, previous))
+        return result
+
+    async def _consult(self, revision: str, spec: RolloutSpec, node: str,
+                       labels: Mapping[str, str], previous: str | None
+                       ) -> tuple[Verdict, tuple[RolloutEvent, ...]]:
+        js, kv = await self._open()
+        members = await self._fleet(js, node, labels)
+        events: list[RolloutEvent] = []
+        existing, _ = await read_entry(kv, revision)
+        base = existing.base if existing is not None else None
+        if existing is None:
+            base, superseded = await self._supersede(js, kv, previous, revision)
+            events += superseded
+        verdict = Verdict("wait", "rollout state not read yet")
+
+        def change(current: RolloutEntry | None) -> Step:
+            nonlocal verdict
+            now = self._now()
+            entry = current if current is not None else new_entry(revision, spec, base, now)
+            step, verdict = consult(entry, node, members, now)
+            if current is None:
+                return Step(step.entry, step.events)
+            return step
+
+        result = await cas_update(js, kv, self.options, revision, change)
+        self.cas_attempts += result.attempts
+        return verdict, (*events, *result.events)
+
+    async def _supersede(self, js: JetStreamContext, kv: KeyValue, previous: str | None,
+                         revision: str) -> tuple[str | None, tuple[RolloutEvent, ...]]:
+        """The base of a new rollout; an unfinished previous one is superseded by it."""
+        if previous is None or previous == revision:
+            return previous, ()
+        before, _ = await read_entry(kv, previous)
+        base = base_for(before, previous)
+        if before is None:
+            return base, ()
+        result = await cas_update(
+            js, kv, self.options, previous,
+            lambda current: None if current is None else supersede(current, revision,
+                                                                   self._now()))
+        return base, result.events
+
+    async def report(self, revision: str, node: str, labels: Mapping[str, str],
+                     outcome: NodeOutcome, message: str
+                     ) -> tuple[RolloutEntry | None, tuple[RolloutEvent, ...]]:
+        result: tuple[RolloutEntry | None, tuple[RolloutEvent, ...]] = await self._guarded(
+            self._report(revision, node, labels, outcome, message))
+        return result
+
+    async def _report(self, revision: str, node: str, labels: Mapping[str, str],
+                      outcome: NodeOutcome, message: str
+                      ) -> tuple[RolloutEntry | None, tuple[RolloutEvent, ...]]:
+        js, kv = await self._open()
+        members = await self._fleet(js, node, labels)
+
+        def change(current: RolloutEntry | None) -> Step | None:
+            if current is None:
+                return None  # no rollout (deleted): nothing to report into
+            return report(current, node, outcome, message, members, self._now())
+
+        result = await cas_update(js, kv, self.options, revision, change)
+        self.cas_attempts += result.attempts
+        return result.entry, result.events
+
+    async def advance(self, revision: str, node: str, labels: Mapping[str, str]
+                      ) -> tuple[RolloutEntry | None, tuple[RolloutEvent, ...]]:
+        """Advance by the clock and the fleet only (a waiting node's bake timer)."""
+        async def work() -> tuple[RolloutEntry | None, tuple[RolloutEvent, ...]]:
+            js, kv = await self._open()
+            members = await self._fleet(js, node, labels)
+            result = await cas_update(
+                js, kv, self.options, revision,
+                lambda current: None if current is None else advance(current, members,
+                                                                     self._now()))
+            return result.entry, result.events
+        result: tuple[RolloutEntry | None, tuple[RolloutEvent, ...]] = await self._guarded(
+            work())
+        return result
+
+    # ---- watching one entry -----------------------------------------------------------
+    def watch(self, revision: str | None, on_change: Callable[[str], None] | None) -> None:
+        """Call `on_change(state)` for the entry's value and each change of it (the state
+        comes from a header, so watching costs no JSON parse); None stops watching."""
+        if self._watch is not None and (revision is None or self._watch[0] != revision):
+            self._watch[1].cancel()
+            self._watch = None
+        if revision is None or on_change is None or self._watch is not None:
+            return
+        task = asyncio.get_running_loop().create_task(self._watching(revision, on_change),
+                                                      name=f"rollout-watch-{revision[:8]}")
+        self._watch = (revision, task)
+
+    async def _watching(self, revision: str, on_change: Callable[[str], None]) -> None:
+        """An ordered push consumer on the entry's subject; made again after NATS trouble."""
+        async def on_msg(msg: Msg) -> None:
+            state = (msg.headers or {}).get(STATE_HEADER, "")
+            on_change(state)
+
+        while True:
+            sub = None
+            try:
+                js, _ = await self._open()
+                sub = await js.subscribe(
+                    f"{ROLLOUTS_SUBJECT_PREFIX}.{revision}", stream=ROLLOUTS_STREAM,
+                    cb=on_msg, ordered_consumer=True,
+                    deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT, idle_heartbeat=5.0)
+                nc = self._connection()
+                while nc is not None and nc.is_connected:
+                    await asyncio.sleep(1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS away: try again shortly
+                log.debug("rollout watch %s: %r", revision[:12], exc)
+            finally:
+                if sub is not None:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+            await asyncio.sleep(1.0)
+
+    async def close(self) -> None:
+        self.watch(None, None)
