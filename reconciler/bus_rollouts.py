@@ -36,6 +36,7 @@ from reconciler.rollout import (
     NodeOutcome,
     RolloutEntry,
     RolloutEvent,
+    RolloutRefused,
     RolloutUnavailable,
     Step,
     Verdict,
@@ -43,6 +44,7 @@ from reconciler.rollout import (
     base_for,
     consult,
     new_entry,
+    operate,
     report,
     supersede,
 )
@@ -178,6 +180,42 @@ async def publish_events(js: JetStreamContext, events: tuple[RolloutEvent, ...],
             await js.publish(subject, payload, headers={"Nats-Msg-Id": event.id})
         except (TimeoutError, nats.errors.Error) as exc:
             log.warning("could not publish %s: %s", event.type, reason_of(exc))
+
+
+async def operate_rollout(
+    js: JetStreamContext, kv: KeyValue, options: NatsOptions, revision: str, action: str,
+    reason: str = "", *, actor: str = "console",
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> CasResult:
+    """An operator's pause / resume / abort / promote, by CAS (then an advance with the
+    fleet as it is); its events are published with Nats-Msg-Id by the writer that won.
+    Raises RolloutRefused (no such rollout, or the action does not apply)."""
+    members = await read_members(js, now())
+
+    def change(current: RolloutEntry | None) -> Step:
+        if current is None:
+            raise RolloutRefused(f"no rollout of {revision[:12]} in {ROLLOUTS_BUCKET}")
+        at = now()
+        step = operate(current, action, at, reason)
+        after = advance(step.entry, members, at)
+        return Step(after.entry, (*step.events, *after.events))
+
+    result = await cas_update(js, kv, options, revision, change)
+    await publish_events(js, result.events, actor, revision, now())
+    return result
+
+
+async def resolve_revision(kv: KeyValue, wanted: str) -> str | None:
+    """The full SHA key of a rollout from a full SHA or a unique prefix (>= 4 hex)."""
+    wanted = wanted.strip().lower()
+    if len(wanted) == 40:
+        return wanted
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        return None
+    found = [k for k in keys if len(wanted) >= 4 and k.startswith(wanted)]
+    return found[0] if len(found) == 1 else None
 
 
 class MeshCoordinator:

@@ -18,16 +18,17 @@ DEFAULT_STATE_DIR = "/var/lib/gitops-mesh"
 
 # subcommand -> "module:function"; each function takes the parsed Namespace, returns exit code.
 HANDLERS: dict[str, str] = {
-    "validate": "reconciler.cli.spec_cmds:run_validate",
-    "schema": "reconciler.cli.spec_cmds:run_schema",
-    "plan": "reconciler.cli.spec_cmds:run_plan",
-    "node": "reconciler.cli.node_cmds:run_node",
-    "status-local": "reconciler.cli.node_cmds:run_status",
-    "status-remote": "reconciler.cli.mesh_cmds:run_status",
-    "reconcile": "reconciler.cli.mesh_cmds:run_reconcile",
-    "wait": "reconciler.cli.mesh_cmds:run_wait",
-    "notify": "reconciler.cli.mesh_cmds:run_notify",
-    "nats-config": "reconciler.cli.mesh_cmds:run_nats_config",
+    "validate": "reconciler.cli_core:run_validate",
+    "schema": "reconciler.cli_core:run_schema",
+    "plan": "reconciler.cli_core:run_plan",
+    "node": "reconciler.cli_node:run_node",
+    "status-local": "reconciler.cli_node:run_status",
+    "status-remote": "reconciler.cli_mesh:run_status",
+    "reconcile": "reconciler.cli_mesh:run_reconcile",
+    "wait": "reconciler.cli_mesh:run_wait",
+    "rollout": "reconciler.cli_mesh:run_rollout",
+    "notify": "reconciler.cli_mesh:run_notify",
+    "nats-config": "reconciler.cli_mesh:run_nats_config",
     "console": "console.cli:run_console",
     "demo": "reconciler.demo:run_demo",
 }
@@ -81,11 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apps-path", default=None, help="apps folder inside PATH (default: apps)")
     p.add_argument("--json", action="store_true")
 
-    sub.add_parser("schema", help="print the JSON Schema of an app document")
+    p = sub.add_parser("schema", help="print the JSON Schema of an app document")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--rollout", action="store_true", help="of rollout.yaml instead")
+    kind.add_argument("--events", action="store_true", help="of an event instead")
 
     p = sub.add_parser("plan", help="what a reconcile would do, in order, without doing it")
     add_source_args(p)
     p.add_argument("--json", action="store_true")
+    add_nats_args(p)  # optional: read the node's rollout wave state
 
     p = sub.add_parser("node", help="run the agent")
     add_source_args(p)
@@ -126,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selector", action="append", default=[], metavar="K=V")
     p.add_argument("--node", action="append", default=[], help="expect these nodes")
     p.add_argument("--timeout", default="120s")
+    add_nats_args(p, required=True)
+
+    p = sub.add_parser("rollout", help="a fleet rollout: status, pause, resume, abort, promote")
+    p.add_argument("action", choices=["status", "pause", "resume", "abort", "promote"])
+    p.add_argument("--revision", required=True, help="full SHA or a unique prefix")
+    p.add_argument("--reason", default="", help="why (abort, pause): shown to everyone")
+    p.add_argument("--json", action="store_true")
     add_nats_args(p, required=True)
 
     p = sub.add_parser("notify", help="announce a new revision (git post-receive hook)")

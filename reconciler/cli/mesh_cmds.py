@@ -16,8 +16,14 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
-from reconciler.mesh.conn import MeshError, NatsOptions, connect, no_jetstream
-from reconciler.mesh.subjects import FLEET_RECONCILE, KV_BUCKET, SOURCE_CHANGED, rpc_subject
+from reconciler.bus_conn import MeshError, NatsOptions, connect, no_jetstream
+from reconciler.subjects import (
+    FLEET_RECONCILE,
+    KV_BUCKET,
+    ROLLOUTS_BUCKET,
+    SOURCE_CHANGED,
+    rpc_subject,
+)
 
 # `notify` runs in a git hook on every push: it must not pay for pydantic models, so the
 # status/selector modules are imported only by the commands that use them.
@@ -313,8 +319,13 @@ async def wait_for_revision(
     fleet: dict[str, Observed] = {}
     watcher = await kv.watchall()
     initial = True
+    rollout = RolloutWatch(nc, revision, js_domain)
     try:
         while True:
+            aborted = await rollout.check()
+            if aborted is not None:
+                _err(aborted)
+                return EXIT_FAILED
             remaining = deadline - time.monotonic()
             try:
                 entry = await watcher.updates(timeout=max(0.05, min(1.0, remaining)))
@@ -345,6 +356,53 @@ async def wait_for_revision(
             await watcher.stop()
 
 
+class RolloutWatch:
+    """`wait`'s view of the revision's rollout entry (gitops_rollouts): prints per-wave
+    progress to stderr when it changes, and tells when the rollout was aborted. Read at most
+    every READ_EVERY_S seconds, so an abort ends a wait within about a second."""
+
+    READ_EVERY_S = 0.5
+
+    def __init__(self, nc: NATS, revision: str, js_domain: str | None) -> None:
+        self.nc, self.revision, self.js_domain = nc, revision, js_domain
+        self._kv: KeyValue | None = None
+        self._key: str | None = None
+        self._next = 0.0
+        self._shown = ""
+
+    async def check(self) -> str | None:
+        """None, or why the wait must end now (the rollout was aborted)."""
+        from reconciler.bus_rollouts import read_entry, resolve_revision, rollouts_bucket
+        from reconciler.rollout import progress_line
+
+        if time.monotonic() < self._next:
+            return None
+        self._next = time.monotonic() + self.READ_EVERY_S
+        try:
+            if self._kv is None:
+                js = self.nc.jetstream(domain=self.js_domain) if self.js_domain \
+                    else self.nc.jetstream()
+                self._kv = await rollouts_bucket(js, create=False)
+                if self._kv is None:
+                    return None
+            if self._key is None:
+                self._key = await resolve_revision(self._kv, self.revision)
+                if self._key is None:
+                    return None
+            entry, _ = await read_entry(self._kv, self._key)
+        except (TimeoutError, nats.errors.Error):
+            return None  # the node statuses still decide; try again shortly
+        if entry is None:
+            return None
+        line = progress_line(entry, _now())
+        if line != self._shown:
+            self._shown = line
+            _err(f"rollout {line}")
+        if entry.state == "aborted":
+            return f"{self._key[:12]}: rollout aborted: {entry.reason}"
+        return None
+
+
 def _report_wait(revision: str, synced: tuple[str, ...], failed: dict[str, str],
                  pending: dict[str, str], timed_out: bool) -> int:
     short = revision[:12]
@@ -358,6 +416,106 @@ def _report_wait(revision: str, synced: tuple[str, ...], failed: dict[str, str],
     bad = sorted([*failed, *pending])
     _err(f"{short}: {len(synced)} synced, not synced: {', '.join(bad)}")
     return EXIT_FAILED
+
+
+# ---- rollout -------------------------------------------------------------------------------
+def run_rollout(args: argparse.Namespace) -> int:
+    return _run(lambda: _rollout(args))
+
+
+async def _rollout(args: argparse.Namespace) -> int:
+    from reconciler.bus_rollouts import (
+        operate_rollout,
+        read_entry,
+        resolve_revision,
+        rollouts_bucket,
+    )
+    from reconciler.rollout import RolloutRefused
+
+    options = NatsOptions.from_args(args)
+    nc = await connect(options)
+    try:
+        js = options.jetstream(nc)
+        try:
+            kv = await rollouts_bucket(js, create=False)
+        except nats.js.errors.ServiceUnavailableError:
+            raise MeshError(no_jetstream(options.js_domain)) from None
+        key = await resolve_revision(kv, args.revision) if kv is not None else None
+        entry = (await read_entry(kv, key))[0] if kv is not None and key else None
+        if kv is None or key is None or entry is None:
+            _err(f"no rollout of {args.revision} in {ROLLOUTS_BUCKET} (a revision without "
+                 "rollout.yaml applies everywhere at once)")
+            return EXIT_FAILED
+        if args.action != "status":
+            try:
+                result = await operate_rollout(js, kv, options, key, args.action,
+                                               args.reason, actor="console")
+            except RolloutRefused as exc:
+                _err(str(exc))
+                return EXIT_FAILED
+            assert result.entry is not None
+            entry = result.entry
+            for event in result.events:
+                _err(f"{event.type}: {event.message}")
+    finally:
+        await nc.close()
+    print(json.dumps(_rollout_json(entry), indent=2) if args.json else format_rollout(entry))
+    return 0
+
+
+def rollout_open(args: argparse.Namespace, revision: str, spec: Any,
+                 labels: dict[str, str]) -> tuple[bool | None, str | None]:
+    """For `plan --nats`: (is the node's wave open, the rollout's state) from the entry."""
+    from reconciler.bus_rollouts import read_entry, rollouts_bucket
+
+    async def read() -> tuple[bool | None, str | None]:
+        options = NatsOptions.from_args(args)
+        nc = await connect(options)
+        try:
+            kv = await rollouts_bucket(options.jetstream(nc), create=False)
+            entry = (await read_entry(kv, revision))[0] if kv is not None else None
+        finally:
+            await nc.close()
+        if entry is None:
+            return spec.wave_of(labels) == 0, None
+        index = entry.wave_of(labels)
+        is_open = entry.state == "complete" or (
+            entry.state == "progressing" and index <= entry.wave_index)
+        return is_open, entry.state
+
+    return asyncio.run(read())
+
+
+def _rollout_json(entry: Any) -> dict[str, Any]:
+    from reconciler.rollout import bake_left, wave_rows
+
+    now = _now()
+    return {**entry.model_dump(mode="json"), "bake_left_s": bake_left(entry, now),
+            "progress": wave_rows(entry, now)}
+
+
+def format_rollout(entry: Any) -> str:
+    """A human view of one rollout entry: state, then one row per wave."""
+    from reconciler.bus_wire import format_table
+    from reconciler.rollout import wave_rows
+
+    now = _now()
+    head = f"rollout {entry.revision[:12]}  {entry.state.upper()}"
+    if entry.wave:
+        head += f"  (wave {entry.wave} open)"
+    lines = [head + (f"  base {entry.base[:12]}" if entry.base else "")]
+    if entry.reason:
+        lines.append(f"  reason: {entry.reason}")
+    rows = []
+    for row in wave_rows(entry, now):
+        bake = "-" if row["bake_left_s"] is None else f"{row['bake_left_s']:.0f}s left"
+        rows.append({**row, "bake": bake})
+    columns = ["name", "phase", "nodes", "synced", "failed", "offline", "applying",
+               "max_unavailable", "bake"]
+    lines.append(format_table(rows, columns))
+    for node, why in sorted(entry.failures.items()):
+        lines.append(f"  {node}: {why}")
+    return "\n".join(lines)
 
 
 # ---- notify --------------------------------------------------------------------------------

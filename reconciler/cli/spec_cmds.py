@@ -17,10 +17,18 @@ from reconciler.core.loader import (
     read_directory,
     resolve_spec_path,
 )
-from reconciler.core.plan import Action, ActionKind, Plan
-from reconciler.core.spec import NAME_RE, app_json_schema
-from reconciler.core.state import CurrentState
+from reconciler.plan import Action, ActionKind, Plan
+from reconciler.rollout_spec import (
+    MAX_ROLLOUT_BYTES,
+    ROLLOUT_FILE,
+    RolloutSpec,
+    parse_rollout,
+    rollout_json_schema,
+)
+from reconciler.spec import NAME_RE, app_json_schema
+from reconciler.state import CurrentState
 
+ROLLOUTS_BUCKET_NAME = "gitops_rollouts"
 # Exit codes: 0 fine, 1 spec problems (plan still printed, with removals held), 2 could not
 # run at all (bad flags, unreachable repository).
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
@@ -39,6 +47,8 @@ def run_validate(args: argparse.Namespace) -> int:
     if not target.exists():
         print(f"{args.path}: no such file or directory", file=sys.stderr)
         return EXIT_ERROR
+    if target.is_file() and target.name == ROLLOUT_FILE:
+        return _validate_rollout_only(target, args.json)
     root, apps_path = resolve_spec_path(target, args.apps_path)
     if apps_path and not (root / apps_path).exists():
         print(f"{root / apps_path}: no such file or directory", file=sys.stderr)
@@ -51,18 +61,48 @@ def run_validate(args: argparse.Namespace) -> int:
         # Only from a repo root are repo-relative archive paths known to resolve right.
         result.problems.extend(check_archives(root, result))
         result.problems.sort()
+    rollout_note = ""
+    if apps_path and target.is_dir() and (root / ROLLOUT_FILE).is_file():
+        # the repo root's rollout.yaml (outside the apps path) is part of the spec tree
+        rollout, rollout_problems = _check_rollout(root / ROLLOUT_FILE)
+        result.problems.extend(rollout_problems)
+        result.problems.sort()
+        rollout_note = f", {ROLLOUT_FILE}: " + (
+            f"{_n(len(rollout.waves), 'wave')}" if rollout else "invalid")
     if args.json:
         print(json.dumps([_problem_json(p) for p in result.problems], indent=2))
     else:
         for problem in result.problems:
             print(problem)
-    summary = f"{_n(len(result.valid_apps), 'valid app')} in {_n(result.files, 'file')}"
+    summary = (f"{_n(len(result.valid_apps), 'valid app')} in {_n(result.files, 'file')}"
+               + rollout_note)
     if result.problems:
         summary += (
             f", {_n(len(result.problems), 'problem')} ({_n(len(result.invalid), 'app')} invalid)"
         )
     print(summary, file=sys.stderr)
     return EXIT_PROBLEMS if result.problems else EXIT_OK
+
+
+def _check_rollout(path: Path) -> tuple[RolloutSpec | None, list[SpecProblem]]:
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_ROLLOUT_BYTES + 1)
+    return parse_rollout(str(path), data)
+
+
+def _validate_rollout_only(path: Path, as_json: bool) -> int:
+    rollout, problems = _check_rollout(path)
+    if as_json:
+        print(json.dumps([_problem_json(p) for p in problems], indent=2))
+    else:
+        for problem in problems:
+            print(problem)
+    if rollout is not None:
+        print(f"{ROLLOUT_FILE}: {_n(len(rollout.waves), 'wave')}: "
+              + ", ".join(w.name for w in rollout.waves), file=sys.stderr)
+    else:
+        print(f"{ROLLOUT_FILE}: {_n(len(problems), 'problem')}", file=sys.stderr)
+    return EXIT_PROBLEMS if problems else EXIT_OK
 
 
 def check_archives(root: Path, result: LoadResult) -> list[SpecProblem]:
@@ -110,7 +150,17 @@ def _problem_json(problem: SpecProblem) -> dict[str, object]:
 
 
 def run_schema(args: argparse.Namespace) -> int:
-    print(json.dumps(app_json_schema(), indent=2, sort_keys=True))
+    if getattr(args, "rollout", False):
+        schema = rollout_json_schema()
+    elif getattr(args, "events", False):
+        from reconciler.events import Event
+
+        schema = Event.model_json_schema()
+        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        schema["title"] = "gitops-mesh event"
+    else:
+        schema = app_json_schema()
+    print(json.dumps(schema, indent=2, sort_keys=True))
     return EXIT_OK
 
 
@@ -123,7 +173,8 @@ def run_plan(args: argparse.Namespace) -> int:
                              "'-' (node ids become NATS subject tokens)")
         labels = _labels(args.label)
         with tempfile.TemporaryDirectory(prefix="gitops-mesh-plan-") as cache:
-            revision, files = _read_repo(args.repo, args.branch, args.path, Path(cache))
+            revision, files, rollout_data = _read_repo(args.repo, args.branch, args.path,
+                                                       Path(cache))
         current = _current_state(Path(args.state_dir) if args.state_dir else None)
     except (ReconcileError, ValueError, OSError) as exc:
         print(f"plan: {exc}", file=sys.stderr)
@@ -133,14 +184,18 @@ def run_plan(args: argparse.Namespace) -> int:
     from reconciler.core.plan import make_plan
 
     plan = make_plan(desired, current)
+    rollout = rollout_position(rollout_data, revision, args.node_id, labels, args)
     if args.json:
         out = plan.to_json()
         out["node"] = args.node_id
         out["labels"] = labels
         out["problems"] = [str(p) for p in desired.problems]
+        out["rollout"] = rollout
         print(json.dumps(out, indent=2))
     else:
         print(format_plan(plan, args.node_id, labels, [str(p) for p in desired.problems]))
+        if rollout["governed"]:
+            print("\n" + str(rollout["text"]))
     return EXIT_PROBLEMS if desired.problems else EXIT_OK
 
 
@@ -153,15 +208,57 @@ def _labels(items: list[str]) -> dict[str, str]:
         raise ValueError(f"--label: {exc}") from None
 
 
-def _read_repo(url: str, branch: str, apps_path: str, cache: Path) -> tuple[str, list[SpecFile]]:
-    from reconciler.node.source import GitSource
+def _read_repo(url: str, branch: str, apps_path: str, cache: Path
+               ) -> tuple[str, list[SpecFile], bytes | None]:
+    """(revision, spec files, rollout.yaml bytes or None)."""
+    from reconciler.errors import ArtifactError
+    from reconciler.source import GitSource
 
     source = GitSource(url, branch, cache / "repo")
     try:
         revision = source.fetch()
-        return revision, source.spec_files(revision, apps_path)
+        try:
+            rollout: bytes | None = source.read_file(revision, ROLLOUT_FILE, MAX_ROLLOUT_BYTES)
+        except ArtifactError as exc:
+            rollout = None if "no such file" in str(exc) else str(exc).encode()
+        return revision, source.spec_files(revision, apps_path), rollout
     finally:
         source.close()
+
+
+def rollout_position(data: bytes | None, revision: str, node: str, labels: dict[str, str],
+                     args: argparse.Namespace) -> dict[str, object]:
+    """The node's wave at `revision` and whether it is open (read from gitops_rollouts when
+    --nats is given; otherwise the plan says it cannot tell)."""
+    if data is None:
+        return {"governed": False,
+                "text": f"Rollout: no {ROLLOUT_FILE} at {revision[:12]}: every node applies "
+                        "it at once."}
+    spec, problems = parse_rollout(ROLLOUT_FILE, data)
+    if spec is None:
+        return {"governed": True, "problems": [str(p) for p in problems],
+                "text": f"Rollout: {ROLLOUT_FILE} is invalid (nodes do not apply this "
+                        "revision): " + "; ".join(str(p) for p in problems[:3])}
+    wave = spec.waves[spec.wave_of(labels)].name
+    out: dict[str, object] = {"governed": True, "wave": wave, "open": None}
+    where = f"Rollout: {node} is in wave {wave!r} of {len(spec.waves)}"
+    if not getattr(args, "nats", None):
+        out["text"] = (f"{where}; whether it is open is not known here (give --nats to read "
+                       f"the rollout state from {ROLLOUTS_BUCKET_NAME})")
+        return out
+    from reconciler.cli_mesh import rollout_open
+
+    try:
+        is_open, state = rollout_open(args, revision, spec, labels)
+    except Exception as exc:  # NATS trouble: say so, the plan itself stands
+        out["text"] = f"{where}; the rollout state cannot be read: {exc}"
+        return out
+    out.update(open=is_open, state=state)
+    if state is None:
+        out["text"] = f"{where}; no node has started the rollout yet (the first wave opens)"
+    else:
+        out["text"] = f"{where}; rollout {state}, wave {'open' if is_open else 'not open'}"
+    return out
 
 
 def _current_state(state_dir: Path | None) -> CurrentState:
