@@ -336,7 +336,9 @@ def consult(entry: RolloutEntry, node: str, members: Mapping[str, Member], now: 
         return step, Verdict("wait", f"waiting for wave {wave.name} of rollout "
                                      f"{e.revision[:12]} ({describe_open(e, now)})",
                              recheck_in=recheck_in(e, now))
-    limit = resolve_count(wave.max_unavailable, len(wave.nodes), at_least_one=True)
+    # a percentage is of the wave's online nodes (offline ones are not applying anything)
+    online = [n for n in wave.nodes if n not in wave.offline]
+    limit = resolve_count(wave.max_unavailable, len(online), at_least_one=True)
     busy = sorted(n for n in e.applying if n in wave.nodes)
     if len(busy) >= limit:
         return step, Verdict("wait", f"wave {wave.name} of rollout {e.revision[:12]}: no slot "

@@ -83,6 +83,7 @@ def test_may_apply_table() -> None:
     step, verdict = ro.consult(entry(), "n0", members, at(1))
     assert verdict == ro.Verdict(
         "wait", f"waiting for wave fleet of rollout {REV[:12]} (wave canary open: 0/1 synced)")
+    assert verdict.state == "progressing"
     assert step.entry.applying == {}
     assert step.entry.waves[0].nodes == ["c0"] and step.entry.waves[1].nodes == [
         "n0", "n1", "n2", "n3"]
@@ -144,7 +145,8 @@ def test_failure_aborts_beyond_max_failed() -> None:
     for node in ("c0", "n1"):
         verdict = ro.consult(step.entry, node, members, at(5))[1]
         assert verdict == ro.Verdict("aborted", f"rollout of {REV[:12]} aborted: "
-                                                f"{step.entry.reason}", base=BASE, revert=True)
+                                                f"{step.entry.reason}", base=BASE, revert=True,
+                                     state="aborted")
 
 
 def test_tolerated_failures_do_not_abort() -> None:

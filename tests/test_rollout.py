@@ -1,0 +1,487 @@
+"""Fleet rollouts end to end: real nats-server, real agents (in process, with the mesh's
+coordinator injected as `gitops-mesh node` does), real child processes and real git pushes;
+the CLI as subprocesses (`python -m reconciler rollout ...`, `wait`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import NatsServer, SpecRepo, eventually_async, make_spec_repo
+
+from reconciler.agent import Agent, AgentConfig
+from reconciler.bus import Mesh, NatsOptions, connect
+from reconciler.bus_rollouts import cas_update, operate_rollout, read_entry, rollouts_bucket
+from reconciler.rollout import Member, RolloutEntry, report
+
+PY = sys.executable
+
+ROLLOUT = """\
+waves:
+  - name: canary
+    nodes: {{match: {{ring: canary}}}}
+    max_unavailable: 1
+  - name: fleet
+    nodes: {{}}
+    max_unavailable: {fleet_max}
+bake: {bake}
+progress_deadline: 30s
+max_failed: 0
+revert: true
+"""
+
+
+def api_yaml(version: str, broken: bool = False, ready_after: float = 0.0) -> str:
+    """An app whose process waits forever; its exec probe passes (or, broken, never does).
+    `ready_after`: the process marks itself ready this late (a slow start)."""
+    probe = json.dumps(["false"] if broken else ["test", "-f", "ready"])
+    start = (f"import signal, time; time.sleep({ready_after}); open('ready', 'w').close(); "
+             "signal.pause()")
+    return (
+        f'name: api\nversion: "{version}"\n'
+        f"run:\n  command: [{json.dumps(PY)}, -c, {json.dumps(start)}]\n"
+        f"  stop_timeout: 1s\n"
+        f"health:\n  exec: {{command: {probe}}}\n  interval: 0.1s\n  timeout: 1s\n"
+        f"  start_timeout: 1s\n  failure_threshold: 1\n"
+    )
+
+
+def rollout_yaml(bake: str = "1s", fleet_max: str = "100%") -> str:
+    return ROLLOUT.format(bake=bake, fleet_max=json.dumps(fleet_max))
+
+
+@dataclass
+class Node:
+    agent: Agent
+    mesh: Mesh | None
+
+    @property
+    def id(self) -> str:
+        return self.agent.node_id
+
+    def status(self) -> Any:
+        return self.agent.status()
+
+    def pid(self) -> int | None:
+        apps = {a.name: a for a in self.status().apps}
+        return apps["api"].pid if "api" in apps else None
+
+
+@dataclass
+class Fleet:
+    url: str
+    repo: SpecRepo
+    tmp: Path
+    nodes: dict[str, Node] = field(default_factory=dict)
+
+    async def start(self, node: str, labels: dict[str, str], *, nats: bool = True,
+                    heartbeat: float = 0.5) -> Node:
+        agent = Agent(AgentConfig(node_id=node, repo_url=self.repo.url, labels=labels,
+                                  state_dir=self.tmp / f"state-{node}", interval=3600.0,
+                                  heartbeat=heartbeat))
+        mesh = None
+        if nats:
+            mesh = Mesh(agent, agent.store, NatsOptions(servers=[self.url]),
+                        heartbeat=heartbeat)
+            agent.coordinator = mesh.coordinator  # as the composition root (cli node) does
+            await mesh.start()
+        await agent.start()
+        self.nodes[node] = Node(agent, mesh)
+        return self.nodes[node]
+
+    async def stop(self, node: str) -> None:
+        item = self.nodes.pop(node)
+        if item.mesh is not None:
+            await item.mesh.close()
+        await item.agent.close(stop_apps=True)
+
+    def push(self, files: dict[str, str], message: str) -> str:
+        for path, text in files.items():
+            self.repo.write(path, text)
+        sha = self.repo.commit_and_push(message)
+        for node in self.nodes.values():  # what `gitops-mesh notify` does over NATS
+            node.agent.trigger("source.changed")
+        return sha
+
+    async def synced(self, revision: str, nodes: list[str] | None = None,
+                     timeout: float = 30.0) -> None:
+        names = nodes or sorted(self.nodes)
+
+        async def check() -> bool:
+            for name in names:
+                st = self.nodes[name].status()
+                assert (st.status, st.revision) == ("synced", revision), (name, st.status,
+                                                                          st.message)
+            return True
+
+        await eventually_async(check, timeout=timeout, what=f"{names} synced at {revision[:8]}")
+
+
+@asynccontextmanager
+async def fleet_of(tmp: Path, server: NatsServer, nodes: dict[str, dict[str, str]],
+                   **start: Any) -> AsyncIterator[Fleet]:
+    repo = make_spec_repo(tmp / "specs", {"apps/api.yaml": api_yaml("1")})
+    fleet = Fleet(server.url, repo, tmp)
+    try:
+        for node, labels in nodes.items():
+            await fleet.start(node, labels, **start)
+        await fleet.synced(repo.head())
+        yield fleet
+    finally:
+        for node in list(fleet.nodes):
+            await fleet.stop(node)
+
+
+async def entry_of(url: str, revision: str) -> RolloutEntry | None:
+    nc = await connect(NatsOptions(servers=[url]))
+    try:
+        kv = await rollouts_bucket(nc.jetstream(), create=False)
+        return None if kv is None else (await read_entry(kv, revision))[0]
+    finally:
+        await nc.close()
+
+
+async def rollout_events(url: str, revision: str) -> list[dict[str, Any]]:
+    """Every rollout.* event of `revision` in the GITOPS_EVENTS stream."""
+    import nats.js.errors
+
+    from reconciler.subjects import EVENTS_STREAM
+
+    nc = await connect(NatsOptions(servers=[url]))
+    try:
+        js = nc.jetstream()
+        try:
+            info = await js.stream_info(EVENTS_STREAM, subjects_filter="gitops.events.>")
+        except nats.js.errors.NotFoundError:
+            return []
+        count = info.state.messages
+        sub = await js.subscribe("gitops.events.>", ordered_consumer=True)
+        out = []
+        for _ in range(count):
+            try:
+                msg = await sub.next_msg(timeout=2)
+            except Exception:
+                break
+            event = json.loads(msg.data)
+            if event["type"].startswith("rollout.") and event.get("revision") == revision:
+                out.append(event)
+        await sub.unsubscribe()
+        return out
+    finally:
+        await nc.close()
+
+
+async def cli(url: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    proc = await asyncio.create_subprocess_exec(
+        PY, "-m", "reconciler", *args, "--nats", url, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return subprocess.CompletedProcess(args, proc.returncode or 0, out.decode(), err.decode())
+
+
+THREE = {"canary-1": {"ring": "canary"}, "node-1": {}, "node-2": {}}
+
+
+async def test_a_good_revision_bakes_on_the_canary_then_reaches_everyone(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    async with fleet_of(tmp_path, nats_server, THREE) as fleet:
+        before = {n: fleet.nodes[n].pid() for n in ("node-1", "node-2")}
+        sha = fleet.push({"rollout.yaml": rollout_yaml("1s"), "apps/api.yaml": api_yaml("2")},
+                         "api 2 with a canary wave")
+        waiter = asyncio.ensure_future(cli(nats_server.url, "wait", "--revision", sha,
+                                           "--timeout", "60s"))
+        await fleet.synced(sha, ["canary-1"])
+        entry = await entry_of(nats_server.url, sha)
+        assert entry is not None and entry.state == "progressing"
+        # while the canary bakes, the others keep their process and say what they wait for
+        for name in ("node-1", "node-2"):
+            st = fleet.nodes[name].status()
+            assert (st.status, st.desired_revision) == ("progressing", sha), st
+            assert st.message.startswith(f"waiting for wave fleet of rollout {sha[:12]}"), st
+            if entry.waves[1].opened_at is None:
+                assert fleet.nodes[name].pid() == before[name]
+        done = await waiter
+        assert done.returncode == 0, done.stderr
+        assert f"rollout {sha[:12]}" in done.stderr  # per-wave progress while waiting
+        entry = await entry_of(nats_server.url, sha)
+        assert entry is not None
+        assert (entry.state, entry.waves[0].synced, entry.waves[1].synced) == (
+            "complete", ["canary-1"], ["node-1", "node-2"])
+        canary, fleet_wave = entry.waves
+        assert canary.synced_at and canary.baked_at and fleet_wave.opened_at
+        # the fleet wave opened only after the canary synced and baked its second
+        from reconciler.events import parse_time
+
+        synced_at, baked_at = parse_time(canary.synced_at), parse_time(canary.baked_at)
+        assert synced_at and baked_at and (baked_at - synced_at).total_seconds() >= 1.0
+        for name in ("node-1", "node-2"):
+            started = parse_time(fleet.nodes[name].status().apps[0].started_at)
+            assert started is not None and started >= baked_at.replace(microsecond=0)
+
+        async def announced() -> list[dict[str, Any]]:
+            events = await rollout_events(nats_server.url, sha)
+            assert len(events) >= 2, events
+            return events
+
+        events = await eventually_async(announced, what="rollout events in the stream")
+        # once each, fleet-wide, by whichever node's write caused it
+        assert sorted(e["type"] for e in events) == ["rollout.completed", "rollout.wave-opened"]
+        assert {e["revision"] for e in events} == {sha}
+
+
+async def test_a_broken_revision_aborts_on_the_canary_and_the_revert_sticks(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    async with fleet_of(tmp_path, nats_server, THREE) as fleet:
+        good = fleet.repo.head()
+        pids = {n: fleet.nodes[n].pid() for n in fleet.nodes}
+        sha = fleet.push({"rollout.yaml": rollout_yaml("1s"),
+                          "apps/api.yaml": api_yaml("2", broken=True)}, "api 2 is broken")
+        done = await cli(nats_server.url, "wait", "--revision", sha, "--timeout", "60s")
+        assert done.returncode == 1, done.stderr
+        assert f"{sha[:12]}: rollout aborted: 1 node(s) failed, more than max_failed 0: " \
+               "canary-1: api:" in done.stderr
+        entry = await entry_of(nats_server.url, sha)
+        assert entry is not None and (entry.state, entry.base) == ("aborted", good)
+        canary = fleet.nodes["canary-1"]
+
+        async def reverted() -> bool:
+            st = canary.status()
+            assert (st.revision, st.desired_revision) == (good, sha), st
+            assert st.status == "degraded" and "reverted to" in st.message, st
+            return True
+
+        await eventually_async(reverted, what="the canary back on the good revision")
+        canary_pid = canary.pid()
+        assert canary_pid is not None
+        for _ in range(3):  # the revert sticks: polls do not try the aborted revision again
+            for node in fleet.nodes.values():
+                await node.agent.reconcile_now("poll")
+            await reverted()
+        assert canary.pid() == canary_pid
+        assert {a.version for a in canary.status().apps} == {"1"}
+        for name in ("node-1", "node-2"):  # the others never touched it
+            st = fleet.nodes[name].status()
+            assert fleet.nodes[name].pid() == pids[name]
+            assert (st.revision, st.status) == (good, "degraded"), st
+            assert "aborted" in st.message and "not applied" in st.message, st.message
+        # a new commit starts a new rollout (its base is still the good revision)
+        fixed = fleet.push({"apps/api.yaml": api_yaml("3")}, "api 3 fixes it")
+        await fleet.synced(fixed, timeout=40)
+        entry = await entry_of(nats_server.url, fixed)
+        assert entry is not None and (entry.state, entry.base) == ("complete", good)
+
+
+async def test_operators_pause_resume_promote_and_abort_from_the_cli(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    async with fleet_of(tmp_path, nats_server, THREE) as fleet:
+        sha = fleet.push({"rollout.yaml": rollout_yaml("1h"), "apps/api.yaml": api_yaml("2")},
+                         "api 2, a long bake")
+        await fleet.synced(sha, ["canary-1"])
+        url = nats_server.url
+        res = await cli(url, "rollout", "pause", "--revision", sha[:10])
+        assert res.returncode == 0, res.stderr
+        assert "rollout.paused: paused by an operator" in res.stderr
+        assert f"rollout {sha[:12]}  PAUSED" in res.stdout
+        again = await cli(url, "rollout", "pause", "--revision", sha)
+        assert (again.returncode, again.stderr) == (
+            1, "gitops-mesh: cannot pause a rollout that is paused\n")
+
+        async def says(node: str, text: str) -> bool:
+            assert text in fleet.nodes[node].status().message
+            return True
+
+        await eventually_async(lambda: says("node-1", "paused"), what="node-1 sees the pause")
+        res = await cli(url, "rollout", "resume", "--revision", sha)
+        assert res.returncode == 0 and "rollout.resumed" in res.stderr, res.stderr
+        await eventually_async(lambda: says("node-1", "waiting for wave fleet"))
+        res = await cli(url, "rollout", "promote", "--revision", sha)
+        assert res.returncode == 0, res.stderr
+        assert "rollout.wave-opened: wave fleet opened (promoted by an operator)" in res.stderr
+        await fleet.synced(sha)
+        status = await cli(url, "rollout", "status", "--revision", sha, "--json")
+        data = json.loads(status.stdout)
+        assert (data["state"], [w["synced"] for w in data["waves"]]) == (
+            "complete", [["canary-1"], ["node-1", "node-2"]])
+
+        # abort by hand, after the canary applied a revision: the canary goes back
+        second = fleet.push({"apps/api.yaml": api_yaml("3")}, "api 3")
+        await fleet.synced(second, ["canary-1"])
+        res = await cli(url, "rollout", "abort", "--revision", second, "--reason", "bad build")
+        assert res.returncode == 0, res.stderr
+        done = await cli(url, "wait", "--revision", second, "--timeout", "30s")
+        assert done.returncode == 1
+        assert f"{second[:12]}: rollout aborted: bad build" in done.stderr
+        await eventually_async(lambda: _at(fleet, "canary-1", sha), what="canary reverted")
+        assert {a.version for a in fleet.nodes["canary-1"].status().apps} == {"2"}
+        for name in ("node-1", "node-2"):
+            assert fleet.nodes[name].status().revision == sha
+
+
+async def _at(fleet: Fleet, node: str, revision: str) -> bool:
+    st = fleet.nodes[node].status()
+    assert st.revision == revision and not fleet.nodes[node].agent.reconciling, st
+    return True
+
+
+async def test_two_operators_racing_lose_no_update(nats_server: NatsServer) -> None:
+    """Compare-and-set: concurrent writers are retried, never overwritten."""
+    from datetime import UTC, datetime
+
+    from reconciler.rollout_spec import RolloutSpec
+
+    nc1 = await connect(NatsOptions(servers=[nats_server.url]))
+    nc2 = await connect(NatsOptions(servers=[nats_server.url]))
+    try:
+        js1, js2 = nc1.jetstream(), nc2.jetstream()
+        kv1 = await rollouts_bucket(js1)
+        kv2 = await rollouts_bucket(js2)
+        assert kv1 is not None and kv2 is not None
+        spec = RolloutSpec.model_validate({"waves": [
+            {"name": "one", "nodes": {"match": {"w": "1"}}}, {"name": "two"},
+            {"name": "three"}]})
+        revision = "e" * 40
+        options = NatsOptions(servers=[nats_server.url])
+        now = datetime.now(UTC)
+        members = {f"n{i}": Member({"w": "1"} if i < 2 else {}) for i in range(4)}
+        created = await cas_update(js1, kv1, options, revision,
+                                   lambda cur: None if cur else _created(revision, spec, now,
+                                                                         members))
+        assert created.wrote
+        # two operators at once: one pauses, the other promotes; both changes land
+        paused, promoted = await asyncio.gather(
+            operate_rollout(js1, kv1, options, revision, "pause", actor="console"),
+            operate_rollout(js2, kv2, options, revision, "promote", actor="console"))
+        entry, _ = await read_entry(kv1, revision)
+        assert entry is not None
+        assert (entry.state, entry.wave) == ("paused", "two")
+        assert paused.wrote and promoted.wrote
+        # twenty nodes reporting at once: every report is in
+        many = {f"m{i}": Member({}) for i in range(20)}
+
+        async def reporter(node: str, js: Any, kv: Any) -> int:
+            result = await cas_update(js, kv, options, revision, lambda cur: report(
+                cur, node, "synced", "", many, datetime.now(UTC)))
+            return result.attempts
+
+        attempts = await asyncio.gather(*(
+            reporter(n, js1 if i % 2 else js2, kv1 if i % 2 else kv2)
+            for i, n in enumerate(many)))
+        assert sum(attempts) > len(many)  # they did collide, and were computed again
+        entry, _ = await read_entry(kv2, revision)
+        assert entry is not None
+        assert sorted(n for w in entry.waves for n in w.synced) == sorted(many)
+    finally:
+        await nc1.close()
+        await nc2.close()
+
+
+def _created(revision: str, spec: Any, now: Any, members: dict[str, Member]) -> Any:
+    from reconciler.rollout import Step, advance, new_entry
+
+    return Step(advance(new_entry(revision, spec, None, now), members, now).entry)
+
+
+async def test_an_offline_node_does_not_hold_its_wave_and_joins_later(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    nodes = {"canary-1": {"ring": "canary"}, "node-1": {}, "node-2": {}}
+    async with fleet_of(tmp_path, nats_server, nodes, heartbeat=0.3) as fleet:
+        await fleet.stop("node-2")  # its status ages: unreachable after 3 heartbeats
+        await asyncio.sleep(1.2)
+        sha = fleet.push({"rollout.yaml": rollout_yaml("0.5s"), "apps/api.yaml": api_yaml("2")},
+                         "api 2 while node-2 is down")
+        await fleet.synced(sha, ["canary-1", "node-1"])
+
+        async def complete() -> RolloutEntry:
+            entry = await entry_of(nats_server.url, sha)
+            assert entry is not None and entry.state == "complete", entry
+            return entry
+
+        entry = await eventually_async(complete, what="complete without node-2")
+        assert (entry.waves[1].synced, entry.waves[1].offline) == (["node-1"], ["node-2"])
+        await fleet.start("node-2", {}, heartbeat=0.3)  # back: it joins and applies
+        await fleet.synced(sha, ["node-2"])
+
+        async def joined() -> bool:
+            entry = await entry_of(nats_server.url, sha)
+            assert entry is not None and entry.waves[1].synced == ["node-1", "node-2"], entry
+            assert entry.waves[1].offline == []
+            return True
+
+        await eventually_async(joined, what="node-2 counted synced")
+
+
+async def test_max_unavailable_percent_is_never_exceeded(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    nodes = {f"w-{i}": {} for i in range(10)}
+    async with fleet_of(tmp_path, nats_server, nodes, heartbeat=1.0) as fleet:
+        rules = ("waves:\n  - name: all\n    nodes: {}\n    max_unavailable: 50%\n"
+                 "bake: 0s\nprogress_deadline: 60s\n")
+        nc = await connect(NatsOptions(servers=[nats_server.url]))
+        seen: list[int] = []
+        try:
+            kv = await rollouts_bucket(nc.jetstream())
+            assert kv is not None
+            watcher = await kv.watchall()
+
+            async def record() -> None:
+                while True:
+                    update = await watcher.updates(timeout=60)
+                    if update is not None and update.value:
+                        seen.append(len(RolloutEntry.from_json(update.value).applying))
+
+            recorder = asyncio.ensure_future(record())
+            sha = fleet.push({"rollout.yaml": rules,
+                              "apps/api.yaml": api_yaml("2", ready_after=0.3)}, "api 2")
+            await fleet.synced(sha, timeout=60)
+            recorder.cancel()
+            await watcher.stop()
+        finally:
+            await nc.close()
+        entry = await entry_of(nats_server.url, sha)
+        assert entry is not None and entry.state == "complete"
+        assert max(seen) <= 5, seen
+        assert max(seen) >= 2, seen  # it did run nodes side by side
+
+
+async def test_without_nats_a_governed_revision_is_not_enforceable_and_not_applied(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    async with fleet_of(tmp_path, nats_server, {"lone-1": {}}, nats=False) as fleet:
+        node = fleet.nodes["lone-1"]
+        pid = node.pid()
+        sha = fleet.push({"rollout.yaml": rollout_yaml(), "apps/api.yaml": api_yaml("2")},
+                         "api 2, governed")
+
+        async def held() -> bool:
+            st = node.status()
+            assert st.desired_revision == sha and not node.agent.reconciling, st
+            assert (st.status, st.revision != sha) == ("degraded", True), st
+            assert "not enforceable" in st.message, st.message
+            return True
+
+        await eventually_async(held, what="the governed revision held")
+        assert node.pid() == pid and {a.version for a in node.status().apps} == {"1"}
+
+
+@pytest.mark.parametrize("text", ["waves: [{name: Bad}]\n"])
+async def test_an_invalid_rollout_yaml_holds_the_revision(
+        tmp_path: Path, nats_server: NatsServer, text: str) -> None:
+    async with fleet_of(tmp_path, nats_server, {"solo-1": {}}) as fleet:
+        node = fleet.nodes["solo-1"]
+        sha = fleet.push({"rollout.yaml": text, "apps/api.yaml": api_yaml("2")}, "bad rules")
+
+        async def held() -> bool:
+            st = node.status()
+            assert st.desired_revision == sha and st.status == "degraded", st
+            assert "rollout.yaml at" in st.message and "invalid wave name" in st.message
+            return True
+
+        await eventually_async(held)
+        assert {a.version for a in node.status().apps} == {"1"}
