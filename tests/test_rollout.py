@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from conftest import NatsServer, SpecRepo, eventually_async, make_spec_repo
 
-from reconciler.agent import Agent, AgentConfig
-from reconciler.bus import Mesh, NatsOptions, connect
-from reconciler.bus_rollouts import cas_update, operate_rollout, read_entry, rollouts_bucket
-from reconciler.rollout import Member, RolloutEntry, report
+from reconciler.core.rollout import Member, RolloutEntry, report
+from reconciler.mesh.link import Mesh, NatsOptions, connect
+from reconciler.mesh.rollouts import cas_update, operate_rollout, read_entry, rollouts_bucket
+from reconciler.node.agent import Agent, AgentConfig
 
 PY = sys.executable
 
@@ -153,7 +153,7 @@ async def rollout_events(url: str, revision: str) -> list[dict[str, Any]]:
     """Every rollout.* event of `revision` in the GITOPS_EVENTS stream."""
     import nats.js.errors
 
-    from reconciler.subjects import EVENTS_STREAM
+    from reconciler.mesh.subjects import EVENTS_STREAM
 
     nc = await connect(NatsOptions(servers=[url]))
     try:
@@ -218,7 +218,7 @@ async def test_a_good_revision_bakes_on_the_canary_then_reaches_everyone(
         canary, fleet_wave = entry.waves
         assert canary.synced_at and canary.baked_at and fleet_wave.opened_at
         # the fleet wave opened only after the canary synced and baked its second
-        from reconciler.events import parse_time
+        from reconciler.core.events import parse_time
 
         synced_at, baked_at = parse_time(canary.synced_at), parse_time(canary.baked_at)
         assert synced_at and baked_at and (baked_at - synced_at).total_seconds() >= 1.0
@@ -335,7 +335,7 @@ async def test_two_operators_racing_lose_no_update(nats_server: NatsServer) -> N
     """Compare-and-set: concurrent writers are retried, never overwritten."""
     from datetime import UTC, datetime
 
-    from reconciler.rollout_spec import RolloutSpec
+    from reconciler.core.rollout_spec import RolloutSpec
 
     nc1 = await connect(NatsOptions(servers=[nats_server.url]))
     nc2 = await connect(NatsOptions(servers=[nats_server.url]))
@@ -384,7 +384,7 @@ async def test_two_operators_racing_lose_no_update(nats_server: NatsServer) -> N
 
 
 def _created(revision: str, spec: Any, now: Any, members: dict[str, Member]) -> Any:
-    from reconciler.rollout import Step, advance, new_entry
+    from reconciler.core.rollout import Step, advance, new_entry
 
     return Step(advance(new_entry(revision, spec, None, now), members, now).entry)
 

@@ -1,4 +1,4 @@
-"""Pure rollout decisions (reconciler.rollout) and the rollout.yaml model: table-driven,
+"""Pure rollout decisions (reconciler.core.rollout) and the rollout.yaml model: table-driven,
 whole values asserted, the clock injected."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from reconciler import rollout as ro
-from reconciler.events import iso_time
-from reconciler.rollout_spec import RolloutSpec, parse_rollout, resolve_count
+from reconciler.core import rollout as ro
+from reconciler.core.events import iso_time
+from reconciler.core.rollout_spec import RolloutSpec, parse_rollout, resolve_count
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 REV = "a" * 40
@@ -92,7 +92,7 @@ def test_may_apply_table() -> None:
     assert step.entry.applying == {"c0": iso_time(at(2))}
     # a second canary would find no slot (max_unavailable 1)
     two = fleet(canaries=2)
-    s2, v2 = ro.consult(ro.advance(step.entry, two, at(2)).entry, "c1", two, at(3))
+    _s2, v2 = ro.consult(ro.advance(step.entry, two, at(2)).entry, "c1", two, at(3))
     assert v2.kind == "wait" and "no slot free (1 applying, max_unavailable 1)" in v2.message
     # already applying: apply again (an agent restart)
     assert ro.consult(step.entry, "c0", members, at(3))[1] == ro.Verdict("apply")

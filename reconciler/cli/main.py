@@ -18,17 +18,17 @@ DEFAULT_STATE_DIR = "/var/lib/gitops-mesh"
 
 # subcommand -> "module:function"; each function takes the parsed Namespace, returns exit code.
 HANDLERS: dict[str, str] = {
-    "validate": "reconciler.cli_core:run_validate",
-    "schema": "reconciler.cli_core:run_schema",
-    "plan": "reconciler.cli_core:run_plan",
-    "node": "reconciler.cli_node:run_node",
-    "status-local": "reconciler.cli_node:run_status",
-    "status-remote": "reconciler.cli_mesh:run_status",
-    "reconcile": "reconciler.cli_mesh:run_reconcile",
-    "wait": "reconciler.cli_mesh:run_wait",
-    "rollout": "reconciler.cli_mesh:run_rollout",
-    "notify": "reconciler.cli_mesh:run_notify",
-    "nats-config": "reconciler.cli_mesh:run_nats_config",
+    "validate": "reconciler.cli.spec_cmds:run_validate",
+    "schema": "reconciler.cli.spec_cmds:run_schema",
+    "plan": "reconciler.cli.spec_cmds:run_plan",
+    "node": "reconciler.cli.node_cmds:run_node",
+    "status-local": "reconciler.cli.node_cmds:run_status",
+    "status-remote": "reconciler.cli.mesh_cmds:run_status",
+    "reconcile": "reconciler.cli.mesh_cmds:run_reconcile",
+    "wait": "reconciler.cli.mesh_cmds:run_wait",
+    "rollout": "reconciler.cli.mesh_cmds:run_rollout",
+    "notify": "reconciler.cli.mesh_cmds:run_notify",
+    "nats-config": "reconciler.cli.mesh_cmds:run_nats_config",
     "console": "console.cli:run_console",
     "demo": "reconciler.demo:run_demo",
 }

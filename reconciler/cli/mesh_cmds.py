@@ -16,8 +16,8 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
-from reconciler.bus_conn import MeshError, NatsOptions, connect, no_jetstream
-from reconciler.subjects import (
+from reconciler.mesh.conn import MeshError, NatsOptions, connect, no_jetstream
+from reconciler.mesh.subjects import (
     FLEET_RECONCILE,
     KV_BUCKET,
     ROLLOUTS_BUCKET,
@@ -372,8 +372,8 @@ class RolloutWatch:
 
     async def check(self) -> str | None:
         """None, or why the wait must end now (the rollout was aborted)."""
-        from reconciler.bus_rollouts import read_entry, resolve_revision, rollouts_bucket
-        from reconciler.rollout import progress_line
+        from reconciler.core.rollout import progress_line
+        from reconciler.mesh.rollouts import read_entry, resolve_revision, rollouts_bucket
 
         if time.monotonic() < self._next:
             return None
@@ -424,13 +424,13 @@ def run_rollout(args: argparse.Namespace) -> int:
 
 
 async def _rollout(args: argparse.Namespace) -> int:
-    from reconciler.bus_rollouts import (
+    from reconciler.core.rollout import RolloutRefused
+    from reconciler.mesh.rollouts import (
         operate_rollout,
         read_entry,
         resolve_revision,
         rollouts_bucket,
     )
-    from reconciler.rollout import RolloutRefused
 
     options = NatsOptions.from_args(args)
     nc = await connect(options)
@@ -466,7 +466,7 @@ async def _rollout(args: argparse.Namespace) -> int:
 def rollout_open(args: argparse.Namespace, revision: str, spec: Any,
                  labels: dict[str, str]) -> tuple[bool | None, str | None]:
     """For `plan --nats`: (is the node's wave open, the rollout's state) from the entry."""
-    from reconciler.bus_rollouts import read_entry, rollouts_bucket
+    from reconciler.mesh.rollouts import read_entry, rollouts_bucket
 
     async def read() -> tuple[bool | None, str | None]:
         options = NatsOptions.from_args(args)
@@ -487,7 +487,7 @@ def rollout_open(args: argparse.Namespace, revision: str, spec: Any,
 
 
 def _rollout_json(entry: Any) -> dict[str, Any]:
-    from reconciler.rollout import bake_left, wave_rows
+    from reconciler.core.rollout import bake_left, wave_rows
 
     now = _now()
     return {**entry.model_dump(mode="json"), "bake_left_s": bake_left(entry, now),
@@ -496,8 +496,8 @@ def _rollout_json(entry: Any) -> dict[str, Any]:
 
 def format_rollout(entry: Any) -> str:
     """A human view of one rollout entry: state, then one row per wave."""
-    from reconciler.bus_wire import format_table
-    from reconciler.rollout import wave_rows
+    from reconciler.core.rollout import wave_rows
+    from reconciler.mesh.wire import format_table
 
     now = _now()
     head = f"rollout {entry.revision[:12]}  {entry.state.upper()}"

@@ -17,16 +17,16 @@ from reconciler.core.loader import (
     read_directory,
     resolve_spec_path,
 )
-from reconciler.plan import Action, ActionKind, Plan
-from reconciler.rollout_spec import (
+from reconciler.core.plan import Action, ActionKind, Plan
+from reconciler.core.rollout_spec import (
     MAX_ROLLOUT_BYTES,
     ROLLOUT_FILE,
     RolloutSpec,
     parse_rollout,
     rollout_json_schema,
 )
-from reconciler.spec import NAME_RE, app_json_schema
-from reconciler.state import CurrentState
+from reconciler.core.spec import NAME_RE, app_json_schema
+from reconciler.core.state import CurrentState
 
 ROLLOUTS_BUCKET_NAME = "gitops_rollouts"
 # Exit codes: 0 fine, 1 spec problems (plan still printed, with removals held), 2 could not
@@ -153,7 +153,7 @@ def run_schema(args: argparse.Namespace) -> int:
     if getattr(args, "rollout", False):
         schema = rollout_json_schema()
     elif getattr(args, "events", False):
-        from reconciler.events import Event
+        from reconciler.core.events import Event
 
         schema = Event.model_json_schema()
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
@@ -211,8 +211,8 @@ def _labels(items: list[str]) -> dict[str, str]:
 def _read_repo(url: str, branch: str, apps_path: str, cache: Path
                ) -> tuple[str, list[SpecFile], bytes | None]:
     """(revision, spec files, rollout.yaml bytes or None)."""
-    from reconciler.errors import ArtifactError
-    from reconciler.source import GitSource
+    from reconciler.core.errors import ArtifactError
+    from reconciler.node.source import GitSource
 
     source = GitSource(url, branch, cache / "repo")
     try:
@@ -246,7 +246,7 @@ def rollout_position(data: bytes | None, revision: str, node: str, labels: dict[
         out["text"] = (f"{where}; whether it is open is not known here (give --nats to read "
                        f"the rollout state from {ROLLOUTS_BUCKET_NAME})")
         return out
-    from reconciler.cli_mesh import rollout_open
+    from reconciler.cli.mesh_cmds import rollout_open
 
     try:
         is_open, state = rollout_open(args, revision, spec, labels)

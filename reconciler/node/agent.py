@@ -666,7 +666,7 @@ class Agent:
     async def _rollout_file(self, revision: str) -> tuple[RolloutSpec | None, list[str]]:
         """rollout.yaml at `revision` (read once per revision, bounded): (spec, []), (None,
         problems), or (None, []) when the revision has none."""
-        from reconciler.errors import ArtifactError
+        from reconciler.core.errors import ArtifactError
 
         cached = self._rollout_rules
         if cached is not None and cached[0] == revision:

@@ -25,9 +25,9 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from reconciler.events import iso_time, parse_time
-from reconciler.rollout_spec import RolloutSpec, resolve_count
-from reconciler.spec import Selector, format_duration
+from reconciler.core.events import iso_time, parse_time
+from reconciler.core.rollout_spec import RolloutSpec, resolve_count
+from reconciler.core.spec import Selector, format_duration
 
 RolloutState = Literal["progressing", "paused", "complete", "aborted"]
 ROLLOUT_STATES: tuple[str, ...] = ("progressing", "paused", "complete", "aborted")

@@ -14,8 +14,8 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, ValidationError, WithJsonSchema, model_validator
 
-from reconciler.errors import SpecProblem
-from reconciler.spec import Duration, Selector, StrictModel
+from reconciler.core.errors import SpecProblem
+from reconciler.core.spec import Duration, Selector, StrictModel
 
 ROLLOUT_FILE = "rollout.yaml"
 MAX_ROLLOUT_BYTES = 64 * 1024
@@ -126,7 +126,7 @@ def parse_rollout(path: str, data: bytes, max_bytes: int = MAX_ROLLOUT_BYTES
 
     Reads the YAML with the app loader's event composer (the same depth, alias and size
     limits) and maps pydantic errors back to `path:line:col`."""
-    from reconciler.loader import SpecFile, _Composer, _pydantic_problems, _Refused, parse_file
+    from reconciler.core.loader import SpecFile, _Composer, _pydantic_problems, _Refused, parse_file
 
     if len(data) > max_bytes:
         return None, [SpecProblem(path, 1, 1, f"file is larger than {max_bytes} bytes; refused")]
@@ -161,7 +161,7 @@ def parse_rollout(path: str, data: bytes, max_bytes: int = MAX_ROLLOUT_BYTES
     except _Refused as exc:
         return None, [*problems, SpecProblem(path, exc.line, exc.col, exc.message)]
     except yaml.YAMLError as exc:
-        from reconciler.loader import _yaml_error
+        from reconciler.core.loader import _yaml_error
 
         return None, [*problems, _yaml_error(path, text, exc)]
     finally:

@@ -1,6 +1,6 @@
 """The rollouts KV shell: `gitops_rollouts` entries read, and changed only by compare-and-set.
 
-Every change is get -> a pure function of reconciler.rollout -> a write that expects the
+Every change is get -> a pure function of reconciler.core.rollout -> a write that expects the
 entry's KV revision (`Nats-Expected-Last-Subject-Sequence`; 0 = the key must not exist).
 When another node or operator wrote in between, the server refuses the write (wrong last
 sequence) and the change is computed again from the new value, so no update is lost. Only
@@ -28,10 +28,8 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
-from reconciler.bus_conn import NatsOptions, reason_of
-from reconciler.bus_wire import is_unreachable
-from reconciler.events import make_event
-from reconciler.rollout import (
+from reconciler.core.events import make_event
+from reconciler.core.rollout import (
     Member,
     NodeOutcome,
     RolloutEntry,
@@ -48,9 +46,10 @@ from reconciler.rollout import (
     report,
     supersede,
 )
-from reconciler.rollout_spec import RolloutSpec
-from reconciler.status import NodeStatus
-from reconciler.subjects import (
+from reconciler.core.rollout_spec import RolloutSpec
+from reconciler.core.status import NodeStatus
+from reconciler.mesh.conn import NatsOptions, reason_of
+from reconciler.mesh.subjects import (
     KV_BUCKET,
     ROLLOUTS_BUCKET,
     ROLLOUTS_HISTORY,
@@ -58,8 +57,9 @@ from reconciler.subjects import (
     ROLLOUTS_SUBJECT_PREFIX,
     event_subject,
 )
+from reconciler.mesh.wire import is_unreachable
 
-log = logging.getLogger("reconciler.bus.rollouts")
+log = logging.getLogger("reconciler.mesh.link.rollouts")
 
 CAS_ATTEMPTS = 64
 OP_TIMEOUT_S = 5.0
@@ -219,7 +219,7 @@ async def resolve_revision(kv: KeyValue, wanted: str) -> str | None:
 
 
 class MeshCoordinator:
-    """RolloutCoordinator over one node's NATS connection (reconciler.bus.Mesh owns it)."""
+    """RolloutCoordinator over one node's NATS connection (reconciler.mesh.link.Mesh owns it)."""
 
     def __init__(self, connection: Callable[[], NATS | None], options: NatsOptions, *,
                  create_bucket: bool = True,
