@@ -360,3 +360,56 @@ async def test_the_push_hook_with_the_notifier_identity_reaches_the_node(
     finally:
         await mesh.close()
         store.close()
+
+
+async def test_rollouts_under_least_privilege(
+    secured: tuple[NatsServer, Path], as_identity: object, tmp_path: Path
+) -> None:
+    """A node identity creates, claims and reports into a rollout entry (CAS) and reads the
+    fleet; the console identity pauses it and announces that; the observer only reads."""
+    from reconciler.core.rollout_spec import RolloutSpec
+    from reconciler.mesh.rollouts import operate_rollout, read_entry, rollouts_bucket
+
+    server, out = secured
+    store = Store(tmp_path / "n2")
+    agent = FakeAgent(store, "n2", {"ring": "canary"})
+    mesh = Mesh(agent, store, NatsOptions(servers=[server.url], inbox_prefix="_INBOX.n2",
+                                          nkey_seed_file=str(out / "n2.nk")))
+    await mesh.start()
+    make = as_identity
+    console = await make("console")  # type: ignore[operator]
+    observer = await make("observer")  # type: ignore[operator]
+    try:
+        await eventually_async(lambda: _async(mesh.ready), what="n2 ready")
+        spec = RolloutSpec.model_validate({"waves": [
+            {"name": "canary", "nodes": {"match": {"ring": "canary"}}}, {"name": "fleet"}]})
+        revision = "f" * 40
+        coordinator = mesh.coordinator
+        verdict, _ = await coordinator.consult(revision, spec, "n2", {"ring": "canary"}, None)
+        assert verdict.kind == "apply"
+        js = console.nc.jetstream()
+        kv = await rollouts_bucket(js, create=False)
+        assert kv is not None
+        result = await operate_rollout(js, kv, NatsOptions(servers=[server.url]), revision,
+                                       "pause", actor="console")
+        assert result.entry is not None and result.entry.state == "paused"
+        entry, _ = await coordinator.report(revision, "n2", {"ring": "canary"}, "synced", "")
+        assert entry is not None and entry.waves[0].synced == ["n2"]
+        seen = asyncio.Event()
+        coordinator.watch(revision, lambda state: seen.set())
+        await asyncio.wait_for(seen.wait(), 10)  # the node may watch its entry
+        info = await js.stream_info("GITOPS_EVENTS",
+                                    subjects_filter="gitops.events.console.rollout.>")
+        assert info.state.subjects == {"gitops.events.console.rollout.paused": 1}
+
+        okv = await rollouts_bucket(observer.nc.jetstream(), create=False)
+        assert okv is not None
+        got, _ = await read_entry(okv, revision)
+        assert got is not None and got.state == "paused"  # the observer reads (wait, status)
+        with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+            await observer.nc.jetstream().publish(f"$KV.gitops_rollouts.{revision}", b"{}",
+                                                  timeout=1)
+        await observer.violation("$KV.gitops_rollouts")
+    finally:
+        await mesh.close()
+        store.close()

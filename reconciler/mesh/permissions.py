@@ -23,6 +23,8 @@ from reconciler.mesh.subjects import (
     FLEET_RECONCILE,
     KV_STREAM,
     KV_SUBJECT_PREFIX,
+    ROLLOUTS_STREAM,
+    ROLLOUTS_SUBJECT_PREFIX,
     SOURCE_CHANGED,
     SRV_PREFIX,
     event_subject,
@@ -74,6 +76,13 @@ def node_permissions(node: str) -> Permissions:
             f"{js}.STREAM.CREATE.{EVENTS_STREAM}",
             f"{js}.STREAM.INFO.{KV_STREAM}",
             f"{js}.STREAM.CREATE.{KV_STREAM}",
+            # fleet rollouts: compare-and-set any revision's entry (the server checks the
+            # expected sequence), watch it, and read the fleet's statuses (wave membership,
+            # offline nodes); creating the bucket is for dev mode, as with gitops_nodes
+            f"{ROLLOUTS_SUBJECT_PREFIX}.*",
+            f"{js}.STREAM.CREATE.{ROLLOUTS_STREAM}",
+            *_js_read_streams((ROLLOUTS_STREAM, KV_STREAM)),
+            "$JS.FC.>",
         ),
         subscribe=(
             f"gitops.rpc.{node}.>",
@@ -87,10 +96,18 @@ def node_permissions(node: str) -> Permissions:
 
 
 def _js_read() -> tuple[str, ...]:
-    """JetStream calls for reading the event stream and the status KV (watch, get, history)."""
+    """JetStream calls for reading the event stream, the status KV and the rollouts KV
+    (watch, get, history)."""
     js = "$JS.API"
     subjects: list[str] = [f"{js}.INFO", f"{js}.STREAM.NAMES", f"{js}.STREAM.LIST"]
-    for stream in (EVENTS_STREAM, KV_STREAM):
+    subjects += _js_read_streams((EVENTS_STREAM, KV_STREAM, ROLLOUTS_STREAM))
+    return (*subjects, "$JS.FC.>", f"{SRV_PREFIX}.>")
+
+
+def _js_read_streams(streams: tuple[str, ...]) -> list[str]:
+    js = "$JS.API"
+    subjects: list[str] = []
+    for stream in streams:
         subjects += [
             f"{js}.STREAM.INFO.{stream}",
             f"{js}.STREAM.MSG.GET.{stream}",
@@ -106,25 +123,31 @@ def _js_read() -> tuple[str, ...]:
             f"{js}.CONSUMER.LIST.{stream}",
             f"$JS.ACK.{stream}.>",
         ]
-    return (*subjects, "$JS.FC.>", f"{SRV_PREFIX}.>")
+    return subjects
 
 
 def observer_permissions() -> Permissions:
     return Permissions(
         publish=(*_js_read(), *(f"gitops.rpc.*.{ep}" for ep in READ_RPC)),
-        subscribe=("_INBOX.>", EVENTS_SUBJECTS, f"{KV_SUBJECT_PREFIX}.>"),
+        subscribe=("_INBOX.>", EVENTS_SUBJECTS, f"{KV_SUBJECT_PREFIX}.>",
+                   f"{ROLLOUTS_SUBJECT_PREFIX}.>"),
     )
 
 
 def console_permissions() -> Permissions:
+    """The console and operator commands (`reconcile`, `rollout pause|resume|abort|promote`):
+    read everything, trigger, change rollout entries by CAS and announce what they did."""
     js = "$JS.API"
     return Permissions(
         publish=(
             *_js_read(), "gitops.rpc.*.*", FLEET_RECONCILE,
             # the console may start before any node: it creates the stream and the bucket
             f"{js}.STREAM.CREATE.{EVENTS_STREAM}", f"{js}.STREAM.CREATE.{KV_STREAM}",
+            f"{js}.STREAM.CREATE.{ROLLOUTS_STREAM}",
+            f"{ROLLOUTS_SUBJECT_PREFIX}.*", event_subject(CONSOLE, "rollout.>"),
         ),
-        subscribe=("_INBOX.>", EVENTS_SUBJECTS, f"{KV_SUBJECT_PREFIX}.>"),
+        subscribe=("_INBOX.>", EVENTS_SUBJECTS, f"{KV_SUBJECT_PREFIX}.>",
+                   f"{ROLLOUTS_SUBJECT_PREFIX}.>"),
     )
 
 
