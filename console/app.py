@@ -1,7 +1,8 @@
 """The console's Starlette app: HTML pages, JSON API, live SSE streams and guarded actions.
 
 Security model (see console/README.md):
-- Actions (reconcile, health, suspend/resume, fleet reconcile) are POST only and need the
+- Actions (reconcile, health, suspend/resume, fleet reconcile, rollout pause/resume/abort/
+  promote) are POST only and need the
   action token as `Authorization: Bearer <token>` (compared with hmac.compare_digest). The
   browser keeps the token the user typed in sessionStorage, never in a cookie, so a forged
   cross-site request cannot carry it.
@@ -39,8 +40,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from console import openapi
 from console.feed import Connector, Feed, collect, rpc
 from console.fleet import EventFilter, Fleet, NodeFilter
+from reconciler.core.rollout import OPERATOR_ACTIONS, RolloutRefused
 from reconciler.core.spec import NAME_RE
 from reconciler.mesh import subjects
+from reconciler.mesh.conn import NatsOptions
+from reconciler.mesh.rollouts import operate_rollout, rollouts_bucket
 from reconciler.mesh.wire import BadRequest, parse_selector
 
 HERE = Path(__file__).parent
@@ -365,6 +369,49 @@ def create_app(
             return _error(503, f"NATS: {exc}")
         return _json({"replies": replies, "count": len(replies)})
 
+    async def rollout_action(request: Request) -> Response:
+        """pause / resume / abort / promote a coordinated rollout: a CAS on its entry in
+        gitops_rollouts (the same as `gitops-mesh rollout ...`), announced once."""
+        refused = _refuse(request, config)
+        if refused is not None:
+            return refused
+        rev, action = request.path_params["revision"], request.path_params["action"]
+        if action not in OPERATOR_ACTIONS:
+            return _error(404, f"no rollout action {action!r}; use "
+                               f"{', '.join(OPERATOR_ACTIONS)}")
+        body = await _json_body(request)
+        reason = body.get("reason") or ""
+        if not isinstance(reason, str) or len(reason) > 300:
+            return _error(400, "'reason' must be a string of at most 300 characters")
+        full = console.fleet.resolve_revision(rev)
+        if full is None or full not in console.fleet.coordinated:
+            return _error(404, f"no coordinated rollout of {rev!r} (a revision without "
+                               "rollout.yaml applies everywhere at once)")
+        nc = _nats(console)
+        if nc is None:
+            return _error(503, "the console is not connected to NATS")
+        feed = console.feed
+        assert feed is not None
+        options = NatsOptions(js_domain=feed.js_domain)
+        js = options.jetstream(nc)
+        try:
+            kv = await rollouts_bucket(js, create=False)
+            if kv is None:
+                return _error(404, f"the {subjects.ROLLOUTS_BUCKET} bucket does not exist")
+            result = await operate_rollout(js, kv, options, full, action, reason,
+                                           actor="console", now=console.clock)
+        except RolloutRefused as exc:
+            return _error(409, str(exc))
+        except (TimeoutError, nats.errors.Error) as exc:
+            return _error(503, f"NATS: {exc}")
+        assert result.entry is not None
+        console.fleet.apply_rollout(full, result.entry.to_json_bytes())
+        console.pulse.fire()
+        return _json({"revision": full, "action": action, "state": result.entry.state,
+                      "wave": result.entry.wave,
+                      "events": [{"type": e.type, "message": e.message}
+                                 for e in result.events]})
+
     routes = [
         Route("/", overview_page),
         Route("/nodes/{node}", node_page),
@@ -388,6 +435,7 @@ def create_app(
         routes[5:5] = [
             Route("/api/nodes/{node}/{action}", node_action, methods=["POST"]),
             Route("/api/fleet/reconcile", fleet_action, methods=["POST"]),
+            Route("/api/rollouts/{revision}/{action}", rollout_action, methods=["POST"]),
         ]
     middleware = [Middleware(SecurityHeaders)]
     if config.host in LOOPBACK_HOSTS:

@@ -27,6 +27,7 @@ from nats.js.kv import KeyValue
 from console.fleet import Fleet
 from reconciler.mesh import subjects
 from reconciler.mesh.conn import js_api_prefix, no_jetstream
+from reconciler.mesh.rollouts import rollouts_bucket
 
 log = logging.getLogger("gitops_mesh.console.feed")
 
@@ -231,6 +232,14 @@ class Feed:
             idle_heartbeat=2.0,
         )
         self._subs.append(kv_sub)
+        # coordinated rollouts (rollout.yaml): their entries, live, like the node statuses
+        await rollouts_bucket(js, create=self.create_missing)
+        rollout_sub = await js.subscribe(
+            f"{subjects.ROLLOUTS_SUBJECT_PREFIX}.>", stream=subjects.ROLLOUTS_STREAM,
+            cb=self._on_rollout, ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT, idle_heartbeat=2.0,
+        )
+        self._subs.append(rollout_sub)
         # Events come through a pull consumer, one request of FETCH_BATCH at a time, handled
         # in the inbox callback: memory stays flat during a replay of millions (at most one
         # batch in flight) and per-message cost stays low (no per-message timers).
@@ -310,6 +319,14 @@ class Feed:
         if msg.headers and not op and msg.headers.get("Nats-Marker-Reason"):
             op = "PURGE"  # server-placed expiry marker (nats-server 2.11+)
         error = self.fleet.apply_status(key, None if op in ("DEL", "PURGE") else msg.data)
+        if error:
+            log.warning("ignored: %s", error)
+        self._on_change()
+
+    async def _on_rollout(self, msg: Msg) -> None:
+        key = msg.subject[len(subjects.ROLLOUTS_SUBJECT_PREFIX) + 1:]
+        op = msg.headers.get("KV-Operation") if msg.headers else None
+        error = self.fleet.apply_rollout(key, None if op in ("DEL", "PURGE") else msg.data)
         if error:
             log.warning("ignored: %s", error)
         self._on_change()

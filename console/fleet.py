@@ -16,6 +16,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from reconciler.core.events import Event, parse_time
+from reconciler.core.rollout import (
+    ACTIVE_STATES,
+    OPERATOR_ACTIONS,
+    RolloutEntry,
+    bake_left,
+    wave_rows,
+)
 from reconciler.core.spec import NAME_RE
 from reconciler.core.status import NODE_STATES, UNREACHABLE, NodeStatus
 
@@ -121,6 +128,8 @@ class Fleet:
         self.revisions_keep = revisions_keep
         # node -> revision of its latest source.fetched event (rollout targeting)
         self.fetched: dict[str, str] = {}
+        # revision -> its coordinated rollout (gitops_rollouts), when rollout.yaml governs it
+        self.coordinated: dict[str, RolloutEntry] = {}
         self.version = 0
         self.events_total = 0
         self.rejected = 0
@@ -152,6 +161,52 @@ class Fleet:
         self._beats[key] = updated.timestamp() if updated else None
         self.version += 1
         return None
+
+    def apply_rollout(self, key: str, value: bytes | str | None) -> str | None:
+        """A gitops_rollouts entry for revision `key` (None/empty: deleted or purged)."""
+        if not value:
+            if self.coordinated.pop(key, None) is not None:
+                self.version += 1
+            return None
+        try:
+            entry = RolloutEntry.from_json(value)
+        except ValidationError as exc:
+            return self._reject(f"rollout {key[:12]!r}: not a rollout entry: {_first_error(exc)}")
+        if entry.revision != key:
+            return self._reject(f"rollout key {key[:12]!r}: entry is for {entry.revision[:12]!r}")
+        self.coordinated[key] = entry
+        self.version += 1
+        return None
+
+    def coordination(self, revision: str, now: datetime) -> dict[str, Any] | None:
+        """The coordinated rollout of `revision` as the console shows it: state, reason,
+        waves with progress and the bake countdown, and which operator actions apply."""
+        entry = self.coordinated.get(revision)
+        if entry is None:
+            return None
+        actions = []
+        if entry.state == "progressing":
+            actions = ["pause", "abort"]
+        elif entry.state == "paused":
+            actions = ["resume", "abort"]
+        if entry.state in ACTIVE_STATES and entry.wave_index < len(entry.waves) - 1:
+            actions.insert(1, "promote")
+        return {
+            "revision": entry.revision, "state": entry.state, "wave": entry.wave,
+            "reason": entry.reason, "base": entry.base, "superseded_by": entry.superseded_by,
+            "bake_s": entry.bake_s, "bake_left_s": bake_left(entry, now),
+            "updated_at": entry.updated_at, "created_at": entry.created_at,
+            "failures": dict(sorted(entry.failures.items())),
+            "applying": sorted(entry.applying),
+            "waves": wave_rows(entry, now),
+            "actions": [a for a in OPERATOR_ACTIONS if a in actions],
+        }
+
+    def active_rollouts(self, now: datetime, limit: int = 5) -> list[dict[str, Any]]:
+        """Coordinated rollouts in progress (or paused), newest first, with their waves."""
+        active = sorted((e for e in self.coordinated.values() if e.state in ACTIVE_STATES),
+                        key=lambda e: e.created_at, reverse=True)[:limit]
+        return [view for e in active if (view := self.coordination(e.revision, now))]
 
     def clear_nodes(self) -> None:
         """Forget every status (the bucket was made anew; its watch re-delivers the rest)."""
@@ -321,6 +376,7 @@ class Fleet:
             "nodes": self.cards(now, where),
             "filters": self.filter_choices(),
             "rollouts": self.recent_rollouts(now),
+            "active_rollouts": self.active_rollouts(now),
         }
 
     def node_view(self, node: str, now: datetime, events: int = 50) -> dict[str, Any] | None:
@@ -376,7 +432,7 @@ class Fleet:
 
     def resolve_revision(self, prefix: str) -> str | None:
         """A full revision from a unique prefix (short SHA), or None."""
-        known = set(self.revisions)
+        known = set(self.revisions) | set(self.coordinated)
         for status in self.nodes.values():
             known.update(r for r in (status.revision, status.desired_revision) if r)
         if prefix in known:
@@ -460,6 +516,7 @@ class Fleet:
             "last_success": _iso(max(synced_at)) if synced_at else None,
             "superseded_by": self.superseded_by(full),
             "from_events": from_events,
+            "coordination": self.coordination(full, now),
         }
 
     def superseded_by(self, revision: str) -> str | None:

@@ -66,7 +66,9 @@ def document(actions: bool = True) -> dict[str, Any]:
                                 True),
         "/api/rollouts/{revision}": _get(
             "rollout of a revision (full SHA or unique prefix): buckets, failing nodes, "
-            "superseded_by, from_events (nodes that moved on, counted from events)",
+            "superseded_by, from_events (nodes that moved on, counted from events), "
+            "coordination (the gitops_rollouts entry when rollout.yaml governs it: state, "
+            "reason, waves with progress and bake_left_s, the actions that apply)",
             [_param("revision", "path", "git revision")], True),
         "/api/events": _get("event log, newest first", [
             _param("node", "query", "only this node"), _param("app", "query", "only this app"),
@@ -92,6 +94,17 @@ def document(actions: bool = True) -> dict[str, Any]:
             paths[f"/api/nodes/{{node}}/{action}"] = _post(
                 f"RPC gitops.rpc.<node>.{action}", [node],
                 {"type": "object"} if action == "reconcile" else app_body)
+        rev = _param("revision", "path", "git revision (full SHA or unique prefix)")
+        for action, what in (("pause", "no node starts the revision until resumed"),
+                             ("resume", "nodes go on"),
+                             ("abort", "nodes that applied it revert; the others never start "
+                                       "it (body: {\"reason\": ...})"),
+                             ("promote", "open the next wave now, skipping the bake")):
+            paths[f"/api/rollouts/{{revision}}/{action}"] = _post(
+                f"rollout {action}: {what}; a compare-and-set on gitops_rollouts (409 when "
+                "the action does not apply to the rollout's state)", [rev],
+                {"type": "object", "properties": {"reason": {"type": "string"}}})
+            paths[f"/api/rollouts/{{revision}}/{action}"]["post"]["responses"]["409"] = _ERROR
         paths["/api/fleet/reconcile"] = _post(
             "gitops.fleet.reconcile: every matching node replies {node, run_id} (~1 s)", [],
             {"type": "object", "properties": {"selector": {"type": "object"}}})

@@ -162,7 +162,7 @@ def test_rollout_view_buckets_targeted_nodes_and_lists_failing_ones_with_errors(
         "first_seen": iso(T0),
         "last_success": iso(T0 + timedelta(seconds=4)),
         "superseded_by": None,
-        "from_events": [],
+        "from_events": [], "coordination": None,
     }
     assert fleet.rollout_view("ffffffff", T0) is None
 
@@ -198,7 +198,7 @@ def test_a_superseded_revision_shows_how_its_rollout_went_from_the_events() -> N
         "first_seen": iso(T0),
         "last_success": iso(T0 + timedelta(seconds=3)),
         "superseded_by": REV2,
-        "from_events": ["n1", "n2", "n3"],
+        "from_events": ["n1", "n2", "n3"], "coordination": None,
     }
     # the overview's recent rollouts keep it, with how it went
     assert [(r["revision"], r["synced"], r["failed"], r["targeted"])
@@ -228,7 +228,7 @@ def test_no_last_sync_time_while_no_targeted_node_is_synced() -> None:
         "first_seen": iso(T0),
         "last_success": None,
         "superseded_by": None,
-        "from_events": [],
+        "from_events": [], "coordination": None,
     }
 
 

@@ -485,3 +485,91 @@ async def test_an_invalid_rollout_yaml_holds_the_revision(
 
         await eventually_async(held)
         assert {a.version for a in node.status().apps} == {"1"}
+
+
+TOKEN = "rollout-test-token"
+
+
+async def test_the_console_shows_waves_live_and_its_buttons_drive_the_rollout(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    import httpx
+    import sim
+    from conftest import free_port
+
+    from console.app import ConsoleConfig
+
+    nodes = {"canary-1": {"ring": "canary"}, "node-1": {}}
+    async with fleet_of(tmp_path, nats_server, nodes) as fleet:
+        console = sim.ConsoleThread(ConsoleConfig(token=TOKEN),
+                                    sim.connector_for(nats_server.url), free_port()).start()
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        try:
+            async with httpx.AsyncClient(base_url=console.url, timeout=15) as http:
+                sha = fleet.push({"rollout.yaml": rollout_yaml("1h"),
+                                  "apps/api.yaml": api_yaml("2")}, "api 2, long bake")
+                await fleet.synced(sha, ["canary-1"])
+
+                async def baking() -> dict[str, Any]:
+                    view = (await http.get(f"/api/rollouts/{sha[:10]}")).json()
+                    c = view.get("coordination")
+                    assert c and c["waves"][0]["synced"] == 1, view
+                    assert c["waves"][0]["bake_left_s"] is not None, c
+                    return c
+
+                c = await eventually_async(baking, what="the console shows the canary baking")
+                assert (c["state"], c["wave"], c["actions"]) == (
+                    "progressing", "canary", ["pause", "abort", "promote"])
+                assert [(w["name"], w["phase"], w["nodes"]) for w in c["waves"]] == [
+                    ("canary", "open", 1), ("fleet", "waiting", 1)]
+                overview = (await http.get("/api/fleet")).json()
+                assert [r["revision"] for r in overview["active_rollouts"]] == [sha]
+                page = await http.get(f"/rollouts/{sha}")
+                assert 'data-rollout-action="promote"' in page.text
+                http.cookies.clear()  # an API client, not a browser (no CSRF cookie)
+
+                # token-guarded: no token, no action
+                res = await http.post(f"/api/rollouts/{sha}/pause")
+                assert res.status_code == 401, res.text
+                res = await http.post(f"/api/rollouts/{sha}/pause", headers=auth)
+                assert res.status_code == 200, res.text
+                assert res.json()["state"] == "paused"
+                res = await http.post(f"/api/rollouts/{sha}/pause", headers=auth)
+                assert (res.status_code, res.json()["error"]) == (
+                    409, "cannot pause a rollout that is paused")
+                res = await http.post(f"/api/rollouts/{sha}/resume", headers=auth)
+                assert res.status_code == 200 and res.json()["state"] == "progressing"
+                res = await http.post(f"/api/rollouts/{sha}/promote", headers=auth)
+                assert res.status_code == 200, res.text
+                assert res.json()["wave"] == "fleet"
+                await fleet.synced(sha)
+
+                async def complete() -> bool:
+                    c = (await http.get(f"/api/rollouts/{sha}")).json()["coordination"]
+                    assert c["state"] == "complete" and c["actions"] == [], c
+                    return True
+
+                await eventually_async(complete, what="the console sees it complete")
+                assert (await http.get("/api/fleet")).json()["active_rollouts"] == []
+
+                # abort from the console: the canary goes back, the other never starts it
+                second = fleet.push({"apps/api.yaml": api_yaml("3")}, "api 3")
+                await fleet.synced(second, ["canary-1"])
+                await eventually_async(lambda: _known(http, second))
+                res = await http.post(f"/api/rollouts/{second}/abort", headers=auth,
+                                      json={"reason": "saw errors in the canary"})
+                assert res.status_code == 200 and res.json()["state"] == "aborted", res.text
+                await eventually_async(lambda: _at(fleet, "canary-1", sha), what="reverted")
+                assert fleet.nodes["node-1"].status().revision == sha
+                c = (await http.get(f"/api/rollouts/{second}")).json()["coordination"]
+                assert (c["state"], c["reason"]) == ("aborted", "saw errors in the canary")
+                events = await rollout_events(nats_server.url, second)
+                assert [(e["type"], e["node"]) for e in events] == [
+                    ("rollout.aborted", "console")]
+        finally:
+            console.stop()
+
+
+async def _known(http: Any, revision: str) -> bool:
+    view = (await http.get(f"/api/rollouts/{revision}")).json()
+    assert view.get("coordination"), view
+    return True

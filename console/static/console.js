@@ -259,6 +259,15 @@
         h("span", { class: "muted", text: `${r.synced}/${r.targeted} synced${r.failed ? `, ${r.failed} failing` : ""}` }),
       )) : [h("div", { class: "empty", text: "no rollout seen yet" })]));
     }
+    function activeRollouts(list) {
+      // coordinated rollouts (rollout.yaml) in progress: their waves, as on the rollout page
+      $("#active-rollouts").replaceChildren(...(list || []).map((r) => h("div", { class: "rollout active-rollout", "data-revision": r.revision },
+        revLink(r.revision), badge(r.state),
+        h("span", { class: "waves" }, ...r.waves.map((w) => h("span", { class: `wave w-${w.phase}`, title: `${w.name}: ${w.phase}` },
+          `${w.name} ${w.synced}/${w.nodes}`, w.bake_left_s != null ? ` · bake ${Math.ceil(w.bake_left_s)}s` : "",
+          w.failed ? h("span", { class: "t-bad", text: ` · ${w.failed} failed` }) : ""))),
+        r.reason ? h("span", { class: "muted", text: r.reason }) : "")));
+    }
     function feedBanner(feed) {
       const el = $("#feed-banner");
       const down = feed && feed.state !== "live";
@@ -271,6 +280,7 @@
       counters(v.counters);
       filters(v.filters);
       rollouts(v.rollouts);
+      activeRollouts(v.active_rollouts);
       plot($("#plot"), v.series || []);
       if (full) { cards.clear(); elems.clear(); $("#cards").replaceChildren(); putCards(v.nodes, []); }
       applyFilter();
@@ -479,8 +489,40 @@
         h("ul", {}, v.nodes[k].slice(0, 200).map((n) => h("li", {}, nodeLink(n)))),
         v.nodes[k].length > 200 ? h("div", { class: "muted", text: `… ${v.nodes[k].length - 200} more` }) : null)));
     }
-    render(initial);
-    stream({ name: pageName }, (msg) => render(msg.full));
+    function coordination(c) {
+      const panel = $("#coordination");
+      panel.hidden = !c;
+      if (!c) return;
+      const st = badge(c.state); st.id = "rollout-state"; $("#rollout-state").replaceWith(st);
+      $("#rollout-reason").textContent = c.reason
+        ? c.reason
+        : c.state === "progressing" ? `wave ${c.wave} open` + (c.bake_left_s != null ? `, baking: ${Math.ceil(c.bake_left_s)}s left` : "") : "";
+      $("#waves tbody").replaceChildren(...c.waves.map((w) => h("tr", { "data-wave": w.name },
+        h("td", {}, w.name), h("td", {}, badge(w.phase)),
+        h("td", {}, progressBar({ synced: w.synced, progressing: w.applying, failed: w.failed, unreachable: w.offline }, w.nodes)),
+        h("td", { class: "wave-synced", text: `${w.synced}/${w.nodes}` }),
+        h("td", {}, w.applying), h("td", { class: w.failed ? "t-bad" : "" }, w.failed), h("td", {}, w.offline),
+        h("td", {}, `${w.max_unavailable}`),
+        h("td", { class: "bake" }, w.bake_left_s != null ? `${Math.ceil(w.bake_left_s)}s left` : w.baked_at ? "baked" : "—"))));
+      for (const btn of document.querySelectorAll("[data-rollout-action]")) {
+        btn.hidden = !c.actions.includes(btn.dataset.rolloutAction);
+      }
+      const reason = $("#abort-reason");
+      if (reason) reason.hidden = !c.actions.includes("abort");
+    }
+    function renderAll(v) { render(v); coordination(v ? v.coordination : null); }
+    renderAll(initial);
+    stream({ name: pageName }, (msg) => renderAll(msg.full));
+    for (const btn of document.querySelectorAll("[data-rollout-action]")) {
+      btn.addEventListener("click", async () => {
+        const action = btn.dataset.rolloutAction;
+        const body = action === "abort" ? { reason: ($("#abort-reason").value || "").trim() } : {};
+        btn.disabled = true;
+        const res = await act(`/api/rollouts/${encodeURIComponent(pageName)}/${action}`, body);
+        btn.disabled = false;
+        if (res) flash(`${action}: rollout ${res.state}` + (res.events.length ? ` (${res.events.map((e) => e.message).join("; ")})` : ""), "ok");
+      });
+    }
   }
 
   // ---- event log ------------------------------------------------------------------------------
