@@ -251,6 +251,8 @@ def test_demo_nodes_get_labels_and_distinct_port_offsets() -> None:
     assert [(n.node_id, n.labels["role"], n.port_offset) for n in nodes] == [
         ("gateway-1", "gateway", 0), ("edge-1", "edge", 100), ("edge-2", "edge", 200),
     ]
+    # edge-1 is the canary of specs-example/rollout.yaml
+    assert [n.node_id for n in nodes if n.labels.get("ring") == "canary"] == ["edge-1"]
 
 
 def test_pick_offsets_skips_blocks_where_an_app_port_is_taken() -> None:

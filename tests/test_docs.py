@@ -42,3 +42,16 @@ def test_docs_link_to_files_that_exist() -> None:
     for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
         for target in re.findall(r"\]\(([A-Za-z0-9_./-]+)\)", doc.read_text()):
             assert (doc.parent / target).exists(), f"{doc.name} links to missing {target}"
+
+
+def test_the_rollout_example_in_specs_md_and_specs_example_are_valid() -> None:
+    from reconciler.core.rollout_spec import parse_rollout
+
+    text = (ROOT / "docs" / "specs.md").read_text()
+    match = re.search(r"## `rollout.yaml`: fleet rollouts\n.*?```yaml\n(.*?)```", text, re.S)
+    assert match, "docs/specs.md lost its rollout.yaml example"
+    for data in (match.group(1).encode(), (ROOT / "specs-example" / "rollout.yaml").read_bytes()):
+        spec, problems = parse_rollout("rollout.yaml", data)
+        assert problems == [] and spec is not None
+        assert [w.name for w in spec.waves] == ["canary", "fleet"]
+        assert spec.wave_of({"ring": "canary"}) == 0 and spec.wave_of({}) == 1

@@ -72,14 +72,16 @@ class DemoNode:
 
 
 def demo_nodes(count: int) -> list[DemoNode]:
-    """One gateway, the rest edge nodes; each shifts its apps' ports by 100 more."""
+    """One gateway, the rest edge nodes; each shifts its apps' ports by 100 more. edge-1 is
+    the canary of specs-example/rollout.yaml (ring=canary): it applies a revision first."""
     if count < 1 or count > 50:
         raise DemoError(f"--nodes {count}: give between 1 and 50 nodes")
     nodes = [DemoNode("gateway-1", {"role": "gateway", "site": "demo"}, 0)]
-    nodes += [
-        DemoNode(f"edge-{i}", {"role": "edge", "site": "demo"}, i * PORT_OFFSET_STEP)
-        for i in range(1, count)
-    ]
+    for i in range(1, count):
+        labels = {"role": "edge", "site": "demo"}
+        if i == 1:
+            labels["ring"] = "canary"
+        nodes.append(DemoNode(f"edge-{i}", labels, i * PORT_OFFSET_STEP))
     return nodes
 
 
@@ -198,18 +200,21 @@ def try_this(cli: str, repo: Path, nats_url: str, url: str, workdir: Path) -> st
     return f"""
 Try this (in another terminal):
 
-  # 1. roll out: upgrade the api to 1.1.0 and push. The post-receive hook tells every node at
-  #    once; watch the rollout in the console ({url}).
+  # 1. roll out: upgrade the api to 1.1.0 and push. rollout.yaml stages it: the canary
+  #    (edge-1) first, then, after it is healthy for 5 s, the others. Watch the waves in the
+  #    console ({url}); `wait` prints them too.
   git clone {q(str(repo))} {q(str(clone))} && cd {q(str(clone))}
   cp upgrades/api-1.1.0.yaml apps/api.yaml
   git commit -qam "api 1.1.0" && git push -q
   {cli} wait --nats {nats_url} --revision "$(git rev-parse HEAD)"
 
-  # 2. roll back: push api 1.2.0, whose health check fails. Every node tries it, rolls back
-  #    to 1.1.0 and reports the rollout failed.
+  # 2. a bad release: push api 1.2.0, whose health check fails. Only the canary tries it; it
+  #    rolls back, the rollout aborts, the canary stays on the last good revision and the
+  #    other nodes never touch it. `wait` exits 1 within seconds and says why.
   cp upgrades/api-1.2.0-broken.yaml apps/api.yaml
   git commit -qam "api 1.2.0 (broken)" && git push -q
-  {cli} wait --nats {nats_url} --revision "$(git rev-parse HEAD)"   # exits 1: failed
+  {cli} wait --nats {nats_url} --revision "$(git rev-parse HEAD)"   # exits 1: aborted
+  {cli} rollout status --nats {nats_url} --revision "$(git rev-parse HEAD)"
 
   # fleet status, one node, and an immediate reconcile from the command line:
   {cli} status --nats {nats_url}
