@@ -298,3 +298,20 @@ def test_rollout_yaml_errors_are_located(text: str, problems: list[str]) -> None
 def test_rollout_yaml_size_is_bounded() -> None:
     spec, found = parse_rollout("r.yaml", b"#" * 70_000)
     assert spec is None and "larger than" in str(found[0])
+
+
+def test_only_nodes_of_this_repository_join_a_wave() -> None:
+    """A node is placed when it wants the revision or still runs the base; nodes that
+    follow another repository (never at those revisions) neither join nor hold a wave."""
+    members = {
+        "c0": ro.Member({"ring": "canary"}, True, (BASE,)),           # at the base
+        "n0": ro.Member({}, True, (BASE, REV)),                        # fetched it already
+        "n1": ro.Member({}, False, (BASE,)),                           # offline, at the base
+        "other": ro.Member({}, True, ("f" * 40,)),                     # another repository
+        "fresh": ro.Member({}, True, ("",)),                           # nothing applied yet
+    }
+    e = ro.advance(entry(), members, at(0)).entry
+    assert [(w.nodes, w.offline) for w in e.waves] == [(["c0"], []), (["n0", "n1"], ["n1"])]
+    # once placed, a node stays in the rollout whatever its status says next
+    moved = {**members, "n0": ro.Member({}, True, ("f" * 40,))}
+    assert ro.advance(e, moved, at(1)).entry.waves[1].nodes == ["n0", "n1"]

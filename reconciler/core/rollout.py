@@ -115,10 +115,21 @@ class RolloutEntry(BaseModel):
 
 @dataclass(frozen=True)
 class Member:
-    """What the fleet says about one node: its labels and whether its heartbeat is fresh."""
+    """What the fleet says about one node: its labels, whether its heartbeat is fresh, and
+    the revisions its status names (applied, desired). `revisions` empty: not known."""
 
     labels: Mapping[str, str]
     online: bool = True
+    revisions: tuple[str, ...] = ()
+
+    def concerns(self, entry: RolloutEntry) -> bool:
+        """Is this node part of the entry's rollout? It is when it wants the revision or
+        still runs the rollout's base: nodes of the same repository. Nodes following other
+        repositories or branches (never at those revisions) neither join nor hold a wave."""
+        if not self.revisions:
+            return True
+        wanted = {entry.revision, *([entry.base] if entry.base else [])}
+        return not wanted.isdisjoint(self.revisions)
 
 
 @dataclass(frozen=True)
@@ -207,8 +218,10 @@ def _place(e: RolloutEntry, node: str, wave: int) -> None:
 
 
 def _place_all(e: RolloutEntry, members: Mapping[str, Member]) -> None:
+    placed = {n for w in e.waves for n in w.nodes}
     for node in sorted(members):
-        _place(e, node, e.wave_of(members[node].labels))
+        if node in placed or members[node].concerns(e):
+            _place(e, node, e.wave_of(members[node].labels))
     for wave in e.waves:
         offline = {n for n in wave.offline if n not in members}  # no news: keep
         offline |= {n for n in wave.nodes if n in members and not members[n].online}
@@ -549,6 +562,11 @@ class RolloutCoordinator(Protocol):
                      outcome: NodeOutcome, message: str
                      ) -> tuple[RolloutEntry | None, tuple[RolloutEvent, ...]]:
         """The node applied `revision`. Raises RolloutUnavailable."""
+
+    async def supersede(self, previous: str | None, revision: str
+                        ) -> tuple[RolloutEvent, ...]:
+        """The node moved on from `previous` to `revision` (which has no rollout.yaml): an
+        unfinished rollout of `previous` ends as superseded. Raises RolloutUnavailable."""
 
     def watch(self, revision: str | None, on_change: Any) -> None:
         """Call `on_change(state)` (on the loop) for the entry of `revision` and whenever it

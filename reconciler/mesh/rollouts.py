@@ -59,9 +59,9 @@ from reconciler.mesh.subjects import (
 )
 from reconciler.mesh.wire import is_unreachable
 
-log = logging.getLogger("reconciler.mesh.link.rollouts")
+log = logging.getLogger("reconciler.mesh.rollouts")
 
-CAS_ATTEMPTS = 64
+CAS_ATTEMPTS = 200
 OP_TIMEOUT_S = 5.0
 FLEET_CACHE_S = 1.0
 _WRONG_LAST = (10071, 10164)
@@ -126,8 +126,8 @@ async def cas_update(
         except nats.js.errors.APIError as exc:
             if exc.err_code not in _WRONG_LAST:
                 raise
-            # someone wrote first: compute again from theirs (a little jitter spreads a herd)
-            await asyncio.sleep(random.uniform(0, 0.002 * min(attempt, 20)))
+            # someone wrote first: compute again from theirs (growing jitter spreads a herd)
+            await asyncio.sleep(random.uniform(0, min(0.1, 0.002 * attempt)))
             continue
         return CasResult(step.entry, step.events, True, attempt)
     raise RolloutUnavailable(f"{ROLLOUTS_BUCKET} {revision[:12]}: no compare-and-set won "
@@ -156,8 +156,10 @@ async def read_members(js: JetStreamContext, now: datetime) -> dict[str, Member]
                 continue
             created: Any = entry.created
             written = created if isinstance(created, datetime) else None
+            revisions = tuple(r for r in (status.revision, status.desired_revision) if r)
             members[entry.key] = Member(dict(status.labels),
-                                        not is_unreachable(status, now, written))
+                                        not is_unreachable(status, now, written),
+                                        revisions or ("",))
     finally:
         with contextlib.suppress(Exception):
             await watcher.stop()
@@ -255,7 +257,7 @@ class MeshCoordinator:
         if cached is None or time.monotonic() - cached[0] > FLEET_CACHE_S:
             cached = (time.monotonic(), await read_members(js, self._now()))
             self._members = cached
-        return {**cached[1], node: Member(dict(labels), True)}
+        return {**cached[1], node: Member(dict(labels), True)}  # this node: always placed
 
     async def _guarded(self, work: Any) -> Any:
         try:
@@ -314,6 +316,17 @@ class MeshCoordinator:
             lambda current: None if current is None else supersede(current, revision,
                                                                    self._now()))
         return base, result.events
+
+    async def supersede(self, previous: str | None, revision: str
+                        ) -> tuple[RolloutEvent, ...]:
+        """A node moved from `previous` to a revision without rollout.yaml: an unfinished
+        rollout of `previous` is superseded (not left progressing forever)."""
+        async def work() -> tuple[RolloutEvent, ...]:
+            js, kv = await self._open()
+            _, events = await self._supersede(js, kv, previous, revision)
+            return events
+        result: tuple[RolloutEvent, ...] = await self._guarded(work())
+        return result
 
     async def report(self, revision: str, node: str, labels: Mapping[str, str],
                      outcome: NodeOutcome, message: str

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import signal
 import time
 import uuid
@@ -215,6 +216,7 @@ class Agent:
         self._rollout_state: str | None = None
         self._rollout_reported: tuple[str, str] | None = None
         self._rollout_timer: asyncio.TimerHandle | None = None
+        self._rollout_failures = 0
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self, first_reconcile: bool = True, schedule: bool = True) -> None:
@@ -617,6 +619,8 @@ class Agent:
             self._rollout_note, self._rollout_waiting = None, False
             if self.coordinator is not None:
                 self.coordinator.watch(None, None)
+                if previous is not None and previous != revision:
+                    await self._rollout_supersede(previous, revision)
             return RolloutGate(revision)
         short = revision[:12]
         if spec is None:
@@ -634,10 +638,12 @@ class Agent:
             verdict, events = await self.coordinator.consult(
                 revision, spec, self.node_id, self.labels, previous)
         except RolloutUnavailable as exc:
-            self._rollout_recheck(5.0)
+            self._rollout_failures += 1  # NATS not up yet, or away: look again soon
+            self._rollout_recheck(min(5.0, 0.5 * 2 ** (self._rollout_failures - 1)))
             return self._rollout_hold(
                 "degraded", f"the rollout state of {short} cannot be read ({exc}): not "
                             f"enforceable, so {short} is not applied (retrying)")
+        self._rollout_failures = 0
         self._record_rollout_events(revision, events)
         self._rollout_state = verdict.state
         self.coordinator.watch(revision, self._on_rollout_change)
@@ -646,7 +652,9 @@ class Agent:
             return RolloutGate(revision, spec=spec)
         if verdict.kind == "wait":
             if verdict.recheck_in is not None:
-                self._rollout_recheck(verdict.recheck_in + 0.02)
+                # a little jitter: the first node to wake opens the wave, the rest do not
+                # all race for the same compare-and-set at the same instant
+                self._rollout_recheck(verdict.recheck_in + random.uniform(0.01, 0.1))
             return self._rollout_hold("progressing", verdict.message, waiting=True)
         if verdict.kind == "superseded":
             return self._rollout_hold("progressing", f"{verdict.message}; polling for it")
@@ -686,12 +694,25 @@ class Agent:
         return result
 
     def _rollout_hold(self, state: str, message: str, waiting: bool = False) -> RolloutGate:
-        """Keep running what runs; the status says why. Announced when the reason changed."""
-        if self._rollout_note != (state, message):
+        """Keep running what runs; the status says why. Announced (reconcile.started and
+        .finished) when the reason changed, not when only its details did (the counts and
+        the bake countdown in parentheses)."""
+        before = self._rollout_note
+        if before is None or (before[0], before[1].split(" (")[0]) != (
+                state, message.split(" (")[0]):
             self._announce(self._desired_revision)
             log.info("rollout: %s", message)
         self._rollout_note, self._rollout_waiting = (state, message), waiting
         return RolloutGate(None, hold=("skipped", message))
+
+    async def _rollout_supersede(self, previous: str, revision: str) -> None:
+        assert self.coordinator is not None
+        try:
+            events = await self.coordinator.supersede(previous, revision)
+        except RolloutUnavailable as exc:  # best effort: the entry only shows as stale
+            log.debug("rollout: could not mark %s superseded: %s", previous[:12], exc)
+            return
+        self._record_rollout_events(previous, events)
 
     def _rollout_recheck(self, delay: float) -> None:
         """Reconcile again in `delay` s (a bake ends, a deadline passes, NATS may be back)."""
