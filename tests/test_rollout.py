@@ -128,7 +128,9 @@ class Fleet:
 @asynccontextmanager
 async def fleet_of(tmp: Path, server: NatsServer, nodes: dict[str, dict[str, str]],
                    **start: Any) -> AsyncIterator[Fleet]:
-    repo = make_spec_repo(tmp / "specs", {"apps/api.yaml": api_yaml("1")})
+    # a file unique to this test: repos made in the same second must not share commit SHAs
+    # (the nodes of the module's earlier tests are still in gitops_nodes, at their SHAs)
+    repo = make_spec_repo(tmp / "specs", {"apps/api.yaml": api_yaml("1"), "test.txt": str(tmp)})
     fleet = Fleet(server.url, repo, tmp)
     try:
         for node, labels in nodes.items():
@@ -505,7 +507,7 @@ async def test_the_console_shows_waves_live_and_its_buttons_drive_the_rollout(
 
     from console.app import ConsoleConfig
 
-    nodes = {"canary-1": {"ring": "canary"}, "node-1": {}}
+    nodes = {"ui-canary": {"ring": "canary"}, "ui-node": {}}
     async with fleet_of(tmp_path, nats_server, nodes) as fleet:
         console = sim.ConsoleThread(ConsoleConfig(token=TOKEN),
                                     sim.connector_for(nats_server.url), free_port()).start()
@@ -514,7 +516,7 @@ async def test_the_console_shows_waves_live_and_its_buttons_drive_the_rollout(
             async with httpx.AsyncClient(base_url=console.url, timeout=15) as http:
                 sha = fleet.push({"rollout.yaml": rollout_yaml("1h"),
                                   "apps/api.yaml": api_yaml("2")}, "api 2, long bake")
-                await fleet.synced(sha, ["canary-1"])
+                await fleet.synced(sha, ["ui-canary"])
 
                 async def baking() -> dict[str, Any]:
                     view = (await http.get(f"/api/rollouts/{sha[:10]}")).json()
@@ -561,13 +563,13 @@ async def test_the_console_shows_waves_live_and_its_buttons_drive_the_rollout(
 
                 # abort from the console: the canary goes back, the other never starts it
                 second = fleet.push({"apps/api.yaml": api_yaml("3")}, "api 3")
-                await fleet.synced(second, ["canary-1"])
+                await fleet.synced(second, ["ui-canary"])
                 await eventually_async(lambda: _known(http, second))
                 res = await http.post(f"/api/rollouts/{second}/abort", headers=auth,
                                       json={"reason": "saw errors in the canary"})
                 assert res.status_code == 200 and res.json()["state"] == "aborted", res.text
-                await eventually_async(lambda: _at(fleet, "canary-1", sha), what="reverted")
-                assert fleet.nodes["node-1"].status().revision == sha
+                await eventually_async(lambda: _at(fleet, "ui-canary", sha), what="reverted")
+                assert fleet.nodes["ui-node"].status().revision == sha
                 c = (await http.get(f"/api/rollouts/{second}")).json()["coordination"]
                 assert (c["state"], c["reason"]) == ("aborted", "saw errors in the canary")
                 events = await rollout_events(nats_server.url, second)

@@ -218,14 +218,26 @@ def _place(e: RolloutEntry, node: str, wave: int) -> None:
 
 
 def _place_all(e: RolloutEntry, members: Mapping[str, Member]) -> None:
-    placed = {n for w in e.waves for n in w.nodes}
+    where = {n: i for i, w in enumerate(e.waves) for n in w.nodes}
+    waves_of: dict[tuple[tuple[str, str], ...], int] = {}  # many nodes share their labels
     for node in sorted(members):
-        if node in placed or members[node].concerns(e):
-            _place(e, node, e.wave_of(members[node].labels))
-    for wave in e.waves:
-        offline = {n for n in wave.offline if n not in members}  # no news: keep
-        offline |= {n for n in wave.nodes if n in members and not members[n].online}
-        wave.offline = sorted(offline - {*wave.synced, *wave.failed})
+        member = members[node]
+        current = where.get(node)
+        if current is None and not member.concerns(e):
+            continue
+        key = tuple(sorted(member.labels.items()))
+        wave = waves_of.get(key)
+        if wave is None:
+            wave = waves_of[key] = e.wave_of(member.labels)
+        if current != wave:
+            _place(e, node, wave)
+    for wave_entry in e.waves:
+        offline = {n for n in wave_entry.offline if n not in members}  # no news: keep
+        offline |= {n for n in wave_entry.nodes if n in members and not members[n].online}
+        done = {*wave_entry.synced, *wave_entry.failed}
+        new = sorted(n for n in offline if n not in done)
+        if new != wave_entry.offline:
+            wave_entry.offline = new
 
 
 def _expire(e: RolloutEntry, now: datetime) -> None:
@@ -352,6 +364,11 @@ def consult(entry: RolloutEntry, node: str, members: Mapping[str, Member], now: 
     # a percentage is of the wave's online nodes (offline ones are not applying anything)
     online = [n for n in wave.nodes if n not in wave.offline]
     limit = resolve_count(wave.max_unavailable, len(online), at_least_one=True)
+    if _everyone(wave.max_unavailable) and node in wave.nodes:
+        # "everyone at once": no slot to count, so no claim is written (a big wave's nodes
+        # do not all race for the entry just to start; progress_deadline then does not
+        # apply to them: their own start_timeout and rollback still do)
+        return step, Verdict("apply", state=e.state)
     busy = sorted(n for n in e.applying if n in wave.nodes)
     if len(busy) >= limit:
         return step, Verdict("wait", f"wave {wave.name} of rollout {e.revision[:12]}: no slot "
@@ -361,6 +378,10 @@ def consult(entry: RolloutEntry, node: str, members: Mapping[str, Member], now: 
     claimed.applying[node] = iso_time(now)
     claimed.updated_at = iso_time(now)
     return Step(claimed, step.events), Verdict("apply")
+
+
+def _everyone(max_unavailable: int | str) -> bool:
+    return isinstance(max_unavailable, str) and float(max_unavailable.rstrip("%")) >= 100
 
 
 NodeOutcome = Literal["synced", "failed"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -126,8 +127,9 @@ async def cas_update(
         except nats.js.errors.APIError as exc:
             if exc.err_code not in _WRONG_LAST:
                 raise
-            # someone wrote first: compute again from theirs (growing jitter spreads a herd)
-            await asyncio.sleep(random.uniform(0, min(0.1, 0.002 * attempt)))
+            # someone wrote first: compute again from theirs; an exponentially growing,
+            # jittered pause spreads a herd (N writers cost O(N log N) attempts, not N^2)
+            await asyncio.sleep(random.uniform(0, min(0.25, 0.001 * 2 ** min(attempt, 8))))
             continue
         return CasResult(step.entry, step.events, True, attempt)
     raise RolloutUnavailable(f"{ROLLOUTS_BUCKET} {revision[:12]}: no compare-and-set won "
@@ -150,9 +152,15 @@ async def read_members(js: JetStreamContext, now: datetime) -> dict[str, Member]
             if not entry.value or entry.operation in ("DEL", "PURGE"):
                 members.pop(entry.key, None)
                 continue
-            try:
-                status = NodeStatus.from_json(entry.value)
-            except ValueError:
+            try:  # only what membership needs (a full NodeStatus parse per node is slow)
+                raw = json.loads(entry.value)
+                status = NodeStatus.model_construct(
+                    node=entry.key, labels=dict(raw.get("labels") or {}),
+                    revision=raw.get("revision"),
+                    desired_revision=raw.get("desired_revision"),
+                    updated_at=str(raw.get("updated_at") or ""),
+                    heartbeat_interval_s=float(raw.get("heartbeat_interval_s") or 10.0))
+            except (ValueError, TypeError, AttributeError):
                 continue
             created: Any = entry.created
             written = created if isinstance(created, datetime) else None
@@ -233,7 +241,7 @@ class MeshCoordinator:
         self._kv: KeyValue | None = None
         self._js: JetStreamContext | None = None
         self._js_of: NATS | None = None
-        self._members: tuple[float, dict[str, Member]] | None = None
+        self._members: tuple[float, str, dict[str, Member]] | None = None
         self._watch: tuple[str, asyncio.Task[None]] | None = None
         self.cas_attempts = 0  # writes tried in total (for tests and benchmarks)
 
@@ -250,14 +258,17 @@ class MeshCoordinator:
                                          "(run gitops-mesh nats-init)")
         return self._js, self._kv
 
-    async def _fleet(self, js: JetStreamContext, node: str, labels: Mapping[str, str]
-                     ) -> dict[str, Member]:
-        """The fleet, read at most once per FLEET_CACHE_S (this node always online)."""
+    async def _fleet(self, js: JetStreamContext, node: str, labels: Mapping[str, str],
+                     revision: str) -> dict[str, Member]:
+        """The fleet, read at most once per FLEET_CACHE_S per revision (a read made for
+        another revision is stale for this one: nodes moved since); this node is always
+        placed and online."""
         cached = self._members
-        if cached is None or time.monotonic() - cached[0] > FLEET_CACHE_S:
-            cached = (time.monotonic(), await read_members(js, self._now()))
+        if (cached is None or cached[1] != revision
+                or time.monotonic() - cached[0] > FLEET_CACHE_S):
+            cached = (time.monotonic(), revision, await read_members(js, self._now()))
             self._members = cached
-        return {**cached[1], node: Member(dict(labels), True)}  # this node: always placed
+        return {**cached[2], node: Member(dict(labels), True)}
 
     async def _guarded(self, work: Any) -> Any:
         try:
@@ -280,7 +291,7 @@ class MeshCoordinator:
                        labels: Mapping[str, str], previous: str | None
                        ) -> tuple[Verdict, tuple[RolloutEvent, ...]]:
         js, kv = await self._open()
-        members = await self._fleet(js, node, labels)
+        members = await self._fleet(js, node, labels, revision)
         events: list[RolloutEvent] = []
         existing, _ = await read_entry(kv, revision)
         base = existing.base if existing is not None else None
@@ -339,7 +350,7 @@ class MeshCoordinator:
                       outcome: NodeOutcome, message: str
                       ) -> tuple[RolloutEntry | None, tuple[RolloutEvent, ...]]:
         js, kv = await self._open()
-        members = await self._fleet(js, node, labels)
+        members = await self._fleet(js, node, labels, revision)
 
         def change(current: RolloutEntry | None) -> Step | None:
             if current is None:
@@ -355,7 +366,7 @@ class MeshCoordinator:
         """Advance by the clock and the fleet only (a waiting node's bake timer)."""
         async def work() -> tuple[RolloutEntry | None, tuple[RolloutEvent, ...]]:
             js, kv = await self._open()
-            members = await self._fleet(js, node, labels)
+            members = await self._fleet(js, node, labels, revision)
             result = await cas_update(
                 js, kv, self.options, revision,
                 lambda current: None if current is None else advance(current, members,
