@@ -102,7 +102,8 @@ async def push_and_wait(repo: Any, url: str, tag: str, files: dict[str, str | No
     return time.perf_counter() - start
 
 
-async def bench_overhead(tmp: Path, url: str, n: int, rounds: int) -> tuple[list[float], list[float]]:
+async def bench_overhead(tmp: Path, url: str, n: int, rounds: int
+                         ) -> tuple[list[float], list[float]]:
     tag = f"o{n}"
     repo = make_spec_repo(tmp / f"specs-{tag}", {"apps/web.yaml": 'name: web\nversion: "0"\n'})
     shutil.copy(HOOK, repo.bare / "hooks" / "post-receive")

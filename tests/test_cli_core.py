@@ -49,7 +49,7 @@ def test_validate_specs_example_is_clean() -> None:
     result = subprocess.run([sys.executable, "-m", "reconciler", "validate", "specs-example"],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout) == (0, "")
-    assert result.stderr.strip() == "6 valid apps in 5 files"
+    assert result.stderr.strip() == "6 valid apps in 5 files, rollout.yaml: 2 waves"
 
 
 @pytest.fixture
@@ -351,3 +351,50 @@ def test_schema_into_a_closed_pipe_exits_quietly() -> None:
     proc.wait(timeout=30)
     assert "Traceback" not in err
     assert proc.returncode == 141
+
+
+def test_validate_checks_rollout_yaml_at_the_repo_root(tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    (root / "apps").mkdir(parents=True)
+    (root / "apps" / "a.yaml").write_text('name: a\nversion: "1"\n')
+    (root / "rollout.yaml").write_text("waves:\n  - name: canary\n    max_unavailable: lots\n")
+    res = cli("validate", str(root))
+    assert res.returncode == 1
+    assert res.stdout == (f"{root}/rollout.yaml:3:22: waves[0].max_unavailable: 'lots': expected "
+                          "a count like 2 or a percentage like \"25%\"\n")
+    assert res.stderr.strip() == (
+        "1 valid app in 1 file, rollout.yaml: invalid, 1 problem (0 apps invalid)")
+    alone = cli("validate", str(root / "rollout.yaml"))
+    assert (alone.returncode, alone.stdout) == (1, res.stdout)
+    (root / "rollout.yaml").write_text("waves:\n  - name: canary\n    max_unavailable: 25%\n")
+    ok = cli("validate", str(root))
+    assert (ok.returncode, ok.stdout, ok.stderr.strip()) == (
+        0, "", "1 valid app in 1 file, rollout.yaml: 1 wave")
+
+
+def test_schema_of_rollout_yaml_and_of_events() -> None:
+    rollout = json.loads(cli("schema", "--rollout").stdout)
+    assert rollout["title"] == "gitops-mesh rollout.yaml"
+    assert sorted(rollout["properties"]) == [
+        "bake", "max_failed", "progress_deadline", "revert", "waves"]
+    assert rollout["additionalProperties"] is False
+    events = json.loads(cli("schema", "--events").stdout)
+    assert events["title"] == "gitops-mesh event" and "type" in events["properties"]
+
+
+def test_plan_names_the_nodes_wave(tmp_path: Path) -> None:
+    repo = make_spec_repo(tmp_path / "specs", {
+        "apps/a.yaml": 'name: a\nversion: "1"\n',
+        "rollout.yaml": "waves:\n  - name: canary\n    nodes: {match: {ring: canary}}\n"
+                        "  - name: fleet\n",
+    })
+    res = cli("plan", "--repo", repo.url, "--node-id", "n1", "--label", "ring=canary",
+              "--state-dir", str(tmp_path / "none"))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1] == (
+        "Rollout: n1 is in wave 'canary' of 2; whether it is open is not known here (give "
+        "--nats to read the rollout state from gitops_rollouts)")
+    as_json = json.loads(cli("plan", "--repo", repo.url, "--node-id", "n2", "--json",
+                             "--state-dir", str(tmp_path / "none")).stdout)
+    assert {k: as_json["rollout"][k] for k in ("governed", "wave", "open")} == {
+        "governed": True, "wave": "fleet", "open": None}
