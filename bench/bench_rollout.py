@@ -41,7 +41,7 @@ PY = sys.executable
 HOOK = Path(reconciler.__file__).parent / "hooks" / "post-receive"
 ONE_WAVE = "waves:\n  - name: all\n    nodes: {}\n    max_unavailable: 100%\nbake: 0s\n"
 CANARY = ("waves:\n  - name: canary\n    nodes: {match: {ring: canary}}\n    max_unavailable: 1\n"
-          "  - name: fleet\n    nodes: {}\n    max_unavailable: 100%\nbake: 1s\n")
+          "  - name: fleet\n    nodes: {}\n    max_unavailable: 50%\nbake: 1s\n")
 
 
 async def run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> int:

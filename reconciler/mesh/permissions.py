@@ -81,7 +81,8 @@ def node_permissions(node: str) -> Permissions:
             # offline nodes); creating the bucket is for dev mode, as with gitops_nodes
             f"{ROLLOUTS_SUBJECT_PREFIX}.*",
             f"{js}.STREAM.CREATE.{ROLLOUTS_STREAM}",
-            *_js_read_streams((ROLLOUTS_STREAM, KV_STREAM)),
+            *_js_watch(ROLLOUTS_STREAM),
+            *_js_watch(KV_STREAM)[1:],  # its STREAM.INFO is above
             "$JS.FC.>",
         ),
         subscribe=(
@@ -92,6 +93,18 @@ def node_permissions(node: str) -> Permissions:
             f"{inbox_prefix(node)}.>",
         ),
         allow_responses=True,
+    )
+
+
+def _js_watch(stream: str) -> tuple[str, ...]:
+    """What a node needs to get a KV key and watch a bucket (ephemeral ordered consumers
+    only: no durable consumers, no pulls, no acks)."""
+    js = "$JS.API"
+    return (
+        f"{js}.STREAM.INFO.{stream}", f"{js}.STREAM.MSG.GET.{stream}",
+        f"{js}.DIRECT.GET.{stream}", f"{js}.DIRECT.GET.{stream}.>",
+        f"{js}.CONSUMER.CREATE.{stream}", f"{js}.CONSUMER.CREATE.{stream}.>",
+        f"{js}.CONSUMER.DELETE.{stream}.*", f"{js}.CONSUMER.INFO.{stream}.*",
     )
 
 

@@ -48,7 +48,6 @@ from reconciler.core.rollout import (
     supersede,
 )
 from reconciler.core.rollout_spec import RolloutSpec
-from reconciler.core.status import NodeStatus
 from reconciler.mesh.conn import NatsOptions, reason_of
 from reconciler.mesh.subjects import (
     KV_BUCKET,
@@ -58,7 +57,7 @@ from reconciler.mesh.subjects import (
     ROLLOUTS_SUBJECT_PREFIX,
     event_subject,
 )
-from reconciler.mesh.wire import is_unreachable
+from reconciler.mesh.wire import heartbeat_stale
 
 log = logging.getLogger("reconciler.mesh.rollouts")
 
@@ -129,7 +128,7 @@ async def cas_update(
                 raise
             # someone wrote first: compute again from theirs; an exponentially growing,
             # jittered pause spreads a herd (N writers cost O(N log N) attempts, not N^2)
-            await asyncio.sleep(random.uniform(0, min(0.25, 0.001 * 2 ** min(attempt, 8))))
+            await asyncio.sleep(random.uniform(0, min(0.05, 0.0005 * 2 ** min(attempt, 8))))
             continue
         return CasResult(step.entry, step.events, True, attempt)
     raise RolloutUnavailable(f"{ROLLOUTS_BUCKET} {revision[:12]}: no compare-and-set won "
@@ -152,22 +151,20 @@ async def read_members(js: JetStreamContext, now: datetime) -> dict[str, Member]
             if not entry.value or entry.operation in ("DEL", "PURGE"):
                 members.pop(entry.key, None)
                 continue
-            try:  # only what membership needs (a full NodeStatus parse per node is slow)
+            try:  # only what membership needs (a NodeStatus per node costs too much here)
                 raw = json.loads(entry.value)
-                status = NodeStatus.model_construct(
-                    node=entry.key, labels=dict(raw.get("labels") or {}),
-                    revision=raw.get("revision"),
-                    desired_revision=raw.get("desired_revision"),
-                    updated_at=str(raw.get("updated_at") or ""),
-                    heartbeat_interval_s=float(raw.get("heartbeat_interval_s") or 10.0))
+                labels = {str(k): str(v) for k, v in (raw.get("labels") or {}).items()}
+                revisions = tuple(str(raw[k]) for k in ("revision", "desired_revision")
+                                  if raw.get(k))
+                interval = float(raw.get("heartbeat_interval_s") or 10.0)
+                updated = raw.get("updated_at")
             except (ValueError, TypeError, AttributeError):
                 continue
             created: Any = entry.created
             written = created if isinstance(created, datetime) else None
-            revisions = tuple(r for r in (status.revision, status.desired_revision) if r)
-            members[entry.key] = Member(dict(status.labels),
-                                        not is_unreachable(status, now, written),
-                                        revisions or ("",))
+            online = not heartbeat_stale(updated if isinstance(updated, str) else None,
+                                         interval, now, written)
+            members[entry.key] = Member(labels, online, revisions or ("",))
     finally:
         with contextlib.suppress(Exception):
             await watcher.stop()
@@ -350,7 +347,11 @@ class MeshCoordinator:
                       outcome: NodeOutcome, message: str
                       ) -> tuple[RolloutEntry | None, tuple[RolloutEvent, ...]]:
         js, kv = await self._open()
-        members = await self._fleet(js, node, labels, revision)
+        # the fleet as last read for this revision (consult read it): placing and offline
+        # nodes are the consults' business; a report must not cost a fleet read
+        cached = self._members
+        members = {**(cached[2] if cached and cached[1] == revision else {}),
+                   node: Member(dict(labels), True)}
 
         def change(current: RolloutEntry | None) -> Step | None:
             if current is None:

@@ -176,8 +176,16 @@ def heartbeat_age(status: NodeStatus, now: datetime, written_at: datetime | None
 
 
 def is_unreachable(status: NodeStatus, now: datetime, written_at: datetime | None = None) -> bool:
-    limit = UNREACHABLE_AFTER_HEARTBEATS * max(status.heartbeat_interval_s, 0.001)
-    return heartbeat_age(status, now, written_at) > limit
+    return heartbeat_stale(status.updated_at, status.heartbeat_interval_s, now, written_at)
+
+
+def heartbeat_stale(updated_at: str | None, heartbeat_interval_s: float, now: datetime,
+                    written_at: datetime | None = None) -> bool:
+    """The unreachable rule on bare values: more than UNREACHABLE_AFTER_HEARTBEATS missed
+    heartbeats since the last write (for readers that do not build a NodeStatus)."""
+    when = written_at or parse_time(updated_at)
+    age = float("inf") if when is None else max(0.0, (now - when).total_seconds())
+    return age > UNREACHABLE_AFTER_HEARTBEATS * max(heartbeat_interval_s, 0.001)
 
 
 def observed_state(status: NodeStatus, now: datetime, written_at: datetime | None = None) -> str:

@@ -724,8 +724,9 @@ class Agent:
 
     def _on_rollout_change(self, state: str) -> None:
         """The entry changed: a waiting node looks again; so does every node when the
-        rollout's state moved (an abort must reach nodes that applied, for the revert)."""
-        if self._rollout_waiting or (state and state != self._rollout_state):
+        rollout was aborted (the nodes that applied it revert). Other changes (a report,
+        completion) need nothing from a node that is not waiting."""
+        if self._rollout_waiting or (state == "aborted" and self._rollout_state != "aborted"):
             self.trigger("rollout")
 
     async def _rollout_report(self, revision: str, outcome: tuple[str, str]) -> None:
