@@ -52,6 +52,7 @@ class FakeAgent:
 
     # -- AgentAPI -----------------------------------------------------------------------
     def status(self) -> NodeStatus:
+        backlog, dropped = self.store.outbox_stats()
         failed = sorted(a.name for a in self.apps.values() if a.phase == "failed")
         if self.suspended:
             state, message = "suspended", "suspended"
@@ -66,6 +67,7 @@ class FakeAgent:
             desired_revision=self.desired_revision, status=state, message=message,
             apps=[a.model_copy() for a in self.apps.values()],
             updated_at=iso_time(datetime.now(UTC)), agent_version="fake",
+            outbox_backlog=backlog, outbox_dropped=dropped,
         )
 
     def state(self) -> dict[str, Any]:

@@ -996,8 +996,8 @@ async def test_finished_job_is_not_restarted(repo: SpecRepo, make_agent: MakeAge
 
 
 def test_redacted_spec_hides_env_values_and_url_credentials() -> None:
+    from reconciler.core.redact import redact_spec
     from reconciler.core.spec import AppSpec
-    from reconciler.node.agent import redact_spec
 
     spec = AppSpec.model_validate({
         "name": "a", "version": "1",

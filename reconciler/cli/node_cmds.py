@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.core.spec import parse_duration
-from reconciler.core.status import AppStatus, NodeStatus, summarize
+from reconciler.core.status import NodeStatus
 
 log = logging.getLogger(__name__)
 
@@ -152,58 +151,36 @@ def local_status(state_dir: Path) -> NodeStatus | None:
     """A node's status from its store alone (agent running or not); None without a store.
     Liveness comes from the recorded pids (/proc, create_time checked). agent_version and
     the last reconcile's time and duration are what the last agent on this store recorded;
-    cpu_percent stays None (it needs a running agent's samples)."""
+    cpu_percent stays None (it needs a running agent's samples). Built by the same
+    core.status.node_status as the agent's own status."""
     import psutil
 
-    from reconciler.core.events import iso_time
-    from reconciler.node.agent import spec_of
-    from reconciler.node.store import meta_float, pid_alive, read_snapshot
+    from reconciler.core.status import NodeMeta, node_status
+    from reconciler.node.runtimes.process import pid_alive
+    from reconciler.node.status_view import record_facts
+    from reconciler.node.store import read_snapshot
 
     snap = read_snapshot(state_dir)
     if snap is None:
         return None
     now = datetime.now(UTC)
-    apps: list[AppStatus] = []
+    apps = []
     for record in snap.apps.values():
-        spec = spec_of(record)
-        alive = pid_alive(record.pid, record.create_time)
-        health = record.health
-        message = record.message
-        if spec.run is not None and record.phase == "running" and not alive:
-            health, message = "unhealthy", message or "process not running"
-        pid = record.pid if alive else None
-        started_at = uptime = rss = None
+        spec = record.spec
+        alive = spec.run is None or pid_alive(record.pid, record.create_time)
+        pid = record.pid if alive and spec.run is not None else None
+        uptime = rss = None
         if pid is not None and record.create_time is not None:
-            started_at = iso_time(datetime.fromtimestamp(record.create_time, UTC))
-            uptime = round(now.timestamp() - record.create_time, 1)
+            uptime = now.timestamp() - record.create_time
             with contextlib.suppress(psutil.Error):
                 rss = psutil.Process(pid).memory_info().rss
-        apps.append(AppStatus(
-            name=record.name, version=record.version, phase=record.phase, health=health,
-            message=message, layer=spec.layer, labels=dict(spec.labels),
-            depends_on=list(spec.depends_on), suspended=record.suspended,
-            failed_version=record.failed_version, restarts=record.restarts, pid=pid,
-            started_at=started_at, uptime_s=uptime, rss_bytes=rss,
+        apps.append(record_facts(
+            record, spec, alive=alive, pid=pid,
+            started_at=record.create_time if pid is not None else None,
+            uptime_s=uptime, rss_bytes=rss,
         ))
-    meta = snap.meta
-    spec_errors = [e for e in (meta.get("spec_errors") or "").split("\n") if e]
-    applied, desired = meta.get("applied_revision"), meta.get("desired_revision")
-    state, message = summarize(
-        apps, reconciling=False, suspended=meta.get("node_suspended") == "1",
-        source_error=meta.get("source_error"), spec_errors=bool(spec_errors),
-        at_desired_revision=applied is not None and applied == desired,
-    )
-    return NodeStatus(
-        node=meta.get("node_id", "?"), labels=json.loads(meta.get("labels") or "{}"),
-        revision=applied, status=state, message=message, apps=apps,
-        updated_at=iso_time(now), desired_revision=desired,
-        source_error=meta.get("source_error"), spec_errors=spec_errors,
-        agent_version=meta.get("agent_version", ""),
-        last_reconcile_at=meta.get("last_reconcile"),
-        last_reconcile_ms=meta_float(meta.get("last_reconcile_ms")),
-        outbox_backlog=snap.outbox_backlog,
-        outbox_dropped=int(meta.get("outbox_dropped") or 0),
-    )
+    return node_status(NodeMeta.from_rows(snap.meta), apps, now=now,
+                       outbox_backlog=snap.outbox_backlog)
 
 
 def run_status(args: argparse.Namespace) -> int:

@@ -15,12 +15,15 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from reconciler.core.events import parse_time
 from reconciler.core.spec import NAME_RE, Selector
-from reconciler.core.status import UNREACHABLE, NodeStatus
+from reconciler.core.status import (
+    NodeStatus,
+    heartbeat_age,
+    is_unreachable,
+    observed_state,
+)
 
 # How many missed heartbeats make a node unreachable for observers.
-UNREACHABLE_AFTER_HEARTBEATS = 3.0
 
 
 class BadRequest(ValueError):
@@ -165,24 +168,6 @@ def source_matches(change: SourceChanged, repo_url: str, branch: str) -> bool:
     return short_branch(change.branch) == short_branch(branch) and normalize_repo_url(
         change.repo
     ) == normalize_repo_url(repo_url)
-
-
-def heartbeat_age(status: NodeStatus, now: datetime, written_at: datetime | None = None) -> float:
-    """Seconds since the node last wrote its status (server write time preferred)."""
-    when = written_at or parse_time(status.updated_at)
-    if when is None:
-        return float("inf")
-    return max(0.0, (now - when).total_seconds())
-
-
-def is_unreachable(status: NodeStatus, now: datetime, written_at: datetime | None = None) -> bool:
-    limit = UNREACHABLE_AFTER_HEARTBEATS * max(status.heartbeat_interval_s, 0.001)
-    return heartbeat_age(status, now, written_at) > limit
-
-
-def observed_state(status: NodeStatus, now: datetime, written_at: datetime | None = None) -> str:
-    """The node status an observer shows: the reported one, or `unreachable`."""
-    return UNREACHABLE if is_unreachable(status, now, written_at) else status.status
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import IO, BinaryIO
 
 from reconciler.core.errors import ArtifactError, SourceError
+from reconciler.core.redact import redact_url
 from reconciler.core.spec import NAME_RE, AppSpec, ArchiveSource, NoSource
 from reconciler.core.spec import GitSource as GitSourceSpec
-from reconciler.node.source import FULL_SHA_RE, redact_url, run_git
+from reconciler.node.source import FULL_SHA_RE, run_git
 
 MARKER = ".gitops-mesh-installed"
 _TMP_PREFIX = ".tmp-"

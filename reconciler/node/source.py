@@ -29,12 +29,12 @@ from git.objects import Blob, Tree
 
 from reconciler.core.errors import ArtifactError, SignatureError, SourceError
 from reconciler.core.loader import SpecFile
+from reconciler.core.redact import redact_url
 
 log = logging.getLogger(__name__)
 
 FULL_SHA_RE = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 SPEC_SUFFIXES = (".yaml", ".yml")
-_USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 _REGULAR_FILE_MODES = (0o100644, 0o100755)
 # Roughly `git check-ref-format`: no option-like start, no spaces, no ~^:?*[\ or control chars.
 _REF_NAME_RE = re.compile(r"^[^-\s~^:?*\[\\\x00-\x1f\x7f][^\s~^:?*\[\\\x00-\x1f\x7f]*$")
@@ -43,11 +43,6 @@ _STALE_LOCKS = ("packed-refs.lock", "shallow.lock", "config.lock", "HEAD.lock")
 # Run `git gc --auto` after this many successful fetches; fetch itself passes --no-auto-gc so
 # a long repack can never eat the fetch timeout and turn into an endless SourceError loop.
 _GC_EVERY = 50
-
-
-def redact_url(text: str) -> str:
-    """Strip `user:password@` from every URL in `text` (messages, logs, events)."""
-    return _USERINFO_RE.sub(r"\g<scheme>", text)
 
 
 def _is_local_path(url: str) -> bool:

@@ -16,7 +16,9 @@ from reconciler.core.events import Event
 from reconciler.core.ports import OutboxEntry
 from reconciler.core.spec import AppSpec, metadata_hash_of
 from reconciler.core.state import CurrentApp, CurrentState
+from reconciler.core.status import NodeMeta
 from reconciler.node.runtimes.base import ProcessRecord
+from reconciler.node.runtimes.process import pid_alive
 
 DB_NAME = "state.db"
 SCHEMA_VERSION = 1
@@ -207,6 +209,9 @@ class Store:
         # rows are read far more often than written (status, every reconcile); this one
         # connection is the only writer, so a cache dropped on every write stays true
         self._apps_cache: dict[str, AppRecord] | None = None
+        self._meta_cache: dict[str, str] | None = None  # likewise for the meta rows
+        # stored spec JSON -> parsed spec: status reads every app's spec, often
+        self._specs: dict[str, AppSpec] = {}
         self._outbox_count = self._count_outbox()
         self._rehash_specs()
         for suffix in ("-wal", "-shm"):
@@ -252,6 +257,7 @@ class Store:
             self._depth = 0
             self._db.execute("ROLLBACK")
             self._apps_cache = None
+            self._meta_cache = None
             self._outbox_count = self._count_outbox()
             raise
         self._depth = 0
@@ -274,6 +280,15 @@ class Store:
             rows = self._db.execute("SELECT * FROM apps ORDER BY name").fetchall()
             self._apps_cache = {row["name"]: _row_to_record(row) for row in rows}
         return self._apps_cache
+
+    def spec_of(self, record: AppRecord) -> AppSpec:
+        """The record's spec, parsed once per distinct spec."""
+        spec = self._specs.get(record.spec_json)
+        if spec is None:
+            if len(self._specs) > 4096:
+                self._specs.clear()
+            spec = self._specs[record.spec_json] = record.spec
+        return spec
 
     def _apps_changed(self) -> None:
         self._apps_cache = None
@@ -312,19 +327,40 @@ class Store:
         self._apps_changed()
 
     # -- meta ---------------------------------------------------------------------------
+    def _meta(self) -> dict[str, str]:
+        if self._meta_cache is None:
+            rows = self._db.execute("SELECT key, value FROM meta").fetchall()
+            self._meta_cache = {row["key"]: row["value"] for row in rows}
+        return self._meta_cache
+
     def get_meta(self, key: str, default: str | None = None) -> str | None:
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row["value"] if row else default
+        return self._meta().get(key, default)
 
     def set_meta(self, key: str, value: str | None) -> None:
         if value is None:
             self._write("DELETE FROM meta WHERE key = ?", (key,))
+            self._meta().pop(key, None)
         else:
             self._write("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+            self._meta()[key] = value
+
+    def node_meta(self) -> NodeMeta:
+        """The node-wide facts, typed (core.status.NodeMeta knows the keys)."""
+        return NodeMeta.from_rows(self._meta())
+
+    def update_meta(self, **changes: Any) -> NodeMeta:
+        """Change some NodeMeta fields (one transaction; unchanged rows are not written)."""
+        old = self.node_meta()
+        new = old.changed(**changes)
+        with self.transaction():
+            for key, text in new.to_rows(changes).items():
+                if self._meta().get(key) != text:
+                    self.set_meta(key, text)
+        return new
 
     @property
     def node_suspended(self) -> bool:
-        return self.get_meta("node_suspended") == "1"
+        return self.node_meta().suspended
 
     # -- outbox (agent_api.Outbox) --------------------------------------------------------
     def add_event(self, event: Event) -> int:
@@ -343,8 +379,7 @@ class Store:
                     "(SELECT seq FROM outbox ORDER BY seq LIMIT ?)", (overflow,),
                 ).rowcount
                 self._outbox_count -= deleted
-                dropped = int(self.get_meta("outbox_dropped", "0") or 0) + deleted
-                self.set_meta("outbox_dropped", str(dropped))
+                self.update_meta(outbox_dropped=self.node_meta().outbox_dropped + deleted)
             return int(cursor.lastrowid or 0)
 
     def outbox_batch(self, limit: int) -> list[OutboxEntry]:
@@ -370,7 +405,7 @@ class Store:
                 self._outbox_count -= deleted
 
     def outbox_stats(self) -> tuple[int, int]:
-        return self._outbox_count, int(self.get_meta("outbox_dropped", "0") or 0)
+        return self._outbox_count, self.node_meta().outbox_dropped
 
     def _count_outbox(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
@@ -382,29 +417,6 @@ class Store:
         records = self.apps()
         alive = running if running is not None else _alive_from_records(records)
         return CurrentState(apps={n: r.to_current(n in alive) for n, r in records.items()})
-
-
-def meta_float(text: str | None) -> float | None:
-    """A number kept as text in the meta table; None when absent or unreadable."""
-    try:
-        return float(text) if text else None
-    except ValueError:
-        return None
-
-
-def pid_alive(pid: int | None, create_time: float | None) -> bool:
-    """True when `pid` runs and is the process we recorded (create_time guards pid reuse)."""
-    if not pid:
-        return False
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return create_time is None or abs(proc.create_time() - create_time) < 0.05
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
 
 
 def _alive_from_records(records: dict[str, AppRecord]) -> set[str]:

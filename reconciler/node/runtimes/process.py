@@ -203,6 +203,43 @@ async def _wait_group_gone(pgid: int, timeout: float) -> bool:
         delay = min(delay * 2, 0.1)
 
 
+async def stop_group(
+    pgid: int, sig: signal.Signals, timeout: float, *,
+    popen: subprocess.Popen[bytes] | None = None, name: str = "",
+) -> bool:
+    """`sig` to the group, SIGKILL after `timeout`, until no member is left. The one way this
+    project stops a process group; False when members survived SIGKILL too."""
+    _signal_group(pgid, sig)
+    if await _wait_stopped(popen, pgid, timeout):
+        return True
+    log.warning("%s did not stop within %gs: SIGKILL", name or f"group {pgid}", timeout)
+    _signal_group(pgid, signal.SIGKILL)
+    return await _wait_stopped(popen, pgid, 10.0)
+
+
+def pid_alive(pid: int | None, create_time: float | None) -> bool:
+    """True when `pid` runs and is the process we recorded (create_time guards pid reuse)."""
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return (create_time is None
+                or abs(proc.create_time() - create_time) <= CREATE_TIME_TOLERANCE)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+async def stop_recorded(proc: ProcessRecord | None, timeout: float = 5.0) -> None:
+    """Stop a recorded process that must not keep running (the other half of an interrupted
+    upgrade), with its group; only while pid and create_time still name that process."""
+    if proc is None or not pid_alive(proc.pid, proc.create_time):
+        return
+    log.warning("%s: stopping leftover %s process %d", proc.name, proc.version, proc.pid)
+    await stop_group(proc.pgid, signal.SIGTERM, timeout, name=proc.name)
+
+
 # --- the runtime ------------------------------------------------------------------------------
 
 # Children left running by close(stop_apps=False). Kept referenced (and reaped once they exit)
@@ -604,16 +641,12 @@ class ProcessRuntime:
     async def _stop_group(
         self, launch: LaunchSpec, pgid: int, popen: subprocess.Popen[bytes] | None
     ) -> None:
-        """stop_signal to the group, SIGKILL after stop_timeout, until no member is left."""
-        _signal_group(pgid, signal.Signals[launch.stop_signal])
-        if not await _wait_stopped(popen, pgid, launch.stop_timeout):
-            log.warning("%s did not stop within %gs: SIGKILL", launch.name, launch.stop_timeout)
-            _signal_group(pgid, signal.SIGKILL)
-            if not await _wait_stopped(popen, pgid, 10.0):
-                raise RuntimeFailure(
-                    f"{launch.name}: processes of group {pgid} survived SIGKILL: "
-                    f"{await asyncio.to_thread(group_members, pgid)}"
-                )
+        if not await stop_group(pgid, signal.Signals[launch.stop_signal], launch.stop_timeout,
+                                popen=popen, name=launch.name):
+            raise RuntimeFailure(
+                f"{launch.name}: processes of group {pgid} survived SIGKILL: "
+                f"{await asyncio.to_thread(group_members, pgid)}"
+            )
 
     def _ensure_rotation(self) -> None:
         if self._rotate_task is None or self._rotate_task.done():
