@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from reconciler.cli.main import parse_args, resolve_handler
-from reconciler.core.loader import SpecFile, load_directory, load_files, read_directory
+from reconciler.core.loader import SpecFile, load_files
+from reconciler.node.spec_dir import load_directory, read_directory
 from tests.conftest import eventually, free_port, make_spec_repo
 
 ROOT = Path(__file__).resolve().parent.parent

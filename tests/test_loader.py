@@ -7,17 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.core.loader import (
-    MAX_FILE_BYTES,
-    ParseCache,
-    SpecFile,
-    load_directory,
-    load_files,
-    read_directory,
-    resolve_spec_path,
-)
+from reconciler.core.loader import MAX_FILE_BYTES, ParseCache, SpecFile, load_files
 from reconciler.core.spec import AppSpec, Selector
-from reconciler.core.targeting import desired_for_node, parse_labels, selector_implies
+from reconciler.core.state import desired_for_node
+from reconciler.core.targeting import parse_labels, selector_implies
+from reconciler.node.spec_dir import load_directory, read_directory, resolve_spec_path
 from tests.conftest import make_spec_repo
 
 

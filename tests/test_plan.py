@@ -9,8 +9,7 @@ from reconciler.core.errors import SpecProblem
 from reconciler.core.loader import SpecFile, load_files
 from reconciler.core.plan import HELD_FAILED, HELD_SPEC_ERRORS, Action, HeldApp, Plan, make_plan
 from reconciler.core.spec import AppSpec
-from reconciler.core.state import CurrentApp, CurrentState, DesiredState
-from reconciler.core.targeting import desired_for_node
+from reconciler.core.state import CurrentApp, CurrentState, DesiredState, desired_for_node
 
 D, U, C, R, X = "deploy", "upgrade", "reconfigure", "restart", "remove"
 

@@ -10,16 +10,11 @@ import tempfile
 from pathlib import Path
 
 from reconciler.core.errors import ReconcileError, SpecProblem
-from reconciler.core.loader import (
-    LoadResult,
-    SpecFile,
-    load_files,
-    read_directory,
-    resolve_spec_path,
-)
+from reconciler.core.loader import LoadResult, SpecFile, load_files
 from reconciler.core.plan import Action, ActionKind, Plan
 from reconciler.core.spec import NAME_RE, app_json_schema
 from reconciler.core.state import CurrentState
+from reconciler.node.spec_dir import read_directory, resolve_spec_path
 
 # Exit codes: 0 fine, 1 spec problems (plan still printed, with removals held), 2 could not
 # run at all (bad flags, unreachable repository).
@@ -115,7 +110,7 @@ def run_schema(args: argparse.Namespace) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from reconciler.core.targeting import desired_for_node
+    from reconciler.core.state import desired_for_node
 
     try:
         if not NAME_RE.match(args.node_id):

@@ -280,8 +280,8 @@ def port_is_free(port: int) -> bool:
 
 def health_ports(specs: Path) -> list[int]:
     """The base ports the specs' health checks use (the apps listen there, plus the offset)."""
-    from reconciler.core.loader import load_directory
     from reconciler.node.health import http_target
+    from reconciler.node.spec_dir import load_directory
 
     ports: set[int] = set()
     for app in load_directory(specs).apps.values():

@@ -20,9 +20,8 @@ from reconciler.core.events import Event, iso_time
 from reconciler.core.loader import ParseCache, load_files
 from reconciler.core.plan import Plan, make_plan
 from reconciler.core.runs import QUIET_REASONS, RunSoFar, answers_with_finished, is_news
-from reconciler.core.state import CurrentState, DesiredState
+from reconciler.core.state import CurrentState, DesiredState, desired_for_node
 from reconciler.core.status import RunFacts
-from reconciler.core.targeting import desired_for_node
 from reconciler.node.executor import ActionResult, Executor
 from reconciler.node.source import GitSource
 from reconciler.node.store import Store
