@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from reconciler.core.events import Event, iso_time, parse_time
 from reconciler.core.spec import NAME_RE
 from reconciler.core.status import NODE_STATES, UNREACHABLE, NodeStatus, observed_state
+from reconciler.core.targeting import parse_labels
 
 STATUSES: tuple[str, ...] = (*NODE_STATES, UNREACHABLE)
 # How many missed heartbeats make a node unreachable (the contract says 3).
@@ -59,15 +60,10 @@ class NodeFilter:
     def parse(cls, labels: Iterable[str] = (), layer: str | None = None,
               status: str | None = None) -> NodeFilter:
         """From query strings like `role=edge`; raises ValueError naming a bad clause."""
-        pairs = []
-        for text in labels:
-            key, sep, value = text.partition("=")
-            if not sep or not key:
-                raise ValueError(f"label filter {text!r}: expected key=value")
-            pairs.append((key, value))
+        pairs = tuple(parse_labels(labels, what="label filter").items())
         if status and status not in STATUSES:
             raise ValueError(f"status filter {status!r}: expected one of {', '.join(STATUSES)}")
-        return cls(tuple(pairs), layer or None, status or None)
+        return cls(pairs, layer or None, status or None)
 
     def matches(self, card: dict[str, Any]) -> bool:
         if any(card["labels"].get(k) != v for k, v in self.labels):

@@ -106,7 +106,7 @@ def test_selector_from_flags() -> None:
     assert selector_from_pairs(["role=edge", "site = x"]) == Selector(
         match={"role": "edge", "site": "x"}
     )
-    with pytest.raises(BadRequest, match="expected key=value"):
+    with pytest.raises(BadRequest, match="expected KEY=VALUE"):
         selector_from_pairs(["role"])
 
 

@@ -67,7 +67,7 @@ def test_counters_and_cards_with_unreachable_derived_from_heartbeat_age() -> Non
 
 
 def test_node_filter_rejects_bad_clauses_with_a_clear_message() -> None:
-    with pytest.raises(ValueError, match="label filter 'role': expected key=value"):
+    with pytest.raises(ValueError, match="label filter 'role': expected KEY=VALUE"):
         NodeFilter.parse(["role"])
     with pytest.raises(ValueError, match="status filter 'fine'"):
         NodeFilter.parse(status="fine")

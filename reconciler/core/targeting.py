@@ -11,7 +11,7 @@ _KEY_RE = re.compile(LABEL_KEY_PATTERN)
 _VALUE_RE = re.compile(LABEL_VALUE_PATTERN)
 
 
-def parse_labels(items: Iterable[str]) -> dict[str, str]:
+def parse_labels(items: Iterable[str], what: str = "label") -> dict[str, str]:
     """["role=gateway", "zone=eu-1"] -> {"role": "gateway", "zone": "eu-1"}.
 
     Raises ValueError naming the bad item: no '=', an invalid key or value, or one key
@@ -21,19 +21,19 @@ def parse_labels(items: Iterable[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         key, value = key.strip(), value.strip()
         if not sep:
-            raise ValueError(f"label {item!r}: expected KEY=VALUE, e.g. role=gateway")
+            raise ValueError(f"{what} {item!r}: expected KEY=VALUE, e.g. role=gateway")
         if not _KEY_RE.match(key):
             raise ValueError(
-                f"label {item!r}: invalid key {key!r} (letters, digits, '.', '_', '/', '-'; "
+                f"{what} {item!r}: invalid key {key!r} (letters, digits, '.', '_', '/', '-'; "
                 "at most 63 characters, starting and ending with a letter or digit)"
             )
         if not _VALUE_RE.match(value):
             raise ValueError(
-                f"label {item!r}: invalid value {value!r} "
+                f"{what} {item!r}: invalid value {value!r} "
                 "(letters, digits, '.', '_', '-'; at most 63 characters)"
             )
         if key in labels and labels[key] != value:
-            raise ValueError(f"label {key!r} given twice: {labels[key]!r} and {value!r}")
+            raise ValueError(f"{what} {key!r} given twice: {labels[key]!r} and {value!r}")
         labels[key] = value
     return labels
 

@@ -22,6 +22,7 @@ from reconciler.core.status import (
     is_unreachable,
     observed_state,
 )
+from reconciler.core.targeting import parse_labels
 
 # How many missed heartbeats make a node unreachable for observers.
 
@@ -99,12 +100,10 @@ def parse_selector(raw: object) -> Selector:
 
 def selector_from_pairs(pairs: Iterable[str]) -> Selector | None:
     """`--selector k=v` flags -> a match Selector (None when no flags were given)."""
-    match: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise BadRequest(f"--selector {pair!r}: expected key=value")
-        match[key.strip()] = value.strip()
+    try:
+        match = parse_labels(pairs, what="--selector")
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
     return Selector(match=match) if match else None
 
 

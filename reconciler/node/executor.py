@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from reconciler.core.envfile import parse_env
 from reconciler.core.errors import ArtifactError, ReconcileError, SourceError
 from reconciler.core.events import Event
 from reconciler.core.plan import Action, ActionKind, Plan
@@ -74,28 +75,16 @@ class ActionFailed(Exception):
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines (blank lines and # comments skipped, optional `export `, quotes
-    stripped). Errors name the file and line, never a value."""
-    env: dict[str, str] = {}
+    """An app's env file (core.envfile.parse_env); errors name the file and line, never a
+    value."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise ActionFailed(f"env file {path}: {exc.strerror or exc}") from exc
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[len("export "):].lstrip()
-        key, sep, value = line.partition("=")
-        key = key.strip()
-        if not sep or not key.replace("_", "a").isalnum() or key[0].isdigit():
-            raise ActionFailed(f"env file {path}:{lineno}: expected KEY=VALUE")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        env[key] = value
-    return env
+    try:
+        return parse_env(text, f"env file {path}")
+    except ValueError as exc:
+        raise ActionFailed(str(exc)) from None
 
 
 class Executor:
