@@ -43,6 +43,7 @@ import psutil
 
 import reconciler
 from reconciler.mesh.subjects import KV_BUCKET
+from reconciler.node.runtimes.process import kill_group
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -513,8 +514,7 @@ def _stop_child(child: Child, sig: int, timeout: float) -> None:
         try:
             child.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.process.pid, signal.SIGKILL)
+            kill_group(child.process.pid)
             child.process.wait()
 
 
@@ -541,7 +541,7 @@ def shutdown(demo: Demo) -> list[int]:
                 killed.append(pid)
                 pgid = os.getpgid(pid)
                 if pgid != own_group:
-                    os.killpg(pgid, signal.SIGKILL)
+                    kill_group(pgid)
                 else:
                     proc.kill()
     # reap what was re-parented to us (we are a subreaper)

@@ -12,8 +12,6 @@ import base64
 import contextlib
 import errno
 import logging
-import os
-import signal
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -24,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 from reconciler.core.redact import mask_values
 from reconciler.core.spec import ExecProbe, HealthSpec, HttpProbe, TcpProbe, format_duration
 from reconciler.core.state import Health
+from reconciler.node.runtimes.process import kill_group
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +204,7 @@ async def _exec(spec: ExecProbe, cwd: Path, env: Mapping[str, str]) -> tuple[boo
         output, _ = await proc.communicate()
     finally:
         if proc.returncode is None:  # cancelled by the timeout
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            kill_group(proc.pid)
             with contextlib.suppress(ProcessLookupError):
                 await proc.wait()
     text = " ".join(mask_values(output.decode(errors="replace"), env).split())

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import psutil
 from reconciler.core.spec import AppSpec
 from reconciler.node.executor import ActionFailed, Executor
 from reconciler.node.runtimes.base import LaunchSpec, ProcessRecord, Runtime
-from reconciler.node.runtimes.process import stop_recorded
+from reconciler.node.runtimes.process import kill_group, stop_recorded
 from reconciler.node.store import AppRecord, Store
 
 log = logging.getLogger(__name__)
@@ -160,6 +159,6 @@ class Recovery:
                 if pgid in adopted:
                     continue
                 log.warning("stopping orphan app process %d (%s)", proc.pid, proc.name())
-                os.killpg(pgid, signal.SIGKILL)
+                kill_group(pgid)
             except (psutil.Error, OSError):
                 continue

@@ -8,14 +8,12 @@ from a work tree (there is none).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import posixpath
 import re
 import shutil
-import signal
 import subprocess
 import threading
 from collections.abc import Sequence
@@ -30,6 +28,7 @@ from git.objects import Blob, Tree
 from reconciler.core.errors import ArtifactError, SignatureError, SourceError
 from reconciler.core.loader import SpecFile
 from reconciler.core.redact import redact_url
+from reconciler.node.runtimes.process import kill_group
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +86,13 @@ def run_git(
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            kill_group(proc.pid)
             proc.communicate()
             raise SourceError(f"{what} timed out after {timeout:g}s") from None
         except BaseException:
-            _kill_group(proc)
+            kill_group(proc.pid)
             raise
     return GitResult(proc.returncode, out, err)
-
-
-def _kill_group(proc: subprocess.Popen[str]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _first_error_line(stderr: str) -> str:

@@ -217,6 +217,12 @@ async def stop_group(
     return await _wait_stopped(popen, pgid, 10.0)
 
 
+def kill_group(pgid: int) -> None:
+    """SIGKILL to a process group that must go now (a timed-out git or probe, an orphan)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
 def pid_alive(pid: int | None, create_time: float | None) -> bool:
     """True when `pid` runs and is the process we recorded (create_time guards pid reuse)."""
     if not pid:
