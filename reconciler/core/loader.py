@@ -18,7 +18,7 @@ import difflib
 import gc
 import typing
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
@@ -462,6 +462,11 @@ def parse_file(spec_file: SpecFile, max_bytes: int = MAX_FILE_BYTES) -> ParsedFi
     finally:
         if composer is not None:
             composer.close()
+    if file_problems:
+        # Not read in full (refused, a YAML error, too many problems): nothing in this file
+        # is applied. Its documents read so far keep their names, so they are held as
+        # invalid (a running app stays as it is) instead of deployed.
+        docs = [replace(doc, app=None) for doc in docs]
     return ParsedFile(path, tuple(docs), tuple(file_problems))
 
 
