@@ -204,6 +204,11 @@ async def test_rpc_endpoints_and_bad_bodies(
             ("resume", b'{"app": 7}', "'app' must be a string, got int"),
             ("status", b'"x"', "body must be a JSON object, got str"),
             ("reconcile", b'{"reason": []}', "'reason' must be a string"),
+            # deep nesting was a RecursionError and a 500 (issue #10.9)
+            ("reconcile", b'{"reason": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+             "invalid JSON body: nested too deeply"),
+            ("health", b"[" * 30_000, "invalid JSON body: nested too deeply"),
+            ("status", b'{"x": "' + b"y" * 100_000 + b'"}', "body larger than 65536 bytes"),
         ]:
             _data, headers = await request(client, "rpc1", endpoint, body)
             assert headers["Nats-Service-Error-Code"] == "400", endpoint

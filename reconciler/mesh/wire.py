@@ -24,7 +24,9 @@ from reconciler.core.status import (
 )
 from reconciler.core.targeting import parse_labels
 
-# How many missed heartbeats make a node unreachable for observers.
+
+# Request bodies are a few fields; anything bigger is not a request of ours.
+MAX_BODY_BYTES = 64 * 1024
 
 
 class BadRequest(ValueError):
@@ -35,10 +37,14 @@ def parse_body(data: bytes, allowed: Iterable[str] = ()) -> dict[str, Any]:
     """An optional JSON object body: b"" -> {}; anything else must be an object of `allowed`."""
     if not data.strip():
         return {}
+    if len(data) > MAX_BODY_BYTES:
+        raise BadRequest(f"body larger than {MAX_BODY_BYTES} bytes")
     try:
         body = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"invalid JSON body: {exc}") from None
+    except RecursionError:
+        raise BadRequest("invalid JSON body: nested too deeply") from None
     if body is None:
         return {}
     if not isinstance(body, dict):
