@@ -481,6 +481,54 @@ async def test_unsigned_commit_refused(
     assert [e["type"] for e in events(agent)].count("source.failed") == 1
 
 
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen is not installed")
+async def test_signed_source_checks_every_new_commit_and_refuses_a_replay(
+    repo: SpecRepo, make_agent: MakeAgent, app_script: Path, tmp_path: Path
+) -> None:
+    """Issue #10.8: only the tip was verified (an unsigned commit below a signed tip got in)
+    and a force-push back to an older signed commit was applied silently."""
+    key = tmp_path / "signing"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    public = " ".join(key.with_suffix(".pub").read_text().split()[:2])
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text(f"release@example.invalid {public}\n")
+    sign = ("-c", "gpg.format=ssh", "-c", f"user.signingkey={key}")
+    port = free_port()
+
+    def commit(version: str, signed: bool) -> str:
+        repo.write("apps/web.yaml", app_yaml(app_script, "web", version, port))
+        git(repo.work, "add", "-A")
+        git(repo.work, *(sign if signed else ()), "commit", "-q",
+            *(("-S",) if signed else ()), "-m", f"web {version}")
+        git(repo.work, "push", "-q", "--force", "origin", "HEAD:main")
+        return repo.head()
+
+    first = commit("1", signed=True)
+    agent = await make_agent(repo, allowed_signers=allowed)
+    assert (await agent.reconcile_now()).outcome == "success"
+    sneaked = commit("2", signed=False)
+    second = commit("3", signed=True)  # a signed tip over an unsigned commit
+    run = await agent.reconcile_now()
+    assert run.outcome == "failure" and f"commit {sneaked[:12]} is not signed" in run.message
+    assert (get(port), agent.status().revision) == ("1 n1", first)
+
+    git(repo.work, "reset", "-q", "--hard", first)  # history without the unsigned commit
+    signed_tip = commit("3", signed=True)
+    assert second != signed_tip
+    run = await agent.reconcile_now()
+    assert run.outcome == "success", run.message
+    assert agent.status().revision == signed_tip
+
+    git(repo.work, "reset", "-q", "--hard", first)  # replay the older signed revision
+    git(repo.work, "push", "-q", "--force", "origin", "HEAD:main")
+    run = await agent.reconcile_now()
+    assert run.outcome == "failure" and "refusing to move back" in run.message
+    status = agent.status()
+    assert status.revision == signed_tip and "refusing to move back" in (status.source_error or "")
+    failed = [e for e in events(agent) if e["type"] == "source.failed"]
+    assert failed and "refusing to move back" in failed[-1]["message"]
+
+
 async def test_wrong_archive_digest_fails_only_that_app(
     repo: SpecRepo, make_agent: MakeAgent, app_script: Path, tmp_path: Path
 ) -> None:

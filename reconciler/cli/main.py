@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require commits signed by a key in this ssh allowed_signers file")
     p.add_argument("--gpg-keyring", metavar="FILE",
                    help="require commits signed by a key in this GPG keyring")
+    p.add_argument("--allow-rewind", action="store_true",
+                   help="with signature checks: accept a move back to an older revision "
+                        "(refused by default: it may replay an old signed commit)")
     p.add_argument("--outbox-max", type=int, default=100_000,
                    help="events kept for NATS while it is down")
     p.add_argument("--port-offset", type=int, default=0,

@@ -66,6 +66,7 @@ def agent_config(args: argparse.Namespace) -> Any:
         outbox_max=args.outbox_max,
         allowed_signers=_existing_file(args.allowed_signers, "--allowed-signers"),
         gpg_keyring=_existing_file(args.gpg_keyring, "--gpg-keyring"),
+        allow_rewind=bool(getattr(args, "allow_rewind", False)),
     )
 
 

@@ -2,6 +2,8 @@
 
     ReconcileError
     ├── StalledError      a person must fix it: invalid spec, dependency cycle, bad signature
+    │   ├── SignatureError  unsigned or untrusted commit
+    │   │   └── RevisionRefused  a signed source moving back (replay) or too far to verify
     │   └── SpecError     located problems in spec files (carries SpecProblem values)
     ├── WaitingError      a dependency is not healthy yet: try again shortly
     └── TransientError    git, NATS, runtime hiccups: retry with backoff
@@ -61,6 +63,11 @@ class SourceError(TransientError):
 
 class SignatureError(StalledError):
     """A revision is unsigned or signed by a key that is not trusted."""
+
+
+class RevisionRefused(SignatureError):
+    """A move the signed-source policy refuses: back to an ancestor of the applied revision
+    (a replay of an older signed commit), or past more new commits than it verifies."""
 
 
 class ArtifactError(StalledError):

@@ -58,6 +58,8 @@ class AgentConfig:
     outbox_max: int = 100_000
     allowed_signers: Path | None = None
     gpg_keyring: Path | None = None
+    # with signature checks: allow moving back to an ancestor of the applied revision
+    allow_rewind: bool = False
 
 
 class StateDirBusy(Exception):

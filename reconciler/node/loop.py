@@ -55,6 +55,7 @@ class LoopSettings(Protocol):
     interval: float
     jitter: float
     heartbeat: float
+    allow_rewind: bool
 
 
 class ReconcileLoop:
@@ -263,7 +264,10 @@ class ReconcileLoop:
         revision = await asyncio.to_thread(self.source.poll)
         self.telemetry.fetch_duration.record(time.monotonic() - fetch_started)
         if self.source.verifier is not None:
-            await asyncio.to_thread(self.source.verify, revision)
+            await asyncio.to_thread(
+                self.source.verify_move, self.store.node_meta().applied_revision, revision,
+                self.settings.allow_rewind,
+            )
         return revision
 
     def _fetched(self, revision: str) -> None:

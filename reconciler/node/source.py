@@ -25,7 +25,7 @@ from git import BadName, Repo
 from git.exc import GitError
 from git.objects import Blob, Tree
 
-from reconciler.core.errors import ArtifactError, SignatureError, SourceError
+from reconciler.core.errors import ArtifactError, RevisionRefused, SignatureError, SourceError
 from reconciler.core.loader import SpecFile
 from reconciler.core.redact import redact_url
 from reconciler.node.runtimes.process import kill_group
@@ -42,6 +42,8 @@ _STALE_LOCKS = ("packed-refs.lock", "shallow.lock", "config.lock", "HEAD.lock")
 # Run `git gc --auto` after this many successful fetches; fetch itself passes --no-auto-gc so
 # a long repack can never eat the fetch timeout and turn into an endless SourceError loop.
 _GC_EVERY = 50
+# A signed source verifies every new commit; a longer jump is refused rather than slow.
+MAX_VERIFIED_COMMITS = 1000
 
 
 def _is_local_path(url: str) -> bool:
@@ -500,6 +502,39 @@ class GitSource:
                 self._verified.clear()
             self._verified[revision] = (stamp, signer)
             return signer
+
+    def verify_move(self, applied: str | None, new: str, allow_rewind: bool = False) -> None:
+        """Before the node moves from `applied` to `new`, with a verifier: every commit `new`
+        adds over `applied` must verify (not only the tip: an unsigned commit below a signed
+        one would slip in), and a move back to an ancestor of `applied` (a force-push that
+        replays an older signed revision) is refused unless `allow_rewind`. Raises
+        SignatureError / RevisionRefused; without a verifier it does nothing."""
+        if self.verifier is None:
+            return
+        if applied is None or applied == new or not self._has_commit(applied):
+            self.verify(new)  # nothing to compare with: the tip alone
+            return
+        if self._git("merge-base", "--is-ancestor", new, applied).returncode == 0:
+            if not allow_rewind:
+                raise RevisionRefused(
+                    f"refusing to move back from {applied[:12]} to its ancestor {new[:12]} "
+                    "(a force-push replaying an older revision?); start the node with "
+                    "--allow-rewind to allow it"
+                )
+            self.verify(new)
+            return
+        res = self._git("rev-list", f"--max-count={MAX_VERIFIED_COMMITS + 1}",
+                        f"{applied}..{new}", what="rev-list")
+        if res.returncode != 0:
+            raise self._fail("rev-list", res)
+        commits = res.stdout.split()
+        if len(commits) > MAX_VERIFIED_COMMITS:
+            raise RevisionRefused(
+                f"{new[:12]} adds more than {MAX_VERIFIED_COMMITS} commits over "
+                f"{applied[:12]}; not verified one by one (apply an intermediate revision)"
+            )
+        for commit in reversed(commits):  # oldest first: the first bad one is named
+            self.verify(commit)
 
     def _gnupg_dir(self, verifier: SignatureVerifier) -> Path:
         if verifier.gpg_home is not None:
