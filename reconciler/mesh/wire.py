@@ -24,7 +24,6 @@ from reconciler.core.status import (
 )
 from reconciler.core.targeting import parse_labels
 
-
 # Request bodies are a few fields; anything bigger is not a request of ours.
 MAX_BODY_BYTES = 64 * 1024
 
