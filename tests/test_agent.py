@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -1059,3 +1060,57 @@ def test_redacted_spec_hides_env_values_and_url_credentials() -> None:
     assert data["source"]["url"] == "https://example.invalid/a.tgz"
     assert data["health"]["http"]["url"] == "http://127.0.0.1:81/health"
     assert "s3cret" not in json.dumps(data) and "pw" not in json.dumps(data)
+
+
+DAEMONIZER = """
+import os, signal, sys
+if os.fork() == 0:
+    os.setsid()  # leaves the app's process group and session
+    open(os.path.join(sys.argv[1], f"escaped-{os.getpid()}"), "w").close()
+    signal.pause()
+signal.pause()
+"""
+
+
+async def test_an_escaped_child_survives_nothing_but_its_app(
+    repo: SpecRepo, tmp_path: Path
+) -> None:
+    """Issue #10.5: a child that calls setsid outlived restarts and removal of its app. It is
+    kept while its app runs (also across an agent restart) and stopped with it."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    repo.write("apps/d.yaml", (
+        f"name: d\nversion: '1'\nrun:\n  command: [{sys.executable}, -c, {json.dumps(DAEMONIZER)},"
+        f" {marks}]\n  stop_timeout: 2s\n"
+    ))
+    repo.write("apps/keep.yaml", "name: keep\nversion: '1'\n")
+    repo.commit_and_push()
+
+    def live() -> list[int]:
+        out = []
+        for mark in marks.glob("escaped-*"):
+            pid = int(mark.name.split("-")[1])
+            with contextlib.suppress(psutil.Error):
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    out.append(pid)
+        return out
+
+    config = AgentConfig(node_id="e1", repo_url=repo.url, state_dir=tmp_path / "state",
+                         interval=3600, heartbeat=3600)
+    first = Agent(config)
+    await first.start(first_reconcile=False, schedule=False)
+    assert (await first.reconcile_now()).outcome == "success"
+    await _eventually_async(lambda: bool(live()), what="the escaped child runs")
+    [child] = live()
+    await first.close(stop_apps=False)  # the agent goes, the app and its child stay
+
+    second = Agent(config)
+    await second.start(first_reconcile=False, schedule=False)
+    try:
+        assert live() == [child]  # adopted whole: the orphan sweep spared it
+        repo.remove("apps/d.yaml")
+        repo.commit_and_push("remove d")
+        assert (await second.reconcile_now()).outcome == "success"
+        assert live() == []
+    finally:
+        await second.close(stop_apps=True)

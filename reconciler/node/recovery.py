@@ -4,6 +4,7 @@ it was making, and stop app processes that no record owns."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -15,7 +16,12 @@ import psutil
 from reconciler.core.spec import AppSpec
 from reconciler.node.executor import ActionFailed, Executor
 from reconciler.node.runtimes.base import LaunchSpec, ProcessRecord, Runtime
-from reconciler.node.runtimes.process import kill_group, stop_recorded
+from reconciler.node.runtimes.process import (
+    INSTANCE_ENV,
+    instance_of,
+    kill_group,
+    stop_recorded,
+)
 from reconciler.node.store import AppRecord, Store
 
 log = logging.getLogger(__name__)
@@ -145,6 +151,12 @@ class Recovery:
             return
         apps_root = str(self.apps_root)
         me = os.getpid()
+        # an adopted app's descendants that left its group (setsid) carry its marker
+        kept = set()
+        for pid in adopted:
+            with contextlib.suppress(psutil.Error):
+                kept.add(instance_of(psutil.Process(pid)))
+        kept.discard(None)
         for proc in psutil.process_iter(["pid"]):
             if proc.pid in adopted or proc.pid == me:
                 continue
@@ -156,7 +168,7 @@ class Recovery:
                         "GITOPS_APP_DIR", "").startswith(apps_root):
                     continue
                 pgid = os.getpgid(proc.pid)
-                if pgid in adopted:
+                if pgid in adopted or env.get(INSTANCE_ENV) in kept:
                     continue
                 log.warning("stopping orphan app process %d (%s)", proc.pid, proc.name())
                 kill_group(pgid)

@@ -18,8 +18,9 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,10 @@ from reconciler.node.runtimes.base import (
 
 log = logging.getLogger(__name__)
 
-CREATE_TIME_TOLERANCE = 0.05  # psutil create_time is derived from jiffies: allow rounding
+CREATE_TIME_TOLERANCE = 0.05
+# Set in every app process's environment, unique per start: its descendants inherit it, so
+# the ones that leave the process group and session are still found and stopped with it.
+INSTANCE_ENV = "GITOPS_INSTANCE"  # psutil create_time is derived from jiffies: allow rounding
 LOG_MAX_BYTES = 10 * 1024 * 1024
 LOG_KEEP = 3
 
@@ -167,7 +171,26 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
+def marked_processes(instance: str | None) -> list[psutil.Process]:
+    """Live processes whose environment carries INSTANCE_ENV=instance: every descendant of
+    one app instance, also those that left its process group and session (setsid, a
+    daemonizing child), since the environment is inherited."""
+    if not instance:
+        return []
+    found: list[psutil.Process] = []
+    me = os.getpid()
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
+        try:
+            if proc.environ().get(INSTANCE_ENV) == instance and _alive(proc):
+                found.append(proc)
+        except (psutil.Error, OSError):  # gone, or not ours to read
+            continue
+    return found
+
+
+def _signal_group(pgid: int, sig: signal.Signals, escaped: Sequence[psutil.Process] = ()) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
     for pid in group_members(pgid):
@@ -176,19 +199,31 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             if os.getpgid(pid) != pgid:
                 os.kill(pid, sig)
+    for proc in escaped:
+        with contextlib.suppress(psutil.Error, OSError):  # it may be gone by now
+            if os.getpgid(proc.pid) != pgid:
+                proc.send_signal(sig)
 
 
 async def _wait_stopped(
-    popen: subprocess.Popen[bytes] | None, pgid: int, timeout: float
+    popen: subprocess.Popen[bytes] | None, pgid: int, timeout: float,
+    escaped: Sequence[psutil.Process] = (),
 ) -> bool:
-    """Wait until our child (reaped, so it is no zombie) and every group member are gone."""
+    """Wait until our child (reaped, so it is no zombie), every group member and the
+    `escaped` processes are gone."""
     deadline = time.monotonic() + timeout
     delay = 0.002  # most apps exit within milliseconds of SIGTERM
     if popen is not None:
         while popen.poll() is None and time.monotonic() < deadline:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
-    return await _wait_group_gone(pgid, max(0.0, deadline - time.monotonic()))
+    if not await _wait_group_gone(pgid, max(0.0, deadline - time.monotonic())):
+        return False
+    while any(_alive(proc) for proc in escaped):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 async def _wait_group_gone(pgid: int, timeout: float) -> bool:
@@ -205,16 +240,30 @@ async def _wait_group_gone(pgid: int, timeout: float) -> bool:
 
 async def stop_group(
     pgid: int, sig: signal.Signals, timeout: float, *,
-    popen: subprocess.Popen[bytes] | None = None, name: str = "",
+    popen: subprocess.Popen[bytes] | None = None, name: str = "", instance: str | None = None,
 ) -> bool:
-    """`sig` to the group, SIGKILL after `timeout`, until no member is left. The one way this
-    project stops a process group; False when members survived SIGKILL too."""
-    _signal_group(pgid, sig)
-    if await _wait_stopped(popen, pgid, timeout):
+    """`sig` to the group (and to the processes marked with `instance` that left it), SIGKILL
+    after `timeout`, until none is left. The one way this project stops an app's processes;
+    False when some survived SIGKILL too."""
+    escaped = await asyncio.to_thread(marked_processes, instance)
+    _signal_group(pgid, sig, escaped)
+    if await _wait_stopped(popen, pgid, timeout, escaped):
         return True
     log.warning("%s did not stop within %gs: SIGKILL", name or f"group {pgid}", timeout)
-    _signal_group(pgid, signal.SIGKILL)
-    return await _wait_stopped(popen, pgid, 10.0)
+    _signal_group(pgid, signal.SIGKILL, escaped)
+    return await _wait_stopped(popen, pgid, 10.0, escaped)
+
+
+def instance_of(proc: psutil.Process) -> str | None:
+    """The INSTANCE_ENV marker of a running app process (None: unreadable or unmarked)."""
+    try:
+        return proc.environ().get(INSTANCE_ENV)
+    except (psutil.Error, OSError):
+        return None
+
+
+def _leftovers(pgid: int, instance: str | None) -> bool:
+    return bool(group_members(pgid)) or bool(marked_processes(instance))
 
 
 def kill_group(pgid: int) -> None:
@@ -271,6 +320,7 @@ class _App:
     last_exit_code: int | None = None
     message: str = ""
     stopping: bool = False
+    instance: str | None = None  # INSTANCE_ENV of the current process (None: unknown)
     watch_task: asyncio.Task[None] | None = None
     restart_task: asyncio.Task[None] | None = None
 
@@ -365,6 +415,7 @@ class ProcessRuntime:
             started_at=record.create_time,
             backoff=launch.restart.backoff_initial,
             message=f"adopted pid {record.pid}",
+            instance=instance_of(proc),
         )
         with contextlib.suppress(psutil.Error):
             proc.cpu_percent(None)  # prime it: the next call measures since now
@@ -475,9 +526,11 @@ class ProcessRuntime:
         try:
             header = f"--- gitops-mesh: starting {launch.name} {launch.version}\n"
             os.write(log_fd, header.encode())
+            app.instance = f"{launch.name}.{uuid.uuid4().hex[:16]}"
             popen = subprocess.Popen(
                 list(launch.argv),
-                env=dict(launch.env),  # exactly what the agent built: nothing inherited
+                # exactly what the agent built (nothing inherited), plus the instance marker
+                env={**launch.env, INSTANCE_ENV: app.instance},
                 cwd=launch.workdir,
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,
@@ -533,9 +586,9 @@ class ProcessRuntime:
                 return
             # The app is its process group: what the leader left behind goes with it, so a
             # restart never runs next to leftovers of the old instance.
-            if await asyncio.to_thread(group_members, record.pgid):
-                log.info("%s exited; stopping what is left of its process group", record.name)
-                await self._stop_group(app.launch, record.pgid, None)
+            if await asyncio.to_thread(_leftovers, record.pgid, app.instance):
+                log.info("%s exited; stopping what is left of it", record.name)
+                await self._stop_group(app.launch, record.pgid, None, app.instance)
             if superseded():
                 return
             self._on_exit(app, returncode)
@@ -639,16 +692,17 @@ class ProcessRuntime:
         if app.popen is None and app.proc is not None and not _alive(app.proc):
             return  # adopted and already gone: its pgid may belong to someone else by now
         popen = app.popen
-        await self._stop_group(launch, pgid, popen)
+        await self._stop_group(launch, pgid, popen, app.instance)
         if popen is not None:
             app.last_exit_code = popen.poll()
         app.message = "stopped"
 
     async def _stop_group(
-        self, launch: LaunchSpec, pgid: int, popen: subprocess.Popen[bytes] | None
+        self, launch: LaunchSpec, pgid: int, popen: subprocess.Popen[bytes] | None,
+        instance: str | None,
     ) -> None:
         if not await stop_group(pgid, signal.Signals[launch.stop_signal], launch.stop_timeout,
-                                popen=popen, name=launch.name):
+                                popen=popen, name=launch.name, instance=instance):
             raise RuntimeFailure(
                 f"{launch.name}: processes of group {pgid} survived SIGKILL: "
                 f"{await asyncio.to_thread(group_members, pgid)}"
