@@ -10,6 +10,7 @@ from reconciler.core.loader import SpecFile, load_files
 from reconciler.core.plan import (
     HELD_FAILED,
     HELD_SPEC_ERRORS,
+    USUAL_MODES,
     Action,
     ActionKind,
     HeldApp,
@@ -56,14 +57,10 @@ def current(*apps: CurrentApp) -> CurrentState:
     return CurrentState({a.name: a for a in apps})
 
 
-# How each kind is done when the app is as `installed()` leaves it (or absent, to deploy)
-USUAL_MODE = {D: Mode.INSTALL, U: Mode.REPLACE, C: Mode.REPLACE, R: Mode.RESTART, X: Mode.REMOVE}
-
-
 def act(kind: str, name: str, gen: int, reason: str, frm: str | None = None,
         to: str | None = "1.0", deps: tuple[str, ...] = (), mode: Mode | None = None) -> Action:
     return Action(ActionKind(kind), name, gen, reason, frm, to, deps,
-                  mode=mode or USUAL_MODE[kind])
+                  mode=mode or USUAL_MODES[ActionKind(kind)])
 
 
 def test_fresh_node_deploys_the_stack_in_dependency_order() -> None:

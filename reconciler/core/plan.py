@@ -40,6 +40,15 @@ class Mode(StrEnum):
     REMOVE = "remove"
 
 
+# How each kind is done unless the app is found half there (dead, or never installed):
+# the mode `plan` leaves unsaid.
+USUAL_MODES: dict[ActionKind, Mode] = {
+    ActionKind.DEPLOY: Mode.INSTALL,
+    ActionKind.UPGRADE: Mode.REPLACE,
+    ActionKind.RECONFIGURE: Mode.REPLACE,
+    ActionKind.RESTART: Mode.RESTART,
+    ActionKind.REMOVE: Mode.REMOVE,
+}
 _SUCCESS_EVENTS: dict[ActionKind, EventType] = {
     ActionKind.DEPLOY: "app.deployed",
     ActionKind.UPGRADE: "app.upgraded",
