@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 ReadRepoFile = Callable[[str], bytes]
 # One Mode's step: (action, its desired spec, read_repo_file, revision, monotonic start)
 Step = Callable[
-    [Action, AppSpec, "ReadRepoFile | None", str, float], Awaitable[tuple[Outcome, str]]
+    [Action, AppSpec, ReadRepoFile | None, str, float], Awaitable[tuple[Outcome, str]]
 ]
 
 
