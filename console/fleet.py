@@ -17,7 +17,8 @@ from pydantic import ValidationError
 
 from reconciler.core.events import Event, iso_time, parse_time
 from reconciler.core.spec import NAME_RE
-from reconciler.core.status import NODE_STATES, UNREACHABLE, NodeStatus, observed_state
+from reconciler.core.states import NODE_STATES, STUCK_PHASES
+from reconciler.core.status import UNREACHABLE, NodeStatus, observed_state
 from reconciler.core.targeting import parse_labels
 
 STATUSES: tuple[str, ...] = (*NODE_STATES, UNREACHABLE)
@@ -25,7 +26,6 @@ STATUSES: tuple[str, ...] = (*NODE_STATES, UNREACHABLE)
 ROLLOUT_BUCKETS: tuple[str, ...] = (
     "synced", "progressing", "degraded", "failed", "pending", "suspended", UNREACHABLE,
 )
-_FAILED_PHASES = ("failed", "blocked")
 
 
 @dataclass(frozen=True)
@@ -257,7 +257,7 @@ class Fleet:
             "apps": {
                 "total": len(apps),
                 "running": sum(a.phase == "running" for a in apps),
-                "failed": sum(a.phase in _FAILED_PHASES or bool(a.failed_version)
+                "failed": sum(a.phase in STUCK_PHASES or bool(a.failed_version)
                               for a in apps),
                 "unhealthy": sum(a.health == "unhealthy" for a in apps),
             },
@@ -355,7 +355,7 @@ class Fleet:
                 })
                 row["nodes"] += 1
                 row["running"] += app.phase == "running"
-                row["failed"] += app.phase in _FAILED_PHASES or bool(app.failed_version)
+                row["failed"] += app.phase in STUCK_PHASES or bool(app.failed_version)
                 row["versions"].add(app.version)
         return [{**row, "versions": sorted(row["versions"])} for _, row in sorted(index.items())]
 
@@ -519,7 +519,7 @@ def _node_error(status: NodeStatus) -> str:
     """The most specific reason a node gives for failing."""
     parts = [status.message] if status.message else []
     for app in status.apps:
-        if (app.phase in _FAILED_PHASES or app.failed_version) and app.message:
+        if (app.phase in STUCK_PHASES or app.failed_version) and app.message:
             parts.append(f"{app.name}: {app.message}")
     if status.source_error:
         parts.append(f"source: {status.source_error}")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.core.events import iso_time, make_event
-from reconciler.core.plan import Action, ActionKind, Plan
+from reconciler.core.plan import Action, ActionKind, Mode, Plan
 from reconciler.core.status import AppStatus, NodeStatus
 from reconciler.node.store import Store
 
@@ -77,7 +77,8 @@ class FakeAgent:
     async def plan(self) -> Plan:
         rev, spec = await asyncio.to_thread(self._read_spec)
         actions = tuple(
-            Action(ActionKind.DEPLOY, name, 0, "new app", to_version=str(app["version"]))
+            Action(ActionKind.DEPLOY, name, 0, "new app", to_version=str(app["version"]),
+                   mode=Mode.INSTALL)
             for name, app in sorted(spec.items()) if name not in self.apps
         )
         return Plan(revision=rev, actions=actions)

@@ -167,7 +167,8 @@ def test_plan_with_a_state_dir_and_spec_errors(example_repo, tmp_path: Path) -> 
         ("legacy", json.dumps({"name": "legacy", "version": "0.9"}), "x", "0.9"),
     ]:
         store.put_app(AppRecord(name=name, version=version, spec_json=spec_json,
-                                spec_hash=spec_hash, phase="running"))
+                                spec_hash=spec_hash, phase="running",
+                                install_dir=str(tmp_path / "apps" / name / version)))
     store.close()
     args = ["plan", "--repo", example_repo.url, "--node-id", "e1", "--label", "role=edge",
             "--state-dir", str(tmp_path / "state")]
@@ -352,3 +353,16 @@ def test_schema_into_a_closed_pipe_exits_quietly() -> None:
     proc.wait(timeout=30)
     assert "Traceback" not in err
     assert proc.returncode == 141
+
+
+def test_plan_says_how_an_action_is_done_when_it_is_not_the_usual_way() -> None:
+    from reconciler.cli.spec_cmds import format_plan
+    from reconciler.core.plan import Action, ActionKind, Mode, Plan
+
+    plan = Plan("abc123", actions=(
+        Action(ActionKind.UPGRADE, "api", 0, "version 1 -> 2", "1", "2", mode=Mode.REINSTALL),
+        Action(ActionKind.DEPLOY, "web", 0, "new app", None, "1", mode=Mode.INSTALL),
+    ))
+    lines = format_plan(plan, "n1", {}, []).splitlines()
+    assert any(line.endswith("upgrade (reinstall): version 1 -> 2") for line in lines)
+    assert any(line.endswith(" deploy: new app") for line in lines)

@@ -14,7 +14,7 @@ import pytest
 
 from reconciler.core.redact import mask_values as redact
 from reconciler.core.spec import HealthSpec
-from reconciler.core.state import Health
+from reconciler.core.states import Health
 from reconciler.node.health import (
     HealthMonitor,
     HttpTarget,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from reconciler.core.errors import ReconcileError, SpecProblem
 from reconciler.core.loader import LoadResult, SpecFile, load_files
-from reconciler.core.plan import Action, ActionKind, Plan
+from reconciler.core.plan import USUAL_MODES, Action, ActionKind, Plan
 from reconciler.core.spec import NAME_RE, app_json_schema
 from reconciler.core.state import CurrentState
 from reconciler.node.spec_dir import read_directory, resolve_spec_path
@@ -179,7 +179,10 @@ def _line(action: Action) -> str:
         what = f"{action.app} {action.from_version}"
     else:
         what = f"{action.app} {action.to_version}"
-    return f"  {symbol} {what:<36} {action.kind.value}: {action.reason}"
+    how = action.kind.value
+    if action.mode is not USUAL_MODES[action.kind]:  # e.g. "upgrade (reinstall)"
+        how += f" ({action.mode.value})"
+    return f"  {symbol} {what:<36} {how}: {action.reason}"
 
 
 def format_plan(plan: Plan, node: str, labels: dict[str, str], problems: list[str]) -> str:

@@ -4,31 +4,11 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-EventType = Literal[
-    "reconcile.started",
-    "reconcile.finished",
-    "app.deployed",
-    "app.upgraded",
-    "app.reconfigured",
-    "app.restarted",
-    "app.removed",
-    "app.failed",
-    "app.blocked",
-    "app.rolled-back",
-    "app.health-changed",
-    "app.suspended",
-    "app.resumed",
-    "source.fetched",
-    "source.failed",
-    "node.started",
-    "node.stopping",
-]
-EVENT_TYPES: tuple[str, ...] = EventType.__args__  # type: ignore[attr-defined]
-Outcome = Literal["success", "failure", "skipped"]
+from reconciler.core.states import EventType, Outcome
 
 
 class Event(BaseModel):
@@ -79,7 +59,7 @@ def parse_time(text: str | None) -> datetime | None:
 
 
 def make_event(
-    type: str, node: str, now: datetime, *, event_id: str | None = None, **fields: Any
+    type: EventType, node: str, now: datetime, *, event_id: str | None = None, **fields: Any
 ) -> Event:
     """Build an event; `fields` are the optional contract fields (app, version, outcome, ...)."""
     return Event(

@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from reconciler.core.errors import SpecProblem
 from reconciler.core.loader import LoadResult
 from reconciler.core.spec import AppSpec
-
-Phase = Literal[
-    "pending", "deploying", "upgrading", "running", "rolling-back", "removing", "failed", "blocked"
-]
-Health = Literal["healthy", "unhealthy", "unknown"]
-PHASES: tuple[str, ...] = (
-    "pending", "deploying", "upgrading", "running", "rolling-back", "removing", "failed", "blocked",
-)
-HEALTHS: tuple[str, ...] = ("healthy", "unhealthy", "unknown")
+from reconciler.core.states import Health, Phase
 
 
 @dataclass(frozen=True)
@@ -36,7 +27,15 @@ class DesiredState:
 
 @dataclass(frozen=True)
 class CurrentApp:
-    """What runs (or is installed) for one app on this node."""
+    """What runs (or is installed) for one app on this node: every fact the planner needs
+    to say what the executor will do.
+
+    `running`: the app is up as far as drift goes (its process runs or waits in restart
+    backoff, a job that finished as its policy allows counts, an app without a process
+    counts once installed and running). `alive`: a process of it runs or waits in restart
+    backoff, i.e. there is a version to hand over from and roll back to. `installed`: its
+    record names an install dir (a blocked or failed first deploy has none).
+    """
 
     name: str
     version: str
@@ -44,6 +43,8 @@ class CurrentApp:
     phase: Phase = "running"
     health: Health = "unknown"
     running: bool = True
+    alive: bool = True
+    installed: bool = True
     depends_on: tuple[str, ...] = ()
     suspended: bool = False
     # A (version, spec_hash) that failed and was rolled back: not retried until the spec

@@ -6,21 +6,18 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from reconciler.core.events import iso_time, parse_time
 from reconciler.core.spec import AppSpec
+from reconciler.core.states import BUSY_PHASES, STUCK_PHASES, NodeState
 
-NodeState = Literal["synced", "progressing", "degraded", "failed", "suspended"]
-NODE_STATES: tuple[str, ...] = ("synced", "progressing", "degraded", "failed", "suspended")
 # Observers derive this one from heartbeat age; a node never reports it itself.
 UNREACHABLE = "unreachable"
 # A node is unreachable once this many heartbeat intervals passed without a status write.
 UNREACHABLE_AFTER_HEARTBEATS = 3.0
-
-_BUSY_PHASES = {"pending", "deploying", "upgrading", "rolling-back", "removing"}
 
 
 class AppStatus(BaseModel):
@@ -86,18 +83,18 @@ def summarize(
     source_error: str | None,
     spec_errors: bool,
     at_desired_revision: bool,
-) -> tuple[str, str]:
+) -> tuple[NodeState, str]:
     """(node status, one-line reason) from the apps' phases and the agent's situation."""
     apps = list(apps)
     if suspended:
         return "suspended", "reconciliation suspended by an operator"
-    failed = sorted(a.name for a in apps if a.phase in ("failed", "blocked"))
+    failed = sorted(a.name for a in apps if a.phase in STUCK_PHASES)
     if failed:
         return "failed", "failed or blocked: " + ", ".join(failed)
     rolled_back = sorted(f"{a.name} {a.failed_version}" for a in apps if a.failed_version)
     if rolled_back and not reconciling:
         return "failed", "rolled back after a failed upgrade: " + ", ".join(rolled_back)
-    if reconciling or any(a.phase in _BUSY_PHASES for a in apps):
+    if reconciling or any(a.phase in BUSY_PHASES for a in apps):
         return "progressing", "reconciling"
     if not at_desired_revision:
         return "progressing", "desired revision not applied yet"

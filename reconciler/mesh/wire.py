@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from reconciler.core.spec import NAME_RE, Selector
+from reconciler.core.states import STUCK_PHASES
 from reconciler.core.status import (
     NodeStatus,
     heartbeat_age,
@@ -257,7 +258,7 @@ def node_verdict(
         return "synced", "synced"
     if wants_rev and st.status == "failed":
         apps = [f"{a.name}: {a.message}" for a in st.apps
-                if a.message and (a.phase in ("failed", "blocked") or a.failed_version)]
+                if a.message and (a.phase in STUCK_PHASES or a.failed_version)]
         return "failed", "; ".join([st.message or "failed", *apps])
     if wants_rev and st.spec_errors:
         return "failed", "spec errors: " + "; ".join(st.spec_errors[:3])

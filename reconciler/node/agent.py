@@ -24,18 +24,20 @@ from reconciler.core.events import Event, make_event
 from reconciler.core.graph import DependencyGraph
 from reconciler.core.plan import Plan
 from reconciler.core.state import CurrentState
+from reconciler.core.states import EventType
 from reconciler.core.status import NodeStatus
 from reconciler.node.artifacts import ArtifactStore
 from reconciler.node.executor import Executor
 from reconciler.node.loop import ReconcileLoop, RunInfo
 from reconciler.node.recovery import Recovery
-from reconciler.node.runtimes.base import Runtime
+from reconciler.node.runtimes.base import ALIVE_STATES, Runtime
 from reconciler.node.sdnotify import SdNotifier
 from reconciler.node.source import GitSource, SignatureVerifier
 from reconciler.node.status_view import StatusView
 from reconciler.node.store import Store
 from reconciler.node.supervision import Supervision
 from reconciler.node.telemetry import Telemetry
+from reconciler.node.transitions import transition
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +234,7 @@ class Agent:
         return self.loop.reconciling
 
     # -- events ---------------------------------------------------------------------------
-    def record(self, type: str, **fields: Any) -> Event:
+    def record(self, type: EventType, **fields: Any) -> Event:
         """Queue an event (joins the caller's store transaction) and wake observers."""
         fields.setdefault("revision", self.loop.current_revision
                           or self.store.node_meta().applied_revision)
@@ -317,9 +319,9 @@ class Agent:
                 if not suspended:
                     # resume is also how an operator asks to retry a spec that failed
                     changes.update(failed_spec_hash=None)
-                self.store.update_app(app, **changes)
-                self.record("app.suspended" if suspended else "app.resumed", app=app,
-                            version=record.version)
+                transition(self.store, self.record, app, changes,
+                           "app.suspended" if suspended else "app.resumed",
+                           version=record.version)
         self._notify_soon()
 
     # -- facts ----------------------------------------------------------------------------
@@ -330,7 +332,8 @@ class Agent:
         names = self.runtime.names()
         running = {name for name, record in self.store.apps().items()
                    if self.supervision.is_running(record, names)}
-        return self.store.current_state(running=running)
+        alive = {name for name in names if self.runtime.state(name) in ALIVE_STATES}
+        return self.store.current_state(running=running, alive=alive)
 
 
 def _lock_state_dir(state_dir: Path) -> int:

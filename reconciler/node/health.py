@@ -21,7 +21,7 @@ from urllib.parse import unquote, urlsplit
 
 from reconciler.core.redact import mask_values
 from reconciler.core.spec import ExecProbe, HealthSpec, HttpProbe, TcpProbe, format_duration
-from reconciler.core.state import Health
+from reconciler.core.states import Health
 from reconciler.node.runtimes.process import kill_group
 
 log = logging.getLogger(__name__)

@@ -21,6 +21,7 @@ from reconciler.core.loader import ParseCache, load_files
 from reconciler.core.plan import Plan, make_plan
 from reconciler.core.runs import QUIET_REASONS, RunSoFar, answers_with_finished, is_news
 from reconciler.core.state import CurrentState, DesiredState, desired_for_node
+from reconciler.core.states import STUCK_PHASES
 from reconciler.core.status import RunFacts
 from reconciler.node.executor import ActionResult, Executor
 from reconciler.node.source import GitSource
@@ -313,7 +314,7 @@ class ReconcileLoop:
         problems += [
             f"{name}: {record.phase}: {record.message}"
             for name, record in self.store.apps().items()
-            if name not in acted and record.phase in ("failed", "blocked")
+            if name not in acted and record.phase in STUCK_PHASES
         ]
         if spec_errors:
             problems.insert(0, f"{len(spec_errors)} spec error(s): "

@@ -16,6 +16,7 @@ from reconciler.core.events import Event
 from reconciler.core.ports import OutboxEntry
 from reconciler.core.spec import AppSpec, metadata_hash_of
 from reconciler.core.state import CurrentApp, CurrentState
+from reconciler.core.states import Health, Phase
 from reconciler.core.status import NodeMeta
 from reconciler.node.runtimes.base import ProcessRecord
 from reconciler.node.runtimes.process import pid_alive
@@ -45,7 +46,7 @@ CREATE TABLE IF NOT EXISTS apps (
     prev_create_time REAL,
     restarts INTEGER NOT NULL DEFAULT 0,
     applied_revision TEXT,
-    attempted_revision TEXT,
+    attempted_revision TEXT, -- no longer written; kept so stores stay readable both ways
     failed_spec_hash TEXT,
     failed_version TEXT,
     suspended INTEGER NOT NULL DEFAULT 0,
@@ -79,8 +80,8 @@ class AppRecord:
     prev_version: str | None = None
     prev_spec_json: str | None = None
     prev_dir: str | None = None
-    phase: str = "pending"
-    health: str = "unknown"
+    phase: Phase = "pending"
+    health: Health = "unknown"
     message: str = ""
     pid: int | None = None
     pgid: int | None = None
@@ -92,7 +93,6 @@ class AppRecord:
     prev_create_time: float | None = None
     restarts: int = 0
     applied_revision: str | None = None
-    attempted_revision: str | None = None
     failed_spec_hash: str | None = None
     failed_version: str | None = None
     suspended: bool = False
@@ -138,12 +138,12 @@ class AppRecord:
             create_time=self.prev_create_time,
         )
 
-    def to_current(self, running: bool) -> CurrentApp:
+    def to_current(self, running: bool, alive: bool) -> CurrentApp:
         return CurrentApp(
             name=self.name, version=self.version, spec_hash=self.spec_hash,
-            phase=self.phase,  # type: ignore[arg-type]
-            health=self.health,  # type: ignore[arg-type]
-            running=running, depends_on=self.depends_on, suspended=self.suspended,
+            phase=self.phase, health=self.health, running=running, alive=alive,
+            installed=self.install_dir is not None, depends_on=self.depends_on,
+            suspended=self.suspended,
             failed_spec_hash=self.failed_spec_hash, metadata_hash=self.metadata_hash,
         )
 
@@ -411,12 +411,13 @@ class Store:
         return int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
 
     # -- views ----------------------------------------------------------------------------
-    def current_state(self, running: set[str] | None = None) -> CurrentState:
-        """CurrentState for the planner; `running` names apps with a live process (from the
-        runtime); None: judge from the recorded pids."""
-        records = self.apps()
-        alive = running if running is not None else _alive_from_records(records)
-        return CurrentState(apps={n: r.to_current(n in alive) for n, r in records.items()})
+    def current_state(
+        self, running: set[str] | None = None, alive: set[str] | None = None,
+    ) -> CurrentState:
+        """CurrentState for the planner. `running` names the apps that are up (see
+        CurrentApp.running) and `alive` those with a live process (both from the runtime);
+        None: judge from the recorded pids."""
+        return _current_state(self.apps(), running, alive)
 
 
 def _alive_from_records(records: dict[str, AppRecord]) -> set[str]:
@@ -456,9 +457,22 @@ def read_snapshot(state_dir: Path) -> StoreSnapshot | None:
 
 def load_current_state(state_dir: Path) -> CurrentState:
     """The current state recorded in `state_dir` (read-only); empty when there is no store.
-    An app counts as running when its recorded process is alive."""
+    An app counts as running and alive when its recorded process is alive."""
     snapshot = read_snapshot(Path(state_dir))
     if snapshot is None:
         return CurrentState()
-    alive = _alive_from_records(snapshot.apps)
-    return CurrentState(apps={n: r.to_current(n in alive) for n, r in snapshot.apps.items()})
+    return _current_state(snapshot.apps, None, None)
+
+
+def _current_state(
+    records: dict[str, AppRecord], running: set[str] | None, alive: set[str] | None,
+) -> CurrentState:
+    """`running`/`alive` None: an app is both when its recorded process is alive (a store
+    read without the runtime cannot see restart backoff)."""
+    if running is None or alive is None:
+        recorded = _alive_from_records(records)
+        running = recorded if running is None else running
+        alive = recorded if alive is None else alive
+    return CurrentState(
+        apps={n: r.to_current(n in running, n in alive) for n, r in records.items()}
+    )

@@ -16,9 +16,11 @@ from typing import Any
 
 from reconciler.core.events import Event
 from reconciler.core.spec import AppSpec
+from reconciler.core.states import STUCK_PHASES
 from reconciler.node.health import HealthMonitor, wait_healthy
-from reconciler.node.runtimes.base import LaunchSpec, ProcessRecord, Runtime
+from reconciler.node.runtimes.base import ALIVE_STATES, LaunchSpec, ProcessRecord, Runtime
 from reconciler.node.store import AppRecord, Store
+from reconciler.node.transitions import transition
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class Supervision:
         allows; `state` is the runtime's ProcState (None: not supervised)."""
         if name in self.down:
             return False
-        return state in ("running", "backoff") or name in self.completed
+        return state in ALIVE_STATES or name in self.completed
 
     # -- RuntimeListener ------------------------------------------------------------------
     def on_started(self, record: ProcessRecord, restarted: bool) -> None:
@@ -74,9 +76,10 @@ class Supervision:
             if restarted:
                 app = self.store.get_app(record.name)
                 assert app is not None
-                self.store.update_app(record.name, restarts=app.restarts + 1)
-                self.record("app.restarted", app=record.name, version=record.version,
-                            message="restarted by the supervisor after it exited")
+                transition(self.store, self.record, record.name,
+                           {"restarts": app.restarts + 1}, "app.restarted",
+                           version=record.version,
+                           message="restarted by the supervisor after it exited")
         self._notify()
 
     def on_exited(self, name: str, returncode: int | None, restart_in: float | None) -> None:
@@ -101,12 +104,11 @@ class Supervision:
         if app is None:
             return
         asyncio.get_running_loop().create_task(self.monitor.stop(name))
-        with self.store.transaction():
-            self.store.update_app(name, phase="failed", health="unhealthy", message=message,
-                                  failed_spec_hash=app.spec_hash)
-            self.store.set_process(name, None)
-            self.record("app.failed", app=name, version=app.version, outcome="failure",
-                        message=message)
+        transition(self.store, self.record, name,
+                   dict(phase="failed", health="unhealthy", message=message,
+                        failed_spec_hash=app.spec_hash, pid=None, pgid=None, create_time=None,
+                        proc_version=None),
+                   "app.failed", version=app.version, outcome="failure", message=message)
         self._notify()
 
     # -- executor.Hooks (health) ------------------------------------------------------------
@@ -136,7 +138,7 @@ class Supervision:
         record = self.store.get_app(name)
         if record is None:
             return "not installed"
-        if record.phase in ("failed", "blocked"):
+        if record.phase in STUCK_PHASES:
             return record.phase
         if not self.is_running(record):
             return "not running"
@@ -154,9 +156,8 @@ class Supervision:
         record = None if self.closed else self.store.get_app(app)
         if record is None or record.health == new:
             return
-        with self.store.transaction():
-            self.store.update_app(app, health=new)
-            self.record("app.health-changed", app=app, version=record.version,
-                        message=f"{old} -> {new}: {getattr(result, 'message', '')}".strip(": "),
-                        data={"from": old, "to": new})
+        transition(self.store, self.record, app, {"health": new}, "app.health-changed",
+                   version=record.version,
+                   message=f"{old} -> {new}: {getattr(result, 'message', '')}".strip(": "),
+                   data={"from": old, "to": new})
         self._notify()

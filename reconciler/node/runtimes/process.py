@@ -28,6 +28,7 @@ import psutil
 
 from reconciler.core.errors import RuntimeFailure
 from reconciler.node.runtimes.base import (
+    ALIVE_STATES,
     LaunchSpec,
     ProcessRecord,
     ProcessStats,
@@ -363,7 +364,7 @@ class ProcessRuntime:
     async def start(self, launch: LaunchSpec) -> ProcessRecord:
         self._check_open()
         current = self._apps.get(launch.name)
-        if current is not None and current.state in ("running", "backoff"):
+        if current is not None and current.state in ALIVE_STATES:
             pid = current.record.pid if current.record else None
             raise RuntimeFailure(
                 f"{launch.name}: already running (pid {pid}, state {current.state}); stop it first"
@@ -456,6 +457,10 @@ class ProcessRuntime:
             last_exit_code=app.last_exit_code,
             message=app.message,
         )
+
+    def state(self, name: str) -> ProcState | None:
+        app = self._apps.get(name)
+        return None if app is None else app.state
 
     def names(self) -> set[str]:
         return set(self._apps)
