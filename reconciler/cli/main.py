@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apps-path", default=None, help="apps folder inside PATH (default: apps)")
     p.add_argument("--json", action="store_true")
 
-    sub.add_parser("schema", help="print the JSON Schema of an app document")
+    p = sub.add_parser("schema", help="print a JSON Schema (default: an app document)")
+    schema_of = p.add_mutually_exclusive_group()  # one document kind per call
+    schema_of.add_argument("--events", action="store_true",
+                           help="the schema of events (gitops.events.<node>.<type>)")
 
     p = sub.add_parser("plan", help="what a reconcile would do, in order, without doing it")
     add_source_args(p)
