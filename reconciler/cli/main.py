@@ -28,6 +28,11 @@ HANDLERS: dict[str, str] = {
     "wait": "reconciler.cli.mesh_cmds:run_wait",
     "notify": "reconciler.cli.mesh_cmds:run_notify",
     "nats-config": "reconciler.cli.mesh_cmds:run_nats_config",
+    "suspend": "reconciler.cli.rpc_cmds:run_suspend",
+    "resume": "reconciler.cli.rpc_cmds:run_resume",
+    "health": "reconciler.cli.rpc_cmds:run_health",
+    "state": "reconciler.cli.rpc_cmds:run_state",
+    "logs": "reconciler.cli.rpc_cmds:run_logs",
     "console": "console.cli:run_console",
     "demo": "reconciler.demo:run_demo",
 }
@@ -64,6 +69,32 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
         "--label", action="append", default=[], metavar="K=V", help="node label (repeatable)"
     )
     parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+
+
+def add_rpc_verbs(sub: Any) -> None:
+    """suspend, resume, health, state, logs: one node's RPC (reconciler/cli/rpc_cmds.py)."""
+    for verb, what in (("suspend", "suspend a node or one app (reconciles skip it)"),
+                       ("resume", "resume a node or one app, and reconcile")):
+        p = sub.add_parser(verb, help=what)
+        target = p.add_mutually_exclusive_group(required=True)
+        target.add_argument("--node")
+        target.add_argument("--selector", action="append", metavar="K=V",
+                            help="every node in the status KV with these labels")
+        p.add_argument("--app", help="only this app (default: the whole node)")
+    p = sub.add_parser("health", help="probe a node's apps now")
+    p.add_argument("--app", help="only this app")
+    p = sub.add_parser("state", help="a node's desired and current state (env values hidden)")
+    p = sub.add_parser("logs", help="the last lines of an app's log on a node")
+    p.add_argument("--app", required=True)
+    p.add_argument("--lines", type=int, default=100, help="how many (at most 1000)")
+    p.add_argument("--follow", "-f", action="store_true", help="then new lines, until Ctrl-C")
+    for verb in ("suspend", "resume", "health", "state", "logs"):
+        p = sub.choices[verb]
+        if verb not in ("suspend", "resume"):
+            p.add_argument("--node", required=True)
+        p.add_argument("--timeout", default="10s", help="how long to wait for the node")
+        p.add_argument("--json", action="store_true")
+        add_nats_args(p, required=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", action="append", default=[], help="node id (repeatable)")
     p.add_argument("--out", required=True, help="directory for the config and credentials")
     p.add_argument("--auth", choices=["nkey", "password"], default="nkey")
+
+    add_rpc_verbs(sub)
 
     p = sub.add_parser("console", help="the fleet web console")
     p.add_argument("--host", default="127.0.0.1")

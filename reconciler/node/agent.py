@@ -304,6 +304,13 @@ class Agent:
         await self._set_suspended(app, False)
         self.trigger("resume")
 
+    async def logs(self, app: str, lines: int, cursor: str | None = None) -> dict[str, Any]:
+        from reconciler.node.logtail import read_log
+
+        chunk = await asyncio.to_thread(
+            read_log, Path(self.config.state_dir) / "logs", app, lines, cursor)
+        return chunk.to_json(self.node_id, app)
+
     async def _set_suspended(self, app: str | None, suspended: bool) -> None:
         with self.store.transaction():
             if app is None:

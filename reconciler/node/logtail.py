@@ -1,0 +1,116 @@
+"""Bounded reads of an app's log file (`<state>/logs/<app>.log`) for the `logs` RPC.
+
+Only the end of a file is ever read: the last lines of a 10 MB log cost one seek and at most
+MAX_BYTES. A follower passes back the `cursor` of its last answer and gets only what was
+written since, again at most MAX_LINES lines and MAX_BYTES. The cursor is "<inode>:<offset>":
+the runtime rotates by copytruncate (reconciler.node.runtimes.process.rotate_log), so the
+file keeps its inode and a size below the offset means it was rotated; the rest of the old
+content is then read from `<app>.log.1` before the follower moves on to the new file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+MAX_LINES = 1000
+MAX_BYTES = 64 * 1024
+DEFAULT_LINES = 100
+
+
+@dataclass(frozen=True)
+class LogChunk:
+    lines: list[str]
+    cursor: str  # pass back to get what follows
+    more: bool = False  # more is already written after the cursor: ask again at once
+    truncated: bool = False  # older lines exist that the bounds left out
+
+    def to_json(self, node: str, app: str) -> dict[str, Any]:
+        return {"node": node, "app": app, "lines": self.lines, "cursor": self.cursor,
+                "more": self.more, "truncated": self.truncated}
+
+
+def app_log_path(log_dir: Path, app: str) -> Path:
+    """Where the process runtime writes an app's stdout and stderr."""
+    return log_dir / f"{app}.log"
+
+
+def read_log(log_dir: Path, app: str, lines: int = DEFAULT_LINES,
+             cursor: str | None = None) -> LogChunk:
+    """The last `lines` lines (no cursor), or the lines written after `cursor`; both bounded
+    by MAX_LINES and MAX_BYTES. A log that does not exist (yet) reads as empty."""
+    lines = max(1, min(lines, MAX_LINES))
+    position = None if cursor is None else parse_cursor(cursor)
+    path = app_log_path(log_dir, app)
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return LogChunk([], "0:0")
+    with f:
+        st = os.fstat(f.fileno())
+        if position is None:
+            return _tail(f, st.st_ino, st.st_size, lines)
+        inode, offset = position
+        if inode != st.st_ino:  # another file (the app's log was replaced): from its start
+            offset = 0
+        elif offset > st.st_size:  # rotated since the last answer
+            rest = _rest_of_rotated(path, offset, lines)
+            if rest is not None and rest.lines:
+                # the new file from its start next time; what did not fit is skipped
+                return LogChunk(rest.lines, f"{st.st_ino}:0", more=True,
+                                truncated=rest.more)
+            offset = 0
+        return _forward(f, st.st_ino, offset, st.st_size, lines)
+
+
+def parse_cursor(cursor: str) -> tuple[int, int]:
+    """"<inode>:<offset>" -> (inode, offset); ValueError for anything else."""
+    inode, sep, offset = cursor.partition(":")
+    if not sep or not inode.isdigit() or not offset.isdigit():
+        raise ValueError(f"invalid cursor {cursor!r} (pass back the one of the last answer)")
+    return int(inode), int(offset)
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
+def _tail(f: BinaryIO, inode: int, size: int, lines: int) -> LogChunk:
+    start = max(0, size - MAX_BYTES)
+    f.seek(start)
+    raw = f.read(size - start)
+    if start > 0:
+        newline = raw.find(b"\n")
+        # the first line was cut by the byte bound: drop it, unless it is all there is
+        if 0 <= newline < len(raw) - 1:
+            raw = raw[newline + 1:]
+    found = _decode(raw).splitlines()
+    return LogChunk(found[-lines:], f"{inode}:{size}",
+                    truncated=start > 0 or len(found) > lines)
+
+
+def _forward(f: BinaryIO, inode: int, offset: int, size: int, lines: int) -> LogChunk:
+    f.seek(offset)
+    raw = f.read(min(size, offset + MAX_BYTES) - offset)
+    complete = raw.split(b"\n")[:-1]  # a line still being written waits for its newline
+    taken = complete[:lines]
+    used = sum(len(line) + 1 for line in taken)
+    if not complete and len(raw) == MAX_BYTES:  # one line longer than the bound: a piece
+        taken, used = [raw], len(raw)
+    end = offset + used
+    # more: lines the bounds left for the next call, or bytes not read at all yet
+    more = len(complete) > len(taken) or offset + len(raw) < size
+    return LogChunk([_decode(line) for line in taken], f"{inode}:{end}", more=more)
+
+
+def _rest_of_rotated(path: Path, offset: int, lines: int) -> LogChunk | None:
+    """Lines after `offset` in `<app>.log.1`, the copy the last rotation made, or None."""
+    try:
+        f = path.with_name(path.name + ".1").open("rb")
+    except FileNotFoundError:
+        return None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        return None if size < offset else _forward(f, 0, offset, size, lines)
