@@ -258,6 +258,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for item in relaxed:
         item.required = True
     config = _load_config(pre.config) if pre.config else {}
+    # of the global options only the logging ones come from the config file and env too
+    logging_defaults = {k: v for k, v in _option_defaults(parser, config, dict(os.environ))
+                        .items() if k in ("log_level", "log_json")}
+    levels = next(a.choices for a in parser._actions if a.dest == "log_level") or ()
+    if logging_defaults.get("log_level", "info") not in levels:
+        parser.error(f"log_level {logging_defaults['log_level']!r}: use one of "
+                     f"{', '.join(levels)}")
+    parser.set_defaults(**logging_defaults)
     if pre.command:
         subparser = commands[pre.command]
         subparser.set_defaults(**_option_defaults(subparser, config, dict(os.environ)))
@@ -265,7 +273,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         for action in subparser._actions:
             if action.required and action.dest in subparser._defaults:
                 action.required = False
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.argv = argv  # `node` parses them again on SIGHUP (config file and env re-read)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

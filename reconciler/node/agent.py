@@ -304,6 +304,25 @@ class Agent:
         await self._set_suspended(app, False)
         self.trigger("resume")
 
+    def reconfigure(self, *, labels: dict[str, str], interval: float, changed: list[str],
+                    message: str) -> None:
+        """A reloaded node config (SIGHUP): new labels and poll interval; apps are not touched.
+        `changed` (option names, never values) and `message` go into node.reconfigured."""
+        relabelled = labels != self.labels
+        self.labels = self.config.labels = dict(labels)
+        if interval != self.config.interval:
+            self.config.interval = interval
+            if self._scheduler is not None:
+                self._scheduler.reschedule_job(
+                    "poll", trigger="interval", seconds=max(interval, 0.05),
+                    jitter=max(0.0, interval * self.config.jitter) or None)
+        with self.store.transaction():
+            self.store.set_meta("labels", json.dumps(self.labels, sort_keys=True))
+            self.record("node.reconfigured", outcome="success", message=message,
+                        data={"changed": changed})
+        if relabelled:  # the labels pick the apps: see what they pick now
+            self.trigger("reconfigured")
+
     async def logs(self, app: str, lines: int, cursor: str | None = None) -> dict[str, Any]:
         from reconciler.node.logtail import read_log
 
