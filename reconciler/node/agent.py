@@ -130,7 +130,7 @@ class Agent:
             labels=lambda: self.labels, node_facts=self.store.node_meta,
             run_facts=self.loop.run_facts, desired=lambda: self.loop.desired, now=self._now,
         )
-        self.telemetry.set_phase_source(self.view.phase_counts)
+        self.telemetry.set_phases(self.view.phase_counts())
         self.notifier = SdNotifier.from_env() if notifier is None else notifier
         self._listeners: list[Callable[[], None]] = []
         self._notify_scheduled = False
@@ -259,6 +259,7 @@ class Agent:
 
     def _notify(self) -> None:
         self._notify_scheduled = False
+        self.telemetry.set_phases(self.view.phase_counts())
         for listener in list(self._listeners):
             try:
                 listener()
