@@ -173,3 +173,19 @@ def test_new_nats_settings_reconnect_and_secrets_stay_out(node: dict[str, Any]) 
         assert proc.poll() is None and app_pid(state) == pid
     finally:
         other.stop()
+
+
+def test_what_a_reload_reports_never_shows_a_secret() -> None:
+    from reconciler.cli.main import parse_args
+    from reconciler.cli.node_cmds import agent_config, config_changes, describe_changes
+
+    base = ["node", "--repo", "/r", "--node-id", "d1", "--label", "a=1"]
+    old = parse_args(base)
+    new = parse_args([*base[:-1], "b=2", "--nats", f"nats://u:{SECRET}@h:4222",
+                      "--nats-token", SECRET, "--heartbeat", "5s"])
+    changed, restart = config_changes(old, agent_config(old), new, agent_config(new))
+    assert sorted(changed) == ["label", "nats", "nats_token"] and restart == ["heartbeat"]
+    text = describe_changes(changed, restart)
+    assert SECRET not in text
+    assert text == ("label a=1 -> b=2; nats - -> nats://h:4222; nats_token changed "
+                    "(heartbeat: kept, a restart applies them)")

@@ -22,6 +22,8 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from reconciler.node.telemetry import ExportPlan, export_plan, resource_attributes
+
 PY = sys.executable
 
 
@@ -161,3 +163,41 @@ def test_exporters_are_chosen_by_the_otel_variables(
     assert done.returncode == 0, done.stderr
     assert "OTEL_EXPORTER_OTLP_PROTOCOL" in done.stderr and "http/protobuf" in done.stderr
     assert receiver.posts == []  # nothing sent in a protocol the receiver did not ask for
+
+
+@pytest.mark.parametrize(("env", "plan"), [
+    ({}, ExportPlan()),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/"},
+     ExportPlan("http://c:4318/v1/traces", "http://c:4318/v1/metrics")),
+    ({"OTEL_TRACES_EXPORTER": "otlp"}, ExportPlan("http://localhost:4318/v1/traces", None)),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_METRICS_EXPORTER": "none",
+      "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t:9/custom"},
+     ExportPlan("http://t:9/custom", None)),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_METRIC_EXPORT_INTERVAL": "250"},
+     ExportPlan("http://c:4318/v1/traces", "http://c:4318/v1/metrics", 250.0)),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"},
+     ExportPlan()),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "zipkin"},
+     ExportPlan(None, "http://c:4318/v1/metrics")),
+])
+def test_export_plan_follows_the_standard_variables(env: dict[str, str],
+                                                    plan: ExportPlan) -> None:
+    assert export_plan(env) == plan
+
+
+def test_unsupported_protocols_turn_export_off_saying_why() -> None:
+    for key in ("OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"):
+        plan = export_plan({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", key: "grpc"})
+        assert (plan.traces_url, plan.metrics_url) == (None, None)
+        assert plan.problem is not None and "only http/protobuf" in plan.problem
+
+
+def test_resource_attributes_let_the_operator_win() -> None:
+    assert resource_attributes("n1", "0.1.0", {}) == {
+        "service.name": "gitops-mesh-node", "service.instance.id": "n1",
+        "service.version": "0.1.0"}
+    assert resource_attributes("n1", "0.1.0", {
+        "OTEL_RESOURCE_ATTRIBUTES": "service.name=x,host.name=h%2C1,bad",
+        "OTEL_SERVICE_NAME": "edge"}) == {
+        "service.name": "edge", "service.instance.id": "n1", "service.version": "0.1.0",
+        "host.name": "h,1"}

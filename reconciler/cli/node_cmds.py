@@ -140,6 +140,8 @@ RESTART_ONLY = {"node_id": "node_id", "repo_url": "repo", "state_dir": "state_di
 
 def _shown(key: str, value: Any) -> str:
     """An option's value for a log line or an event: never a secret, never URL credentials."""
+    if value is None:
+        return "-"
     if key == "label":
         return ",".join(f"{k}={v}" for k, v in sorted(value.items())) or "-"
     if key == "nats" and value:

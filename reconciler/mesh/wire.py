@@ -73,7 +73,7 @@ def known_app(app: object, known_apps: Iterable[str]) -> str:
     return app
 
 
-_CURSOR = re.compile(r"[0-9]+:[0-9]+")
+_CURSOR = re.compile(r"[0-9]+:[0-9]+(:[0-9a-f]{8})?")
 
 
 @dataclass(frozen=True)
