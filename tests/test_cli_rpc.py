@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import NatsServer, eventually, eventually_async, make_spec_repo, start_nats
+from conftest import (
+    NatsServer,
+    eventually,
+    eventually_async,
+    make_spec_repo,
+    start_nats,
+    stop_processes,
+)
 from fake_agent import FakeAgent
 
 from reconciler.mesh.link import Mesh, NatsOptions, connect
@@ -82,13 +89,7 @@ def fleet(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> 
         eventually(running, timeout=60, what="both agents synced and in the KV")
         yield Fleet(nats_server.url, states)
     finally:
-        for proc in procs.values():
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(*procs.values())
 
 
 def test_suspend_and_resume_one_node_and_by_selector(fleet: Fleet) -> None:

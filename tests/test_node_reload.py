@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import NatsServer, eventually, make_spec_repo, start_nats
+from conftest import NatsServer, eventually, make_spec_repo, start_nats, stop_processes
 
 from reconciler.cli.node_cmds import local_status
 from reconciler.node.store import StoreError
@@ -88,11 +88,7 @@ def node(tmp_path: Path, nats_server: NatsServer) -> Iterator[dict[str, Any]]:
                "state": tmp_path / "state", "url": nats_server.url, "tmp": tmp_path,
                "repo": repo}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_processes(proc)
 
 
 def app_pid(state: Path) -> int | None:

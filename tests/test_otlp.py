@@ -99,14 +99,19 @@ def node(repo: SpecRepo, state: Path, *extra: str) -> list[str]:
             "--state-dir", str(state), "--stop-apps-on-exit", *extra]
 
 
+def once(repo: SpecRepo, state: Path, **otel: str) -> subprocess.CompletedProcess[str]:
+    """`node --once` with these OTEL_* variables (and no others from this environment)."""
+    return subprocess.run(node(repo, state, "--once"), capture_output=True, text=True,
+                          timeout=60, env=node_env(**otel))
+
+
 def test_spans_metrics_and_resource_reach_an_otlp_http_receiver(
     receiver: Receiver, repo: SpecRepo, tmp_path: Path
 ) -> None:
-    done = subprocess.run(
-        node(repo, tmp_path / "state", "--once"), capture_output=True, text=True, timeout=60,
-        env=node_env(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, OTEL_SERVICE_NAME="edge-agent",
-                     OTEL_RESOURCE_ATTRIBUTES="deployment.environment=test,site=b%20c",
-                     OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf"))
+    done = once(repo, tmp_path / "state", OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
+                OTEL_SERVICE_NAME="edge-agent",
+                OTEL_RESOURCE_ATTRIBUTES="deployment.environment=test,site=b%20c",
+                OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf")
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     assert {"reconcile", "action"} <= receiver.span_names()
@@ -149,17 +154,13 @@ def test_a_running_agent_stops_without_a_traceback(
 def test_exporters_are_chosen_by_the_otel_variables(
     receiver: Receiver, repo: SpecRepo, tmp_path: Path
 ) -> None:
-    done = subprocess.run(
-        node(repo, tmp_path / "s1", "--once"), capture_output=True, text=True, timeout=60,
-        env=node_env(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, OTEL_TRACES_EXPORTER="none",
-                     OTEL_METRICS_EXPORTER="otlp"))
+    done = once(repo, tmp_path / "s1", OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
+                OTEL_TRACES_EXPORTER="none", OTEL_METRICS_EXPORTER="otlp")
     assert done.returncode == 0, done.stderr
     assert receiver.traces() == [] and receiver.metrics()
     receiver.posts.clear()
-    done = subprocess.run(
-        node(repo, tmp_path / "s2", "--once"), capture_output=True, text=True, timeout=60,
-        env=node_env(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
-                     OTEL_EXPORTER_OTLP_PROTOCOL="grpc"))
+    done = once(repo, tmp_path / "s2", OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
+                OTEL_EXPORTER_OTLP_PROTOCOL="grpc")
     assert done.returncode == 0, done.stderr
     assert "OTEL_EXPORTER_OTLP_PROTOCOL" in done.stderr and "http/protobuf" in done.stderr
     assert receiver.posts == []  # nothing sent in a protocol the receiver did not ask for
