@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
@@ -130,12 +131,8 @@ RELOADED = ("label", "interval", "log_level", "log_json")
 NATS_OPTIONS = ("nats", "nats_user", "nats_password", "nats_token", "nats_nkey", "nats_creds",
                 "nats_ca", "nats_cert", "nats_key", "nats_js_domain")
 SECRETS = frozenset({"nats_password", "nats_token"})
-# AgentConfig field -> the option (and config file key) that sets it
-RESTART_ONLY = {"node_id": "node_id", "repo_url": "repo", "state_dir": "state_dir",
-                "branch": "branch", "apps_path": "path", "heartbeat": "heartbeat",
-                "fetch_timeout": "fetch_timeout", "port_offset": "port_offset",
-                "outbox_max": "outbox_max", "allowed_signers": "allowed_signers",
-                "gpg_keyring": "gpg_keyring"}
+# AgentConfig fields set by options of another name (the rest: field name = option name)
+OPTION_OF_FIELD = {"repo_url": "repo", "apps_path": "path", "labels": "label"}
 
 
 def _shown(key: str, value: Any) -> str:
@@ -145,9 +142,9 @@ def _shown(key: str, value: Any) -> str:
     if key == "label":
         return ",".join(f"{k}={v}" for k, v in sorted(value.items())) or "-"
     if key == "nats" and value:
-        from reconciler.mesh.conn import redact_url
+        from reconciler.core.redact import redact_server
 
-        return ",".join(redact_url(s.strip()) for s in str(value).split(","))
+        return ",".join(redact_server(s.strip()) for s in str(value).split(","))
     if key == "interval":
         return f"{value:g}s"
     return str(value)
@@ -160,8 +157,9 @@ def config_changes(old_args: argparse.Namespace, old: Any, new_args: argparse.Na
     for key in (*RELOADED[2:], *NATS_OPTIONS):
         values[key] = (getattr(old_args, key, None), getattr(new_args, key, None))
     changed = {key: pair for key, pair in sorted(values.items()) if pair[0] != pair[1]}
-    restart = sorted(option for field, option in RESTART_ONLY.items()
-                     if getattr(old, field) != getattr(new, field))
+    restart = sorted(OPTION_OF_FIELD.get(f.name, f.name) for f in dataclasses.fields(old)
+                     if f.name not in ("labels", "interval")
+                     and getattr(old, f.name) != getattr(new, f.name))
     return changed, restart
 
 

@@ -318,7 +318,7 @@ class Agent:
                     "poll", trigger="interval", seconds=max(interval, 0.05),
                     jitter=max(0.0, interval * self.config.jitter) or None)
         with self.store.transaction():
-            self.store.set_meta("labels", json.dumps(self.labels, sort_keys=True))
+            self.store.update_meta(labels=self.labels)
             self.record("node.reconfigured", outcome="success", message=message,
                         data={"changed": changed})
         if relabelled:  # the labels pick the apps: see what they pick now
