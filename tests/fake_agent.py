@@ -21,6 +21,7 @@ from typing import Any
 from reconciler.core.events import iso_time, make_event
 from reconciler.core.plan import Action, ActionKind, Mode, Plan
 from reconciler.core.status import AppStatus, NodeStatus
+from reconciler.node.logtail import read_log
 from reconciler.node.store import Store
 
 
@@ -101,6 +102,11 @@ class FakeAgent:
 
     async def resume(self, app: str | None = None) -> None:
         self._set_suspended(app, False)
+
+    async def logs(self, app: str, lines: int, cursor: str | None = None) -> dict[str, Any]:
+        """Reads `<state dir>/logs/<app>.log` as the real agent does (tests write it)."""
+        log_dir = self.store.state_dir / "logs"
+        return read_log(log_dir, app, lines, cursor).to_json(self.node_id, app)
 
     def add_listener(self, on_change: Callable[[], None]) -> None:
         self._listeners.append(on_change)

@@ -136,8 +136,8 @@ async def test_events_reach_the_stream_in_order_with_msg_id(
     assert first["time"].endswith("Z")
     assert store.outbox_stats() == (0, 0)
     # 15 batches, yet no subscription per batch (nats-py has no public count: peek):
-    # 9 $SRV + 7 endpoints + 2 triggers + the publish_async reply inbox
-    assert mesh._nc is not None and len(mesh._nc._subs) <= 20
+    # 9 $SRV + 8 endpoints + 2 triggers + the publish_async reply inbox
+    assert mesh._nc is not None and len(mesh._nc._subs) <= 21
     await mesh.close()
     store.close()
 
@@ -246,7 +246,8 @@ async def test_discovery_with_srv_ping_and_info(
         assert info["metadata"] == {"node": "disc1"}
         assert sorted(e["subject"] for e in info["endpoints"]) == sorted(
             rpc_subject("disc1", ep)
-            for ep in ("status", "state", "plan", "reconcile", "health", "suspend", "resume")
+            for ep in ("status", "state", "plan", "reconcile", "health", "suspend", "resume",
+                       "logs")
         )
 
 

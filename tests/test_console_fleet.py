@@ -123,8 +123,8 @@ def test_event_log_is_bounded_newest_first_and_filterable() -> None:
 
     assert [e["id"] for e in fleet.event_log()] == ["e3", "e2", "e1"]  # e0 fell out
     assert fleet.event_log(EventFilter(node="n2", app="web")) == [{
-        "id": "e1", "type": "app.failed", "node": "n2", "time": iso(T0 + timedelta(seconds=1)),
-        "app": "web",
+        "schema": 1, "id": "e1", "type": "app.failed", "node": "n2",
+        "time": iso(T0 + timedelta(seconds=1)), "app": "web",
     }]
     assert [e["id"] for e in fleet.event_log(EventFilter(type="app."))] == ["e2", "e1"]
     assert [e["id"] for e in fleet.event_log(EventFilter(type="app.deployed"))] == ["e2"]

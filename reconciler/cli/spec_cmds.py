@@ -105,6 +105,11 @@ def _problem_json(problem: SpecProblem) -> dict[str, object]:
 
 
 def run_schema(args: argparse.Namespace) -> int:
+    if getattr(args, "events", False):
+        from reconciler.core.events import event_json_schema
+
+        print(json.dumps(event_json_schema(), indent=2, sort_keys=True))
+        return EXIT_OK
     print(json.dumps(app_json_schema(), indent=2, sort_keys=True))
     return EXIT_OK
 

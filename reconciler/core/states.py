@@ -43,4 +43,6 @@ EventType = Literal[
     "source.failed",
     "node.started",
     "node.stopping",
+    "node.reconfigured",
 ]
+EVENT_TYPES: tuple[str, ...] = EventType.__args__  # type: ignore[attr-defined]

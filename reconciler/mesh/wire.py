@@ -58,10 +58,12 @@ def parse_body(data: bytes, allowed: Iterable[str] = ()) -> dict[str, Any]:
 
 def parse_app_body(data: bytes, known_apps: Iterable[str]) -> str | None:
     """The optional {"app": name} of health/suspend/resume; the app must exist on this node."""
-    body = parse_body(data, allowed=("app",))
-    app = body.get("app")
-    if app is None:
-        return None
+    app = parse_body(data, allowed=("app",)).get("app")
+    return None if app is None else known_app(app, known_apps)
+
+
+def known_app(app: object, known_apps: Iterable[str]) -> str:
+    """`app` of a request body, checked: a valid name of an app this node has."""
     if not isinstance(app, str):
         raise BadRequest(f"'app' must be a string, got {type(app).__name__}")
     if not NAME_RE.match(app):
@@ -70,6 +72,32 @@ def parse_app_body(data: bytes, known_apps: Iterable[str]) -> str | None:
     if app not in known:
         raise BadRequest(f"unknown app {app!r}; this node has: {', '.join(known) or 'no apps'}")
     return app
+
+
+_CURSOR = re.compile(r"[0-9]+:[0-9]+(:[0-9a-f]{8})?")
+
+
+@dataclass(frozen=True)
+class LogsRequest:
+    app: str
+    lines: int = 100
+    cursor: str | None = None
+
+
+def parse_logs_body(data: bytes, known_apps: Iterable[str]) -> LogsRequest:
+    """{"app", "lines"?, "cursor"?} of the logs endpoint; the app is required and must exist.
+    `lines` above the node's bound are served as the bound (the answer says `truncated`)."""
+    body = parse_body(data, allowed=("app", "lines", "cursor"))
+    if body.get("app") is None:
+        raise BadRequest("'app' is required: which app's log")
+    app = known_app(body["app"], known_apps)
+    lines = body.get("lines", LogsRequest.lines)
+    if isinstance(lines, bool) or not isinstance(lines, int) or lines < 1:
+        raise BadRequest(f"'lines' must be a whole number of at least 1, got {lines!r}")
+    cursor = body.get("cursor")
+    if cursor is not None and (not isinstance(cursor, str) or not _CURSOR.fullmatch(cursor)):
+        raise BadRequest(f"'cursor' {cursor!r}: pass back the cursor of the last answer")
+    return LogsRequest(app, lines, cursor)
 
 
 # The keys of a structured selector; a selector object with none of them is a label map.

@@ -132,7 +132,7 @@ class Agent:
             labels=lambda: self.labels, node_facts=self.store.node_meta,
             run_facts=self.loop.run_facts, desired=lambda: self.loop.desired, now=self._now,
         )
-        self.telemetry.set_phase_source(self.view.phase_counts)
+        self.telemetry.set_phases(self.view.phase_counts())
         self.notifier = SdNotifier.from_env() if notifier is None else notifier
         self._listeners: list[Callable[[], None]] = []
         self._notify_scheduled = False
@@ -261,6 +261,7 @@ class Agent:
 
     def _notify(self) -> None:
         self._notify_scheduled = False
+        self.telemetry.set_phases(self.view.phase_counts())
         for listener in list(self._listeners):
             try:
                 listener()
@@ -305,6 +306,32 @@ class Agent:
     async def resume(self, app: str | None = None) -> None:
         await self._set_suspended(app, False)
         self.trigger("resume")
+
+    def reconfigure(self, *, labels: dict[str, str], interval: float, changed: list[str],
+                    message: str) -> None:
+        """A reloaded node config (SIGHUP): new labels and poll interval; apps are not touched.
+        `changed` (option names, never values) and `message` go into node.reconfigured."""
+        relabelled = labels != self.labels
+        self.labels = self.config.labels = dict(labels)
+        if interval != self.config.interval:
+            self.config.interval = interval
+            if self._scheduler is not None:
+                self._scheduler.reschedule_job(
+                    "poll", trigger="interval", seconds=max(interval, 0.05),
+                    jitter=max(0.0, interval * self.config.jitter) or None)
+        with self.store.transaction():
+            self.store.update_meta(labels=self.labels)
+            self.record("node.reconfigured", outcome="success", message=message,
+                        data={"changed": changed})
+        if relabelled:  # the labels pick the apps: see what they pick now
+            self.trigger("reconfigured")
+
+    async def logs(self, app: str, lines: int, cursor: str | None = None) -> dict[str, Any]:
+        from reconciler.node.logtail import read_log
+
+        chunk = await asyncio.to_thread(
+            read_log, Path(self.config.state_dir) / "logs", app, lines, cursor)
+        return chunk.to_json(self.node_id, app)
 
     async def _set_suspended(self, app: str | None, suspended: bool) -> None:
         with self.store.transaction():
