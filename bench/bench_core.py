@@ -23,10 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reconciler.core import plan as plan_module
 from reconciler.core.graph import DependencyGraph
-from reconciler.core.loader import ParseCache, SpecFile, load_directory, load_files, read_directory
+from reconciler.core.loader import ParseCache, SpecFile, load_files
 from reconciler.core.plan import make_plan
 from reconciler.core.spec import AppSpec
 from reconciler.core.state import CurrentApp, CurrentState, DesiredState
+from reconciler.node.spec_dir import load_directory, read_directory
 
 SPEC = """\
 # app {i}: a realistic document, like specs-example/apps/api.yaml

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from reconciler.core.events import Event, parse_time
+from reconciler.core.events import Event, iso_time, parse_time
 from reconciler.core.rollout import (
     ACTIVE_STATES,
     OPERATOR_ACTIONS,
@@ -24,19 +24,15 @@ from reconciler.core.rollout import (
     wave_rows,
 )
 from reconciler.core.spec import NAME_RE
-from reconciler.core.status import NODE_STATES, UNREACHABLE, NodeStatus
+from reconciler.core.states import NODE_STATES, STUCK_PHASES
+from reconciler.core.status import UNREACHABLE, NodeStatus, observed_state
+from reconciler.core.targeting import parse_labels
 
 STATUSES: tuple[str, ...] = (*NODE_STATES, UNREACHABLE)
 # How many missed heartbeats make a node unreachable (the contract says 3).
-MISSED_HEARTBEATS = 3
 ROLLOUT_BUCKETS: tuple[str, ...] = (
     "synced", "progressing", "degraded", "failed", "pending", "suspended", UNREACHABLE,
 )
-_FAILED_PHASES = ("failed", "blocked")
-
-
-def _iso(when: datetime) -> str:
-    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -71,15 +67,10 @@ class NodeFilter:
     def parse(cls, labels: Iterable[str] = (), layer: str | None = None,
               status: str | None = None) -> NodeFilter:
         """From query strings like `role=edge`; raises ValueError naming a bad clause."""
-        pairs = []
-        for text in labels:
-            key, sep, value = text.partition("=")
-            if not sep or not key:
-                raise ValueError(f"label filter {text!r}: expected key=value")
-            pairs.append((key, value))
+        pairs = tuple(parse_labels(labels, what="label filter").items())
         if status and status not in STATUSES:
             raise ValueError(f"status filter {status!r}: expected one of {', '.join(STATUSES)}")
-        return cls(tuple(pairs), layer or None, status or None)
+        return cls(pairs, layer or None, status or None)
 
     def matches(self, card: dict[str, Any]) -> bool:
         if any(card["labels"].get(k) != v for k, v in self.labels):
@@ -289,17 +280,11 @@ class Fleet:
     # ---- derived values --------------------------------------------------------------
 
     def node_state(self, status: NodeStatus, now: datetime) -> str:
-        """The reported status, or `unreachable` when the heartbeat is too old."""
-        if status.node in self._beats and self.nodes.get(status.node) is status:
-            beat = self._beats[status.node]
-        else:  # a status that is not (or no longer) the stored one
-            updated = parse_time(status.updated_at)
-            beat = updated.timestamp() if updated else None
-        if beat is None:
-            return UNREACHABLE
-        if now.timestamp() - beat > MISSED_HEARTBEATS * status.heartbeat_interval_s:
-            return UNREACHABLE
-        return status.status
+        """The reported status, or `unreachable` when the heartbeat is too old (the rule of
+        core.status, with the server's write time of the stored status when known)."""
+        beat = self._beats.get(status.node) if self.nodes.get(status.node) is status else None
+        written = datetime.fromtimestamp(beat, UTC) if beat is not None else None
+        return observed_state(status, now, written)
 
     def card(self, status: NodeStatus, now: datetime) -> dict[str, Any]:
         """One node's overview card (built once per status and derived state; treat it as
@@ -327,7 +312,7 @@ class Fleet:
             "apps": {
                 "total": len(apps),
                 "running": sum(a.phase == "running" for a in apps),
-                "failed": sum(a.phase in _FAILED_PHASES or bool(a.failed_version)
+                "failed": sum(a.phase in STUCK_PHASES or bool(a.failed_version)
                               for a in apps),
                 "unhealthy": sum(a.health == "unhealthy" for a in apps),
             },
@@ -371,7 +356,7 @@ class Fleet:
 
     def overview(self, now: datetime, where: NodeFilter | None = None) -> dict[str, Any]:
         return {
-            "now": _iso(now),
+            "now": iso_time(now),
             "counters": self.counters(now),
             "nodes": self.cards(now, where),
             "filters": self.filter_choices(),
@@ -384,7 +369,7 @@ class Fleet:
         if status is None:
             return None
         return {
-            "now": _iso(now),
+            "now": iso_time(now),
             "card": self.card(status, now),
             "status": status.model_dump(mode="json"),
             "events": self.event_log(EventFilter(node=node), events),
@@ -410,7 +395,7 @@ class Fleet:
         if not rows and not log:
             return None
         return {
-            "now": _iso(now), "app": name, "nodes": rows,
+            "now": iso_time(now), "app": name, "nodes": rows,
             "versions": dict(sorted(versions.items())), "phases": dict(sorted(phases.items())),
             "events": log,
         }
@@ -426,7 +411,7 @@ class Fleet:
                 })
                 row["nodes"] += 1
                 row["running"] += app.phase == "running"
-                row["failed"] += app.phase in _FAILED_PHASES or bool(app.failed_version)
+                row["failed"] += app.phase in STUCK_PHASES or bool(app.failed_version)
                 row["versions"].add(app.version)
         return [{**row, "versions": sorted(row["versions"])} for _, row in sorted(index.items())]
 
@@ -505,15 +490,15 @@ class Fleet:
         synced_at = [stats.nodes_ok[n] for n in buckets["synced"]
                      if stats is not None and n in stats.nodes_ok]
         return {
-            "now": _iso(now),
+            "now": iso_time(now),
             "revision": full,
             "targeted": targeted,
             "counts": {b: len(v) for b, v in buckets.items()},
             "nodes": buckets,
             "failing": failing,
             "progress": round(len(buckets["synced"]) / targeted, 4) if targeted else 0.0,
-            "first_seen": _iso(stats.first_seen) if stats else None,
-            "last_success": _iso(max(synced_at)) if synced_at else None,
+            "first_seen": iso_time(stats.first_seen) if stats else None,
+            "last_success": iso_time(max(synced_at)) if synced_at else None,
             "superseded_by": self.superseded_by(full),
             "from_events": from_events,
             "coordination": self.coordination(full, now),
@@ -576,7 +561,7 @@ class Fleet:
             )
             out.append({
                 "revision": stats.revision,
-                "first_seen": _iso(stats.first_seen),
+                "first_seen": iso_time(stats.first_seen),
                 "reconciles": stats.reconciles,
                 "failures": stats.failures,
                 "mean_ms": round(stats.total_ms / n, 1) if (n := stats.reconciles) else None,
@@ -591,7 +576,7 @@ def _node_error(status: NodeStatus) -> str:
     """The most specific reason a node gives for failing."""
     parts = [status.message] if status.message else []
     for app in status.apps:
-        if (app.phase in _FAILED_PHASES or app.failed_version) and app.message:
+        if (app.phase in STUCK_PHASES or app.failed_version) and app.message:
             parts.append(f"{app.name}: {app.message}")
     if status.source_error:
         parts.append(f"source: {status.source_error}")

@@ -113,6 +113,19 @@ class NatsServer:
         self.process = None
 
 
+def stop_processes(*procs: subprocess.Popen[Any], timeout: float = 15.0) -> None:
+    """SIGTERM every process, then wait for each; kill the ones that do not stop in time."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def start_nats(tmp: Path, config_text: str | None = None) -> NatsServer:
     config_file = None
     if config_text is not None:

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.core.events import iso_time, make_event
-from reconciler.core.plan import Action, ActionKind, Plan
+from reconciler.core.plan import Action, ActionKind, Mode, Plan
 from reconciler.core.status import AppStatus, NodeStatus
+from reconciler.node.logtail import read_log
 from reconciler.node.store import Store
 
 
@@ -52,6 +53,7 @@ class FakeAgent:
 
     # -- AgentAPI -----------------------------------------------------------------------
     def status(self) -> NodeStatus:
+        backlog, dropped = self.store.outbox_stats()
         failed = sorted(a.name for a in self.apps.values() if a.phase == "failed")
         if self.suspended:
             state, message = "suspended", "suspended"
@@ -66,6 +68,7 @@ class FakeAgent:
             desired_revision=self.desired_revision, status=state, message=message,
             apps=[a.model_copy() for a in self.apps.values()],
             updated_at=iso_time(datetime.now(UTC)), agent_version="fake",
+            outbox_backlog=backlog, outbox_dropped=dropped,
         )
 
     def state(self) -> dict[str, Any]:
@@ -75,7 +78,8 @@ class FakeAgent:
     async def plan(self) -> Plan:
         rev, spec = await asyncio.to_thread(self._read_spec)
         actions = tuple(
-            Action(ActionKind.DEPLOY, name, 0, "new app", to_version=str(app["version"]))
+            Action(ActionKind.DEPLOY, name, 0, "new app", to_version=str(app["version"]),
+                   mode=Mode.INSTALL)
             for name, app in sorted(spec.items()) if name not in self.apps
         )
         return Plan(revision=rev, actions=actions)
@@ -98,6 +102,11 @@ class FakeAgent:
 
     async def resume(self, app: str | None = None) -> None:
         self._set_suspended(app, False)
+
+    async def logs(self, app: str, lines: int, cursor: str | None = None) -> dict[str, Any]:
+        """Reads `<state dir>/logs/<app>.log` as the real agent does (tests write it)."""
+        log_dir = self.store.state_dir / "logs"
+        return read_log(log_dir, app, lines, cursor).to_json(self.node_id, app)
 
     def add_listener(self, on_change: Callable[[], None]) -> None:
         self._listeners.append(on_change)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -479,6 +480,54 @@ async def test_unsigned_commit_refused(
     assert (status.status, status.desired_revision) == ("degraded", status.revision)
     assert f"commit {unsigned[:12]} is not signed" in (status.source_error or "")
     assert [e["type"] for e in events(agent)].count("source.failed") == 1
+
+
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen is not installed")
+async def test_signed_source_checks_every_new_commit_and_refuses_a_replay(
+    repo: SpecRepo, make_agent: MakeAgent, app_script: Path, tmp_path: Path
+) -> None:
+    """Issue #10.8: only the tip was verified (an unsigned commit below a signed tip got in)
+    and a force-push back to an older signed commit was applied silently."""
+    key = tmp_path / "signing"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    public = " ".join(key.with_suffix(".pub").read_text().split()[:2])
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text(f"release@example.invalid {public}\n")
+    sign = ("-c", "gpg.format=ssh", "-c", f"user.signingkey={key}")
+    port = free_port()
+
+    def commit(version: str, signed: bool) -> str:
+        repo.write("apps/web.yaml", app_yaml(app_script, "web", version, port))
+        git(repo.work, "add", "-A")
+        git(repo.work, *(sign if signed else ()), "commit", "-q",
+            *(("-S",) if signed else ()), "-m", f"web {version}")
+        git(repo.work, "push", "-q", "--force", "origin", "HEAD:main")
+        return repo.head()
+
+    first = commit("1", signed=True)
+    agent = await make_agent(repo, allowed_signers=allowed)
+    assert (await agent.reconcile_now()).outcome == "success"
+    sneaked = commit("2", signed=False)
+    second = commit("3", signed=True)  # a signed tip over an unsigned commit
+    run = await agent.reconcile_now()
+    assert run.outcome == "failure" and f"commit {sneaked[:12]} is not signed" in run.message
+    assert (get(port), agent.status().revision) == ("1 n1", first)
+
+    git(repo.work, "reset", "-q", "--hard", first)  # history without the unsigned commit
+    signed_tip = commit("3", signed=True)
+    assert second != signed_tip
+    run = await agent.reconcile_now()
+    assert run.outcome == "success", run.message
+    assert agent.status().revision == signed_tip
+
+    git(repo.work, "reset", "-q", "--hard", first)  # replay the older signed revision
+    git(repo.work, "push", "-q", "--force", "origin", "HEAD:main")
+    run = await agent.reconcile_now()
+    assert run.outcome == "failure" and "refusing to move back" in run.message
+    status = agent.status()
+    assert status.revision == signed_tip and "refusing to move back" in (status.source_error or "")
+    failed = [e for e in events(agent) if e["type"] == "source.failed"]
+    assert failed and "refusing to move back" in failed[-1]["message"]
 
 
 async def test_wrong_archive_digest_fails_only_that_app(
@@ -996,8 +1045,8 @@ async def test_finished_job_is_not_restarted(repo: SpecRepo, make_agent: MakeAge
 
 
 def test_redacted_spec_hides_env_values_and_url_credentials() -> None:
+    from reconciler.core.redact import redact_spec
     from reconciler.core.spec import AppSpec
-    from reconciler.node.agent import redact_spec
 
     spec = AppSpec.model_validate({
         "name": "a", "version": "1",
@@ -1011,3 +1060,57 @@ def test_redacted_spec_hides_env_values_and_url_credentials() -> None:
     assert data["source"]["url"] == "https://example.invalid/a.tgz"
     assert data["health"]["http"]["url"] == "http://127.0.0.1:81/health"
     assert "s3cret" not in json.dumps(data) and "pw" not in json.dumps(data)
+
+
+DAEMONIZER = """
+import os, signal, sys
+if os.fork() == 0:
+    os.setsid()  # leaves the app's process group and session
+    open(os.path.join(sys.argv[1], f"escaped-{os.getpid()}"), "w").close()
+    signal.pause()
+signal.pause()
+"""
+
+
+async def test_an_escaped_child_survives_nothing_but_its_app(
+    repo: SpecRepo, tmp_path: Path
+) -> None:
+    """Issue #10.5: a child that calls setsid outlived restarts and removal of its app. It is
+    kept while its app runs (also across an agent restart) and stopped with it."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    repo.write("apps/d.yaml", (
+        f"name: d\nversion: '1'\nrun:\n  command: [{sys.executable}, -c, {json.dumps(DAEMONIZER)},"
+        f" {marks}]\n  stop_timeout: 2s\n"
+    ))
+    repo.write("apps/keep.yaml", "name: keep\nversion: '1'\n")
+    repo.commit_and_push()
+
+    def live() -> list[int]:
+        out = []
+        for mark in marks.glob("escaped-*"):
+            pid = int(mark.name.split("-")[1])
+            with contextlib.suppress(psutil.Error):
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    out.append(pid)
+        return out
+
+    config = AgentConfig(node_id="e1", repo_url=repo.url, state_dir=tmp_path / "state",
+                         interval=3600, heartbeat=3600)
+    first = Agent(config)
+    await first.start(first_reconcile=False, schedule=False)
+    assert (await first.reconcile_now()).outcome == "success"
+    await _eventually_async(lambda: bool(live()), what="the escaped child runs")
+    [child] = live()
+    await first.close(stop_apps=False)  # the agent goes, the app and its child stay
+
+    second = Agent(config)
+    await second.start(first_reconcile=False, schedule=False)
+    try:
+        assert live() == [child]  # adopted whole: the orphan sweep spared it
+        repo.remove("apps/d.yaml")
+        repo.commit_and_push("remove d")
+        assert (await second.reconcile_now()).outcome == "success"
+        assert live() == []
+    finally:
+        await second.close(stop_apps=True)

@@ -178,8 +178,32 @@ def test_wrong_sha256_refused_before_unpacking(store: ArtifactStore, tmp_path: P
     with pytest.raises(ArtifactError) as err:
         store.install(spec)
     actual = hashlib.sha256(data).hexdigest()
-    assert f"expected {wrong}, got {actual}" in str(err.value)
+    # a file:// archive is any file on the node: its hash is never published (issue #10.8)
+    assert f"expected {wrong}, the node-local file differs" in str(err.value)
+    assert actual not in str(err.value)
     assert list((store.root / "web").iterdir()) == []  # nothing left behind
+
+
+def test_wrong_sha256_of_a_repo_file_names_its_digest(store: ArtifactStore) -> None:
+    data = good_tar()
+    wrong = "0" * 64
+    spec = app({"type": "archive", "url": "artifacts/app.tgz", "sha256": wrong})
+    with pytest.raises(ArtifactError) as err:
+        store.install(spec, read_repo_file=lambda path: data)
+    assert f"expected {wrong}, got {hashlib.sha256(data).hexdigest()}" in str(err.value)
+
+
+@pytest.mark.timeout(20)
+def test_a_file_url_that_is_not_a_regular_file_is_refused_at_once(
+    store: ArtifactStore, tmp_path: Path
+) -> None:
+    """A FIFO never delivers (it hung the reconcile), a device never ends: refused."""
+    fifo = tmp_path / "pipe.tgz"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero")):
+        spec = app({"type": "archive", "url": path.as_uri(), "sha256": "0" * 64})
+        with pytest.raises(ArtifactError, match="not a regular file"):
+            store.install(spec)
 
 
 UNSAFE = {
@@ -468,35 +492,30 @@ def _start_install(store: ArtifactStore, spec: AppSpec) -> subprocess.Popen[byte
     )
 
 
-def test_kill_9_during_download_leaves_nothing_usable(tmp_path: Path) -> None:
+def test_kill_9_during_download_leaves_nothing_usable(
+    dripping_server: str, tmp_path: Path
+) -> None:
     data = good_tar()
-    pipe = tmp_path / "slow.tgz"
-    os.mkfifo(pipe)  # the child's download blocks on it until we decide
-    spec = app(archive_source(data, pipe.as_uri()))
+    # the child's download drips forever from the server, until we kill it mid-way
+    spec = app(archive_source(data, dripping_server))
     store = ArtifactStore(tmp_path / "apps")
     proc = _start_install(store, spec)
     app_dir = store.root / "web"
     try:
-        def open_writer() -> tuple[int]:
-            try:  # non-blocking: fails with ENXIO until the child opened the pipe to read
-                return (os.open(pipe, os.O_WRONLY | os.O_NONBLOCK),)
-            except OSError:
-                assert proc.poll() is None, "the child died before downloading"
-                raise AssertionError("the child has not opened the pipe yet") from None
+        def downloading() -> bool:
+            assert proc.poll() is None, "the child died before downloading"
+            return any(app_dir.glob(".tmp-*.download"))
 
-        (fd,) = eventually(open_writer, what="the child opened the archive")
-        os.write(fd, data[:100])
-        assert list(app_dir.glob(".tmp-*.download"))  # mid-download now
+        eventually(downloading, what="the child is mid-download")
         proc.kill()
         proc.wait()
-        os.close(fd)
     finally:
         proc.kill()
         proc.wait()
     assert not store.path_for(spec).exists() and not store.is_installed(spec)
-    pipe.unlink()
-    pipe.write_bytes(data)
-    installed = store.install(spec)
+    # the same archive (same sha256, so the same version dir) from a complete source
+    again = app(archive_source(data, write(tmp_path, "app.tgz", data)))
+    installed = store.install(again)
     assert (installed / "app-1.0" / "bin" / "run.sh").read_bytes() == RUN_SH
     assert store.gc("web", {installed})  # the dead child's staging dir and download
     assert list(app_dir.iterdir()) == [installed]

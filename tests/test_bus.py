@@ -136,8 +136,8 @@ async def test_events_reach_the_stream_in_order_with_msg_id(
     assert first["time"].endswith("Z")
     assert store.outbox_stats() == (0, 0)
     # 15 batches, yet no subscription per batch (nats-py has no public count: peek):
-    # 9 $SRV + 7 endpoints + 2 triggers + the publish_async reply inbox
-    assert mesh._nc is not None and len(mesh._nc._subs) <= 20
+    # 9 $SRV + 8 endpoints + 2 triggers + the publish_async reply inbox
+    assert mesh._nc is not None and len(mesh._nc._subs) <= 21
     await mesh.close()
     store.close()
 
@@ -204,6 +204,11 @@ async def test_rpc_endpoints_and_bad_bodies(
             ("resume", b'{"app": 7}', "'app' must be a string, got int"),
             ("status", b'"x"', "body must be a JSON object, got str"),
             ("reconcile", b'{"reason": []}', "'reason' must be a string"),
+            # deep nesting was a RecursionError and a 500 (issue #10.9)
+            ("reconcile", b'{"reason": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+             "invalid JSON body: nested too deeply"),
+            ("health", b"[" * 30_000, "invalid JSON body: nested too deeply"),
+            ("status", b'{"x": "' + b"y" * 100_000 + b'"}', "body larger than 65536 bytes"),
         ]:
             _data, headers = await request(client, "rpc1", endpoint, body)
             assert headers["Nats-Service-Error-Code"] == "400", endpoint
@@ -241,7 +246,8 @@ async def test_discovery_with_srv_ping_and_info(
         assert info["metadata"] == {"node": "disc1"}
         assert sorted(e["subject"] for e in info["endpoints"]) == sorted(
             rpc_subject("disc1", ep)
-            for ep in ("status", "state", "plan", "reconcile", "health", "suspend", "resume")
+            for ep in ("status", "state", "plan", "reconcile", "health", "suspend", "resume",
+                       "logs")
         )
 
 

@@ -6,9 +6,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from reconciler.core.redact import redact_url
 from reconciler.core.spec import Selector
 from reconciler.core.status import AppStatus, NodeStatus
-from reconciler.mesh.link import NatsOptions, redact_url
+from reconciler.mesh.link import NatsOptions
 from reconciler.mesh.permissions import Permissions, node_permissions, notifier_permissions
 from reconciler.mesh.subjects import event_subject, node_from_event_subject, rpc_subject
 from reconciler.mesh.wire import (
@@ -105,7 +106,7 @@ def test_selector_from_flags() -> None:
     assert selector_from_pairs(["role=edge", "site = x"]) == Selector(
         match={"role": "edge", "site": "x"}
     )
-    with pytest.raises(BadRequest, match="expected key=value"):
+    with pytest.raises(BadRequest, match="expected KEY=VALUE"):
         selector_from_pairs(["role"])
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from reconciler.cli.main import parse_args, resolve_handler
-from reconciler.core.loader import SpecFile, load_directory, load_files, read_directory
+from reconciler.core.loader import SpecFile, load_files
+from reconciler.node.spec_dir import load_directory, read_directory
 from tests.conftest import eventually, free_port, make_spec_repo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,7 +167,8 @@ def test_plan_with_a_state_dir_and_spec_errors(example_repo, tmp_path: Path) -> 
         ("legacy", json.dumps({"name": "legacy", "version": "0.9"}), "x", "0.9"),
     ]:
         store.put_app(AppRecord(name=name, version=version, spec_json=spec_json,
-                                spec_hash=spec_hash, phase="running"))
+                                spec_hash=spec_hash, phase="running",
+                                install_dir=str(tmp_path / "apps" / name / version)))
     store.close()
     args = ["plan", "--repo", example_repo.url, "--node-id", "e1", "--label", "role=edge",
             "--state-dir", str(tmp_path / "state")]
@@ -398,3 +400,16 @@ def test_plan_names_the_nodes_wave(tmp_path: Path) -> None:
                              "--state-dir", str(tmp_path / "none")).stdout)
     assert {k: as_json["rollout"][k] for k in ("governed", "wave", "open")} == {
         "governed": True, "wave": "fleet", "open": None}
+
+
+def test_plan_says_how_an_action_is_done_when_it_is_not_the_usual_way() -> None:
+    from reconciler.cli.spec_cmds import format_plan
+    from reconciler.core.plan import Action, ActionKind, Mode, Plan
+
+    plan = Plan("abc123", actions=(
+        Action(ActionKind.UPGRADE, "api", 0, "version 1 -> 2", "1", "2", mode=Mode.REINSTALL),
+        Action(ActionKind.DEPLOY, "web", 0, "new app", None, "1", mode=Mode.INSTALL),
+    ))
+    lines = format_plan(plan, "n1", {}, []).splitlines()
+    assert any(line.endswith("upgrade (reinstall): version 1 -> 2") for line in lines)
+    assert any(line.endswith(" deploy: new app") for line in lines)

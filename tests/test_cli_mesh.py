@@ -271,7 +271,7 @@ def test_bad_flags_are_usage_errors(nats_server: NatsServer) -> None:
     )
     res = cli(nats_server.url, "reconcile", "--selector", "role")
     assert (res.returncode, res.stderr) == (
-        2, "gitops-mesh: --selector 'role': expected key=value\n"
+        2, "gitops-mesh: --selector 'role': expected KEY=VALUE, e.g. role=gateway\n"
     )
 
 

@@ -109,7 +109,7 @@ async def test_api_mirrors_kv_status_and_stream_events(nc: NATS, http: httpx.Asy
     assert await get(http, "/api/nodes/nope", 404) == {"error": "no node 'nope' in the fleet"}
     assert (await get(http, "/api/rollouts/zzzz", 404))["error"].startswith("revision 'zzzz'")
     assert await get(http, "/api/nodes?label=role", 400) == {
-        "error": "label filter 'role': expected key=value"}
+        "error": "label filter 'role': expected KEY=VALUE, e.g. role=gateway"}
     assert await get(http, "/api/events?limit=x", 400) == {"error": "?limit='x': expected a number"}
 
     spec = await get(http, "/api/openapi.json")

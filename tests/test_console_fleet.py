@@ -67,7 +67,7 @@ def test_counters_and_cards_with_unreachable_derived_from_heartbeat_age() -> Non
 
 
 def test_node_filter_rejects_bad_clauses_with_a_clear_message() -> None:
-    with pytest.raises(ValueError, match="label filter 'role': expected key=value"):
+    with pytest.raises(ValueError, match="label filter 'role': expected KEY=VALUE"):
         NodeFilter.parse(["role"])
     with pytest.raises(ValueError, match="status filter 'fine'"):
         NodeFilter.parse(status="fine")
@@ -123,8 +123,8 @@ def test_event_log_is_bounded_newest_first_and_filterable() -> None:
 
     assert [e["id"] for e in fleet.event_log()] == ["e3", "e2", "e1"]  # e0 fell out
     assert fleet.event_log(EventFilter(node="n2", app="web")) == [{
-        "id": "e1", "type": "app.failed", "node": "n2", "time": iso(T0 + timedelta(seconds=1)),
-        "app": "web",
+        "schema": 1, "id": "e1", "type": "app.failed", "node": "n2",
+        "time": iso(T0 + timedelta(seconds=1)), "app": "web",
     }]
     assert [e["id"] for e in fleet.event_log(EventFilter(type="app."))] == ["e2", "e1"]
     assert [e["id"] for e in fleet.event_log(EventFilter(type="app.deployed"))] == ["e2"]

@@ -12,8 +12,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from reconciler.core.redact import mask_values as redact
 from reconciler.core.spec import HealthSpec
-from reconciler.core.state import Health
+from reconciler.core.states import Health
 from reconciler.node.health import (
     HealthMonitor,
     HttpTarget,
@@ -21,7 +22,6 @@ from reconciler.node.health import (
     http_target,
     next_health,
     probe,
-    redact,
     wait_healthy,
 )
 from tests.conftest import eventually_async, free_port

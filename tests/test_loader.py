@@ -7,17 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.core.loader import (
-    MAX_FILE_BYTES,
-    ParseCache,
-    SpecFile,
-    load_directory,
-    load_files,
-    read_directory,
-    resolve_spec_path,
-)
+from reconciler.core.loader import MAX_FILE_BYTES, ParseCache, SpecFile, load_files
 from reconciler.core.spec import AppSpec, Selector
-from reconciler.core.targeting import desired_for_node, parse_labels, selector_implies
+from reconciler.core.state import desired_for_node
+from reconciler.core.targeting import parse_labels, selector_implies
+from reconciler.node.spec_dir import load_directory, read_directory, resolve_spec_path
 from tests.conftest import make_spec_repo
 
 
@@ -356,13 +350,14 @@ def test_merge_of_a_list_locates_merged_keys_at_their_anchor() -> None:
     ]
 
 
-def test_a_file_with_a_late_syntax_error_keeps_its_earlier_apps_and_reports_the_error() -> None:
+def test_a_file_with_a_late_syntax_error_holds_its_earlier_apps_and_reports_the_error() -> None:
     result = load({"apps/a.yaml": APP.format(name="first") + "---\nname: [\n"})
     assert [str(p) for p in result.problems] == [
         "apps/a.yaml:5:1: YAML syntax error: did not find expected node content "
         "(while parsing a flow node)"
     ]
-    assert sorted(result.apps) == ["first"]
+    # held, not deployed: a file that was not read in full applies nothing (issue #10)
+    assert (sorted(result.apps), sorted(result.invalid)) == ([], ["first"])
 
 
 def test_an_empty_tree_is_a_problem_not_a_request_to_remove_everything() -> None:
@@ -557,3 +552,66 @@ def test_work_per_file_is_bounded(data: bytes, last: str) -> None:
     found = problems({"apps/many.yaml": data})
     assert last in found
     assert len(found) <= 102
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        pytest.param("".join(f"---\nname: extra{i}\nversion: '1'\n" for i in range(2)),
+                     id="too-many-documents"),
+        pytest.param("---\nname: broken\nversion: [\n", id="yaml-error-later-in-the-file"),
+    ],
+)
+def test_a_file_that_is_not_read_in_full_deploys_nothing(tail: str) -> None:
+    """A refused file's first documents must not count as valid apps (they were deployed
+    before: the first 1,000 apps of a 1,001-document file). They are held as invalid, so a
+    running app of that name is kept as it is and nothing new starts."""
+    from reconciler.core.loader import MAX_DOCUMENTS
+    from reconciler.core.plan import make_plan
+    from reconciler.core.state import CurrentState
+
+    count = MAX_DOCUMENTS - 1 if "extra0" in tail else 3
+    big = "".join(f"---\nname: app{i}\nversion: '1'\n" for i in range(count)) + tail
+    result = load({"apps/big.yaml": big, "apps/ok.yaml": APP.format(name="ok")})
+    assert sorted(result.valid_apps) == ["ok"]
+    assert {"app0", f"app{count - 1}"} <= result.invalid
+    assert len(result.problems) == 1 and result.problems[0].path == "apps/big.yaml"
+    desired = desired_for_node(result, "n1", {}, "r1")
+    plan = make_plan(desired, CurrentState())
+    assert [(a.kind.value, a.app) for a in plan.actions] == [("deploy", "ok")]
+
+
+SHELL_FORMS = [
+    pytest.param("run:\n  command: 'echo hi | cat'\n  shell: true\n", ["echo hi | cat"], None,
+                 id="one-string"),
+    pytest.param("run:\n  command: ['echo hi | cat']\n  shell: true\n", ["echo hi | cat"], None,
+                 id="one-item-list"),
+    pytest.param("run:\n  command: 'echo hi'\n", None,
+                 "apps/a.yaml:4:3: run: command is a string, i.e. a shell command line: give an "
+                 "argv list, or set shell: true", id="string-without-shell"),
+    pytest.param("run:\n  command: [echo, hi]\n  shell: true\n", None,
+                 "apps/a.yaml:4:3: run: with shell: true, command is one string run by /bin/sh -c",
+                 id="argv-with-shell"),
+]
+
+
+@pytest.mark.parametrize(("run", "command", "error"), SHELL_FORMS)
+def test_shell_true_takes_one_string_as_the_docs_say(
+    run: str, command: list[str] | None, error: str | None
+) -> None:
+    result = load({"apps/a.yaml": APP.format(name="job") + run})
+    if error is None:
+        assert result.ok, result.problems
+        assert result.apps["job"].run is not None
+        assert result.apps["job"].run.command == command
+    else:
+        assert [str(p) for p in result.problems] == [error]
+
+
+def test_the_schema_shows_both_command_forms() -> None:
+    from reconciler.core.spec import app_json_schema
+
+    schema = app_json_schema()
+    command = schema["$defs"]["RunSpec"]["properties"]["command"]
+    assert {"type": "string", "minLength": 1} in command["anyOf"]
+    assert any(alt.get("type") == "array" for alt in command["anyOf"])

@@ -7,10 +7,19 @@ from typing import Any
 
 from reconciler.core.errors import SpecProblem
 from reconciler.core.loader import SpecFile, load_files
-from reconciler.core.plan import HELD_FAILED, HELD_SPEC_ERRORS, Action, HeldApp, Plan, make_plan
+from reconciler.core.plan import (
+    HELD_FAILED,
+    HELD_SPEC_ERRORS,
+    USUAL_MODES,
+    Action,
+    ActionKind,
+    HeldApp,
+    Mode,
+    Plan,
+    make_plan,
+)
 from reconciler.core.spec import AppSpec
-from reconciler.core.state import CurrentApp, CurrentState, DesiredState
-from reconciler.core.targeting import desired_for_node
+from reconciler.core.state import CurrentApp, CurrentState, DesiredState, desired_for_node
 
 D, U, C, R, X = "deploy", "upgrade", "reconfigure", "restart", "remove"
 
@@ -49,10 +58,9 @@ def current(*apps: CurrentApp) -> CurrentState:
 
 
 def act(kind: str, name: str, gen: int, reason: str, frm: str | None = None,
-        to: str | None = "1.0", deps: tuple[str, ...] = ()) -> Action:
-    from reconciler.core.plan import ActionKind
-
-    return Action(ActionKind(kind), name, gen, reason, frm, to, deps)
+        to: str | None = "1.0", deps: tuple[str, ...] = (), mode: Mode | None = None) -> Action:
+    return Action(ActionKind(kind), name, gen, reason, frm, to, deps,
+                  mode=mode or USUAL_MODES[ActionKind(kind)])
 
 
 def test_fresh_node_deploys_the_stack_in_dependency_order() -> None:
@@ -136,6 +144,44 @@ def test_drift_is_healed_by_restarts() -> None:
         ),
         unchanged=("gateway",),
     )
+
+
+def test_the_mode_says_how_each_action_is_done_from_what_is_installed_and_alive() -> None:
+    """An upgrade or reconfigure replaces a live version (and can roll back to it), installs
+    afresh over one with no live process, and installs when nothing ever got installed; a
+    restart starts an installed spec again, or installs it when nothing got installed."""
+    a, b, c, d, e, f = (app(name) for name in "abcdef")
+    v2 = {s.name: app(s.name, "2.0") for s in (a, b, c)}
+    d_fast = app("d", run={"command": ["d", "--fast"]})
+    plan = make_plan(
+        desired(*v2.values(), d_fast, e, f),
+        current(
+            installed(a),  # alive: a process runs, or waits in restart backoff
+            installed(b, phase="failed", running=False, alive=False),  # crash-looped
+            installed(c, phase="blocked", running=False, alive=False, installed=False),
+            installed(d, running=False, alive=False),
+            installed(e, running=False, alive=False),
+            installed(f, phase="failed", running=False, alive=False, installed=False),
+        ),
+    )
+    up = "version 1.0 -> 2.0"
+    assert plan == Plan(
+        "rev2",
+        actions=(
+            act(U, "a", 0, up, frm="1.0", to="2.0", mode=Mode.REPLACE),
+            act(U, "b", 0, up, frm="1.0", to="2.0", mode=Mode.REINSTALL),
+            act(U, "c", 0, up, frm="1.0", to="2.0", mode=Mode.INSTALL),
+            act(C, "d", 0, "spec changed", frm="1.0", mode=Mode.REINSTALL),
+            act(R, "e", 0, "not running (drift)", frm="1.0", mode=Mode.RESTART),
+            act(R, "f", 0, "failed; starting again", frm="1.0", mode=Mode.INSTALL),
+        ),
+    )
+    # what each records when it succeeds: nothing was installed for c and f
+    assert [(x.app, x.event) for x in plan.actions] == [
+        ("a", "app.upgraded"), ("b", "app.upgraded"), ("c", "app.deployed"),
+        ("d", "app.reconfigured"), ("e", "app.restarted"), ("f", "app.deployed")]
+    assert [x.to_json()["mode"] for x in plan.actions] == [
+        "replace", "reinstall", "install", "reinstall", "restart", "install"]
 
 
 def test_suspended_apps_are_held_whether_by_spec_or_by_an_operator() -> None:
@@ -316,9 +362,9 @@ def test_plan_json_is_the_whole_plan() -> None:
         "actions": [
             {"kind": "remove", "app": "old", "generation": 0,
              "reason": "no longer desired on this node", "from_version": "1.0",
-             "to_version": None, "depends_on": []},
+             "to_version": None, "depends_on": [], "mode": "remove"},
             {"kind": "deploy", "app": "broker", "generation": 0, "reason": "new app",
-             "from_version": None, "to_version": "1.0", "depends_on": []},
+             "from_version": None, "to_version": "1.0", "depends_on": [], "mode": "install"},
         ],
         "held": [],
         "unchanged": [],

@@ -478,3 +478,64 @@ def test_rotate_log_keeps_n_generations(tmp_path: Path) -> None:
     assert [(tmp_path / f"app.log.{i}").read_text() for i in (1, 2, 3)] == [
         "generation 4\n", "generation 3\n", "generation 2\n"
     ]
+
+
+# --- descendants that leave the process group (issue #10.5) -----------------------------------
+
+ESCAPER = """
+import os, signal, sys, time
+if os.fork() == 0:
+    os.setsid()  # a daemon: out of the app's process group and session
+    open(os.path.join(sys.argv[1], f"escaped-{os.getpid()}"), "w").close()
+    signal.pause()
+time.sleep(float(sys.argv[2])) if sys.argv[2] != "forever" else signal.pause()
+sys.exit(1)
+"""
+
+
+def escaped_pids(tmp: Path) -> list[int]:
+    return [int(p.name.split("-")[1]) for p in tmp.glob("escaped-*")]
+
+
+def live_escaped(tmp: Path) -> list[int]:
+    return [pid for pid in escaped_pids(tmp) if alive(pid)]
+
+
+async def test_a_child_that_calls_setsid_is_stopped_with_its_app(tmp_path: Path) -> None:
+    runtime = ProcessRuntime(Recorder())
+    await runtime.start(launch(tmp_path, "daemonizer", [PY, "-c", ESCAPER, str(tmp_path),
+                                                        "forever"]))
+    await until(lambda: live_escaped(tmp_path), what="the escaped child runs")
+    [child] = live_escaped(tmp_path)
+    assert os.getsid(child) == child  # really outside the app's session
+    await runtime.stop("daemonizer")
+    assert not alive(child)
+    await runtime.close(stop_apps=True)
+
+
+async def test_restarts_never_pile_up_escaped_children(tmp_path: Path) -> None:
+    rec = Recorder()
+    runtime = ProcessRuntime(rec)
+    policy = RestartPolicy("always", backoff_initial=0.05, backoff_max=0.05, max_restarts=50)
+    await runtime.start(launch(tmp_path, "leaky", [PY, "-c", ESCAPER, str(tmp_path), "0.3"],
+                               restart=policy))
+    await until(lambda: len(escaped_pids(tmp_path)) >= 4, what="three restarts")
+    # each exit of the app stopped the child it left; at most the current one is alive
+    assert len(live_escaped(tmp_path)) <= 1
+    await runtime.stop("leaky")
+    assert live_escaped(tmp_path) == []
+    await runtime.close(stop_apps=True)
+
+
+async def test_an_adopted_app_is_stopped_with_its_escaped_child(tmp_path: Path) -> None:
+    first = ProcessRuntime(Recorder())
+    spec = launch(tmp_path, "daemonizer", [PY, "-c", ESCAPER, str(tmp_path), "forever"])
+    record = await first.start(spec)
+    await until(lambda: live_escaped(tmp_path), what="the escaped child runs")
+    await first.close(stop_apps=False)  # the agent goes away, the app stays
+    second = ProcessRuntime(Recorder())
+    assert second.adopt(spec, record)
+    assert live_escaped(tmp_path)  # adoption keeps the app whole
+    await second.stop("daemonizer")
+    assert live_escaped(tmp_path) == [] and not alive(record.pid)
+    await second.close(stop_apps=True)

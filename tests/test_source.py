@@ -13,7 +13,8 @@ import pytest
 
 from reconciler.core.errors import ArtifactError, SignatureError, SourceError
 from reconciler.core.loader import SpecFile
-from reconciler.node.source import GitSource, SignatureVerifier, redact_url
+from reconciler.core.redact import redact_url
+from reconciler.node.source import GitSource, SignatureVerifier
 from tests.conftest import SpecRepo, git, make_spec_repo
 
 APP_A = "name: a\nversion: '1'\n"

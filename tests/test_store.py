@@ -111,8 +111,8 @@ def test_process_record_and_current_state(tmp_path: Path) -> None:
         store.set_process("web", ProcessRecord("web", "1.0", proc.pid, proc.pid, created))
         expected = CurrentState(apps={"web": CurrentApp(
             name="web", version="1.0", spec_hash=spec.spec_hash(), phase="running",
-            health="healthy", running=True, depends_on=("db",), suspended=False,
-            failed_spec_hash="abc", metadata_hash=spec.metadata_hash(),
+            health="healthy", running=True, alive=True, installed=False, depends_on=("db",),
+            suspended=False, failed_spec_hash="abc", metadata_hash=spec.metadata_hash(),
         )})
         assert store.current_state() == expected
         assert load_current_state(tmp_path) == expected

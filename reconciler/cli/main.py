@@ -29,6 +29,11 @@ HANDLERS: dict[str, str] = {
     "rollout": "reconciler.cli.mesh_cmds:run_rollout",
     "notify": "reconciler.cli.mesh_cmds:run_notify",
     "nats-config": "reconciler.cli.mesh_cmds:run_nats_config",
+    "suspend": "reconciler.cli.rpc_cmds:run_suspend",
+    "resume": "reconciler.cli.rpc_cmds:run_resume",
+    "health": "reconciler.cli.rpc_cmds:run_health",
+    "state": "reconciler.cli.rpc_cmds:run_state",
+    "logs": "reconciler.cli.rpc_cmds:run_logs",
     "console": "console.cli:run_console",
     "demo": "reconciler.demo:run_demo",
 }
@@ -67,6 +72,32 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
 
 
+def add_rpc_verbs(sub: Any) -> None:
+    """suspend, resume, health, state, logs: one node's RPC (reconciler/cli/rpc_cmds.py)."""
+    for verb, what in (("suspend", "suspend a node or one app (reconciles skip it)"),
+                       ("resume", "resume a node or one app, and reconcile")):
+        p = sub.add_parser(verb, help=what)
+        target = p.add_mutually_exclusive_group(required=True)
+        target.add_argument("--node")
+        target.add_argument("--selector", action="append", metavar="K=V",
+                            help="every node in the status KV with these labels")
+        p.add_argument("--app", help="only this app (default: the whole node)")
+    p = sub.add_parser("health", help="probe a node's apps now")
+    p.add_argument("--app", help="only this app")
+    p = sub.add_parser("state", help="a node's desired and current state (env values hidden)")
+    p = sub.add_parser("logs", help="the last lines of an app's log on a node")
+    p.add_argument("--app", required=True)
+    p.add_argument("--lines", type=int, default=100, help="how many (at most 1000)")
+    p.add_argument("--follow", "-f", action="store_true", help="then new lines, until Ctrl-C")
+    for verb in ("suspend", "resume", "health", "state", "logs"):
+        p = sub.choices[verb]
+        if verb not in ("suspend", "resume"):
+            p.add_argument("--node", required=True)
+        p.add_argument("--timeout", default="10s", help="how long to wait for the node")
+        p.add_argument("--json", action="store_true")
+        add_nats_args(p, required=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gitops-mesh", description="GitOps reconciler for fleets of plain Linux nodes."
@@ -82,10 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apps-path", default=None, help="apps folder inside PATH (default: apps)")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("schema", help="print the JSON Schema of an app document")
-    kind = p.add_mutually_exclusive_group()
-    kind.add_argument("--rollout", action="store_true", help="of rollout.yaml instead")
-    kind.add_argument("--events", action="store_true", help="of an event instead")
+    p = sub.add_parser("schema", help="print a JSON Schema (default: an app document)")
+    schema_of = p.add_mutually_exclusive_group()  # one document kind per call
+    schema_of.add_argument("--events", action="store_true",
+                           help="the schema of events (gitops.events.<node>.<type>)")
+    schema_of.add_argument("--rollout", action="store_true",
+                           help="the schema of rollout.yaml (fleet rollouts)")
 
     p = sub.add_parser("plan", help="what a reconcile would do, in order, without doing it")
     add_source_args(p)
@@ -104,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require commits signed by a key in this ssh allowed_signers file")
     p.add_argument("--gpg-keyring", metavar="FILE",
                    help="require commits signed by a key in this GPG keyring")
+    p.add_argument("--allow-rewind", action="store_true",
+                   help="with signature checks: accept a move back to an older revision "
+                        "(refused by default: it may replay an old signed commit)")
     p.add_argument("--outbox-max", type=int, default=100_000,
                    help="events kept for NATS while it is down")
     p.add_argument("--port-offset", type=int, default=0,
@@ -150,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", action="append", default=[], help="node id (repeatable)")
     p.add_argument("--out", required=True, help="directory for the config and credentials")
     p.add_argument("--auth", choices=["nkey", "password"], default="nkey")
+
+    add_rpc_verbs(sub)
 
     p = sub.add_parser("console", help="the fleet web console")
     p.add_argument("--host", default="127.0.0.1")
@@ -231,6 +269,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for item in relaxed:
         item.required = True
     config = _load_config(pre.config) if pre.config else {}
+    # of the global options only the logging ones come from the config file and env too
+    logging_defaults = {k: v for k, v in _option_defaults(parser, config, dict(os.environ))
+                        .items() if k in ("log_level", "log_json")}
+    levels = next(a.choices for a in parser._actions if a.dest == "log_level") or ()
+    if logging_defaults.get("log_level", "info") not in levels:
+        parser.error(f"log_level {logging_defaults['log_level']!r}: use one of "
+                     f"{', '.join(levels)}")
+    parser.set_defaults(**logging_defaults)
     if pre.command:
         subparser = commands[pre.command]
         subparser.set_defaults(**_option_defaults(subparser, config, dict(os.environ)))
@@ -238,7 +284,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         for action in subparser._actions:
             if action.required and action.dest in subparser._defaults:
                 action.required = False
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.argv = argv  # `node` parses them again on SIGHUP (config file and env re-read)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -121,21 +121,32 @@ def _apply(fleet: dict[str, Observed], entry: KeyValue.Entry) -> None:
     fleet[entry.key] = Observed(status, _entry_time(entry))
 
 
+class RpcError(MeshError):
+    """A node RPC that failed: `silent` (no responders, or no answer in time), or the node's
+    micro service error `code` ("400": the request was refused, "500": it failed there)."""
+
+    def __init__(self, message: str, *, silent: bool = False, code: str | None = None) -> None:
+        super().__init__(message)
+        self.silent = silent
+        self.code = code
+
+
 async def rpc(nc: NATS, node: str, endpoint: str, body: dict[str, Any] | None = None,
               timeout: float = RPC_TIMEOUT_S) -> Any:
-    """Call one node's endpoint; service errors and silence become MeshError."""
+    """Call one node's endpoint; service errors and silence become RpcError (a MeshError)."""
     data = json.dumps(body).encode() if body else b""
     try:
         msg = await nc.request(rpc_subject(node, endpoint), data, timeout=timeout)
     except nats.errors.NoRespondersError:
-        raise MeshError(f"node {node!r} is not answering (no responders)") from None
+        raise RpcError(f"node {node!r} is not answering (no responders)", silent=True) from None
     except nats.errors.TimeoutError:
-        raise MeshError(f"node {node!r} did not answer within {timeout:g}s") from None
+        raise RpcError(f"node {node!r} did not answer within {timeout:g}s", silent=True) from None
     headers = msg.headers or {}
     if "Nats-Service-Error-Code" in headers:
-        raise MeshError(
-            f"node {node!r} {endpoint}: error {headers['Nats-Service-Error-Code']}: "
-            f"{headers.get('Nats-Service-Error', '')}"
+        code = headers["Nats-Service-Error-Code"]
+        raise RpcError(
+            f"node {node!r} {endpoint}: error {code}: {headers.get('Nats-Service-Error', '')}",
+            code=code,
         )
     return json.loads(msg.data)
 

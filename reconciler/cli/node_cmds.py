@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
+import dataclasses
 import logging
 import signal
 import sys
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.core.spec import parse_duration
-from reconciler.core.status import AppStatus, NodeStatus, summarize
+from reconciler.core.status import NodeStatus
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def agent_config(args: argparse.Namespace) -> Any:
         outbox_max=args.outbox_max,
         allowed_signers=_existing_file(args.allowed_signers, "--allowed-signers"),
         gpg_keyring=_existing_file(args.gpg_keyring, "--gpg-keyring"),
+        allow_rewind=bool(getattr(args, "allow_rewind", False)),
     )
 
 
@@ -90,21 +91,13 @@ async def _node(args: argparse.Namespace, config: Any) -> int:
     except (StoreError, StateDirBusy, ReconcileError, ValueError, OSError) as exc:
         print(f"gitops-mesh node: {exc}", file=sys.stderr)
         return 1
-    mesh = None
-    if getattr(args, "nats", None):
-        try:
-            from reconciler.mesh.link import Mesh, NatsOptions
-        except ImportError as exc:  # the mesh is optional: the node still reconciles
-            log.error("--nats given but the mesh is unavailable: %s", exc)
-        else:
-            mesh = Mesh(agent=agent, outbox=agent.store, options=NatsOptions.from_args(args),
-                        heartbeat=config.heartbeat)
-            agent.coordinator = mesh.coordinator  # rollout.yaml is enforced over the mesh
-            await mesh.start()
+    node = RunningNode(agent, args, config)
+    await node.start_mesh()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, node.reload_soon)
     code = 0
     try:
         if args.once:
@@ -125,13 +118,163 @@ async def _node(args: argparse.Namespace, config: Any) -> int:
             await stop.wait()
             log.info("stopping (apps %s)", "stopped" if args.stop_apps_on_exit else "left running")
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        await node.close_mesh()
+        await agent.close(stop_apps=args.stop_apps_on_exit)
+    return code
+
+
+# -- SIGHUP: reload the node config ----------------------------------------------------------
+# Changed in place by a reload; every other option needs a restart (the running value is kept).
+RELOADED = ("label", "interval", "log_level", "log_json")
+NATS_OPTIONS = ("nats", "nats_user", "nats_password", "nats_token", "nats_nkey", "nats_creds",
+                "nats_ca", "nats_cert", "nats_key", "nats_js_domain")
+SECRETS = frozenset({"nats_password", "nats_token"})
+# AgentConfig fields set by options of another name (the rest: field name = option name)
+OPTION_OF_FIELD = {"repo_url": "repo", "apps_path": "path", "labels": "label"}
+
+
+def _shown(key: str, value: Any) -> str:
+    """An option's value for a log line or an event: never a secret, never URL credentials."""
+    if value is None:
+        return "-"
+    if key == "label":
+        return ",".join(f"{k}={v}" for k, v in sorted(value.items())) or "-"
+    if key == "nats" and value:
+        from reconciler.core.redact import redact_server
+
+        return ",".join(redact_server(s.strip()) for s in str(value).split(","))
+    if key == "interval":
+        return f"{value:g}s"
+    return str(value)
+
+
+def config_changes(old_args: argparse.Namespace, old: Any, new_args: argparse.Namespace,
+                   new: Any) -> tuple[dict[str, tuple[Any, Any]], list[str]]:
+    """(reloadable key -> (old, new) for what changed, options that need a restart)."""
+    values = {"label": (old.labels, new.labels), "interval": (old.interval, new.interval)}
+    for key in (*RELOADED[2:], *NATS_OPTIONS):
+        values[key] = (getattr(old_args, key, None), getattr(new_args, key, None))
+    changed = {key: pair for key, pair in sorted(values.items()) if pair[0] != pair[1]}
+    restart = sorted(OPTION_OF_FIELD.get(f.name, f.name) for f in dataclasses.fields(old)
+                     if f.name not in ("labels", "interval")
+                     and getattr(old, f.name) != getattr(new, f.name))
+    return changed, restart
+
+
+def describe_changes(changed: dict[str, tuple[Any, Any]], restart: list[str]) -> str:
+    parts = [f"{key} changed" if key in SECRETS else
+             f"{key} {_shown(key, old)} -> {_shown(key, new)}"
+             for key, (old, new) in changed.items()]
+    text = "; ".join(parts) or "nothing changed"
+    if restart:
+        text += f" ({', '.join(restart)}: kept, a restart applies them)"
+    return text
+
+
+def _reparse(argv: list[str]) -> argparse.Namespace:
+    """The command line again, with the config file and env read anew; UsageError if bad."""
+    import io
+
+    from reconciler.cli.main import parse_args
+
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            return parse_args(argv)
+    except SystemExit as exc:  # argparse's error, or the config file's
+        lines = errors.getvalue().strip().splitlines()
+        raise UsageError(lines[-1] if lines else str(exc.code)) from None
+    except Exception as exc:  # unreadable YAML, a file that went away...
+        raise UsageError(f"{type(exc).__name__}: {exc}") from None
+
+
+class RunningNode:
+    """The node process's parts that SIGHUP may replace: its config and its mesh."""
+
+    def __init__(self, agent: Any, args: argparse.Namespace, config: Any) -> None:
+        self.agent = agent
+        self.args = args
+        self.config = config
+        self.mesh: Any = None
+        self._reloading: asyncio.Task[None] | None = None
+        self._again = False
+
+    async def start_mesh(self) -> None:
+        if not getattr(self.args, "nats", None):
+            return
+        try:
+            from reconciler.mesh.link import Mesh, NatsOptions
+        except ImportError as exc:  # the mesh is optional: the node still reconciles
+            log.error("--nats given but the mesh is unavailable: %s", exc)
+            return
+        self.mesh = Mesh(agent=self.agent, outbox=self.agent.store,
+                         options=NatsOptions.from_args(self.args),
+                         heartbeat=self.config.heartbeat)
+        self.agent.coordinator = self.mesh.coordinator  # rollout.yaml enforced over NATS
+        await self.mesh.start()
+
+    async def close_mesh(self) -> None:
+        mesh, self.mesh = self.mesh, None
+        self.agent.coordinator = None  # until a new mesh: governed revisions are held
         if mesh is not None:
             with contextlib.suppress(Exception):
                 await mesh.close()
-        await agent.close(stop_apps=args.stop_apps_on_exit)
-    return code
+
+    def reload_soon(self) -> None:
+        """The SIGHUP handler: one reload at a time; a signal during one runs one more."""
+        if self._reloading is not None and not self._reloading.done():
+            self._again = True
+            return
+        self._reloading = asyncio.get_running_loop().create_task(self._reload_loop())
+
+    async def _reload_loop(self) -> None:
+        while True:
+            self._again = False
+            try:
+                await self.reload()
+            except Exception:  # a reload must never take the agent down
+                log.exception("reloading the config failed; the running one is kept")
+            if not self._again:
+                return
+
+    async def reload(self) -> None:
+        try:
+            new_args = _reparse(list(getattr(self.args, "argv", None) or sys.argv[1:]))
+            new_config = agent_config(new_args)
+            if getattr(new_args, "nats", None):
+                from reconciler.mesh.conn import MeshError, NatsOptions
+
+                try:
+                    NatsOptions.from_args(new_args).connect_kwargs()  # files exist, domain ok
+                except MeshError as exc:
+                    raise UsageError(str(exc)) from None
+        except UsageError as exc:
+            message = f"config not reloaded, the running one is kept: {exc}"
+            log.error("SIGHUP: %s", message)
+            with self.agent.store.transaction():
+                self.agent.record("node.reconfigured", outcome="failure", message=message)
+            return
+        changed, restart = config_changes(self.args, self.config, new_args, new_config)
+        message = describe_changes(changed, restart)
+        if not changed:
+            log.info("SIGHUP: reloaded the config: %s", message)
+            return
+        if {"log_level", "log_json"} & set(changed):
+            from reconciler.cli.logs import setup_logging
+
+            setup_logging(new_args.log_level, new_args.log_json)
+            log.debug("logging at level %s from now on", new_args.log_level)
+        for key in (*RELOADED, *NATS_OPTIONS):
+            setattr(self.args, key, getattr(new_args, key, None))
+        if set(NATS_OPTIONS) & set(changed):
+            # before the event is recorded: it then goes out on the new connection
+            await self.close_mesh()
+            await self.start_mesh()
+        log.info("SIGHUP: reloaded the config: %s", message)
+        self.agent.reconfigure(labels=new_config.labels, interval=new_config.interval,
+                               changed=list(changed), message=f"reloaded: {message}")
 
 
 def print_problems(status: NodeStatus, out: Any) -> None:
@@ -153,58 +296,36 @@ def local_status(state_dir: Path) -> NodeStatus | None:
     """A node's status from its store alone (agent running or not); None without a store.
     Liveness comes from the recorded pids (/proc, create_time checked). agent_version and
     the last reconcile's time and duration are what the last agent on this store recorded;
-    cpu_percent stays None (it needs a running agent's samples)."""
+    cpu_percent stays None (it needs a running agent's samples). Built by the same
+    core.status.node_status as the agent's own status."""
     import psutil
 
-    from reconciler.core.events import iso_time
-    from reconciler.node.agent import spec_of
-    from reconciler.node.store import meta_float, pid_alive, read_snapshot
+    from reconciler.core.status import NodeMeta, node_status
+    from reconciler.node.runtimes.process import pid_alive
+    from reconciler.node.status_view import record_facts
+    from reconciler.node.store import read_snapshot
 
     snap = read_snapshot(state_dir)
     if snap is None:
         return None
     now = datetime.now(UTC)
-    apps: list[AppStatus] = []
+    apps = []
     for record in snap.apps.values():
-        spec = spec_of(record)
-        alive = pid_alive(record.pid, record.create_time)
-        health = record.health
-        message = record.message
-        if spec.run is not None and record.phase == "running" and not alive:
-            health, message = "unhealthy", message or "process not running"
-        pid = record.pid if alive else None
-        started_at = uptime = rss = None
+        spec = record.spec
+        alive = spec.run is None or pid_alive(record.pid, record.create_time)
+        pid = record.pid if alive and spec.run is not None else None
+        uptime = rss = None
         if pid is not None and record.create_time is not None:
-            started_at = iso_time(datetime.fromtimestamp(record.create_time, UTC))
-            uptime = round(now.timestamp() - record.create_time, 1)
+            uptime = now.timestamp() - record.create_time
             with contextlib.suppress(psutil.Error):
                 rss = psutil.Process(pid).memory_info().rss
-        apps.append(AppStatus(
-            name=record.name, version=record.version, phase=record.phase, health=health,
-            message=message, layer=spec.layer, labels=dict(spec.labels),
-            depends_on=list(spec.depends_on), suspended=record.suspended,
-            failed_version=record.failed_version, restarts=record.restarts, pid=pid,
-            started_at=started_at, uptime_s=uptime, rss_bytes=rss,
+        apps.append(record_facts(
+            record, spec, alive=alive, pid=pid,
+            started_at=record.create_time if pid is not None else None,
+            uptime_s=uptime, rss_bytes=rss,
         ))
-    meta = snap.meta
-    spec_errors = [e for e in (meta.get("spec_errors") or "").split("\n") if e]
-    applied, desired = meta.get("applied_revision"), meta.get("desired_revision")
-    state, message = summarize(
-        apps, reconciling=False, suspended=meta.get("node_suspended") == "1",
-        source_error=meta.get("source_error"), spec_errors=bool(spec_errors),
-        at_desired_revision=applied is not None and applied == desired,
-    )
-    return NodeStatus(
-        node=meta.get("node_id", "?"), labels=json.loads(meta.get("labels") or "{}"),
-        revision=applied, status=state, message=message, apps=apps,
-        updated_at=iso_time(now), desired_revision=desired,
-        source_error=meta.get("source_error"), spec_errors=spec_errors,
-        agent_version=meta.get("agent_version", ""),
-        last_reconcile_at=meta.get("last_reconcile"),
-        last_reconcile_ms=meta_float(meta.get("last_reconcile_ms")),
-        outbox_backlog=snap.outbox_backlog,
-        outbox_dropped=int(meta.get("outbox_dropped") or 0),
-    )
+    return node_status(NodeMeta.from_rows(snap.meta), apps, now=now,
+                       outbox_backlog=snap.outbox_backlog)
 
 
 def run_status(args: argparse.Namespace) -> int:

@@ -10,14 +10,8 @@ import tempfile
 from pathlib import Path
 
 from reconciler.core.errors import ReconcileError, SpecProblem
-from reconciler.core.loader import (
-    LoadResult,
-    SpecFile,
-    load_files,
-    read_directory,
-    resolve_spec_path,
-)
-from reconciler.core.plan import Action, ActionKind, Plan
+from reconciler.core.loader import LoadResult, SpecFile, load_files
+from reconciler.core.plan import USUAL_MODES, Action, ActionKind, Plan
 from reconciler.core.rollout_spec import (
     MAX_ROLLOUT_BYTES,
     ROLLOUT_FILE,
@@ -27,6 +21,7 @@ from reconciler.core.rollout_spec import (
 )
 from reconciler.core.spec import NAME_RE, app_json_schema
 from reconciler.core.state import CurrentState
+from reconciler.node.spec_dir import read_directory, resolve_spec_path
 
 ROLLOUTS_BUCKET_NAME = "gitops_rollouts"
 # Exit codes: 0 fine, 1 spec problems (plan still printed, with removals held), 2 could not
@@ -151,21 +146,19 @@ def _problem_json(problem: SpecProblem) -> dict[str, object]:
 
 def run_schema(args: argparse.Namespace) -> int:
     if getattr(args, "rollout", False):
-        schema = rollout_json_schema()
-    elif getattr(args, "events", False):
-        from reconciler.core.events import Event
+        print(json.dumps(rollout_json_schema(), indent=2, sort_keys=True))
+        return EXIT_OK
+    if getattr(args, "events", False):
+        from reconciler.core.events import event_json_schema
 
-        schema = Event.model_json_schema()
-        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-        schema["title"] = "gitops-mesh event"
-    else:
-        schema = app_json_schema()
-    print(json.dumps(schema, indent=2, sort_keys=True))
+        print(json.dumps(event_json_schema(), indent=2, sort_keys=True))
+        return EXIT_OK
+    print(json.dumps(app_json_schema(), indent=2, sort_keys=True))
     return EXIT_OK
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from reconciler.core.targeting import desired_for_node
+    from reconciler.core.state import desired_for_node
 
     try:
         if not NAME_RE.match(args.node_id):
@@ -281,7 +274,10 @@ def _line(action: Action) -> str:
         what = f"{action.app} {action.from_version}"
     else:
         what = f"{action.app} {action.to_version}"
-    return f"  {symbol} {what:<36} {action.kind.value}: {action.reason}"
+    how = action.kind.value
+    if action.mode is not USUAL_MODES[action.kind]:  # e.g. "upgrade (reinstall)"
+        how += f" ({action.mode.value})"
+    return f"  {symbol} {what:<36} {how}: {action.reason}"
 
 
 def format_plan(plan: Plan, node: str, labels: dict[str, str], problems: list[str]) -> str:

@@ -1,13 +1,18 @@
 """Error hierarchy, by what the agent should do about each kind.
 
     ReconcileError
-    ├── StalledError      a person must fix it: invalid spec, dependency cycle, bad signature
-    │   └── SpecError     located problems in spec files (carries SpecProblem values)
-    ├── WaitingError      a dependency is not healthy yet: try again shortly
-    └── TransientError    git, NATS, runtime hiccups: retry with backoff
-        ├── SourceError   fetching the spec repo or an artifact failed
-        └── RuntimeFailure starting or stopping a process failed
+    ├── StalledError        a person must fix it: retrying the same input cannot succeed
+    │   ├── SignatureError  a revision is unsigned or signed by a key that is not trusted
+    │   │   └── RevisionRefused  a signed source moving back (replay) or too far to verify
+    │   └── ArtifactError   an artifact failed verification (sha256, unsafe archive entry)
+    └── TransientError      git, NATS, runtime hiccups: retry with backoff
+        ├── SourceError     fetching the spec repo or an artifact failed
+        ├── RuntimeFailure  starting or stopping a process failed
+        └── MeshError       NATS unreachable or refusing (reconciler.mesh.conn)
 
+Spec problems are values, not exceptions: the loader collects located SpecProblems and the
+planner holds the apps they touch. A dependency that is not healthy yet is not an error
+either: the executor reports the waiting app blocked (outcome skipped), the next run retries.
 Boundary modules translate third-party exceptions: `raise SourceError(...) from exc`.
 """
 
@@ -41,16 +46,6 @@ class StalledError(ReconcileError):
     """Needs a person: retrying the same input cannot succeed."""
 
 
-class SpecError(StalledError):
-    def __init__(self, problems: list[SpecProblem]) -> None:
-        self.problems = sorted(problems)
-        super().__init__("\n".join(str(p) for p in self.problems))
-
-
-class WaitingError(ReconcileError):
-    """A precondition (a dependency's health) is not met yet."""
-
-
 class TransientError(ReconcileError):
     """Expected to pass on its own: retry with backoff."""
 
@@ -61,6 +56,11 @@ class SourceError(TransientError):
 
 class SignatureError(StalledError):
     """A revision is unsigned or signed by a key that is not trusted."""
+
+
+class RevisionRefused(SignatureError):
+    """A move the signed-source policy refuses: back to an ancestor of the applied revision
+    (a replay of an older signed commit), or past more new commits than it verifies."""
 
 
 class ArtifactError(StalledError):

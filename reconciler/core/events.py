@@ -4,43 +4,28 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-EventType = Literal[
-    "reconcile.started",
-    "reconcile.finished",
-    "app.deployed",
-    "app.upgraded",
-    "app.reconfigured",
-    "app.restarted",
-    "app.removed",
-    "app.failed",
-    "app.blocked",
-    "app.rolled-back",
-    "app.health-changed",
-    "app.suspended",
-    "app.resumed",
-    "source.fetched",
-    "source.failed",
-    "node.started",
-    "node.stopping",
-    "rollout.wave-opened",
-    "rollout.completed",
-    "rollout.aborted",
-    "rollout.paused",
-    "rollout.resumed",
-]
-EVENT_TYPES: tuple[str, ...] = EventType.__args__  # type: ignore[attr-defined]
-Outcome = Literal["success", "failure", "skipped"]
+from reconciler.core.states import EVENT_TYPES, EventType, Outcome
+
+# The event wire format's version. Adding an optional field keeps it; removing or renaming a
+# field, or changing a field's meaning or type, bumps it (docs/nats.md, "Event schema").
+EVENT_SCHEMA_VERSION = 1
 
 
 class Event(BaseModel):
     """One thing that happened on a node. Never carries env values or other secrets."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # `schema` on the wire; the attribute is `schema_version` (BaseModel has a `schema()`).
+    # Unknown fields are ignored, not refused: a newer agent may add optional fields within
+    # the same schema version, and consumers of that version must keep reading its events.
+    model_config = ConfigDict(extra="ignore", frozen=True, validate_by_name=True,
+                              validate_by_alias=True, serialize_by_alias=True)
 
+    # Absent in events of agents older than the field: they are version 1 too.
+    schema_version: int = Field(EVENT_SCHEMA_VERSION, alias="schema", ge=1)
     id: str
     type: str
     node: str
@@ -84,9 +69,22 @@ def parse_time(text: str | None) -> datetime | None:
 
 
 def make_event(
-    type: str, node: str, now: datetime, *, event_id: str | None = None, **fields: Any
+    type: EventType, node: str, now: datetime, *, event_id: str | None = None, **fields: Any
 ) -> Event:
     """Build an event; `fields` are the optional contract fields (app, version, outcome, ...)."""
     return Event(
         id=event_id or new_event_id(), type=type, node=node, time=iso_time(now), **fields
     )
+
+
+def event_json_schema() -> dict[str, Any]:
+    """The JSON Schema of an event as published (`gitops-mesh schema --events`)."""
+    schema = Event.model_json_schema(by_alias=True, mode="serialization")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = f"gitops-mesh event (schema {EVENT_SCHEMA_VERSION})"
+    schema["description"] = (
+        "One event of gitops.events.<node>.<type>. `schema` is the format version: optional "
+        "fields may be added within a version; removing or renaming a field bumps it. "
+        "Events without `schema` come from agents older than the field (version 1).")
+    schema["properties"]["type"]["examples"] = list(EVENT_TYPES)
+    return schema

@@ -6,7 +6,8 @@ YAML text. Walking events ourselves (instead of yaml.compose) is what lets hosti
 refused early: libyaml's composer recurses in C (deep nesting crashes the interpreter) and
 its scanner is quadratic in flow nesting depth, so the depth limit must stop the stream
 before either happens. Aliases are shared, not copied, and their expanded size is budgeted
-(billion laughs). Only the `read_directory`/`load_directory` helpers at the end do I/O.
+(billion laughs). Reading files is the callers' part
+(reconciler.node.source for git trees, reconciler.node.spec_dir for directories).
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ import contextlib
 import datetime
 import difflib
 import gc
-import os
 import typing
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
@@ -463,6 +462,11 @@ def parse_file(spec_file: SpecFile, max_bytes: int = MAX_FILE_BYTES) -> ParsedFi
     finally:
         if composer is not None:
             composer.close()
+    if file_problems:
+        # Not read in full (refused, a YAML error, too many problems): nothing in this file
+        # is applied. Its documents read so far keep their names, so they are held as
+        # invalid (a running app stays as it is) instead of deployed.
+        docs = [replace(doc, app=None) for doc in docs]
     return ParsedFile(path, tuple(docs), tuple(file_problems))
 
 
@@ -775,47 +779,3 @@ def check_tree(parsed: list[ParsedFile], apps_path: str = "apps") -> LoadResult:
             for key, line, col in doc.field_locs
         },
     )
-
-
-# ---------------------------------------------------------------------------------------
-# Reading a directory (the only I/O here; the git tree is read by reconciler.node.source)
-
-
-def read_directory(
-    root: Path, apps_path: str = "apps", max_bytes: int = MAX_FILE_BYTES
-) -> list[SpecFile]:
-    """Every *.yaml/*.yml below root/apps_path (root itself when apps_path is ""), paths
-    relative to root with '/' separators. Hidden folders and symlinked folders are skipped;
-    files are read up to max_bytes + 1 so a huge file is refused without reading it all."""
-    base = root / apps_path if apps_path else root
-    if base.is_file():
-        return [_read_one(base, base.name, max_bytes)]
-    files: list[SpecFile] = []
-    for dirpath, dirnames, filenames in os.walk(base):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for filename in sorted(filenames):
-            if filename.endswith(SPEC_SUFFIXES) and not filename.startswith("."):
-                full = Path(dirpath) / filename
-                files.append(_read_one(full, full.relative_to(root).as_posix(), max_bytes))
-    return files
-
-
-def _read_one(full: Path, rel: str, max_bytes: int) -> SpecFile:
-    with open(full, "rb") as handle:
-        return SpecFile(path=rel, data=handle.read(max_bytes + 1))
-
-
-def resolve_spec_path(path: Path, apps_path: str | None = None) -> tuple[Path, str]:
-    """`validate PATH` accepts a repo root (its apps/ is used), an apps folder or one file:
-    -> (root that paths are shown relative to, apps path inside it)."""
-    if apps_path is not None:
-        return path, apps_path
-    if path.is_file():
-        return path.parent, path.name
-    if (path / "apps").is_dir():
-        return path, "apps"
-    return path, ""
-
-
-def load_directory(root: Path, apps_path: str = "apps") -> LoadResult:
-    return load_files(read_directory(root, apps_path), apps_path=apps_path or str(root))

@@ -8,9 +8,12 @@ from typing import Any
 
 from reconciler.core.spec import AppSpec
 from reconciler.core.state import CurrentApp, CurrentState, DesiredState
+from reconciler.core.states import BUSY_PHASES, EventType
 
 
 class ActionKind(StrEnum):
+    """What changes for the app (what `plan` shows and the event says)."""
+
     DEPLOY = "deploy"
     UPGRADE = "upgrade"
     RECONFIGURE = "reconfigure"
@@ -18,10 +21,47 @@ class ActionKind(StrEnum):
     REMOVE = "remove"
 
 
+class Mode(StrEnum):
+    """How the executor carries an action out; the planner picks it from CurrentApp's facts
+    and the executor runs exactly the step it names (Executor.apply)."""
+
+    # nothing is installed: install and start this spec, recorded as app.deployed (a first
+    # deploy, or a retry of one that never got installed)
+    INSTALL = "install"
+    # an older spec is installed but no process of it is alive: install and start this spec
+    # afresh, with nothing to hand over from or roll back to
+    REINSTALL = "reinstall"
+    # the installed version is alive: install beside it, stop it, start this spec, roll
+    # back to it if this spec does not come up healthy
+    REPLACE = "replace"
+    # this very spec is installed: stop what is left of it and start it again
+    RESTART = "restart"
+    # stop the app and delete its files and record
+    REMOVE = "remove"
+
+
+# How each kind is done unless the app is found half there (dead, or never installed):
+# the mode `plan` leaves unsaid.
+USUAL_MODES: dict[ActionKind, Mode] = {
+    ActionKind.DEPLOY: Mode.INSTALL,
+    ActionKind.UPGRADE: Mode.REPLACE,
+    ActionKind.RECONFIGURE: Mode.REPLACE,
+    ActionKind.RESTART: Mode.RESTART,
+    ActionKind.REMOVE: Mode.REMOVE,
+}
+_SUCCESS_EVENTS: dict[ActionKind, EventType] = {
+    ActionKind.DEPLOY: "app.deployed",
+    ActionKind.UPGRADE: "app.upgraded",
+    ActionKind.RECONFIGURE: "app.reconfigured",
+    ActionKind.RESTART: "app.restarted",
+    ActionKind.REMOVE: "app.removed",
+}
+
+
 @dataclass(frozen=True)
 class Action:
     """One step. `generation` orders non-removal steps (same generation may run in parallel);
-    removals carry their own reverse-dependency generation."""
+    removals carry their own reverse-dependency generation. `mode` is how it is done."""
 
     kind: ActionKind
     app: str
@@ -30,6 +70,12 @@ class Action:
     from_version: str | None = None
     to_version: str | None = None
     depends_on: tuple[str, ...] = ()
+    mode: Mode = field(kw_only=True)
+
+    @property
+    def event(self) -> EventType:
+        """The event the executor records when this action succeeds."""
+        return "app.deployed" if self.mode is Mode.INSTALL else _SUCCESS_EVENTS[self.kind]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -40,6 +86,7 @@ class Action:
             "from_version": self.from_version,
             "to_version": self.to_version,
             "depends_on": list(self.depends_on),
+            "mode": self.mode.value,
         }
 
 
@@ -91,8 +138,6 @@ class Plan:
 
 HELD_SPEC_ERRORS = "spec errors at this revision; removals held"
 HELD_FAILED = "failed at this spec; change the spec or ask an operator"
-# Phases an interrupted agent can leave behind: the last action never finished.
-_UNFINISHED = ("pending", "deploying", "upgrading", "rolling-back", "removing")
 
 
 @dataclass(frozen=True)
@@ -124,6 +169,8 @@ def make_plan(desired: DesiredState, current: CurrentState) -> Plan:
     whose process spec is unchanged but whose metadata (METADATA_FIELDS) changed is listed in
     metadata_only (too when it restarts for drift): the executor stores its new spec, no restart.
     An installed app that is held keeps what it depends on: those removals are held too.
+    Each action's Mode says how the executor does it (from CurrentApp.installed and .alive),
+    so this plan is all the executor decides from.
     """
     from reconciler.core.graph import DependencyGraph
 
@@ -170,7 +217,7 @@ def make_plan(desired: DesiredState, current: CurrentState) -> Plan:
                     Action(
                         kind, name, generation, reason or "",
                         from_version=cur.version if cur else None, to_version=spec.version,
-                        depends_on=tuple(spec.depends_on),
+                        depends_on=tuple(spec.depends_on), mode=_mode(kind, cur),
                     )
                 )
                 holds[name] = None
@@ -218,7 +265,7 @@ def _removals(desired: DesiredState, current: CurrentState, held: dict[str, str]
         Action(
             ActionKind.REMOVE, name, generation, "no longer desired on this node",
             from_version=current.apps[name].version,
-            depends_on=tuple(current.apps[name].depends_on),
+            depends_on=tuple(current.apps[name].depends_on), mode=Mode.REMOVE,
         )
         for generation, names in enumerate(installed.removal_order(to_remove))
         for name in names
@@ -281,12 +328,22 @@ def _decide(spec: AppSpec, cur: CurrentApp | None) -> tuple[ActionKind | None, s
         return ActionKind.RESTART, "failed; starting again"
     if cur.phase == "blocked":
         return ActionKind.RESTART, "was blocked by a dependency; starting again"
-    if cur.phase in _UNFINISHED:
+    if cur.phase in BUSY_PHASES:
         # An agent stopped mid-action: starting again is how the action gets finished.
         return ActionKind.RESTART, f"interrupted while {cur.phase}; starting again"
     if not cur.running:
         return ActionKind.RESTART, "not running (drift)"
     return None, None
+
+
+def _mode(kind: ActionKind, cur: CurrentApp | None) -> Mode:
+    """How a deploy, upgrade, reconfigure or restart is done, from what is installed and
+    alive (see Mode)."""
+    if cur is None or not cur.installed:
+        return Mode.INSTALL
+    if kind is ActionKind.RESTART:
+        return Mode.RESTART
+    return Mode.REPLACE if cur.alive else Mode.REINSTALL
 
 
 def _blocked_by(deps: list[str], holds: dict[str, _Hold | None], kind: ActionKind) -> str | None:

@@ -58,5 +58,9 @@ class AgentAPI(Protocol):
 
     async def resume(self, app: str | None = None) -> None: ...
 
+    async def logs(self, app: str, lines: int, cursor: str | None = None) -> dict[str, Any]:
+        """The app's last `lines` lines, or those written after `cursor`, bounded:
+        {"node", "app", "lines": [...], "cursor", "more", "truncated"}."""
+
     def add_listener(self, on_change: Callable[[], None]) -> None:
         """`on_change` runs (on the loop) after every status change and every new event."""

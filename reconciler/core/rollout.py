@@ -33,10 +33,11 @@ RolloutState = Literal["progressing", "paused", "complete", "aborted"]
 ROLLOUT_STATES: tuple[str, ...] = ("progressing", "paused", "complete", "aborted")
 ACTIVE_STATES = frozenset({"progressing", "paused"})
 OPERATOR_ACTIONS: tuple[str, ...] = ("pause", "resume", "abort", "promote")
-ROLLOUT_EVENT_TYPES: tuple[str, ...] = (
+RolloutEventType = Literal[
     "rollout.wave-opened", "rollout.completed", "rollout.aborted", "rollout.paused",
     "rollout.resumed",
-)
+]
+ROLLOUT_EVENT_TYPES: tuple[str, ...] = RolloutEventType.__args__  # type: ignore[attr-defined]
 _EVENT_NAMESPACE = uuid.UUID("5b1c4a52-6f0e-4d8c-9d6e-2f7e0c1a9b31")
 
 
@@ -134,7 +135,7 @@ class Member:
 
 @dataclass(frozen=True)
 class RolloutEvent:
-    type: str
+    type: RolloutEventType
     message: str
     id: str
     data: dict[str, Any] = field(default_factory=dict)
@@ -194,7 +195,8 @@ def base_for(previous: RolloutEntry | None, previous_revision: str | None) -> st
     return previous.revision if previous.state == "complete" else previous.base
 
 
-def _event(e: RolloutEntry, type: str, message: str, **data: Any) -> RolloutEvent:
+def _event(e: RolloutEntry, type: RolloutEventType, message: str, **data: Any
+           ) -> RolloutEvent:
     e.transitions += 1
     event_id = uuid.uuid5(_EVENT_NAMESPACE, f"{e.revision}:{e.transitions}:{type}").hex
     return RolloutEvent(type, message, event_id, data)

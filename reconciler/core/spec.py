@@ -144,13 +144,23 @@ class GitSource(StrictModel):
 Source = Annotated[NoSource | ArchiveSource | GitSource, Field(discriminator="type")]
 
 
+def _argv_or_shell_line(schema: dict[str, Any]) -> None:
+    """JSON Schema of `run.command`: an argv list, or one string (with shell: true)."""
+    argv = {key: schema.pop(key) for key in ("type", "items", "minItems") if key in schema}
+    schema["anyOf"] = [argv, {"type": "string", "minLength": 1}]
+
+
 class RunSpec(StrictModel):
     """How to start the app's process. `command` is an argv list, never a shell string."""
 
-    command: list[str] = Field(min_length=1, description="argv; the first item is the program")
+    command: list[str] = Field(
+        min_length=1, json_schema_extra=_argv_or_shell_line,
+        description="argv; the first item is the program. With shell: true, one string "
+                    "(a one-item list is accepted too)",
+    )
     shell: bool = Field(
         default=False,
-        description="run command[0] with /bin/sh -c; must be asked for explicitly",
+        description="run command (one string) with /bin/sh -c; must be asked for explicitly",
     )
     env: dict[str, str] = Field(default_factory=dict)
     env_files: list[str] = Field(
@@ -162,10 +172,21 @@ class RunSpec(StrictModel):
     stop_signal: SignalName = "SIGTERM"
     stop_timeout: Duration = 10.0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _a_string_is_a_shell_line(cls, data: Any) -> Any:
+        """`command: "a | b"` is a shell command line: only with `shell: true`."""
+        if isinstance(data, dict) and isinstance(data.get("command"), str):
+            if data.get("shell") is not True:
+                raise ValueError("command is a string, i.e. a shell command line: give an "
+                                 "argv list, or set shell: true")
+            data = {**data, "command": [data["command"]]}
+        return data
+
     @model_validator(mode="after")
     def _shell_needs_one_string(self) -> RunSpec:
         if self.shell and len(self.command) != 1:
-            raise ValueError("with shell: true, command must be a single string in a list")
+            raise ValueError("with shell: true, command is one string run by /bin/sh -c")
         for key in self.env:
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
                 raise ValueError(f"invalid environment variable name {key!r}")

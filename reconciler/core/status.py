@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any, Literal
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-NodeState = Literal["synced", "progressing", "degraded", "failed", "suspended"]
-NODE_STATES: tuple[str, ...] = ("synced", "progressing", "degraded", "failed", "suspended")
+from reconciler.core.events import iso_time, parse_time
+from reconciler.core.spec import AppSpec
+from reconciler.core.states import BUSY_PHASES, STUCK_PHASES, NodeState
+
 # Observers derive this one from heartbeat age; a node never reports it itself.
 UNREACHABLE = "unreachable"
-
-_BUSY_PHASES = {"pending", "deploying", "upgrading", "rolling-back", "removing"}
+# A node is unreachable once this many heartbeat intervals passed without a status write.
+UNREACHABLE_AFTER_HEARTBEATS = 3.0
 
 
 class AppStatus(BaseModel):
@@ -78,18 +83,18 @@ def summarize(
     source_error: str | None,
     spec_errors: bool,
     at_desired_revision: bool,
-) -> tuple[str, str]:
+) -> tuple[NodeState, str]:
     """(node status, one-line reason) from the apps' phases and the agent's situation."""
     apps = list(apps)
     if suspended:
         return "suspended", "reconciliation suspended by an operator"
-    failed = sorted(a.name for a in apps if a.phase in ("failed", "blocked"))
+    failed = sorted(a.name for a in apps if a.phase in STUCK_PHASES)
     if failed:
         return "failed", "failed or blocked: " + ", ".join(failed)
     rolled_back = sorted(f"{a.name} {a.failed_version}" for a in apps if a.failed_version)
     if rolled_back and not reconciling:
         return "failed", "rolled back after a failed upgrade: " + ", ".join(rolled_back)
-    if reconciling or any(a.phase in _BUSY_PHASES for a in apps):
+    if reconciling or any(a.phase in BUSY_PHASES for a in apps):
         return "progressing", "reconciling"
     if not at_desired_revision:
         return "progressing", "desired revision not applied yet"
@@ -103,3 +108,204 @@ def summarize(
     if spec_errors:
         return "degraded", "spec errors at the latest revision (running apps kept)"
     return "synced", "all apps running and healthy"
+
+
+# ---- observers' view: heartbeat age ------------------------------------------------------
+
+def heartbeat_age(status: NodeStatus, now: datetime, written_at: datetime | None = None) -> float:
+    """Seconds since the node last wrote its status (server write time preferred)."""
+    when = written_at or parse_time(status.updated_at)
+    if when is None:
+        return float("inf")
+    return max(0.0, (now - when).total_seconds())
+
+
+def is_unreachable(status: NodeStatus, now: datetime, written_at: datetime | None = None) -> bool:
+    return heartbeat_stale(status.updated_at, status.heartbeat_interval_s, now, written_at)
+
+
+def heartbeat_stale(updated_at: str | None, heartbeat_interval_s: float, now: datetime,
+                    written_at: datetime | None = None) -> bool:
+    """The unreachable rule on bare values: more than UNREACHABLE_AFTER_HEARTBEATS missed
+    heartbeats since the last write (for readers that do not build a NodeStatus, such as
+    the rollouts' fleet read)."""
+    when = written_at or parse_time(updated_at)
+    age = float("inf") if when is None else max(0.0, (now - when).total_seconds())
+    return age > UNREACHABLE_AFTER_HEARTBEATS * max(heartbeat_interval_s, 0.001)
+
+
+def observed_state(status: NodeStatus, now: datetime, written_at: datetime | None = None) -> str:
+    """The node status an observer shows: the reported one, or `unreachable`."""
+    return UNREACHABLE if is_unreachable(status, now, written_at) else status.status
+
+
+# ---- the one status builder ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NodeMeta:
+    """The node-wide facts an agent keeps in its store (the `meta` table), typed.
+
+    `to_rows`/`from_rows` are the only places that know the stored keys and encodings."""
+
+    node_id: str = "?"
+    labels: dict[str, str] = field(default_factory=dict)
+    agent_version: str = ""
+    applied_revision: str | None = None
+    desired_revision: str | None = None
+    source_error: str | None = None
+    spec_errors: tuple[str, ...] = ()
+    suspended: bool = False
+    last_reconcile_at: str | None = None
+    last_reconcile_ms: float | None = None
+    outbox_dropped: int = 0
+    # the aborted rollout this node reverted from (it stays reverted: see node.rollout_gate)
+    rollout_reverted: str | None = None
+
+    # field -> stored key, where they differ
+    _KEYS = {"suspended": "node_suspended", "last_reconcile_at": "last_reconcile"}
+
+    @classmethod
+    def key(cls, name: str) -> str:
+        return cls._KEYS.get(name, name)
+
+    @classmethod
+    def from_rows(cls, rows: Mapping[str, str]) -> NodeMeta:
+        def get(name: str) -> str | None:
+            return rows.get(cls.key(name))
+
+        return cls(
+            node_id=get("node_id") or "?",
+            labels=_json_labels(get("labels")),
+            agent_version=get("agent_version") or "",
+            applied_revision=get("applied_revision"),
+            desired_revision=get("desired_revision"),
+            source_error=get("source_error"),
+            spec_errors=tuple(e for e in (get("spec_errors") or "").split("\n") if e),
+            suspended=get("suspended") == "1",
+            last_reconcile_at=get("last_reconcile_at"),
+            last_reconcile_ms=_number(get("last_reconcile_ms")),
+            outbox_dropped=int(_number(get("outbox_dropped")) or 0),
+            rollout_reverted=get("rollout_reverted"),
+        )
+
+    def to_rows(self, names: Iterable[str] | None = None) -> dict[str, str | None]:
+        """Stored key -> text (None: delete the row) for the fields `names` (default all)."""
+        wanted = set(names) if names is not None else {f.name for f in fields(self)}
+        rows: dict[str, str | None] = {}
+        for name in wanted:
+            value = getattr(self, name)
+            if name == "labels":
+                text: str | None = json.dumps(value, sort_keys=True)
+            elif name == "spec_errors":
+                text = "\n".join(value) or None
+            elif name == "suspended":
+                text = "1" if value else None
+            elif value is None:
+                text = None
+            else:
+                text = str(value)
+            rows[self.key(name)] = text
+        return rows
+
+    def changed(self, **changes: Any) -> NodeMeta:
+        return replace(self, **changes)
+
+
+def _json_labels(text: str | None) -> dict[str, str]:
+    try:
+        loaded = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in loaded.items()} if isinstance(loaded, dict) else {}
+
+
+def _number(text: str | None) -> float | None:
+    """A number kept as text; None when absent or unreadable."""
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class AppFacts:
+    """What a node knows of one app: its stored record and what its process looks like.
+
+    `alive`: the process runs (or, for the agent, restarts in backoff or finished as its
+    restart policy allows); `started_at` is epoch seconds."""
+
+    name: str
+    version: str
+    phase: str
+    health: str
+    message: str
+    spec: AppSpec
+    suspended: bool = False
+    failed_version: str | None = None
+    restarts: int = 0
+    alive: bool = False
+    pid: int | None = None
+    started_at: float | None = None
+    uptime_s: float | None = None
+    cpu_percent: float | None = None
+    rss_bytes: int | None = None
+
+
+def app_status(facts: AppFacts) -> AppStatus:
+    """One app's status. An app that should run a process and runs none is unhealthy
+    whatever its last probe said; one without a probe is healthy while its process lives."""
+    health, message = facts.health, facts.message
+    if facts.spec.run is not None and facts.phase == "running":
+        if not facts.alive:
+            health, message = "unhealthy", message or "process not running"
+        elif facts.spec.health.probe_kind is None:
+            health = "healthy"
+    started_at = None
+    if facts.started_at is not None:
+        started_at = iso_time(datetime.fromtimestamp(facts.started_at, UTC))
+    return AppStatus(
+        name=facts.name, version=facts.version, phase=facts.phase, health=health,
+        message=message, layer=facts.spec.layer, labels=dict(facts.spec.labels),
+        depends_on=list(facts.spec.depends_on), suspended=facts.suspended,
+        failed_version=facts.failed_version, restarts=facts.restarts, pid=facts.pid,
+        started_at=started_at,
+        uptime_s=round(facts.uptime_s, 1) if facts.uptime_s else None,
+        cpu_percent=facts.cpu_percent, rss_bytes=facts.rss_bytes,
+    )
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What a node's agent knows beyond its store: the reconcile running now, the last one,
+    the heartbeat it keeps (none of it for `status --state-dir` without an agent)."""
+
+    reconciling: bool = False
+    run_id: str | None = None
+    trace_id: str | None = None
+    heartbeat_interval_s: float = 10.0
+
+
+def node_status(
+    meta: NodeMeta, apps: Iterable[AppFacts], *, now: datetime, outbox_backlog: int,
+    agent_version: str | None = None, run: RunFacts | None = None,
+) -> NodeStatus:
+    """The NodeStatus of a node: the one builder behind the agent's status (RPC, KV) and
+    `status --state-dir`. Pure: the clock and every fact come in as values."""
+    run = run or RunFacts()
+    statuses = [app_status(facts) for facts in apps]
+    state, message = summarize(
+        statuses, reconciling=run.reconciling, suspended=meta.suspended,
+        source_error=meta.source_error, spec_errors=bool(meta.spec_errors),
+        at_desired_revision=meta.applied_revision is not None
+        and meta.applied_revision == meta.desired_revision,
+    )
+    return NodeStatus(
+        node=meta.node_id, labels=dict(meta.labels), revision=meta.applied_revision,
+        status=state, message=message, apps=statuses, updated_at=iso_time(now),
+        agent_version=agent_version if agent_version is not None else meta.agent_version,
+        desired_revision=meta.desired_revision, source_error=meta.source_error,
+        spec_errors=list(meta.spec_errors), last_reconcile_at=meta.last_reconcile_at,
+        last_reconcile_ms=meta.last_reconcile_ms, run_id=run.run_id,
+        heartbeat_interval_s=run.heartbeat_interval_s, outbox_backlog=outbox_backlog,
+        outbox_dropped=meta.outbox_dropped, trace_id=run.trace_id,
+    )

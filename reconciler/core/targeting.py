@@ -1,23 +1,17 @@
-"""Targeting: node labels, selector implication, and the desired state of one node. Pure."""
+"""Targeting: node labels and selector implication. Pure."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
-from reconciler.core.errors import SpecProblem
 from reconciler.core.spec import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, AppSpec, Selector
-from reconciler.core.state import DesiredState
-
-if TYPE_CHECKING:
-    from reconciler.core.loader import LoadResult
 
 _KEY_RE = re.compile(LABEL_KEY_PATTERN)
 _VALUE_RE = re.compile(LABEL_VALUE_PATTERN)
 
 
-def parse_labels(items: Iterable[str]) -> dict[str, str]:
+def parse_labels(items: Iterable[str], what: str = "label") -> dict[str, str]:
     """["role=gateway", "zone=eu-1"] -> {"role": "gateway", "zone": "eu-1"}.
 
     Raises ValueError naming the bad item: no '=', an invalid key or value, or one key
@@ -27,19 +21,19 @@ def parse_labels(items: Iterable[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         key, value = key.strip(), value.strip()
         if not sep:
-            raise ValueError(f"label {item!r}: expected KEY=VALUE, e.g. role=gateway")
+            raise ValueError(f"{what} {item!r}: expected KEY=VALUE, e.g. role=gateway")
         if not _KEY_RE.match(key):
             raise ValueError(
-                f"label {item!r}: invalid key {key!r} (letters, digits, '.', '_', '/', '-'; "
+                f"{what} {item!r}: invalid key {key!r} (letters, digits, '.', '_', '/', '-'; "
                 "at most 63 characters, starting and ending with a letter or digit)"
             )
         if not _VALUE_RE.match(value):
             raise ValueError(
-                f"label {item!r}: invalid value {value!r} "
+                f"{what} {item!r}: invalid value {value!r} "
                 "(letters, digits, '.', '_', '-'; at most 63 characters)"
             )
         if key in labels and labels[key] != value:
-            raise ValueError(f"label {key!r} given twice: {labels[key]!r} and {value!r}")
+            raise ValueError(f"{what} {key!r} given twice: {labels[key]!r} and {value!r}")
         labels[key] = value
     return labels
 
@@ -88,48 +82,4 @@ def untargeted_dependency_message(app: AppSpec, dep: AppSpec) -> str:
     return (
         f"{app.name!r} runs on {_describe(app.nodes)} but its dependency {dep.name!r} only on "
         f"{_describe(dep.nodes)}; target {dep.name!r} at least wherever {app.name!r} runs"
-    )
-
-
-def desired_for_node(
-    result: LoadResult, node_id: str, labels: dict[str, str], revision: str
-) -> DesiredState:
-    """What the spec tree asks of the node with these labels.
-
-    Valid apps whose selector matches go in `apps`. An app whose dependency is not targeted
-    at this node (a combination the loader's static check could not rule out) is invalid
-    here, with a located problem. `invalid` keeps the tree's invalid apps except those whose
-    valid spec shows they do not target this node; the planner holds them."""
-    targeted = {
-        name: app
-        for name, app in result.apps.items()
-        if name not in result.invalid and app.targets(labels)
-    }
-    problems = list(result.problems)
-    node_invalid: set[str] = set()
-    for name, app in targeted.items():
-        for index, dep in enumerate(app.depends_on):
-            if dep in targeted or dep in result.invalid:
-                continue
-            node_invalid.add(name)
-            path, line = result.sources.get(name, ("?", 0))
-            where = result.locations.get((name, index), (line, 1))
-            dep_spec = result.apps.get(dep)
-            detail = (
-                f"its dependency {dep!r} is not targeted at node {node_id!r} "
-                f"({dep_spec.nodes.describe() if dep_spec and dep_spec.nodes else 'missing'})"
-            )
-            problems.append(
-                SpecProblem(path, where[0], where[1], detail, field=f"depends_on[{index}]")
-            )
-    invalid = {
-        name
-        for name in result.invalid
-        if name not in result.apps or result.apps[name].targets(labels)
-    } | node_invalid
-    return DesiredState(
-        revision=revision,
-        apps={n: a for n, a in sorted(targeted.items()) if n not in node_invalid},
-        invalid=frozenset(invalid),
-        problems=tuple(sorted(problems)),
     )

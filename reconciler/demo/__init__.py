@@ -43,6 +43,7 @@ import psutil
 
 import reconciler
 from reconciler.mesh.subjects import KV_BUCKET
+from reconciler.node.runtimes.process import kill_group
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -285,8 +286,8 @@ def port_is_free(port: int) -> bool:
 
 def health_ports(specs: Path) -> list[int]:
     """The base ports the specs' health checks use (the apps listen there, plus the offset)."""
-    from reconciler.core.loader import load_directory
     from reconciler.node.health import http_target
+    from reconciler.node.spec_dir import load_directory
 
     ports: set[int] = set()
     for app in load_directory(specs).apps.values():
@@ -518,8 +519,7 @@ def _stop_child(child: Child, sig: int, timeout: float) -> None:
         try:
             child.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.process.pid, signal.SIGKILL)
+            kill_group(child.process.pid)
             child.process.wait()
 
 
@@ -546,7 +546,7 @@ def shutdown(demo: Demo) -> list[int]:
                 killed.append(pid)
                 pgid = os.getpgid(pid)
                 if pgid != own_group:
-                    os.killpg(pgid, signal.SIGKILL)
+                    kill_group(pgid)
                 else:
                     proc.kill()
     # reap what was re-parented to us (we are a subreaper)

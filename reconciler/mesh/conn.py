@@ -10,12 +10,12 @@ import re
 import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 import nats.errors
 from nats.aio.client import Client as NATS
 
 from reconciler.core.errors import TransientError
+from reconciler.core.redact import redact_server
 
 if TYPE_CHECKING:  # `notify` (a git hook) imports this module: keep JetStream out of it
     from nats.js.client import JetStreamContext
@@ -64,7 +64,7 @@ class NatsOptions:
 
     def describe(self) -> str:
         """The server list without any user:password@ part (safe for logs and errors)."""
-        return ",".join(redact_url(s) for s in self.servers)
+        return ",".join(redact_server(s) for s in self.servers)
 
     def connect_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for nats.connect (credentials included: do not log)."""
@@ -135,15 +135,6 @@ def no_jetstream(domain: str | None) -> str:
                 "{domain: ...}, and is this leaf node connected to the hub?)")
     return ("no JetStream answers on this server (if it is a leaf node server, set "
             "--nats-js-domain to the hub's JetStream domain)")
-
-
-def redact_url(url: str) -> str:
-    parts = urlsplit(url if "://" in url else f"nats://{url}")
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
 
 
 def reason_of(exc: BaseException) -> str:

@@ -23,6 +23,7 @@ from nats.js.kv import KeyValue
 
 from reconciler.core.events import iso_time
 from reconciler.core.ports import AgentAPI, Outbox, OutboxEntry
+from reconciler.core.redact import redact_server
 from reconciler.core.status import NodeStatus
 from reconciler.mesh.conn import (
     MeshError,
@@ -30,7 +31,6 @@ from reconciler.mesh.conn import (
     connect,
     no_jetstream,
     reason_of,
-    redact_url,
 )
 from reconciler.mesh.rollouts import MeshCoordinator
 from reconciler.mesh.service import NodeEndpoints
@@ -43,7 +43,7 @@ from reconciler.mesh.subjects import (
     KV_HISTORY,
 )
 
-__all__ = ["Mesh", "MeshError", "NatsOptions", "connect", "redact_url"]
+__all__ = ["Mesh", "MeshError", "NatsOptions", "connect"]
 
 log = logging.getLogger("reconciler.mesh.link")
 
@@ -172,7 +172,7 @@ class Mesh:
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
         )
-        self._set_trouble(None, f"NATS connected to {redact_url(nc.connected_url.geturl())}"
+        self._set_trouble(None, f"NATS connected to {redact_server(nc.connected_url.geturl())}"
                           if nc.connected_url else "NATS connected")
         while True:  # a connection lost during setup: retry once it is back
             try:
@@ -218,16 +218,9 @@ class Mesh:
 
     # ---- status KV ----------------------------------------------------------------------
     def snapshot(self) -> NodeStatus:
-        """The agent's status plus what only the mesh knows (outbox, heartbeat, write time)."""
-        status = self.agent.status()
-        backlog, dropped = self.outbox.outbox_stats()
-        return status.model_copy(
-            update={
-                "outbox_backlog": backlog,
-                "outbox_dropped": dropped,
-                "heartbeat_interval_s": self.heartbeat,
-                "updated_at": iso_time(self._now()),
-            }
+        """The agent's status as written now, with the heartbeat this mesh keeps."""
+        return self.agent.status().model_copy(
+            update={"heartbeat_interval_s": self.heartbeat, "updated_at": iso_time(self._now())}
         )
 
     async def _ensure_kv(self, nc: NATS) -> KeyValue:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reconciler.core.envfile import parse_env
 from reconciler.core.spec import NAME_RE
 from reconciler.mesh.subjects import (
     EVENTS_STREAM,
@@ -226,15 +227,6 @@ def _write_private(path: Path, text: str) -> None:
     os.chmod(path, 0o600)
 
 
-def _read_env(path: Path) -> dict[str, str]:
-    values = {}
-    for line in path.read_text().splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            values[key.strip()] = value.strip()
-    return values
-
-
 def write_config(out: Path, nodes: list[str], auth: str = "nkey") -> list[Path]:
     """Write auth.conf and one credential file per identity (0600). Existing credentials in
     `out` are kept, so re-running for a new node does not lock out running ones."""
@@ -257,7 +249,7 @@ def write_config(out: Path, nodes: list[str], auth: str = "nkey") -> list[Path]:
             written += [seed_path, env_path]
             users.append(({"nkey": _nkey_public(seed)}, permissions_for(identity)))
         else:
-            old = _read_env(env_path) if env_path.exists() else {}
+            old = parse_env(env_path.read_text(), str(env_path)) if env_path.exists() else {}
             password = old.get("GITOPS_MESH_NATS_PASSWORD") or secrets.token_urlsafe(24)
             _write_private(
                 env_path,

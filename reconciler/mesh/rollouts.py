@@ -48,6 +48,7 @@ from reconciler.core.rollout import (
     supersede,
 )
 from reconciler.core.rollout_spec import RolloutSpec
+from reconciler.core.status import heartbeat_stale
 from reconciler.mesh.conn import NatsOptions, reason_of
 from reconciler.mesh.subjects import (
     KV_BUCKET,
@@ -57,7 +58,6 @@ from reconciler.mesh.subjects import (
     ROLLOUTS_SUBJECT_PREFIX,
     event_subject,
 )
-from reconciler.mesh.wire import heartbeat_stale
 
 log = logging.getLogger("reconciler.mesh.rollouts")
 

@@ -31,6 +31,7 @@ from reconciler.mesh.wire import (
     parse_app_body,
     parse_body,
     parse_fleet_request,
+    parse_logs_body,
     parse_source_changed,
     source_matches,
 )
@@ -73,6 +74,7 @@ class NodeEndpoints:
             "health": self._rpc_health,
             "suspend": self._rpc_suspend,
             "resume": self._rpc_resume,
+            "logs": self._rpc_logs,
         }
         self._service = service
         for endpoint, fn in handlers.items():
@@ -118,6 +120,10 @@ class NodeEndpoints:
         app = parse_app_body(data, self._known_apps())
         await self.agent.resume(app)
         return {"node": self.node, "app": app, "suspended": False}
+
+    async def _rpc_logs(self, data: bytes) -> Any:
+        request = parse_logs_body(data, self._known_apps())
+        return await self.agent.logs(request.app, request.lines, request.cursor)
 
     async def _on_fleet_reconcile(self, msg: Msg) -> None:
         try:

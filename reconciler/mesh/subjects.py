@@ -24,7 +24,7 @@ ROLLOUTS_SUBJECT_PREFIX = f"$KV.{ROLLOUTS_BUCKET}"
 RPC_SERVICE = "gitops-node"
 RPC_PREFIX = "gitops.rpc"
 RPC_ENDPOINTS: tuple[str, ...] = (
-    "status", "state", "plan", "reconcile", "health", "suspend", "resume",
+    "status", "state", "plan", "reconcile", "health", "suspend", "resume", "logs",
 )
 
 FLEET_RECONCILE = "gitops.fleet.reconcile"

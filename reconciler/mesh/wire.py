@@ -15,12 +15,18 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from reconciler.core.events import parse_time
 from reconciler.core.spec import NAME_RE, Selector
-from reconciler.core.status import UNREACHABLE, NodeStatus
+from reconciler.core.states import STUCK_PHASES
+from reconciler.core.status import (
+    NodeStatus,
+    heartbeat_age,
+    is_unreachable,
+    observed_state,
+)
+from reconciler.core.targeting import parse_labels
 
-# How many missed heartbeats make a node unreachable for observers.
-UNREACHABLE_AFTER_HEARTBEATS = 3.0
+# Request bodies are a few fields; anything bigger is not a request of ours.
+MAX_BODY_BYTES = 64 * 1024
 
 
 class BadRequest(ValueError):
@@ -31,10 +37,14 @@ def parse_body(data: bytes, allowed: Iterable[str] = ()) -> dict[str, Any]:
     """An optional JSON object body: b"" -> {}; anything else must be an object of `allowed`."""
     if not data.strip():
         return {}
+    if len(data) > MAX_BODY_BYTES:
+        raise BadRequest(f"body larger than {MAX_BODY_BYTES} bytes")
     try:
         body = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"invalid JSON body: {exc}") from None
+    except RecursionError:
+        raise BadRequest("invalid JSON body: nested too deeply") from None
     if body is None:
         return {}
     if not isinstance(body, dict):
@@ -48,10 +58,12 @@ def parse_body(data: bytes, allowed: Iterable[str] = ()) -> dict[str, Any]:
 
 def parse_app_body(data: bytes, known_apps: Iterable[str]) -> str | None:
     """The optional {"app": name} of health/suspend/resume; the app must exist on this node."""
-    body = parse_body(data, allowed=("app",))
-    app = body.get("app")
-    if app is None:
-        return None
+    app = parse_body(data, allowed=("app",)).get("app")
+    return None if app is None else known_app(app, known_apps)
+
+
+def known_app(app: object, known_apps: Iterable[str]) -> str:
+    """`app` of a request body, checked: a valid name of an app this node has."""
     if not isinstance(app, str):
         raise BadRequest(f"'app' must be a string, got {type(app).__name__}")
     if not NAME_RE.match(app):
@@ -60,6 +72,32 @@ def parse_app_body(data: bytes, known_apps: Iterable[str]) -> str | None:
     if app not in known:
         raise BadRequest(f"unknown app {app!r}; this node has: {', '.join(known) or 'no apps'}")
     return app
+
+
+_CURSOR = re.compile(r"[0-9]+:[0-9]+(:[0-9a-f]{8})?")
+
+
+@dataclass(frozen=True)
+class LogsRequest:
+    app: str
+    lines: int = 100
+    cursor: str | None = None
+
+
+def parse_logs_body(data: bytes, known_apps: Iterable[str]) -> LogsRequest:
+    """{"app", "lines"?, "cursor"?} of the logs endpoint; the app is required and must exist.
+    `lines` above the node's bound are served as the bound (the answer says `truncated`)."""
+    body = parse_body(data, allowed=("app", "lines", "cursor"))
+    if body.get("app") is None:
+        raise BadRequest("'app' is required: which app's log")
+    app = known_app(body["app"], known_apps)
+    lines = body.get("lines", LogsRequest.lines)
+    if isinstance(lines, bool) or not isinstance(lines, int) or lines < 1:
+        raise BadRequest(f"'lines' must be a whole number of at least 1, got {lines!r}")
+    cursor = body.get("cursor")
+    if cursor is not None and (not isinstance(cursor, str) or not _CURSOR.fullmatch(cursor)):
+        raise BadRequest(f"'cursor' {cursor!r}: pass back the cursor of the last answer")
+    return LogsRequest(app, lines, cursor)
 
 
 # The keys of a structured selector; a selector object with none of them is a label map.
@@ -96,12 +134,10 @@ def parse_selector(raw: object) -> Selector:
 
 def selector_from_pairs(pairs: Iterable[str]) -> Selector | None:
     """`--selector k=v` flags -> a match Selector (None when no flags were given)."""
-    match: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise BadRequest(f"--selector {pair!r}: expected key=value")
-        match[key.strip()] = value.strip()
+    try:
+        match = parse_labels(pairs, what="--selector")
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
     return Selector(match=match) if match else None
 
 
@@ -165,32 +201,6 @@ def source_matches(change: SourceChanged, repo_url: str, branch: str) -> bool:
     return short_branch(change.branch) == short_branch(branch) and normalize_repo_url(
         change.repo
     ) == normalize_repo_url(repo_url)
-
-
-def heartbeat_age(status: NodeStatus, now: datetime, written_at: datetime | None = None) -> float:
-    """Seconds since the node last wrote its status (server write time preferred)."""
-    when = written_at or parse_time(status.updated_at)
-    if when is None:
-        return float("inf")
-    return max(0.0, (now - when).total_seconds())
-
-
-def is_unreachable(status: NodeStatus, now: datetime, written_at: datetime | None = None) -> bool:
-    return heartbeat_stale(status.updated_at, status.heartbeat_interval_s, now, written_at)
-
-
-def heartbeat_stale(updated_at: str | None, heartbeat_interval_s: float, now: datetime,
-                    written_at: datetime | None = None) -> bool:
-    """The unreachable rule on bare values: more than UNREACHABLE_AFTER_HEARTBEATS missed
-    heartbeats since the last write (for readers that do not build a NodeStatus)."""
-    when = written_at or parse_time(updated_at)
-    age = float("inf") if when is None else max(0.0, (now - when).total_seconds())
-    return age > UNREACHABLE_AFTER_HEARTBEATS * max(heartbeat_interval_s, 0.001)
-
-
-def observed_state(status: NodeStatus, now: datetime, written_at: datetime | None = None) -> str:
-    """The node status an observer shows: the reported one, or `unreachable`."""
-    return UNREACHABLE if is_unreachable(status, now, written_at) else status.status
 
 
 @dataclass(frozen=True)
@@ -276,7 +286,7 @@ def node_verdict(
         return "synced", "synced"
     if wants_rev and st.status == "failed":
         apps = [f"{a.name}: {a.message}" for a in st.apps
-                if a.message and (a.phase in ("failed", "blocked") or a.failed_version)]
+                if a.message and (a.phase in STUCK_PHASES or a.failed_version)]
         return "failed", "; ".join([st.message or "failed", *apps])
     if wants_rev and st.spec_errors:
         return "failed", "spec errors: " + "; ".join(st.spec_errors[:3])

@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import IO, BinaryIO
 
 from reconciler.core.errors import ArtifactError, SourceError
+from reconciler.core.redact import redact_url
 from reconciler.core.spec import NAME_RE, AppSpec, ArchiveSource, NoSource
 from reconciler.core.spec import GitSource as GitSourceSpec
-from reconciler.node.source import FULL_SHA_RE, redact_url, run_git
+from reconciler.node.source import FULL_SHA_RE, run_git
 
 MARKER = ".gitops-mesh-installed"
 _TMP_PREFIX = ".tmp-"
@@ -122,9 +123,13 @@ class ArtifactStore:
             with open(download, "w+b") as fh:
                 digest = self._fetch_archive(source.url, fh, read_repo_file)
                 if digest != source.sha256:
+                    # A file:// archive is any file on the node: its digest is not shown
+                    # (events and status would publish the hash of, say, a key file).
+                    node_local = urllib.parse.urlsplit(source.url).scheme.lower() == "file"
+                    got = "the node-local file differs" if node_local else f"got {digest}"
                     raise ArtifactError(
                         f"{_display(source.url)}: sha256 mismatch: expected {source.sha256}, "
-                        f"got {digest}"
+                        f"{got}"
                     )
                 fh.seek(0)
                 unpack(fh, dest, source.strip_components, self.limits, _display(source.url))
@@ -150,10 +155,19 @@ class ArtifactStore:
         if scheme == "file":
             path = Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
             try:
-                with open(path, "rb") as fh:
-                    return self._copy(fh, out, shown)
+                # O_NONBLOCK: opening a FIFO must not wait for a writer; only regular files
+                # are read (a device or a pipe may never end, or never deliver)
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError as exc:
                 raise SourceError(f"{shown}: cannot read: {exc.strerror or exc}") from exc
+            with open(fd, "rb") as fh:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise ArtifactError(f"{shown}: not a regular file")
+                os.set_blocking(fd, True)
+                try:
+                    return self._copy(fh, out, shown)
+                except OSError as exc:
+                    raise SourceError(f"{shown}: cannot read: {exc.strerror or exc}") from exc
         if scheme or url.startswith("/"):
             raise ArtifactError(
                 f"{shown}: unsupported archive URL (use http(s)://, file:// or a "

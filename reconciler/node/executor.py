@@ -8,21 +8,28 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from reconciler.core.envfile import parse_env
 from reconciler.core.errors import ArtifactError, ReconcileError, SourceError
 from reconciler.core.events import Event
-from reconciler.core.plan import Action, ActionKind, Plan
+from reconciler.core.plan import Action, ActionKind, Mode, Plan
 from reconciler.core.spec import METADATA_FIELDS, AppSpec
+from reconciler.core.states import EventType, Outcome
 from reconciler.node.runtimes.base import LaunchSpec, RestartPolicy, Runtime
 from reconciler.node.store import AppRecord, Store, spec_to_json
+from reconciler.node.transitions import transition
 
 log = logging.getLogger(__name__)
 
 ReadRepoFile = Callable[[str], bytes]
+# One Mode's step: (action, its desired spec, read_repo_file, revision, monotonic start)
+Step = Callable[
+    [Action, AppSpec, ReadRepoFile | None, str, float], Awaitable[tuple[Outcome, str]]
+]
 
 
 class Artifacts(Protocol):
@@ -38,7 +45,7 @@ class Artifacts(Protocol):
 class Hooks(Protocol):
     """The agent's side of the executor: events, health watching, health probes."""
 
-    def record(self, type: str, **fields: Any) -> Event:
+    def record(self, type: EventType, **fields: Any) -> Event:
         """Queue an event in the store (inside the caller's transaction)."""
 
     def watch(self, spec: AppSpec, launch: LaunchSpec | None) -> None:
@@ -60,7 +67,7 @@ class ActionResult:
     """What one action came to: failure is a value, not an exception."""
 
     action: Action
-    outcome: str  # success | failure | skipped (blocked)
+    outcome: Outcome  # skipped: blocked by a dependency
     message: str = ""
     duration_ms: float = 0.0
 
@@ -74,33 +81,23 @@ class ActionFailed(Exception):
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines (blank lines and # comments skipped, optional `export `, quotes
-    stripped). Errors name the file and line, never a value."""
-    env: dict[str, str] = {}
+    """An app's env file (core.envfile.parse_env); errors name the file and line, never a
+    value."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise ActionFailed(f"env file {path}: {exc.strerror or exc}") from exc
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[len("export "):].lstrip()
-        key, sep, value = line.partition("=")
-        key = key.strip()
-        if not sep or not key.replace("_", "a").isalnum() or key[0].isdigit():
-            raise ActionFailed(f"env file {path}:{lineno}: expected KEY=VALUE")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        env[key] = value
-    return env
+    try:
+        return parse_env(text, f"env file {path}")
+    except ValueError as exc:
+        raise ActionFailed(str(exc)) from None
 
 
 class Executor:
-    """Applies plans for one node. Every state change and its event are one store transaction;
-    processes go through the Runtime; artifacts install in a thread."""
+    """Applies plans for one node: each action runs the step its Mode names, and nothing
+    here decides again what the plan decided. Every state change and its event are one
+    store transaction (transitions.transition); processes go through the Runtime; artifacts
+    install in a thread."""
 
     def __init__(
         self,
@@ -126,6 +123,12 @@ class Executor:
         self.base_env = {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")}
         if base_env is not None:
             self.base_env = dict(base_env)
+        self._steps: dict[Mode, Step] = {
+            Mode.INSTALL: self._deploy,
+            Mode.REINSTALL: self._deploy,
+            Mode.REPLACE: self._replace,
+            Mode.RESTART: self._restart,
+        }
 
     # -- launch ---------------------------------------------------------------------------
     def launch_for(self, spec: AppSpec, install_dir: Path) -> LaunchSpec | None:
@@ -159,8 +162,11 @@ class Executor:
         )
 
     def is_alive(self, name: str) -> bool:
-        stats = self.runtime.stats(name)
-        return stats is not None and stats.state == "running"
+        return self.runtime.state(name) == "running"
+
+    def _transition(self, name: str, change: Mapping[str, Any] | AppRecord | None,
+                    event: EventType | None = None, **fields: Any) -> None:
+        transition(self.store, self.hooks.record, name, change, event, **fields)
 
     # -- plan -----------------------------------------------------------------------------
     async def apply(
@@ -202,12 +208,10 @@ class Executor:
                 old = json.loads(record.spec_json)
                 new = json.loads(spec_to_json(spec))
                 changed = [f for f in METADATA_FIELDS if old.get(f) != new.get(f)]
-                self.store.update_app(name, spec_json=spec_to_json(spec),
-                                      spec_hash=spec.spec_hash())
-                self.hooks.record(
-                    "app.reconfigured", app=name, version=spec.version,
-                    from_version=record.version, outcome="success",
-                    message=f"{', '.join(changed)} changed; not restarted",
+                self._transition(
+                    name, dict(spec_json=spec_to_json(spec), spec_hash=spec.spec_hash()),
+                    "app.reconfigured", version=spec.version, from_version=record.version,
+                    outcome="success", message=f"{', '.join(changed)} changed; not restarted",
                     data={"restart": False, "changed": changed},
                 )
 
@@ -218,19 +222,12 @@ class Executor:
         started = time.monotonic()
         span = (self.telemetry.span("action", kind=action.kind.value, app=action.app)
                 if self.telemetry else contextlib.nullcontext())
+        outcome: Outcome
         with span as current:
             try:
-                if action.kind is ActionKind.REMOVE:
-                    outcome, message = await self._remove(action, revision, started)
-                elif spec is None:
-                    outcome, message = "failure", "no desired spec for this app"
-                elif problem := await self._dependency_problem(spec, failed):
-                    outcome, message = "skipped", problem
-                    self._blocked(spec, revision, problem)
-                else:
-                    outcome, message = await self._change(
-                        action, spec, read_repo_file, revision, started
-                    )
+                outcome, message = await self._carry_out(
+                    action, spec, read_repo_file, revision, failed, started
+                )
             except Exception as exc:  # a bug must not kill the reconcile loop: the app fails
                 log.exception("%s %s: unexpected error", action.kind.value, action.app)
                 outcome, message = "failure", f"internal error: {type(exc).__name__}: {exc}"
@@ -241,6 +238,21 @@ class Executor:
             self.telemetry.actions.add(1, {"kind": action.kind.value, "outcome": outcome})
         return ActionResult(action, outcome, message, _ms(started))
 
+    async def _carry_out(
+        self, action: Action, spec: AppSpec | None, read_repo_file: ReadRepoFile | None,
+        revision: str, failed: set[str], started: float,
+    ) -> tuple[Outcome, str]:
+        """The step action.mode names. Only what the plan cannot know stops it: a dependency
+        that failed in this run or is not healthy now blocks the app (skipped)."""
+        if action.mode is Mode.REMOVE:
+            return await self._remove(action, started)
+        if spec is None:
+            return "failure", "no desired spec for this app"
+        if problem := await self._dependency_problem(spec, failed):
+            self._blocked(spec, problem)
+            return "skipped", problem
+        return await self._steps[action.mode](action, spec, read_repo_file, revision, started)
+
     async def _dependency_problem(self, spec: AppSpec, failed: set[str]) -> str | None:
         for dep in spec.depends_on:
             if dep in failed:
@@ -250,32 +262,26 @@ class Executor:
                 return f"dependency {dep} failed: {problem}"
         return None
 
-    def _blocked(self, spec: AppSpec, revision: str, reason: str) -> None:
+    def _blocked(self, spec: AppSpec, reason: str) -> None:
         record = self.store.get_app(spec.name)
         if record is not None and record.phase == "blocked" and record.message == reason:
             return  # still blocked for the same reason: said so already
-        with self.store.transaction():
-            if record is None:
-                self.store.put_app(AppRecord(
-                    name=spec.name, version=spec.version, spec_json=spec_to_json(spec),
-                    spec_hash=spec.spec_hash(), phase="blocked", message=reason,
-                    attempted_revision=revision,
-                ))
-            else:
-                # an installed app keeps running what it runs; it is just not changed
-                self.store.update_app(spec.name, phase="blocked", message=reason,
-                                      attempted_revision=revision)
-            self.hooks.record("app.blocked", app=spec.name, version=spec.version,
-                              outcome="skipped", message=reason)
+        # an installed app keeps running what it runs; it is just not changed
+        change: dict[str, Any] | AppRecord = dict(phase="blocked", message=reason)
+        if record is None:
+            change = AppRecord(
+                name=spec.name, version=spec.version, spec_json=spec_to_json(spec),
+                spec_hash=spec.spec_hash(), phase="blocked", message=reason,
+            )
+        self._transition(spec.name, change, "app.blocked", version=spec.version,
+                         outcome="skipped", message=reason)
 
     def _fail_unexpected(self, action: Action, spec: AppSpec | None, message: str) -> None:
         if self.store.get_app(action.app) is None:
             return
-        with self.store.transaction():
-            self.store.update_app(action.app, phase="failed", message=message)
-            self.hooks.record("app.failed", app=action.app,
-                              version=spec.version if spec else None, outcome="failure",
-                              message=message)
+        self._transition(action.app, dict(phase="failed", message=message), "app.failed",
+                         version=spec.version if spec else None, outcome="failure",
+                         message=message)
 
     # -- start/stop one version ---------------------------------------------------------
     async def _install(self, spec: AppSpec, read_repo_file: ReadRepoFile | None) -> Path:
@@ -317,43 +323,24 @@ class Executor:
         except OSError as exc:  # leftovers cost disk, not correctness
             log.warning("%s: could not remove old versions: %s", name, exc)
 
-    # -- actions --------------------------------------------------------------------------
-    async def _change(
+    # -- steps (one per Mode) ------------------------------------------------------------
+    async def _deploy(
         self, action: Action, spec: AppSpec, read_repo_file: ReadRepoFile | None,
         revision: str, started: float,
-    ) -> tuple[str, str]:
-        record = self.store.get_app(spec.name)
-        stats = self.runtime.stats(spec.name)
-        alive = stats is not None and stats.state in ("running", "backoff")
-        same_spec = record is not None and record.spec_hash == spec.spec_hash()
-        if record is not None and record.install_dir is not None and same_spec:
-            return await self._restart(record, spec, read_repo_file, revision, started)
-        if record is not None and record.install_dir is not None and alive:
-            return await self._replace(action, record, spec, read_repo_file, revision, started)
-        # nothing (healthy) to upgrade from or roll back to: a fresh deploy of this spec
-        event, from_version = "app.deployed", None
-        if record is not None and record.install_dir is not None:
-            from_version = record.version
-            event = "app.upgraded" if record.version != spec.version else "app.reconfigured"
-        return await self._deploy(spec, read_repo_file, revision, started, event, from_version)
-
-    async def _deploy(
-        self, spec: AppSpec, read_repo_file: ReadRepoFile | None, revision: str,
-        started: float, event: str = "app.deployed", from_version: str | None = None,
-    ) -> tuple[str, str]:
-        with self.store.transaction():
-            self.store.put_app(AppRecord(
-                name=spec.name, version=spec.version, spec_json=spec_to_json(spec),
-                spec_hash=spec.spec_hash(), phase="deploying", attempted_revision=revision,
-                suspended=False,
-            ))
-        return await self._bring_up(spec, read_repo_file, revision, started, event,
+    ) -> tuple[Outcome, str]:
+        """INSTALL and REINSTALL: a fresh record of this spec, then install and start it."""
+        self._transition(spec.name, AppRecord(
+            name=spec.name, version=spec.version, spec_json=spec_to_json(spec),
+            spec_hash=spec.spec_hash(), phase="deploying", suspended=False,
+        ))
+        from_version = action.from_version if action.mode is Mode.REINSTALL else None
+        return await self._bring_up(spec, read_repo_file, revision, started, action.event,
                                     from_version=from_version)
 
     async def _bring_up(
         self, spec: AppSpec, read_repo_file: ReadRepoFile | None, revision: str,
-        started: float, event: str, **event_fields: Any,
-    ) -> tuple[str, str]:
+        started: float, event: EventType, **event_fields: Any,
+    ) -> tuple[Outcome, str]:
         """Install, start and wait healthy; then mark the app running and record `event`,
         in one transaction. A failure becomes the app's failed state (see _failed)."""
         try:
@@ -362,34 +349,32 @@ class Executor:
             await self._start(spec, install_dir)
         except ActionFailed as exc:
             return self._failed(spec, str(exc), exc.permanent, started)
-        with self.store.transaction():
-            self.store.update_app(
-                spec.name, phase="running", health="healthy", message="",
-                applied_revision=revision, failed_spec_hash=None, failed_version=None,
-            )
-            self.hooks.record(event, app=spec.name, version=spec.version, outcome="success",
-                              duration_ms=_ms(started), **event_fields)
+        self._transition(
+            spec.name, _RUNNING | dict(applied_revision=revision), event,
+            version=spec.version, outcome="success", duration_ms=_ms(started), **event_fields,
+        )
         return "success", ""
 
     async def _restart(
-        self, record: AppRecord, spec: AppSpec, read_repo_file: ReadRepoFile | None,
+        self, action: Action, spec: AppSpec, read_repo_file: ReadRepoFile | None,
         revision: str, started: float,
-    ) -> tuple[str, str]:
-        """Drift: the app should run this very spec but does not; start it again."""
-        with self.store.transaction():
-            self.store.update_app(spec.name, phase="deploying", attempted_revision=revision,
-                                  message="restarting: not running")
+    ) -> tuple[Outcome, str]:
+        """RESTART: the app should run this very (installed) spec but does not; start it again."""
+        self._transition(spec.name, dict(phase="deploying", message="restarting: not running"))
         await self._stop(spec.name)  # a process in restart backoff: take over cleanly
-        return await self._bring_up(spec, read_repo_file, revision, started, "app.restarted",
+        return await self._bring_up(spec, read_repo_file, revision, started, action.event,
                                     message="started again: it was not running")
 
     async def _replace(
-        self, action: Action, record: AppRecord, spec: AppSpec,
-        read_repo_file: ReadRepoFile | None, revision: str, started: float,
-    ) -> tuple[str, str]:
-        """Upgrade (new version) or reconfigure (same version, new spec), with rollback."""
-        upgrade = record.version != spec.version
-        kind = "app.upgraded" if upgrade else "app.reconfigured"
+        self, action: Action, spec: AppSpec, read_repo_file: ReadRepoFile | None,
+        revision: str, started: float,
+    ) -> tuple[Outcome, str]:
+        """REPLACE: upgrade (new version) or reconfigure (same version, new spec) of a live
+        installed version, rolled back to it when the new one does not come up healthy."""
+        record = self.store.get_app(spec.name)
+        if record is None or record.install_dir is None:  # the planner saw it installed
+            raise RuntimeError(f"{spec.name}: planned as installed, but no install dir")
+        upgrade = action.kind is ActionKind.UPGRADE
         old_version = record.version
         # install first: a bad artifact leaves the running version alone
         try:
@@ -397,115 +382,110 @@ class Executor:
         except ActionFailed as exc:
             message = f"{'upgrade to ' + spec.version if upgrade else 'reconfigure'} failed: " \
                       f"{exc}; still running {old_version}"
-            with self.store.transaction():
-                self.store.update_app(
-                    spec.name, message=message, attempted_revision=revision,
-                    phase="running" if record.install_dir else "failed",
-                    failed_version=spec.version if exc.permanent else None,
-                    failed_spec_hash=spec.spec_hash() if exc.permanent else None,
-                )
-                self.hooks.record("app.failed", app=spec.name, version=spec.version,
-                                  from_version=old_version, outcome="failure",
-                                  duration_ms=_ms(started), message=message)
+            self._transition(
+                spec.name,
+                dict(message=message, phase="running",
+                     failed_version=spec.version if exc.permanent else None,
+                     failed_spec_hash=spec.spec_hash() if exc.permanent else None),
+                "app.failed", version=spec.version, from_version=old_version,
+                outcome="failure", duration_ms=_ms(started), message=message,
+            )
             return "failure", message
         # record where we come from FIRST: a crash from here on can be resumed or undone.
         # The old process moves to prev_*; pid/create_time will name the new one.
-        with self.store.transaction():
-            current = self.store.get_app(spec.name) or record
-            self.store.update_app(
-                spec.name, version=spec.version, spec_json=spec_to_json(spec),
-                spec_hash=spec.spec_hash(), install_dir=str(install_dir),
-                prev_version=record.version, prev_spec_json=record.spec_json,
-                prev_dir=record.install_dir, phase="upgrading", attempted_revision=revision,
-                message=f"{'upgrading' if upgrade else 'reconfiguring'} from {old_version}",
-                prev_pid=current.pid, prev_pgid=current.pgid,
-                prev_create_time=current.create_time, pid=None, pgid=None,
-                create_time=None, proc_version=None,
-            )
+        current = self.store.get_app(spec.name) or record
+        self._transition(spec.name, dict(
+            version=spec.version, spec_json=spec_to_json(spec),
+            spec_hash=spec.spec_hash(), install_dir=str(install_dir),
+            prev_version=record.version, prev_spec_json=record.spec_json,
+            prev_dir=record.install_dir, phase="upgrading",
+            message=f"{'upgrading' if upgrade else 'reconfiguring'} from {old_version}",
+            prev_pid=current.pid, prev_pgid=current.pgid,
+            prev_create_time=current.create_time, pid=None, pgid=None,
+            create_time=None, proc_version=None,
+        ))
         await self._stop(spec.name)
         self.store.update_app(spec.name, prev_pid=None, prev_pgid=None, prev_create_time=None)
         try:
             await self._start(spec, install_dir)
         except ActionFailed as exc:
-            return await self._rollback(record, spec, str(exc), revision, started)
-        with self.store.transaction():
-            self.store.update_app(
-                spec.name, phase="running", health="healthy", message="",
-                applied_revision=revision, failed_spec_hash=None, failed_version=None,
-            )
-            self.hooks.record(kind, app=spec.name, version=spec.version,
-                              from_version=old_version, outcome="success",
-                              duration_ms=_ms(started))
+            return await self._rollback(record, spec, str(exc), started)
+        self._transition(
+            spec.name, _RUNNING | dict(applied_revision=revision), action.event,
+            version=spec.version, from_version=old_version, outcome="success",
+            duration_ms=_ms(started),
+        )
         self._gc(spec.name, {str(install_dir), record.install_dir})
         return "success", ""
 
     async def _rollback(
-        self, previous: AppRecord, spec: AppSpec, reason: str, revision: str, started: float,
-    ) -> tuple[str, str]:
+        self, previous: AppRecord, spec: AppSpec, reason: str, started: float,
+    ) -> tuple[Outcome, str]:
         failed_hash = spec.spec_hash()
         if not spec.upgrade.rollback or previous.install_dir is None:
             return self._failed(spec, reason, True, started)
         prev_spec = previous.spec
-        with self.store.transaction():
-            # the new process is stopped; pid/create_time will name the previous version's
-            self.store.update_app(spec.name, phase="rolling-back",
-                                  message=f"rolling back to {previous.version}: {reason}",
-                                  pid=None, pgid=None, create_time=None, proc_version=None)
+        # the new process is stopped; pid/create_time will name the previous version's
+        self._transition(spec.name, dict(
+            phase="rolling-back", message=f"rolling back to {previous.version}: {reason}",
+            pid=None, pgid=None, create_time=None, proc_version=None,
+        ))
         try:
             await self._start(prev_spec, Path(previous.install_dir))
         except ActionFailed as exc:
             return self._failed(spec, f"{reason}; rollback to {previous.version} failed: {exc}",
                                 True, started)
         message = f"rolled back from {spec.version}: {reason}"
-        with self.store.transaction():
-            # the app serves its previous version again; this spec is not retried. The
-            # process fields stay as the runtime listener recorded them for the new start.
-            self.store.update_app(
-                spec.name, version=previous.version, spec_json=previous.spec_json,
-                spec_hash=previous.spec_hash, install_dir=previous.install_dir,
-                prev_version=None, prev_spec_json=None, prev_dir=None,
-                phase="running", health="healthy", message=message,
-                failed_spec_hash=failed_hash, failed_version=spec.version,
-                attempted_revision=revision,
-            )
-            self.hooks.record("app.rolled-back", app=spec.name, version=previous.version,
-                              from_version=spec.version, outcome="failure",
-                              duration_ms=_ms(started), message=message)
+        # the app serves its previous version again; this spec is not retried. The process
+        # fields stay as the runtime listener recorded them for the new start.
+        self._transition(
+            spec.name,
+            dict(version=previous.version, spec_json=previous.spec_json,
+                 spec_hash=previous.spec_hash, install_dir=previous.install_dir,
+                 prev_version=None, prev_spec_json=None, prev_dir=None,
+                 phase="running", health="healthy", message=message,
+                 failed_spec_hash=failed_hash, failed_version=spec.version),
+            "app.rolled-back", version=previous.version, from_version=spec.version,
+            outcome="failure", duration_ms=_ms(started), message=message,
+        )
         return "failure", message
 
     def _failed(self, spec: AppSpec, message: str, permanent: bool,
-                started: float) -> tuple[str, str]:
-        with self.store.transaction():
-            self.store.update_app(
-                spec.name, phase="failed", health="unknown", message=message,
-                failed_spec_hash=spec.spec_hash() if permanent else None,
-            )
-            self.hooks.record("app.failed", app=spec.name, version=spec.version,
-                              outcome="failure", duration_ms=_ms(started), message=message)
+                started: float) -> tuple[Outcome, str]:
+        self._transition(
+            spec.name,
+            dict(phase="failed", health="unknown", message=message,
+                 failed_spec_hash=spec.spec_hash() if permanent else None),
+            "app.failed", version=spec.version, outcome="failure", duration_ms=_ms(started),
+            message=message,
+        )
         return "failure", message
 
-    async def _remove(self, action: Action, revision: str, started: float) -> tuple[str, str]:
+    async def _remove(self, action: Action, started: float) -> tuple[Outcome, str]:
+        """REMOVE: stop the app, delete its files, then its record."""
         record = self.store.get_app(action.app)
         if record is None:
             return "success", ""
-        with self.store.transaction():
-            self.store.update_app(action.app, phase="removing", message=action.reason)
+        self._transition(action.app, dict(phase="removing", message=action.reason))
         await self._stop(action.app)
         try:
             await asyncio.to_thread(self.artifacts.remove_app, action.app)
         except OSError as exc:
             log.warning("%s: could not remove its files: %s", action.app, exc)
-        with self.store.transaction():
-            self.store.delete_app(action.app)
-            self.hooks.record("app.removed", app=action.app, version=record.version,
-                              outcome="success", duration_ms=_ms(started),
-                              message=action.reason)
+        self._transition(action.app, None, action.event, version=record.version,
+                         outcome="success", duration_ms=_ms(started), message=action.reason)
         return "success", ""
 
     async def stop_all(self, order: list[list[str]]) -> None:
         """Stop every app, group by group (dependents first), for --stop-apps-on-exit."""
         for group in order:
             await asyncio.gather(*(self._stop(name) for name in group))
+
+
+# A new version (or spec) that came up healthy: it is what runs now, and no failure is left.
+_RUNNING: dict[str, Any] = dict(
+    phase="running", health="healthy", message="", failed_spec_hash=None, failed_version=None,
+)
 
 
 def _ms(started: float) -> float:

@@ -12,8 +12,6 @@ import base64
 import contextlib
 import errno
 import logging
-import os
-import signal
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -21,13 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from reconciler.core.redact import mask_values
 from reconciler.core.spec import ExecProbe, HealthSpec, HttpProbe, TcpProbe, format_duration
-from reconciler.core.state import Health
+from reconciler.core.states import Health
+from reconciler.node.runtimes.process import kill_group
 
 log = logging.getLogger(__name__)
 
 OUTPUT_LIMIT = 300  # characters of an exec probe's output kept in its message
-REDACT_MIN_LEN = 6  # env values at least this long are masked in probe output
 # wait_healthy re-probes every FAST_POLL (EXEC_POLL for exec probes, which spawn a process)
 # during the first FAST_PHASE seconds, where most apps come up, then backs off x1.5 to POLL_CAP
 FAST_POLL = 0.025
@@ -97,14 +96,6 @@ def next_health(current: Health, failures: int, ok: bool, threshold: int) -> tup
         return "healthy", 0
     failures += 1
     return ("unhealthy" if failures >= threshold else current), failures
-
-
-def redact(text: str, env: Mapping[str, str]) -> str:
-    """Mask env values (secrets among them) that a probe's output may echo."""
-    for value in sorted(env.values(), key=len, reverse=True):
-        if len(value) >= REDACT_MIN_LEN:
-            text = text.replace(value, "***")
-    return text
 
 
 def _os_error(exc: OSError) -> str:
@@ -213,11 +204,10 @@ async def _exec(spec: ExecProbe, cwd: Path, env: Mapping[str, str]) -> tuple[boo
         output, _ = await proc.communicate()
     finally:
         if proc.returncode is None:  # cancelled by the timeout
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            kill_group(proc.pid)
             with contextlib.suppress(ProcessLookupError):
                 await proc.wait()
-    text = " ".join(redact(output.decode(errors="replace"), env).split())
+    text = " ".join(mask_values(output.decode(errors="replace"), env).split())
     if len(text) > OUTPUT_LIMIT:
         text = "..." + text[-OUTPUT_LIMIT:]
     code = await proc.wait()  # already exited: this only reads the code

@@ -8,14 +8,12 @@ from a work tree (there is none).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import posixpath
 import re
 import shutil
-import signal
 import subprocess
 import threading
 from collections.abc import Sequence
@@ -27,14 +25,15 @@ from git import BadName, Repo
 from git.exc import GitError
 from git.objects import Blob, Tree
 
-from reconciler.core.errors import ArtifactError, SignatureError, SourceError
+from reconciler.core.errors import ArtifactError, RevisionRefused, SignatureError, SourceError
 from reconciler.core.loader import SpecFile
+from reconciler.core.redact import redact_url
+from reconciler.node.runtimes.process import kill_group
 
 log = logging.getLogger(__name__)
 
 FULL_SHA_RE = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 SPEC_SUFFIXES = (".yaml", ".yml")
-_USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 _REGULAR_FILE_MODES = (0o100644, 0o100755)
 # Roughly `git check-ref-format`: no option-like start, no spaces, no ~^:?*[\ or control chars.
 _REF_NAME_RE = re.compile(r"^[^-\s~^:?*\[\\\x00-\x1f\x7f][^\s~^:?*\[\\\x00-\x1f\x7f]*$")
@@ -43,11 +42,8 @@ _STALE_LOCKS = ("packed-refs.lock", "shallow.lock", "config.lock", "HEAD.lock")
 # Run `git gc --auto` after this many successful fetches; fetch itself passes --no-auto-gc so
 # a long repack can never eat the fetch timeout and turn into an endless SourceError loop.
 _GC_EVERY = 50
-
-
-def redact_url(text: str) -> str:
-    """Strip `user:password@` from every URL in `text` (messages, logs, events)."""
-    return _USERINFO_RE.sub(r"\g<scheme>", text)
+# A signed source verifies every new commit; a longer jump is refused rather than slow.
+MAX_VERIFIED_COMMITS = 1000
 
 
 def _is_local_path(url: str) -> bool:
@@ -92,18 +88,13 @@ def run_git(
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            kill_group(proc.pid)
             proc.communicate()
             raise SourceError(f"{what} timed out after {timeout:g}s") from None
         except BaseException:
-            _kill_group(proc)
+            kill_group(proc.pid)
             raise
     return GitResult(proc.returncode, out, err)
-
-
-def _kill_group(proc: subprocess.Popen[str]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _first_error_line(stderr: str) -> str:
@@ -514,6 +505,39 @@ class GitSource:
                 self._verified.clear()
             self._verified[revision] = (stamp, signer)
             return signer
+
+    def verify_move(self, applied: str | None, new: str, allow_rewind: bool = False) -> None:
+        """Before the node moves from `applied` to `new`, with a verifier: every commit `new`
+        adds over `applied` must verify (not only the tip: an unsigned commit below a signed
+        one would slip in), and a move back to an ancestor of `applied` (a force-push that
+        replays an older signed revision) is refused unless `allow_rewind`. Raises
+        SignatureError / RevisionRefused; without a verifier it does nothing."""
+        if self.verifier is None:
+            return
+        if applied is None or applied == new or not self._has_commit(applied):
+            self.verify(new)  # nothing to compare with: the tip alone
+            return
+        if self._git("merge-base", "--is-ancestor", new, applied).returncode == 0:
+            if not allow_rewind:
+                raise RevisionRefused(
+                    f"refusing to move back from {applied[:12]} to its ancestor {new[:12]} "
+                    "(a force-push replaying an older revision?); start the node with "
+                    "--allow-rewind to allow it"
+                )
+            self.verify(new)
+            return
+        res = self._git("rev-list", f"--max-count={MAX_VERIFIED_COMMITS + 1}",
+                        f"{applied}..{new}", what="rev-list")
+        if res.returncode != 0:
+            raise self._fail("rev-list", res)
+        commits = res.stdout.split()
+        if len(commits) > MAX_VERIFIED_COMMITS:
+            raise RevisionRefused(
+                f"{new[:12]} adds more than {MAX_VERIFIED_COMMITS} commits over "
+                f"{applied[:12]}; not verified one by one (apply an intermediate revision)"
+            )
+        for commit in reversed(commits):  # oldest first: the first bad one is named
+            self.verify(commit)
 
     def _gnupg_dir(self, verifier: SignatureVerifier) -> Path:
         if verifier.gpg_home is not None:

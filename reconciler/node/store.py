@@ -16,7 +16,10 @@ from reconciler.core.events import Event
 from reconciler.core.ports import OutboxEntry
 from reconciler.core.spec import AppSpec, metadata_hash_of
 from reconciler.core.state import CurrentApp, CurrentState
+from reconciler.core.states import Health, Phase
+from reconciler.core.status import NodeMeta
 from reconciler.node.runtimes.base import ProcessRecord
+from reconciler.node.runtimes.process import pid_alive
 
 DB_NAME = "state.db"
 SCHEMA_VERSION = 1
@@ -43,7 +46,7 @@ CREATE TABLE IF NOT EXISTS apps (
     prev_create_time REAL,
     restarts INTEGER NOT NULL DEFAULT 0,
     applied_revision TEXT,
-    attempted_revision TEXT,
+    attempted_revision TEXT, -- no longer written; kept so stores stay readable both ways
     failed_spec_hash TEXT,
     failed_version TEXT,
     suspended INTEGER NOT NULL DEFAULT 0,
@@ -77,8 +80,8 @@ class AppRecord:
     prev_version: str | None = None
     prev_spec_json: str | None = None
     prev_dir: str | None = None
-    phase: str = "pending"
-    health: str = "unknown"
+    phase: Phase = "pending"
+    health: Health = "unknown"
     message: str = ""
     pid: int | None = None
     pgid: int | None = None
@@ -90,7 +93,6 @@ class AppRecord:
     prev_create_time: float | None = None
     restarts: int = 0
     applied_revision: str | None = None
-    attempted_revision: str | None = None
     failed_spec_hash: str | None = None
     failed_version: str | None = None
     suspended: bool = False
@@ -136,12 +138,12 @@ class AppRecord:
             create_time=self.prev_create_time,
         )
 
-    def to_current(self, running: bool) -> CurrentApp:
+    def to_current(self, running: bool, alive: bool) -> CurrentApp:
         return CurrentApp(
             name=self.name, version=self.version, spec_hash=self.spec_hash,
-            phase=self.phase,  # type: ignore[arg-type]
-            health=self.health,  # type: ignore[arg-type]
-            running=running, depends_on=self.depends_on, suspended=self.suspended,
+            phase=self.phase, health=self.health, running=running, alive=alive,
+            installed=self.install_dir is not None, depends_on=self.depends_on,
+            suspended=self.suspended,
             failed_spec_hash=self.failed_spec_hash, metadata_hash=self.metadata_hash,
         )
 
@@ -207,6 +209,9 @@ class Store:
         # rows are read far more often than written (status, every reconcile); this one
         # connection is the only writer, so a cache dropped on every write stays true
         self._apps_cache: dict[str, AppRecord] | None = None
+        self._meta_cache: dict[str, str] | None = None  # likewise for the meta rows
+        # stored spec JSON -> parsed spec: status reads every app's spec, often
+        self._specs: dict[str, AppSpec] = {}
         self._outbox_count = self._count_outbox()
         self._rehash_specs()
         for suffix in ("-wal", "-shm"):
@@ -252,6 +257,7 @@ class Store:
             self._depth = 0
             self._db.execute("ROLLBACK")
             self._apps_cache = None
+            self._meta_cache = None
             self._outbox_count = self._count_outbox()
             raise
         self._depth = 0
@@ -274,6 +280,15 @@ class Store:
             rows = self._db.execute("SELECT * FROM apps ORDER BY name").fetchall()
             self._apps_cache = {row["name"]: _row_to_record(row) for row in rows}
         return self._apps_cache
+
+    def spec_of(self, record: AppRecord) -> AppSpec:
+        """The record's spec, parsed once per distinct spec."""
+        spec = self._specs.get(record.spec_json)
+        if spec is None:
+            if len(self._specs) > 4096:
+                self._specs.clear()
+            spec = self._specs[record.spec_json] = record.spec
+        return spec
 
     def _apps_changed(self) -> None:
         self._apps_cache = None
@@ -312,19 +327,40 @@ class Store:
         self._apps_changed()
 
     # -- meta ---------------------------------------------------------------------------
+    def _meta(self) -> dict[str, str]:
+        if self._meta_cache is None:
+            rows = self._db.execute("SELECT key, value FROM meta").fetchall()
+            self._meta_cache = {row["key"]: row["value"] for row in rows}
+        return self._meta_cache
+
     def get_meta(self, key: str, default: str | None = None) -> str | None:
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row["value"] if row else default
+        return self._meta().get(key, default)
 
     def set_meta(self, key: str, value: str | None) -> None:
         if value is None:
             self._write("DELETE FROM meta WHERE key = ?", (key,))
+            self._meta().pop(key, None)
         else:
             self._write("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+            self._meta()[key] = value
+
+    def node_meta(self) -> NodeMeta:
+        """The node-wide facts, typed (core.status.NodeMeta knows the keys)."""
+        return NodeMeta.from_rows(self._meta())
+
+    def update_meta(self, **changes: Any) -> NodeMeta:
+        """Change some NodeMeta fields (one transaction; unchanged rows are not written)."""
+        old = self.node_meta()
+        new = old.changed(**changes)
+        with self.transaction():
+            for key, text in new.to_rows(changes).items():
+                if self._meta().get(key) != text:
+                    self.set_meta(key, text)
+        return new
 
     @property
     def node_suspended(self) -> bool:
-        return self.get_meta("node_suspended") == "1"
+        return self.node_meta().suspended
 
     # -- outbox (agent_api.Outbox) --------------------------------------------------------
     def add_event(self, event: Event) -> int:
@@ -343,8 +379,7 @@ class Store:
                     "(SELECT seq FROM outbox ORDER BY seq LIMIT ?)", (overflow,),
                 ).rowcount
                 self._outbox_count -= deleted
-                dropped = int(self.get_meta("outbox_dropped", "0") or 0) + deleted
-                self.set_meta("outbox_dropped", str(dropped))
+                self.update_meta(outbox_dropped=self.node_meta().outbox_dropped + deleted)
             return int(cursor.lastrowid or 0)
 
     def outbox_batch(self, limit: int) -> list[OutboxEntry]:
@@ -370,41 +405,19 @@ class Store:
                 self._outbox_count -= deleted
 
     def outbox_stats(self) -> tuple[int, int]:
-        return self._outbox_count, int(self.get_meta("outbox_dropped", "0") or 0)
+        return self._outbox_count, self.node_meta().outbox_dropped
 
     def _count_outbox(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
 
     # -- views ----------------------------------------------------------------------------
-    def current_state(self, running: set[str] | None = None) -> CurrentState:
-        """CurrentState for the planner; `running` names apps with a live process (from the
-        runtime); None: judge from the recorded pids."""
-        records = self.apps()
-        alive = running if running is not None else _alive_from_records(records)
-        return CurrentState(apps={n: r.to_current(n in alive) for n, r in records.items()})
-
-
-def meta_float(text: str | None) -> float | None:
-    """A number kept as text in the meta table; None when absent or unreadable."""
-    try:
-        return float(text) if text else None
-    except ValueError:
-        return None
-
-
-def pid_alive(pid: int | None, create_time: float | None) -> bool:
-    """True when `pid` runs and is the process we recorded (create_time guards pid reuse)."""
-    if not pid:
-        return False
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return create_time is None or abs(proc.create_time() - create_time) < 0.05
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
+    def current_state(
+        self, running: set[str] | None = None, alive: set[str] | None = None,
+    ) -> CurrentState:
+        """CurrentState for the planner. `running` names the apps that are up (see
+        CurrentApp.running) and `alive` those with a live process (both from the runtime);
+        None: judge from the recorded pids."""
+        return _current_state(self.apps(), running, alive)
 
 
 def _alive_from_records(records: dict[str, AppRecord]) -> set[str]:
@@ -444,9 +457,22 @@ def read_snapshot(state_dir: Path) -> StoreSnapshot | None:
 
 def load_current_state(state_dir: Path) -> CurrentState:
     """The current state recorded in `state_dir` (read-only); empty when there is no store.
-    An app counts as running when its recorded process is alive."""
+    An app counts as running and alive when its recorded process is alive."""
     snapshot = read_snapshot(Path(state_dir))
     if snapshot is None:
         return CurrentState()
-    alive = _alive_from_records(snapshot.apps)
-    return CurrentState(apps={n: r.to_current(n in alive) for n, r in snapshot.apps.items()})
+    return _current_state(snapshot.apps, None, None)
+
+
+def _current_state(
+    records: dict[str, AppRecord], running: set[str] | None, alive: set[str] | None,
+) -> CurrentState:
+    """`running`/`alive` None: an app is both when its recorded process is alive (a store
+    read without the runtime cannot see restart backoff)."""
+    if running is None or alive is None:
+        recorded = _alive_from_records(records)
+        running = recorded if running is None else running
+        alive = recorded if alive is None else alive
+    return CurrentState(
+        apps={n: r.to_current(n in running, n in alive) for n, r in records.items()}
+    )

@@ -45,6 +45,8 @@ class ProcessRecord:
 
 
 ProcState = Literal["running", "backoff", "crash-loop", "stopped", "exited"]
+# A process runs, or waits to be restarted: the app has a live version.
+ALIVE_STATES: frozenset[ProcState] = frozenset({"running", "backoff"})
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,9 @@ class Runtime(Protocol):
         reused (create_time differs). Adopted processes are supervised like own children."""
 
     def stats(self, name: str) -> ProcessStats | None: ...
+
+    def state(self, name: str) -> ProcState | None:
+        """stats(name).state without reading cpu and memory; None for an unknown app."""
 
     def names(self) -> set[str]: ...
 

@@ -18,8 +18,9 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import psutil
 
 from reconciler.core.errors import RuntimeFailure
 from reconciler.node.runtimes.base import (
+    ALIVE_STATES,
     LaunchSpec,
     ProcessRecord,
     ProcessStats,
@@ -37,7 +39,10 @@ from reconciler.node.runtimes.base import (
 
 log = logging.getLogger(__name__)
 
-CREATE_TIME_TOLERANCE = 0.05  # psutil create_time is derived from jiffies: allow rounding
+CREATE_TIME_TOLERANCE = 0.05
+# Set in every app process's environment, unique per start: its descendants inherit it, so
+# the ones that leave the process group and session are still found and stopped with it.
+INSTANCE_ENV = "GITOPS_INSTANCE"  # psutil create_time is derived from jiffies: allow rounding
 LOG_MAX_BYTES = 10 * 1024 * 1024
 LOG_KEEP = 3
 
@@ -167,7 +172,26 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
+def marked_processes(instance: str | None) -> list[psutil.Process]:
+    """Live processes whose environment carries INSTANCE_ENV=instance: every descendant of
+    one app instance, also those that left its process group and session (setsid, a
+    daemonizing child), since the environment is inherited."""
+    if not instance:
+        return []
+    found: list[psutil.Process] = []
+    me = os.getpid()
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
+        try:
+            if proc.environ().get(INSTANCE_ENV) == instance and _alive(proc):
+                found.append(proc)
+        except (psutil.Error, OSError):  # gone, or not ours to read
+            continue
+    return found
+
+
+def _signal_group(pgid: int, sig: signal.Signals, escaped: Sequence[psutil.Process] = ()) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
     for pid in group_members(pgid):
@@ -176,19 +200,31 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             if os.getpgid(pid) != pgid:
                 os.kill(pid, sig)
+    for proc in escaped:
+        with contextlib.suppress(psutil.Error, OSError):  # it may be gone by now
+            if os.getpgid(proc.pid) != pgid:
+                proc.send_signal(sig)
 
 
 async def _wait_stopped(
-    popen: subprocess.Popen[bytes] | None, pgid: int, timeout: float
+    popen: subprocess.Popen[bytes] | None, pgid: int, timeout: float,
+    escaped: Sequence[psutil.Process] = (),
 ) -> bool:
-    """Wait until our child (reaped, so it is no zombie) and every group member are gone."""
+    """Wait until our child (reaped, so it is no zombie), every group member and the
+    `escaped` processes are gone."""
     deadline = time.monotonic() + timeout
     delay = 0.002  # most apps exit within milliseconds of SIGTERM
     if popen is not None:
         while popen.poll() is None and time.monotonic() < deadline:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
-    return await _wait_group_gone(pgid, max(0.0, deadline - time.monotonic()))
+    if not await _wait_group_gone(pgid, max(0.0, deadline - time.monotonic())):
+        return False
+    while any(_alive(proc) for proc in escaped):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 async def _wait_group_gone(pgid: int, timeout: float) -> bool:
@@ -201,6 +237,63 @@ async def _wait_group_gone(pgid: int, timeout: float) -> bool:
             return False
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.1)
+
+
+async def stop_group(
+    pgid: int, sig: signal.Signals, timeout: float, *,
+    popen: subprocess.Popen[bytes] | None = None, name: str = "", instance: str | None = None,
+) -> bool:
+    """`sig` to the group (and to the processes marked with `instance` that left it), SIGKILL
+    after `timeout`, until none is left. The one way this project stops an app's processes;
+    False when some survived SIGKILL too."""
+    escaped = await asyncio.to_thread(marked_processes, instance)
+    _signal_group(pgid, sig, escaped)
+    if await _wait_stopped(popen, pgid, timeout, escaped):
+        return True
+    log.warning("%s did not stop within %gs: SIGKILL", name or f"group {pgid}", timeout)
+    _signal_group(pgid, signal.SIGKILL, escaped)
+    return await _wait_stopped(popen, pgid, 10.0, escaped)
+
+
+def instance_of(proc: psutil.Process) -> str | None:
+    """The INSTANCE_ENV marker of a running app process (None: unreadable or unmarked)."""
+    try:
+        return proc.environ().get(INSTANCE_ENV)
+    except (psutil.Error, OSError):
+        return None
+
+
+def _leftovers(pgid: int, instance: str | None) -> bool:
+    return bool(group_members(pgid)) or bool(marked_processes(instance))
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL to a process group that must go now (a timed-out git or probe, an orphan)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def pid_alive(pid: int | None, create_time: float | None) -> bool:
+    """True when `pid` runs and is the process we recorded (create_time guards pid reuse)."""
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return (create_time is None
+                or abs(proc.create_time() - create_time) <= CREATE_TIME_TOLERANCE)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+async def stop_recorded(proc: ProcessRecord | None, timeout: float = 5.0) -> None:
+    """Stop a recorded process that must not keep running (the other half of an interrupted
+    upgrade), with its group; only while pid and create_time still name that process."""
+    if proc is None or not pid_alive(proc.pid, proc.create_time):
+        return
+    log.warning("%s: stopping leftover %s process %d", proc.name, proc.version, proc.pid)
+    await stop_group(proc.pgid, signal.SIGTERM, timeout, name=proc.name)
 
 
 # --- the runtime ------------------------------------------------------------------------------
@@ -228,6 +321,7 @@ class _App:
     last_exit_code: int | None = None
     message: str = ""
     stopping: bool = False
+    instance: str | None = None  # INSTANCE_ENV of the current process (None: unknown)
     watch_task: asyncio.Task[None] | None = None
     restart_task: asyncio.Task[None] | None = None
 
@@ -270,7 +364,7 @@ class ProcessRuntime:
     async def start(self, launch: LaunchSpec) -> ProcessRecord:
         self._check_open()
         current = self._apps.get(launch.name)
-        if current is not None and current.state in ("running", "backoff"):
+        if current is not None and current.state in ALIVE_STATES:
             pid = current.record.pid if current.record else None
             raise RuntimeFailure(
                 f"{launch.name}: already running (pid {pid}, state {current.state}); stop it first"
@@ -322,6 +416,7 @@ class ProcessRuntime:
             started_at=record.create_time,
             backoff=launch.restart.backoff_initial,
             message=f"adopted pid {record.pid}",
+            instance=instance_of(proc),
         )
         with contextlib.suppress(psutil.Error):
             proc.cpu_percent(None)  # prime it: the next call measures since now
@@ -362,6 +457,10 @@ class ProcessRuntime:
             last_exit_code=app.last_exit_code,
             message=app.message,
         )
+
+    def state(self, name: str) -> ProcState | None:
+        app = self._apps.get(name)
+        return None if app is None else app.state
 
     def names(self) -> set[str]:
         return set(self._apps)
@@ -432,9 +531,11 @@ class ProcessRuntime:
         try:
             header = f"--- gitops-mesh: starting {launch.name} {launch.version}\n"
             os.write(log_fd, header.encode())
+            app.instance = f"{launch.name}.{uuid.uuid4().hex[:16]}"
             popen = subprocess.Popen(
                 list(launch.argv),
-                env=dict(launch.env),  # exactly what the agent built: nothing inherited
+                # exactly what the agent built (nothing inherited), plus the instance marker
+                env={**launch.env, INSTANCE_ENV: app.instance},
                 cwd=launch.workdir,
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,
@@ -490,9 +591,9 @@ class ProcessRuntime:
                 return
             # The app is its process group: what the leader left behind goes with it, so a
             # restart never runs next to leftovers of the old instance.
-            if await asyncio.to_thread(group_members, record.pgid):
-                log.info("%s exited; stopping what is left of its process group", record.name)
-                await self._stop_group(app.launch, record.pgid, None)
+            if await asyncio.to_thread(_leftovers, record.pgid, app.instance):
+                log.info("%s exited; stopping what is left of it", record.name)
+                await self._stop_group(app.launch, record.pgid, None, app.instance)
             if superseded():
                 return
             self._on_exit(app, returncode)
@@ -596,24 +697,21 @@ class ProcessRuntime:
         if app.popen is None and app.proc is not None and not _alive(app.proc):
             return  # adopted and already gone: its pgid may belong to someone else by now
         popen = app.popen
-        await self._stop_group(launch, pgid, popen)
+        await self._stop_group(launch, pgid, popen, app.instance)
         if popen is not None:
             app.last_exit_code = popen.poll()
         app.message = "stopped"
 
     async def _stop_group(
-        self, launch: LaunchSpec, pgid: int, popen: subprocess.Popen[bytes] | None
+        self, launch: LaunchSpec, pgid: int, popen: subprocess.Popen[bytes] | None,
+        instance: str | None,
     ) -> None:
-        """stop_signal to the group, SIGKILL after stop_timeout, until no member is left."""
-        _signal_group(pgid, signal.Signals[launch.stop_signal])
-        if not await _wait_stopped(popen, pgid, launch.stop_timeout):
-            log.warning("%s did not stop within %gs: SIGKILL", launch.name, launch.stop_timeout)
-            _signal_group(pgid, signal.SIGKILL)
-            if not await _wait_stopped(popen, pgid, 10.0):
-                raise RuntimeFailure(
-                    f"{launch.name}: processes of group {pgid} survived SIGKILL: "
-                    f"{await asyncio.to_thread(group_members, pgid)}"
-                )
+        if not await stop_group(pgid, signal.Signals[launch.stop_signal], launch.stop_timeout,
+                                popen=popen, name=launch.name, instance=instance):
+            raise RuntimeFailure(
+                f"{launch.name}: processes of group {pgid} survived SIGKILL: "
+                f"{await asyncio.to_thread(group_members, pgid)}"
+            )
 
     def _ensure_rotation(self) -> None:
         if self._rotate_task is None or self._rotate_task.done():
