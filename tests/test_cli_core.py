@@ -380,8 +380,8 @@ def test_schema_of_rollout_yaml_and_of_events() -> None:
     assert sorted(rollout["properties"]) == [
         "bake", "max_failed", "progress_deadline", "revert", "waves"]
     assert rollout["additionalProperties"] is False
-    events = json.loads(cli("schema", "--events").stdout)
-    assert events["title"] == "gitops-mesh event" and "type" in events["properties"]
+    events = json.loads(cli("schema", "--events").stdout)  # (ops' part; still there)
+    assert events["title"].startswith("gitops-mesh event") and "type" in events["properties"]
 
 
 def test_plan_names_the_nodes_wave(tmp_path: Path) -> None:

@@ -242,14 +242,14 @@ class MeshCoordinator:
         self._watch: tuple[str, asyncio.Task[None]] | None = None
         self.cas_attempts = 0  # writes tried in total (for tests and benchmarks)
 
-    async def _open(self) -> tuple[JetStreamContext, KeyValue]:
+    async def _open(self, create: bool = True) -> tuple[JetStreamContext, KeyValue]:
         nc = self._connection()
         if nc is None or not nc.is_connected:
             raise RolloutUnavailable("NATS is not connected")
         if self._js is None or self._js_of is not nc:
             self._js, self._js_of, self._kv = self.options.jetstream(nc), nc, None
         if self._kv is None:
-            self._kv = await rollouts_bucket(self._js, create=self.create_bucket)
+            self._kv = await rollouts_bucket(self._js, create=self.create_bucket and create)
             if self._kv is None:
                 raise RolloutUnavailable(f"the {ROLLOUTS_BUCKET} bucket does not exist "
                                          "(run gitops-mesh nats-init)")
@@ -330,7 +330,10 @@ class MeshCoordinator:
         """A node moved from `previous` to a revision without rollout.yaml: an unfinished
         rollout of `previous` is superseded (not left progressing forever)."""
         async def work() -> tuple[RolloutEvent, ...]:
-            js, kv = await self._open()
+            try:
+                js, kv = await self._open(create=False)  # no bucket: no rollout to end
+            except RolloutUnavailable:
+                return ()
             _, events = await self._supersede(js, kv, previous, revision)
             return events
         result: tuple[RolloutEvent, ...] = await self._guarded(work())
