@@ -365,21 +365,6 @@ class MeshCoordinator:
         self.cas_attempts += result.attempts
         return result.entry, result.events
 
-    async def advance(self, revision: str, node: str, labels: Mapping[str, str]
-                      ) -> tuple[RolloutEntry | None, tuple[RolloutEvent, ...]]:
-        """Advance by the clock and the fleet only (a waiting node's bake timer)."""
-        async def work() -> tuple[RolloutEntry | None, tuple[RolloutEvent, ...]]:
-            js, kv = await self._open()
-            members = await self._fleet(js, node, labels, revision)
-            result = await cas_update(
-                js, kv, self.options, revision,
-                lambda current: None if current is None else advance(current, members,
-                                                                     self._now()))
-            return result.entry, result.events
-        result: tuple[RolloutEntry | None, tuple[RolloutEvent, ...]] = await self._guarded(
-            work())
-        return result
-
     # ---- watching one entry -----------------------------------------------------------
     def watch(self, revision: str | None, on_change: Callable[[str], None] | None) -> None:
         """Call `on_change(state)` for the entry's value and each change of it (the state
