@@ -288,13 +288,30 @@ class MeshCoordinator:
                        labels: Mapping[str, str], previous: str | None
                        ) -> tuple[Verdict, tuple[RolloutEvent, ...]]:
         js, kv = await self._open()
-        members = await self._fleet(js, node, labels, revision)
         events: list[RolloutEvent] = []
         existing, _ = await read_entry(kv, revision)
         base = existing.base if existing is not None else None
         if existing is None:
             base, superseded = await self._supersede(js, kv, previous, revision)
             events += superseded
+        # The fleet (membership, offline nodes) is read when it matters: to create the
+        # entry, and for a node that is not simply let through (a waiting node's consults
+        # advance the rollout). A node already placed in an open wave applies without it,
+        # so a big wave's nodes do not each read the whole fleet.
+        me = {node: Member(dict(labels), True)}
+        if existing is not None and node in {n for w in existing.waves for n in w.nodes}:
+            verdict, result = await self._consult_with(js, kv, revision, spec, node, me, base)
+            if verdict.kind == "apply" or verdict.kind == "aborted":
+                self.cas_attempts += result.attempts
+                return verdict, (*events, *result.events)
+        members = await self._fleet(js, node, labels, revision)
+        verdict, result = await self._consult_with(js, kv, revision, spec, node, members, base)
+        self.cas_attempts += result.attempts
+        return verdict, (*events, *result.events)
+
+    async def _consult_with(self, js: JetStreamContext, kv: KeyValue, revision: str,
+                            spec: RolloutSpec, node: str, members: Mapping[str, Member],
+                            base: str | None) -> tuple[Verdict, CasResult]:
         verdict = Verdict("wait", "rollout state not read yet")
 
         def change(current: RolloutEntry | None) -> Step:
@@ -302,13 +319,10 @@ class MeshCoordinator:
             now = self._now()
             entry = current if current is not None else new_entry(revision, spec, base, now)
             step, verdict = consult(entry, node, members, now)
-            if current is None:
-                return Step(step.entry, step.events)
             return step
 
         result = await cas_update(js, kv, self.options, revision, change)
-        self.cas_attempts += result.attempts
-        return verdict, (*events, *result.events)
+        return verdict, result
 
     async def _supersede(self, js: JetStreamContext, kv: KeyValue, previous: str | None,
                          revision: str) -> tuple[str | None, tuple[RolloutEvent, ...]]:
