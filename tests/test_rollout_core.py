@@ -74,6 +74,7 @@ def test_new_entry_opens_the_first_wave() -> None:
         "applying": {}, "failures": {}, "reason": "", "base": BASE, "bake_s": 10.0,
         "progress_deadline_s": 60.0, "max_failed": 0, "revert": True, "superseded_by": None,
         "created_at": iso_time(T0), "updated_at": iso_time(T0), "transitions": 0,
+        "placed": True,
     }
     assert ro.RolloutEntry.from_json(e.to_json_bytes()) == e
 
@@ -315,3 +316,16 @@ def test_only_nodes_of_this_repository_join_a_wave() -> None:
     # once placed, a node stays in the rollout whatever its status says next
     moved = {**members, "n0": ro.Member({}, True, ("f" * 40,))}
     assert ro.advance(e, moved, at(1)).entry.waves[1].nodes == ["n0", "n1"]
+
+
+def test_an_entry_created_before_the_fleet_is_read_opens_no_wave() -> None:
+    """The first node to see a push creates the entry with only itself (cheap); no wave
+    may open (an empty canary wave must not be skipped) until a fleet read placed all."""
+    me = {"n0": ro.Member({})}
+    unplaced = ro.new_entry(REV, SPEC, BASE, T0, placed=False)
+    step, verdict = ro.consult(unplaced, "n0", me, at(1), fleet=False)
+    assert verdict.kind == "wait" and step.entry.wave == "canary"
+    assert (step.entry.placed, step.entry.waves[1].nodes, step.events) == (False, ["n0"], ())
+    placed = ro.advance(step.entry, fleet(), at(2))
+    assert placed.entry.placed and placed.entry.waves[0].nodes == ["c0"]
+    assert placed.entry.wave == "canary"  # c0 still has to apply: nothing skipped

@@ -86,6 +86,9 @@ class RolloutEntry(BaseModel):
     created_at: str
     updated_at: str
     transitions: int = 0  # counts announced transitions (deterministic event ids)
+    # every wave's nodes known (a fleet read placed them): only then do waves open, so a
+    # wave is never taken for empty before its nodes are known
+    placed: bool = True
 
     def to_json_bytes(self) -> bytes:
         return self.model_dump_json(by_alias=True).encode()
@@ -173,8 +176,10 @@ class Verdict:
 
 # ---- building and advancing ----------------------------------------------------------------
 
-def new_entry(revision: str, spec: RolloutSpec, base: str | None, now: datetime) -> RolloutEntry:
-    """A fresh rollout: the first wave open at `now`."""
+def new_entry(revision: str, spec: RolloutSpec, base: str | None, now: datetime,
+              placed: bool = True) -> RolloutEntry:
+    """A fresh rollout: the first wave open at `now`. `placed=False`: created before the
+    fleet was read (no wave opens until an advance with the fleet places its nodes)."""
     at = iso_time(now)
     waves = [WaveEntry(name=w.name, selector=w.nodes, max_unavailable=w.max_unavailable)
              for w in spec.waves]
@@ -182,7 +187,7 @@ def new_entry(revision: str, spec: RolloutSpec, base: str | None, now: datetime)
     return RolloutEntry(
         revision=revision, wave=waves[0].name, waves=waves, base=base, bake_s=spec.bake,
         progress_deadline_s=spec.progress_deadline, max_failed=spec.max_failed,
-        revert=spec.revert, created_at=at, updated_at=at,
+        revert=spec.revert, created_at=at, updated_at=at, placed=placed,
     )
 
 
@@ -315,16 +320,20 @@ def _open_waves(e: RolloutEntry, now: datetime) -> list[RolloutEvent]:
     return events
 
 
-def advance(entry: RolloutEntry, members: Mapping[str, Member], now: datetime) -> Step:
+def advance(entry: RolloutEntry, members: Mapping[str, Member], now: datetime,
+            fleet: bool = True) -> Step:
     """Bring the entry up to date with the fleet and the clock: membership and offline
-    nodes, progress deadlines, the abort rule, and waves whose bake is over."""
+    nodes, progress deadlines, the abort rule, and waves whose bake is over. `fleet`:
+    `members` is the whole fleet as read (False: only the nodes at hand)."""
     if entry.state in ("complete", "aborted"):
         return Step(entry)
     e = entry.model_copy(deep=True)
     _place_all(e, members)
+    if fleet:
+        e.placed = True
     _expire(e, now)
     events = _abort_if_too_many_failed(e, now)
-    if e.state == "progressing":
+    if e.state == "progressing" and e.placed:
         events += _open_waves(e, now)
     return _finish(entry, e, events, now)
 
@@ -340,10 +349,10 @@ def _finish(before: RolloutEntry, e: RolloutEntry, events: list[RolloutEvent],
 # ---- a node's part ---------------------------------------------------------------------------
 
 def consult(entry: RolloutEntry, node: str, members: Mapping[str, Member], now: datetime,
-            ) -> tuple[Step, Verdict]:
+            fleet: bool = True) -> tuple[Step, Verdict]:
     """May `node` apply the entry's revision now? Claims a max_unavailable slot when it may.
-    `members` must include `node` itself."""
-    step = advance(entry, members, now)
+    `members` must include `node` itself; `fleet`: they are the whole fleet as read."""
+    step = advance(entry, members, now, fleet)
     e = step.entry
     if e.state == "aborted":
         if e.superseded_by:

@@ -128,7 +128,7 @@ async def cas_update(
                 raise
             # someone wrote first: compute again from theirs; an exponentially growing,
             # jittered pause spreads a herd (N writers cost O(N log N) attempts, not N^2)
-            await asyncio.sleep(random.uniform(0, min(0.05, 0.0005 * 2 ** min(attempt, 8))))
+            await asyncio.sleep(random.uniform(0, min(0.1, 0.001 * 2 ** min(attempt, 8))))
             continue
         return CasResult(step.entry, step.events, True, attempt)
     raise RolloutUnavailable(f"{ROLLOUTS_BUCKET} {revision[:12]}: no compare-and-set won "
@@ -294,35 +294,51 @@ class MeshCoordinator:
         if existing is None:
             base, superseded = await self._supersede(js, kv, previous, revision)
             events += superseded
-        # The fleet (membership, offline nodes) is read when it matters: to create the
-        # entry, and for a node that is not simply let through (a waiting node's consults
-        # advance the rollout). A node already placed in an open wave applies without it,
-        # so a big wave's nodes do not each read the whole fleet.
+        # The fleet (membership, offline nodes) is read only where it matters. Every node
+        # hears of a push at once; the first to create the entry creates it unplaced (no
+        # wave opens yet), then reads the fleet and places every wave's nodes. The others,
+        # and later every node whose wave is open, place themselves and go on without a
+        # fleet read; a node that must wait reads it (its consults advance the rollout).
         me = {node: Member(dict(labels), True)}
-        if existing is not None and node in {n for w in existing.waves for n in w.nodes}:
-            verdict, result = await self._consult_with(js, kv, revision, spec, node, me, base)
-            if verdict.kind == "apply" or verdict.kind == "aborted":
-                self.cas_attempts += result.attempts
-                return verdict, (*events, *result.events)
+        verdict, result, created = await self._consult_with(
+            js, kv, revision, spec, node, me, base, fleet=False)
+        events += result.events
+        self.cas_attempts += result.attempts
+        if created:
+            members = await self._fleet(js, node, labels, revision)
+            placed = await cas_update(
+                js, kv, self.options, revision,
+                lambda current: None if current is None else advance(
+                    current, members, self._now()))
+            events += placed.events
+            self.cas_attempts += placed.attempts
+        if verdict.kind in ("apply", "aborted", "superseded"):
+            return verdict, tuple(events)
         members = await self._fleet(js, node, labels, revision)
-        verdict, result = await self._consult_with(js, kv, revision, spec, node, members, base)
+        verdict, result, _ = await self._consult_with(
+            js, kv, revision, spec, node, members, base, fleet=True)
         self.cas_attempts += result.attempts
         return verdict, (*events, *result.events)
 
     async def _consult_with(self, js: JetStreamContext, kv: KeyValue, revision: str,
                             spec: RolloutSpec, node: str, members: Mapping[str, Member],
-                            base: str | None) -> tuple[Verdict, CasResult]:
+                            base: str | None, fleet: bool
+                            ) -> tuple[Verdict, CasResult, bool]:
+        """One consult by CAS; (verdict, result, whether this write created the entry)."""
         verdict = Verdict("wait", "rollout state not read yet")
+        created = False
 
         def change(current: RolloutEntry | None) -> Step:
-            nonlocal verdict
+            nonlocal verdict, created
             now = self._now()
-            entry = current if current is not None else new_entry(revision, spec, base, now)
-            step, verdict = consult(entry, node, members, now)
+            created = current is None
+            entry = current if current is not None else new_entry(
+                revision, spec, base, now, placed=False)
+            step, verdict = consult(entry, node, members, now, fleet=fleet)
             return step
 
         result = await cas_update(js, kv, self.options, revision, change)
-        return verdict, result
+        return verdict, result, created and result.wrote
 
     async def _supersede(self, js: JetStreamContext, kv: KeyValue, previous: str | None,
                          revision: str) -> tuple[str | None, tuple[RolloutEvent, ...]]:
