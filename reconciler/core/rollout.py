@@ -375,11 +375,14 @@ def consult(entry: RolloutEntry, node: str, members: Mapping[str, Member], now: 
     # a percentage is of the wave's online nodes (offline ones are not applying anything)
     online = [n for n in wave.nodes if n not in wave.offline]
     limit = resolve_count(wave.max_unavailable, len(online), at_least_one=True)
-    if _everyone(wave.max_unavailable) and node in wave.nodes:
-        # "everyone at once": no slot to count, so no claim is written (a big wave's nodes
-        # do not all race for the entry just to start; progress_deadline then does not
-        # apply to them: their own start_timeout and rollback still do)
-        return step, Verdict("apply", state=e.state)
+    if _everyone(wave.max_unavailable):
+        # "everyone at once": no slot to count, so nothing is written for this node now (a
+        # big wave's nodes do not all race for the entry just to start: its report places
+        # it; progress_deadline does not apply to them, their start_timeout and rollback
+        # still do). Only what the others' and the clock's news changed is kept.
+        others = {n: m for n, m in members.items() if n != node}
+        kept = step if node in entry.waves[index].nodes else advance(entry, others, now, fleet)
+        return kept, Verdict("apply", state=e.state)
     busy = sorted(n for n in e.applying if n in wave.nodes)
     if len(busy) >= limit:
         return step, Verdict("wait", f"wave {wave.name} of rollout {e.revision[:12]}: no slot "
