@@ -97,6 +97,7 @@ class Feed:
         self._stream_id: tuple[Any, Any] | None = None  # (created, name) of the stream read
         self._from_start = False
         self._kv_stream_id: tuple[Any, Any] | None = None
+        self._rollouts_watched = False
 
     @property
     def connected(self) -> bool:
@@ -152,6 +153,11 @@ class Feed:
         operator): our consumers are then gone or point past the new sequence numbers.
         Compare each stream's identity with the one we subscribed to; resubscribe if new."""
         js = self._jetstream()
+        if not self._rollouts_watched:
+            with contextlib.suppress(Exception):  # the rollouts bucket appeared: watch it
+                await js.stream_info(subjects.ROLLOUTS_STREAM)
+                self._resync.set()
+                return
         try:
             for name, seen in ((subjects.EVENTS_STREAM, self._stream_id),
                                (subjects.KV_STREAM, self._kv_stream_id)):
@@ -232,14 +238,17 @@ class Feed:
             idle_heartbeat=2.0,
         )
         self._subs.append(kv_sub)
-        # coordinated rollouts (rollout.yaml): their entries, live, like the node statuses
-        await rollouts_bucket(js, create=self.create_missing)
-        rollout_sub = await js.subscribe(
-            f"{subjects.ROLLOUTS_SUBJECT_PREFIX}.>", stream=subjects.ROLLOUTS_STREAM,
-            cb=self._on_rollout, ordered_consumer=True,
-            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT, idle_heartbeat=2.0,
-        )
-        self._subs.append(rollout_sub)
+        # coordinated rollouts (rollout.yaml): their entries, live, like the node statuses.
+        # No bucket yet (no governed revision, and not ours to create): watched once it is
+        # there (_check_consumers notices it)
+        self._rollouts_watched = await rollouts_bucket(js, create=self.create_missing) is not None
+        if self._rollouts_watched:
+            rollout_sub = await js.subscribe(
+                f"{subjects.ROLLOUTS_SUBJECT_PREFIX}.>", stream=subjects.ROLLOUTS_STREAM,
+                cb=self._on_rollout, ordered_consumer=True,
+                deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT, idle_heartbeat=2.0,
+            )
+            self._subs.append(rollout_sub)
         # Events come through a pull consumer, one request of FETCH_BATCH at a time, handled
         # in the inbox callback: memory stays flat during a replay of millions (at most one
         # batch in flight) and per-message cost stays low (no per-message timers).
