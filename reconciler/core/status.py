@@ -85,8 +85,11 @@ def summarize(
     source_error: str | None,
     spec_errors: bool,
     at_desired_revision: bool,
+    store_error: str | None = None,
 ) -> tuple[NodeState, str]:
-    """(node status, one-line reason) from the apps' phases and the agent's situation."""
+    """(node status, one-line reason) from the apps' phases and the agent's situation. A
+    state store that cannot be written (a full disk) is degraded whatever else holds: the
+    agent changes nothing until it can record what it does."""
     apps = list(apps)
     if suspended:
         return "suspended", "reconciliation suspended by an operator"
@@ -96,6 +99,8 @@ def summarize(
     rolled_back = sorted(f"{a.name} {a.failed_version}" for a in apps if a.failed_version)
     if rolled_back and not reconciling:
         return "failed", "rolled back after a failed upgrade: " + ", ".join(rolled_back)
+    if store_error:
+        return "degraded", f"{store_error} (apps kept as they run; retrying)"
     if reconciling or any(a.phase in BUSY_PHASES for a in apps):
         return "progressing", "reconciling"
     if not at_desired_revision:
@@ -273,6 +278,7 @@ class RunFacts:
     run_id: str | None = None
     trace_id: str | None = None
     heartbeat_interval_s: float = 10.0
+    store_error: str | None = None  # the last state store write failed (a full disk)
 
 
 def node_status(
@@ -288,6 +294,7 @@ def node_status(
         source_error=meta.source_error, spec_errors=bool(meta.spec_errors),
         at_desired_revision=meta.applied_revision is not None
         and meta.applied_revision == meta.desired_revision,
+        store_error=run.store_error,
     )
     return NodeStatus(
         node=meta.node_id, labels=dict(meta.labels), revision=meta.applied_revision,
