@@ -6,6 +6,8 @@ import hashlib
 import json
 import re
 import signal
+from collections.abc import Mapping
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -325,15 +327,26 @@ class AppSpec(StrictModel):
         """Hash of what shapes the running process: version, source, run, health, restart,
         upgrade. Metadata (METADATA_FIELDS) and suspend are left out, so relabeling an app
         does not restart it (see metadata_hash)."""
-        payload = self.model_dump(
-            mode="json", by_alias=True, exclude={"suspend", *METADATA_FIELDS}
-        )
-        return _digest(payload)
+        return self._hashes[0]
 
     def metadata_hash(self) -> str:
         """Hash of the fields that do not touch the process (METADATA_FIELDS): a change here
         is persisted without a restart."""
-        return metadata_hash_of(self.model_dump(mode="json", by_alias=True))
+        return self._hashes[1]
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None,
+                   deep: bool = False) -> AppSpec:
+        copy = super().model_copy(update=update, deep=deep)
+        copy.__dict__.pop("_hashes", None)  # a changed copy must not keep the memo
+        return copy
+
+    @cached_property
+    def _hashes(self) -> tuple[str, str]:
+        # Computed once per instance (the model is frozen): hashing dominates planning big
+        # nodes, and the loader's ParseCache hands the same instances to every revision.
+        data = self.model_dump(mode="json", by_alias=True)
+        process = {k: v for k, v in data.items() if k not in {"suspend", *METADATA_FIELDS}}
+        return _digest(process), metadata_hash_of(data)
 
     def targets(self, labels: dict[str, str]) -> bool:
         return self.nodes is None or self.nodes.matches(labels)
