@@ -34,7 +34,8 @@ def test_a_new_rollout_counts_the_nodes_of_the_same_source_that_have_not_fetched
     fleet.apply_status("n1", status("n1", "progressing", revision=REV1, desired_revision=REV2,
                                     at=T1))
     rows = fleet.recent_rollouts(T1)
-    assert [(r["revision"], r["synced"], r["targeted"], r["pending"]) for r in rows][0] == (
+    newest = rows[0]
+    assert (newest["revision"], newest["synced"], newest["targeted"], newest["pending"]) == (
         REV2, 0, 3, 2)
     view = fleet.rollout_view(REV2, T1)
     assert view is not None

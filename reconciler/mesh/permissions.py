@@ -124,8 +124,11 @@ def console_permissions() -> Permissions:
             *_js_read(), "gitops.rpc.*.*", FLEET_RECONCILE,
             # the console may start before any node: it creates the stream and the bucket
             f"{js}.STREAM.CREATE.{EVENTS_STREAM}", f"{js}.STREAM.CREATE.{KV_STREAM}",
+            # its audit events (node id `console` is reserved) and "Forget node" (a KV delete)
+            event_subject(CONSOLE, ">"), f"{KV_SUBJECT_PREFIX}.*",
         ),
-        subscribe=("_INBOX.>", EVENTS_SUBJECTS, f"{KV_SUBJECT_PREFIX}.>"),
+        # the history page refreshes on a push hook's notice
+        subscribe=("_INBOX.>", EVENTS_SUBJECTS, f"{KV_SUBJECT_PREFIX}.>", SOURCE_CHANGED),
     )
 
 
