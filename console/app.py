@@ -338,7 +338,7 @@ def create_app(
         return _json_or_404(console.view("node", node), f"no node {node!r} in the fleet")
 
     async def api_apps(request: Request) -> Response:
-        return _json(console.fleet.apps_index())
+        return _json(console.fleet.apps_index(_app_query(request)))
 
     async def api_app(request: Request) -> Response:
         name = request.path_params["app"]
