@@ -252,6 +252,11 @@
           groups.set(groupOf(c), g);
         }
       }
+      // every group with its size, also those on other pages; a click filters to it
+      $("#groups").replaceChildren(...[...groups.entries()].sort(([a], [b]) => (a < b ? -1 : 1)).map(([g, n]) =>
+        h("button", { type: "button", class: "ghost small-btn group-chip", "data-group": g,
+                      onclick: () => { filt.label = g ? `${filt.group}=${g}` : ""; sel.label.value = filt.label; page = 0; applyFilter(); } },
+          `${g ? `${filt.group}=${g}` : `no ${filt.group}`}: ${n.n}`, n.bad ? h("span", { class: "t-bad", text: ` (${n.bad} unhealthy)` }) : "")));
       const kids = [];
       let last = null;
       for (const c of slice) {
@@ -425,8 +430,10 @@
     svg.append(s("text", { x: 2, y: H - B }, "0"));
     svg.append(s("text", { x: W - R + 4, y: T + 8 }, `${maxConv.toFixed(1)} s`));
     const span = t1 - t0;
-    const fmt = (t) => { const d = new Date(t); return span > 86_400_000 ? `${d.getMonth() + 1}/${d.getDate()} ${String(d.getHours()).padStart(2, "0")}h`
-      : `${String(d.getHours()).padStart(2, "0")}:${String(d.getMinutes()).padStart(2, "0")}`; };
+    const two = (n) => String(n).padStart(2, "0");
+    const fmt = (t) => { const d = new Date(t); return span > 86_400_000 ? `${d.getMonth() + 1}/${d.getDate()} ${two(d.getHours())}h`
+      : span < 600_000 ? `${two(d.getHours())}:${two(d.getMinutes())}:${two(d.getSeconds())}`
+      : `${two(d.getHours())}:${two(d.getMinutes())}`; };
     for (let i = 0; i <= 4; i++) {
       const t = t0 + (span * i) / 4;
       svg.append(s("line", { class: "axis", x1: xOf(t), y1: H - B, x2: xOf(t), y2: H - B + 4 }));
@@ -605,7 +612,12 @@
         h("div", {}, h("h2", { text: "versions" }), Object.entries(v.versions).map(([k, n]) => h("div", { text: `${k}: ${n} node(s)` }))),
         h("div", {}, h("h2", { text: "phases" }), Object.entries(v.phases).map(([k, n]) => h("div", { text: `${k}: ${n}` }))),
       );
-      $("#app-nodes tbody").replaceChildren(...v.nodes.map((r) => h("tr", {},
+      // a fleet of thousands: the rows of at most APP_ROWS nodes, the ones with trouble first
+      const APP_ROWS = 200;
+      const trouble = (r) => (r.phase !== "running" || r.health === "unhealthy" || r.failed_version ? 0 : 1);
+      const rows = v.nodes.length > APP_ROWS ? [...v.nodes].sort((a, b) => trouble(a) - trouble(b)).slice(0, APP_ROWS) : v.nodes;
+      $("#app-nodes-more").textContent = v.nodes.length > APP_ROWS ? `${APP_ROWS} of ${v.nodes.length} nodes shown (those with trouble first)` : "";
+      $("#app-nodes tbody").replaceChildren(...rows.map((r) => h("tr", {},
         h("td", {}, nodeLink(r.node)), h("td", {}, badge(r.node_status)),
         h("td", {}, r.version, r.failed_version ? h("span", { class: "t-bad", text: ` (${r.failed_version} rolled back)` }) : ""),
         h("td", { class: r.phase === "failed" ? "t-bad" : "" }, r.phase),
