@@ -159,6 +159,8 @@ class Console:
     loop: asyncio.AbstractEventLoop | None = None
     history: GitHistory | None = None
     _cache: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+    # (kind, args) -> (the view, its JSON): a view is serialised once, however many ask
+    _json_cache: dict[tuple[Any, ...], tuple[Any, bytes]] = field(default_factory=dict)
 
     def view(self, kind: str, *args: Any) -> Any:
         """A fleet view, memoised per fleet version and second (many browsers, one build)."""
@@ -182,6 +184,20 @@ class Console:
             self._cache.clear()
         self._cache[(kind, args)] = (stamp, time.monotonic(), value)
         return stamp[0], value
+
+    def view_json(self, kind: str, *args: Any) -> bytes:
+        """The JSON of view(kind, *args), serialised once per build of the view (the
+        overview of 5,000 nodes is megabytes: dumping it is most of a request)."""
+        value = self.view(kind, *args)
+        key = (kind, args)
+        hit = self._json_cache.get(key)
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        data = json.dumps(value, separators=(",", ":")).encode()
+        if len(self._json_cache) >= 64:
+            self._json_cache.clear()
+        self._json_cache[key] = (value, data)
+        return data
 
     def _build(self, kind: str, args: tuple[Any, ...], now: datetime) -> Any:
         fleet = self.fleet
@@ -328,7 +344,8 @@ def create_app(
     # ---- JSON API ---------------------------------------------------------------------
 
     async def api_fleet(request: Request) -> Response:
-        return _json(console.view("overview", _node_query(request)))
+        return Response(console.view_json("overview", _node_query(request)),
+                        media_type="application/json", headers={"Cache-Control": "no-store"})
 
     async def api_nodes(request: Request) -> Response:
         return _json(console.fleet.cards(console.clock(), _node_query(request)))
