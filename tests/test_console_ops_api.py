@@ -5,7 +5,7 @@ view, the revision history of a real git repo, and the OpenAPI document."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,20 +46,6 @@ def console(nats_server: NatsServer, repo: SpecRepo) -> Iterator[sim.ConsoleThre
     thread = sim.ConsoleThread(config, sim.connector_for(nats_server.url), free_port()).start()
     yield thread
     thread.stop()
-
-
-@pytest.fixture
-async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
-    client = await nats.connect(nats_server.url)
-    await sim.ensure(client.jetstream())
-    yield client
-    await client.close()
-
-
-@pytest.fixture
-async def http(console: sim.ConsoleThread) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=console.url, timeout=10) as client:
-        yield client
 
 
 def bearer(token: str) -> dict[str, str]:

@@ -58,6 +58,13 @@
     while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
     return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
   }
+  // an SVG element (text children become text nodes, never markup)
+  function svgEl(tag, attrs, ...kids) {
+    const e = document.createElementNS("http://www.w3.org/2000/svg", tag);
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+    for (const kid of kids) e.append(kid);
+    return e;
+  }
   const ageEl = (iso) => h("span", { "data-age": iso || "", text: ago(iso) });
   setInterval(() => {
     for (const el of document.querySelectorAll("[data-age]")) el.textContent = ago(el.dataset.age);
@@ -406,13 +413,7 @@
   // reconcile duration, dots + line = convergence time; a revision that has not converged
   // is an open dot at the top (its time is not known yet, so it cannot grow without bound).
   function plot(el, series, nowIso) {
-    const NS = "http://www.w3.org/2000/svg";
-    const s = (tag, attrs, ...kids) => {
-      const e = document.createElementNS(NS, tag);
-      for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
-      for (const kid of kids) e.append(kid);
-      return e;
-    };
+    const s = svgEl;
     if (!series.length) { el.replaceChildren(h("div", { class: "empty", text: "no reconcile finished in the last hours" })); return; }
     const W = 600, H = 180, L = 44, R = 44, T = 10, B = 26;
     const pts = series.slice(-30);
@@ -559,13 +560,7 @@
   function depGraph(el, g) {
     if (!el) return;
     if (!g || !g.boxes.length) { el.replaceChildren(h("div", { class: "empty", text: "no apps" })); return; }
-    const NS = "http://www.w3.org/2000/svg";
-    const s = (tag, attrs, ...kids) => {
-      const e = document.createElementNS(NS, tag);
-      for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
-      for (const kid of kids) e.append(kid);
-      return e;
-    };
+    const s = svgEl;
     const svg = s("svg", { viewBox: `0 0 ${g.width} ${g.height}`, width: g.width, height: g.height, role: "img",
                            "aria-label": "dependency graph of the node's apps" },
       s("defs", {}, s("marker", { id: "arrow", viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 7, markerHeight: 7, orient: "auto" },
