@@ -4,7 +4,13 @@ Prints the console's RSS, event ingestion rate (replay at start and live) and /a
 latency p50/p99 (idle and while events stream in). Targets: >= 5,000 events/s ingested,
 <= 100 ms p99 for the fleet view.
 
+`--render 1000,5000` (issue #12) instead compares fleet sizes in one run: the overview's
+first render in a real Chromium, /api/fleet p99, the page's JS heap (CDP
+Performance.getMetrics), and how long a status change takes to show in the open page.
+Target: 5,000 nodes render in <= 1.5 s and stay live.
+
     PATH=/tmp/gmvenv/bin:$PATH python bench/bench_console.py [--nodes 1000] [--events 100000]
+    PATH=/tmp/gmvenv/bin:$PATH python bench/bench_console.py --render 1000,5000
 """
 
 from __future__ import annotations
@@ -122,6 +128,80 @@ async def watch_streams(url: str, browsers: int, seconds: float) -> tuple[float,
     return sum(pushes) / browsers / seconds, sum(sizes) / browsers / seconds / 1024
 
 
+async def render_one(url: str, nats_url: str, nodes: int, requests: int) -> dict[str, float]:
+    """Overview render, /api/fleet p99, page heap and live update delay for one fleet size."""
+    from playwright.async_api import async_playwright
+
+    client = httpx.Client(base_url=url, timeout=30)
+    wait_for(client, 0, nodes)
+    p50, p99, size = latency(client, requests)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from test_console_browser import ARGS, CHROMIUM
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        renders = []
+        for _ in range(3):  # the median of three fresh pages (the first warms Chromium up)
+            page = await browser.new_page(viewport={"width": 1360, "height": 900})
+            began = time.perf_counter()
+            await page.goto(f"{url}/")
+            await page.wait_for_function(
+                f"document.querySelectorAll('.card').length >= Math.min(100, {nodes})")
+            renders.append(time.perf_counter() - began)
+        render_s = statistics.median(renders)
+        cdp = await page.context.new_cdp_session(page)
+        await cdp.send("Performance.enable")
+        await page.wait_for_function("document.querySelector('#live').textContent === 'live'")
+        metrics = {m["name"]: m["value"]
+                   for m in (await cdp.send("Performance.getMetrics"))["metrics"]}
+        # stays live: a node turns failed; unhealthy first puts it on the first page
+        nc, _, kv = await sim.connect(nats_url)
+        changed = time.perf_counter()
+        await sim.put_status(kv, sim.node_status(f"node-{nodes - 1:04d}", "failed",
+                                                 labels={"role": "edge", "site": "s1"},
+                                                 heartbeat_interval_s=600.0))
+        await page.wait_for_selector(
+            f'.card[data-node="node-{nodes - 1:04d}"][data-status="failed"]')
+        live_s = time.perf_counter() - changed
+        await nc.close()
+        await browser.close()
+    return {"render_s": render_s, "p50_ms": p50, "p99_ms": p99, "fleet_kib": size / 1024,
+            "heap_mib": metrics.get("JSHeapUsedSize", 0) / 2**20,
+            "dom_nodes": metrics.get("Nodes", 0), "live_s": live_s}
+
+
+def render_bench(sizes: list[int], requests: int) -> int:
+    results = {}
+    for nodes in sizes:
+        tmp = Path(tempfile.mkdtemp(prefix="bench-console-render-"))
+        server = start_nats(tmp)
+        console = None
+        try:
+            asyncio.run(put_statuses(server.url, nodes))
+            port = free_port()
+            console = subprocess.Popen(
+                [sys.executable, "-m", "reconciler", "console", "--nats", server.url, "--port",
+                 str(port), "--read-only"], stdout=subprocess.DEVNULL)
+            results[nodes] = asyncio.run(render_one(f"http://127.0.0.1:{port}", server.url,
+                                                    nodes, requests))
+        finally:
+            if console is not None:
+                console.terminate()
+                console.wait(10)
+            server.stop()
+    print(f"{'nodes':>6} {'first render':>13} {'/api/fleet p50/p99':>19} {'size':>9} "
+          f"{'JS heap':>9} {'DOM nodes':>10} {'live update':>12}")
+    for nodes, r in results.items():
+        print(f"{nodes:>6} {r['render_s'] * 1000:>10.0f} ms {r['p50_ms']:>7.1f} / "
+              f"{r['p99_ms']:>5.1f} ms "
+              f"{r['fleet_kib']:>5.0f} KiB {r['heap_mib']:>5.1f} MiB {r['dom_nodes']:>10.0f} "
+              f"{r['live_s'] * 1000:>9.0f} ms")
+    biggest = results[max(results)]
+    print(f"target ({max(results)} nodes render <= 1.5 s and stay live):",
+          "met" if biggest["render_s"] <= 1.5 and biggest["live_s"] < 5 else "MISSED")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--nodes", type=int, default=1000)
@@ -129,9 +209,14 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--browsers", type=int, default=20,
                         help="live overview streams open while events stream in")
+    parser.add_argument("--render", metavar="SIZES",
+                        help="compare fleet sizes, e.g. 1000,5000: overview render in "
+                             "Chromium, /api/fleet p99, page memory, live update")
     parser.add_argument("--latency-only", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--streams-only", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.render:
+        return render_bench([int(n) for n in args.render.split(",")], args.requests)
     if args.streams_only:
         rate, kib = asyncio.run(watch_streams(args.streams_only, args.browsers, 5.0))
         print(rate, kib)

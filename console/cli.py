@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -13,6 +14,7 @@ from nats.aio.client import Client as NATS
 
 from console.app import Console, ConsoleConfig, create_app
 from console.feed import Connector
+from console.tokens import Token, parse_tokens
 
 
 def nats_connector(args: argparse.Namespace) -> Connector:
@@ -39,11 +41,22 @@ class _Connector:
 
 
 def config_from_args(args: argparse.Namespace) -> ConsoleConfig:
+    """Raises ValueError for a token file that cannot be read or is not valid."""
     token = args.token or os.environ.get("GITOPS_MESH_TOKEN") or None
+    tokens_file = getattr(args, "tokens", None)
+    tokens: tuple[Token, ...] = ()
+    if tokens_file:
+        try:
+            text = Path(tokens_file).read_text()
+        except OSError as exc:
+            raise ValueError(f"--tokens {tokens_file}: {exc.strerror or exc}") from None
+        tokens = parse_tokens(text, where=f"--tokens {tokens_file}")
     return ConsoleConfig(
         token=token, read_only=bool(args.read_only), insecure=bool(args.insecure),
         events_keep=args.events_keep, host=args.host,
         trace_url=getattr(args, "trace_url", None) or None,
+        tokens=tokens, repo=getattr(args, "repo", None) or None,
+        branch=getattr(args, "branch", None) or None,
     )
 
 
@@ -71,8 +84,8 @@ def make_server(config: ConsoleConfig, connect: Connector | None, port: int,
 
 
 def run_console(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
     try:
+        config = config_from_args(args)
         config.check()
     except ValueError as exc:
         print(f"gitops-mesh console: error: {exc}", file=sys.stderr)

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from reconciler.core.events import Event, iso_time, parse_time
+from reconciler.core.graph import DependencyGraph
 from reconciler.core.rollout import (
     ACTIVE_STATES,
     OPERATOR_ACTIONS,
@@ -25,7 +26,7 @@ from reconciler.core.rollout import (
 )
 from reconciler.core.spec import NAME_RE
 from reconciler.core.states import NODE_STATES, STUCK_PHASES
-from reconciler.core.status import UNREACHABLE, NodeStatus, observed_state
+from reconciler.core.status import UNREACHABLE, AppStatus, NodeStatus, observed_state
 from reconciler.core.targeting import parse_labels
 
 STATUSES: tuple[str, ...] = (*NODE_STATES, UNREACHABLE)
@@ -80,6 +81,29 @@ class NodeFilter:
         return not (self.status and card["status"] != self.status)
 
 
+@dataclass(frozen=True)
+class AppFilter:
+    """Apps page filter: `name` is a substring; `label` k=v matches the app's own labels or
+    the labels of the node running it; `layer` is exact."""
+
+    name: str | None = None
+    layer: str | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, name: str | None = None, layer: str | None = None,
+              labels: Iterable[str] = ()) -> AppFilter:
+        pairs = tuple(parse_labels(labels, what="label filter").items())
+        return cls((name or "").strip() or None, layer or None, pairs)
+
+    def matches(self, app: AppStatus, node_labels: dict[str, str]) -> bool:
+        if self.name and self.name.lower() not in app.name.lower():
+            return False
+        if self.layer and app.layer != self.layer:
+            return False
+        return all(app.labels.get(k) == v or node_labels.get(k) == v for k, v in self.labels)
+
+
 @dataclass
 class RevisionStats:
     """What the event stream tells about one revision across the fleet."""
@@ -97,6 +121,9 @@ class RevisionStats:
     nodes_failed: dict[str, str] = field(default_factory=dict)
     # every node with an event at this revision (which nodes follow the same source)
     nodes_seen: set[str] = field(default_factory=set)
+    # node -> its first successful reconcile at this revision: later periodic reconciles
+    # at the same revision must not move the convergence time
+    nodes_first_ok: dict[str, datetime] = field(default_factory=dict)
 
 
 class Fleet:
@@ -119,6 +146,8 @@ class Fleet:
         self.revisions_keep = revisions_keep
         # node -> revision of its latest source.fetched event (rollout targeting)
         self.fetched: dict[str, str] = {}
+        # (fleet version, revision -> its lineage head): see lineage_head
+        self._heads: tuple[int, dict[str, str | None]] = (-1, {})
         # revision -> its coordinated rollout (gitops_rollouts), when rollout.yaml governs it
         self.coordinated: dict[str, RolloutEntry] = {}
         self.version = 0
@@ -271,6 +300,9 @@ class Fleet:
                 seen = stats.nodes_ok.get(event.node)
                 if seen is None or when > seen:
                     stats.nodes_ok[event.node] = when
+                first = stats.nodes_first_ok.get(event.node)
+                if first is None or when < first:
+                    stats.nodes_first_ok[event.node] = when
                 if stats.last_success is None or when > stats.last_success:
                     stats.last_success = when
             elif event.outcome == "failure":
@@ -312,8 +344,9 @@ class Fleet:
             "apps": {
                 "total": len(apps),
                 "running": sum(a.phase == "running" for a in apps),
-                "failed": sum(a.phase in STUCK_PHASES or bool(a.failed_version)
-                              for a in apps),
+                # a rolled-back app that runs is not failed: it is counted apart
+                "failed": sum(a.phase in STUCK_PHASES for a in apps),
+                "rolled_back": sum(_rolled_back(a) for a in apps),
                 "unhealthy": sum(a.health == "unhealthy" for a in apps),
             },
             "updated_at": status.updated_at,
@@ -328,16 +361,18 @@ class Fleet:
 
     def counters(self, now: datetime) -> dict[str, int]:
         counts = dict.fromkeys(STATUSES, 0)
-        apps_running = apps_failed = apps_total = 0
+        apps_running = apps_failed = apps_total = apps_rolled_back = 0
         for status in self.nodes.values():
             card = self.card(status, now)
             counts[card["status"]] = counts.get(card["status"], 0) + 1
             apps_total += card["apps"]["total"]
             apps_running += card["apps"]["running"]
             apps_failed += card["apps"]["failed"]
+            apps_rolled_back += card["apps"]["rolled_back"]
         return {
             "nodes": len(self.nodes), **counts,
             "apps": apps_total, "apps_running": apps_running, "apps_failed": apps_failed,
+            "apps_rolled_back": apps_rolled_back,
         }
 
     def filter_choices(self) -> dict[str, Any]:
@@ -373,6 +408,7 @@ class Fleet:
             "card": self.card(status, now),
             "status": status.model_dump(mode="json"),
             "events": self.event_log(EventFilter(node=node), events),
+            "graph": dependency_layout(status.apps),
         }
 
     def app_view(self, name: str, now: datetime, events: int = 50) -> dict[str, Any] | None:
@@ -400,20 +436,46 @@ class Fleet:
             "events": log,
         }
 
-    def apps_index(self) -> list[dict[str, Any]]:
-        """Every app name with how many nodes run it and how many have it failed."""
+    def apps_index(self, where: AppFilter | None = None) -> list[dict[str, Any]]:
+        """Every app across the fleet: nodes running it, versions in use with node counts,
+        nodes per phase and per health; `where` filters by name, layer and label."""
         index: dict[str, dict[str, Any]] = {}
-        for status in self.nodes.values():
+        for node in sorted(self.nodes):
+            status = self.nodes[node]
             for app in status.apps:
+                if where is not None and not where.matches(app, status.labels):
+                    continue
                 row = index.setdefault(app.name, {
-                    "app": app.name, "nodes": 0, "running": 0, "failed": 0, "versions": set(),
-                    "layer": app.layer,
+                    "app": app.name, "nodes": 0, "running": 0, "failed": 0, "rolled_back": 0,
+                    "unhealthy": 0, "versions": {}, "phases": {}, "health": {},
+                    "layer": app.layer, "labels": dict(app.labels), "depends_on": [],
                 })
                 row["nodes"] += 1
                 row["running"] += app.phase == "running"
-                row["failed"] += app.phase in STUCK_PHASES or bool(app.failed_version)
-                row["versions"].add(app.version)
-        return [{**row, "versions": sorted(row["versions"])} for _, row in sorted(index.items())]
+                row["failed"] += app.phase in STUCK_PHASES
+                row["rolled_back"] += _rolled_back(app)
+                row["unhealthy"] += app.health == "unhealthy"
+                for key, value in (("versions", app.version), ("phases", app.phase),
+                                   ("health", app.health)):
+                    row[key][value] = row[key].get(value, 0) + 1
+                row["depends_on"] = sorted({*row["depends_on"], *app.depends_on})
+        return [{**row, "versions": sorted(row["versions"]),
+                 "version_counts": dict(sorted(row["versions"].items())),
+                 "phases": dict(sorted(row["phases"].items())),
+                 "health": dict(sorted(row["health"].items()))}
+                for _, row in sorted(index.items())]
+
+    def apps_view(self, now: datetime, where: AppFilter | None = None) -> dict[str, Any]:
+        """The Apps page: every app (filtered) and the choices for its filters."""
+        choices = self.filter_choices()
+        return {"now": iso_time(now), "apps": self.apps_index(where),
+                "filters": {"layers": choices["layers"], "labels": choices["labels"]},
+                "nodes": len(self.nodes)}
+
+    def dependency_view(self, node: str) -> dict[str, Any] | None:
+        """The node's apps laid out for drawing: see dependency_layout."""
+        status = self.nodes.get(node)
+        return None if status is None else dependency_layout(status.apps)
 
     def resolve_revision(self, prefix: str) -> str | None:
         """A full revision from a unique prefix (short SHA), or None."""
@@ -435,7 +497,9 @@ class Fleet:
         reported = status.revision == revision
         target = status.desired_revision or status.revision
         if target != revision:
-            if self.fetched.get(status.node) == revision and not reported:
+            heading = (self.fetched.get(status.node) == revision
+                       or (target is not None and self.lineage_head(target) == revision))
+            if heading and not reported:
                 state = self.node_state(status, now)
                 return state if state in (UNREACHABLE, "suspended") else "pending"
             return None
@@ -504,6 +568,23 @@ class Fleet:
             "coordination": self.coordination(full, now),
         }
 
+    def lineage_head(self, revision: str) -> str | None:
+        """The newest revision that (transitively) supersedes `revision`, or None when none
+        does: a node still at `revision` follows the same source and will be heading there
+        (a new rollout counts the nodes that have not fetched it yet as pending)."""
+        if self._heads[0] != self.version:
+            self._heads = (self.version, {})
+        heads = self._heads[1]
+        if revision not in heads:
+            head, seen = None, {revision}
+            nxt = self.superseded_by(revision)
+            while nxt is not None and nxt not in seen:
+                head = nxt
+                seen.add(nxt)
+                nxt = self.superseded_by(nxt)
+            heads[revision] = head
+        return heads[revision]
+
     def superseded_by(self, revision: str) -> str | None:
         """The next revision (by first sighting) seen by nodes that saw `revision`, or None
         while there is none. Nodes may follow other branches or repos: a revision of
@@ -528,7 +609,9 @@ class Fleet:
                 continue
             out.append({
                 "revision": rev, "targeted": view["targeted"], "synced": view["counts"]["synced"],
-                "failed": view["counts"]["failed"] + view["counts"]["degraded"],
+                # degraded apart from failed: the overview's counters count them apart too
+                "failed": view["counts"]["failed"], "degraded": view["counts"]["degraded"],
+                "pending": view["counts"]["pending"],
                 "progress": view["progress"], "first_seen": view["first_seen"],
             })
             if len(out) >= limit:
@@ -548,16 +631,19 @@ class Fleet:
     def series(self, now: datetime, window_s: float = 6 * 3600) -> list[dict[str, Any]]:
         """Per revision seen in the window, oldest first: reconcile durations and convergence.
 
-        Convergence = last successful reconcile at the revision - its first sighting (a fetch
-        or reconcile start anywhere in the fleet).
+        Convergence = the time from the revision's first sighting (a fetch or reconcile start
+        anywhere in the fleet) until the last node that saw it first reconciled it
+        successfully; None (`converged` false) while some node that saw it never has. Later
+        periodic reconciles at the same revision do not move it.
         """
         out = []
         for stats in sorted(self.revisions.values(), key=lambda s: s.first_seen):
             if (now - stats.first_seen).total_seconds() > window_s:
                 continue
+            converged = bool(stats.nodes_seen) and stats.nodes_seen <= stats.nodes_first_ok.keys()
             convergence = (
-                round((stats.last_success - stats.first_seen).total_seconds(), 3)
-                if stats.last_success else None
+                round((max(stats.nodes_first_ok.values()) - stats.first_seen).total_seconds(), 3)
+                if converged else None
             )
             out.append({
                 "revision": stats.revision,
@@ -567,9 +653,16 @@ class Fleet:
                 "mean_ms": round(stats.total_ms / n, 1) if (n := stats.reconciles) else None,
                 "max_ms": round(stats.max_ms, 1) if n else None,
                 "nodes_synced": len(stats.nodes_ok),
+                "nodes_seen": len(stats.nodes_seen),
+                "converged": converged,
                 "convergence_s": convergence,
             })
         return out
+
+
+def _rolled_back(app: AppStatus) -> bool:
+    """An upgrade to `failed_version` was rolled back and the app runs its previous one."""
+    return bool(app.failed_version) and app.phase not in STUCK_PHASES
 
 
 def _node_error(status: NodeStatus) -> str:
@@ -588,3 +681,56 @@ def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err.get("loc", ())) or "value"
     return f"{where}: {err.get('msg', 'invalid')}"
+
+
+# Dependency drawing: one column per generation (an app right of everything it depends on).
+BOX_W, BOX_H, GAP_X, GAP_Y, PAD = 150, 36, 70, 18, 12
+
+
+def dependency_layout(apps: Iterable[AppStatus]) -> dict[str, Any]:
+    """Boxes and edges of a node's apps, layered by dependency generation, in SVG user units.
+
+    An edge goes from a dependency to its dependent; dependencies on apps the node does not
+    run are listed under `missing` (the loader reports them as errors on the node)."""
+    by_name = {a.name: a for a in apps}
+    graph = DependencyGraph.from_edges({n: a.depends_on for n, a in by_name.items()})
+    generations = graph.generations()
+    boxes: dict[str, dict[str, Any]] = {}
+    for column, names in enumerate(generations):
+        for row, name in enumerate(names):
+            app = by_name[name]
+            boxes[name] = {
+                "app": name, "phase": app.phase, "health": app.health, "version": app.version,
+                "suspended": app.suspended, "generation": column,
+                "x": PAD + column * (BOX_W + GAP_X), "y": PAD + row * (BOX_H + GAP_Y),
+            }
+    edges = []
+    missing = []
+    for name, app in sorted(by_name.items()):
+        for dep in app.depends_on:
+            if dep not in boxes:
+                missing.append({"app": name, "depends_on": dep})
+                continue
+            a, b = boxes[dep], boxes[name]
+            edges.append({"from": dep, "to": name, "x1": a["x"] + BOX_W, "y1": a["y"] + BOX_H / 2,
+                          "x2": b["x"], "y2": b["y"] + BOX_H / 2})
+    rows = max((len(g) for g in generations), default=0)
+    return {
+        "boxes": [boxes[n] for g in generations for n in g], "edges": edges, "missing": missing,
+        "box": {"w": BOX_W, "h": BOX_H},
+        "width": 2 * PAD + max(len(generations), 1) * (BOX_W + GAP_X) - GAP_X,
+        "height": 2 * PAD + max(rows, 1) * (BOX_H + GAP_Y) - GAP_Y,
+    }
+
+
+def spec_diff(desired: Any, running: Any, path: str = "") -> list[dict[str, Any]]:
+    """Where two JSON specs differ, as [{path, desired, running}] with dotted paths (lists
+    are compared whole). A missing side is None."""
+    if isinstance(desired, dict) and isinstance(running, dict):
+        out = []
+        for key in sorted({*desired, *running}):
+            out += spec_diff(desired.get(key), running.get(key), f"{path}.{key}" if path else key)
+        return out
+    if desired == running:
+        return []
+    return [{"path": path or "(spec)", "desired": desired, "running": running}]

@@ -54,14 +54,46 @@ def _post(summary: str, params: list[dict[str, Any]], body: dict[str, Any]) -> d
 
 
 def document(actions: bool = True) -> dict[str, Any]:
-    """OpenAPI document; action endpoints only when the console runs with actions."""
+    """OpenAPI document; action endpoints only when the console runs with actions. Every
+    action needs an operator token and publishes an audit event
+    `gitops.events.console.action.<action>` (data: actor, role, action, status, target)."""
     node = _param("node", "path", "node id")
     paths: dict[str, Any] = {
         "/api/fleet": _get("counters, node cards, filter choices, recent rollouts, series",
                            _NODE_FILTERS),
         "/api/nodes": _get("node cards (filterable)", _NODE_FILTERS),
         "/api/nodes/{node}": _get("one node: card, full status, recent events", [node], True),
-        "/api/apps": _get("every app with node counts and versions"),
+        "/api/apps": _get(
+            "every app across the fleet: nodes, versions in use with node counts "
+            "(version_counts), nodes per phase and health, failed, rolled_back", [
+                _param("name", "query", "part of the app name (case-insensitive)"),
+                _param("layer", "query", "only apps of this layer"),
+                _param("label", "query", "k=v of the app's labels or its node's (repeatable)"),
+            ]),
+        "/api/apps/{app}/spec": _get(
+            "the app's spec as a node runs it (`running`) and as its checkout wants it "
+            "(`desired`), from the node's `state` RPC with env values `***`, and `diff`: "
+            "[{path, desired, running}] where they differ",
+            [_param("app", "path", "app name"), _param("node", "query", "node id", True)], True),
+        "/api/apps/{app}/logs": {"get": {
+            **_get("the tail of the app's log on a node (the node's `logs` RPC, bounded): "
+                   "{lines, cursor, more, truncated}; pass `cursor` back for what follows. "
+                   "Needs a viewer or operator token when the console has tokens", [
+                       _param("app", "path", "app name"),
+                       _param("node", "query", "node id", True),
+                       _param("lines", "query", "how many (1..1000, default 200)",
+                              schema={"type": "integer"}),
+                       _param("cursor", "query", "cursor of the previous answer")],
+                   True)["get"],
+            "security": [{"bearer": []}]}},
+        "/api/nodes/{node}/graph": _get(
+            "the node's apps laid out by dependency generation: boxes {app, phase, health, "
+            "generation, x, y}, edges {from, to, x1, y1, x2, y2}, missing dependencies",
+            [node], True),
+        "/api/history": _get(
+            "revision history of --repo: commits {revision, subject, author, time, apps, "
+            "files, nodes}; `selected` is the commit of ?revision= (full SHA or prefix)",
+            [_param("revision", "query", "a revision to select")]),
         "/api/apps/{app}": _get("one app across nodes", [_param("app", "path", "app name")],
                                 True),
         "/api/rollouts/{revision}": _get(
@@ -82,9 +114,10 @@ def document(actions: bool = True) -> dict[str, Any]:
                             "(event body not matching its subject) counts"),
         "/api/stream/{kind}": {"get": {
             "summary": "server-sent events: the view of `kind` (overview, node, app, rollout, "
-                       "events) whenever it changes, at most every 250 ms",
+                       "events, apps, history) whenever it changes, at most every 250 ms",
             "parameters": [_param("kind", "path", "view"),
-                           _param("name", "query", "node id / app name / revision")],
+                           _param("name", "query", "node id / app name / revision"),
+                           _param("revision", "query", "history: the revision to select")],
             "responses": {"200": {"description": "text/event-stream"}},
         }},
     }
@@ -108,6 +141,15 @@ def document(actions: bool = True) -> dict[str, Any]:
         paths["/api/fleet/reconcile"] = _post(
             "gitops.fleet.reconcile: every matching node replies {node, run_id} (~1 s)", [],
             {"type": "object", "properties": {"selector": {"type": "object"}}})
+        paths["/api/fleet/health"] = _post(
+            "RPC gitops.rpc.<node>.health to each given node (probe now): {count, healthy, "
+            "unhealthy, results: [{node, ok, apps, unhealthy} | {node, ok: false, error, "
+            "code}]}", [],
+            {"type": "object", "required": ["nodes"],
+             "properties": {"nodes": {"type": "array", "items": {"type": "string"}}}})
+        paths["/api/nodes/{node}/forget"] = _post(
+            "delete the node's status from the gitops_nodes bucket (a node that is alive "
+            "puts it again with its next heartbeat)", [node], {"type": "object"})
     return {
         "openapi": "3.1.0",
         "info": {"title": "gitops-mesh console", "version": "1"},

@@ -222,3 +222,24 @@ def pytest_runtest_makereport(item: Any, call: Any) -> Any:
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"skipped under GITOPS_MESH_STRICT_SKIPS=1: {reason}"
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> Any:
+    """A NATS client of the module's server, with the stream and the bucket made."""
+    import nats
+    import sim
+
+    client = await nats.connect(nats_server.url)
+    await sim.ensure(client.jetstream())
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def http(console: Any) -> Any:
+    """An HTTP client of the module's `console` fixture (a sim.ConsoleThread)."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=console.url, timeout=10) as client:
+        yield client

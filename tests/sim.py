@@ -103,10 +103,20 @@ async def connect(url: str) -> tuple[NATS, JetStreamContext, KeyValue]:
     return nc, js, await ensure(js)
 
 
+def web_spec(version: str, env_keys: tuple[str, ...] = ("TOKEN",)) -> dict[str, Any]:
+    """A redacted spec of app `web` as a node's `state` RPC returns it (env values ***)."""
+    return {"name": "web", "version": version, "description": "the web front end",
+            "layer": "frontend", "depends_on": ["api"],
+            "run": {"command": ["web", "--port", "8080"], "env": dict.fromkeys(env_keys, "***")},
+            "health": {"http": {"url": "http://127.0.0.1:8080/healthz"}}}
+
+
 class FakeNode:
     """A tiny real RPC responder for one node: the `gitops-node` micro service endpoints
-    (reconcile, health, suspend, resume) and the fleet trigger. `reconcile` publishes the
-    reconcile.started event an agent would publish. Requests are recorded in `calls`."""
+    (reconcile, health, suspend, resume, state, logs) and the fleet trigger. `reconcile`
+    publishes the reconcile.started event an agent would publish. Requests are recorded in
+    `calls`. `state` says it runs web 1.0 and its checkout wants web 2.0; `logs` serves
+    `log_lines`, then the lines appended after the cursor it handed out."""
 
     def __init__(self, nc: NATS, node: str, labels: dict[str, str] | None = None) -> None:
         self.nc = nc
@@ -116,6 +126,7 @@ class FakeNode:
         self.runs = 0
         self._service: Any = None
         self._fleet_sub: Any = None
+        self.log_lines: list[str] = [f"web line {i}" for i in range(1, 301)]
 
     async def start(self) -> FakeNode:
         import json
@@ -140,11 +151,15 @@ class FakeNode:
                     await req.respond(json.dumps(await self._reconcile()).encode())
                 elif endpoint == "health":
                     await req.respond(json.dumps({"web": "healthy"}).encode())
+                elif endpoint == "state":
+                    await req.respond(json.dumps(self.state()).encode())
+                elif endpoint == "logs":
+                    await req.respond(json.dumps(self.logs(body)).encode())
                 else:
                     await req.respond(json.dumps({"node": self.node, endpoint: True}).encode())
             return handle
 
-        for endpoint in ("reconcile", "health", "suspend", "resume"):
+        for endpoint in ("reconcile", "health", "suspend", "resume", "state", "logs"):
             await self._service.add_endpoint(
                 name=endpoint, subject=subjects.rpc_subject(self.node, endpoint),
                 handler=handler(endpoint))
@@ -159,6 +174,20 @@ class FakeNode:
         self._fleet_sub = await self.nc.subscribe(subjects.FLEET_RECONCILE, cb=on_fleet)
         await self.nc.flush()
         return self
+
+    def state(self) -> dict[str, Any]:
+        return {"node": self.node,
+                "desired": {"revision": "d" * 40, "apps": {"web": web_spec("2.0")},
+                            "invalid": [], "problems": []},
+                "current": {"web": {"version": "1.0", "phase": "running", "health": "healthy",
+                                    "applied_revision": "c" * 40, "spec": web_spec("1.0", ())}}}
+
+    def logs(self, body: dict[str, Any]) -> dict[str, Any]:
+        lines = max(1, min(int(body.get("lines", 100)), 500))
+        start = int(body["cursor"]) if body.get("cursor") else max(0, len(self.log_lines) - lines)
+        chunk = self.log_lines[start:start + lines]
+        return {"node": self.node, "app": "web", "lines": chunk, "cursor": str(start + len(chunk)),
+                "more": False, "truncated": start > 0 and not body.get("cursor")}
 
     async def _reconcile(self) -> dict[str, str]:
         self.runs += 1
@@ -212,3 +241,35 @@ class ConsoleThread:
         self.server.handle_exit(signal.SIGTERM, None)  # what a Ctrl-C does
         if self.thread is not None:
             self.thread.join(10)
+
+
+class HealthResponder:
+    """Answers `gitops.rpc.<node>.health` for many simulated nodes with one subscription:
+    {"web": "healthy"}, or "unhealthy" for the nodes in `unhealthy`. Asked nodes: `asked`."""
+
+    def __init__(self, nc: NATS, nodes: set[str], unhealthy: frozenset[str] = frozenset()
+                 ) -> None:
+        self.nc = nc
+        self.nodes = nodes
+        self.unhealthy = set(unhealthy)
+        self.asked: list[str] = []
+        self._sub: Any = None
+
+    async def start(self) -> HealthResponder:
+        import json
+
+        async def on_request(msg: Any) -> None:
+            node = msg.subject.split(".")[2]
+            if node not in self.nodes:
+                return
+            self.asked.append(node)
+            health = "unhealthy" if node in self.unhealthy else "healthy"
+            await msg.respond(json.dumps({"web": health}).encode())
+
+        self._sub = await self.nc.subscribe(subjects.rpc_subject("*", "health"), cb=on_request)
+        await self.nc.flush()
+        return self
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()

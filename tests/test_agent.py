@@ -1114,3 +1114,48 @@ async def test_an_escaped_child_survives_nothing_but_its_app(
         assert live() == []
     finally:
         await second.close(stop_apps=True)
+
+
+@pytest.mark.timeout(60)
+def test_env_files_are_bounded_regular_files(tmp_path: Path) -> None:
+    from reconciler.node.executor import MAX_ENV_FILE_BYTES, ActionFailed, read_env_file
+
+    fifo = tmp_path / "pipe.env"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.env"
+    big.write_bytes(b"A=" + b"x" * MAX_ENV_FILE_BYTES)
+    nul = tmp_path / "nul.env"
+    nul.write_bytes(b"A=1\nB=x\0y\n")
+    for path, message in [
+        (fifo, "not a regular file"),  # never delivers: it hung the reconcile
+        (Path("/dev/zero"), "not a regular file"),  # never ends: 2.6 GB in 20 s
+        (big, f"larger than {MAX_ENV_FILE_BYTES} bytes"),
+        (nul, f"{nul}:2: NUL byte"),
+    ]:
+        with pytest.raises(ActionFailed, match=message):
+            read_env_file(path)
+
+
+async def test_a_hostile_env_file_fails_its_app_only_and_later_pushes_apply(
+    repo: SpecRepo, make_agent: MakeAgent, app_script: Path, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "never.env"
+    os.mkfifo(fifo)
+    port = free_port()
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "1", port))
+    for name, path in (("zero", "/dev/zero"), ("fifo", str(fifo))):
+        repo.write(f"apps/{name}.yaml", (
+            f"name: {name}\nversion: '1'\nrun:\n  command: [{sys.executable}, -c, 'pass']\n"
+            f"  env_files: [{path}]\n"))
+    repo.commit_and_push()
+    agent = await make_agent(repo)
+    run = await agent.reconcile_now()
+    assert run.outcome == "failure"
+    assert f"env file {fifo}: not a regular file" in run.message
+    assert "env file /dev/zero: not a regular file" in run.message
+    phases = {a.name: a.phase for a in agent.status().apps}
+    assert phases == {"fifo": "failed", "web": "running", "zero": "failed"}
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "2", port))
+    repo.commit_and_push("web 2")
+    await agent.reconcile_now()
+    assert get(port) == "2 n1"

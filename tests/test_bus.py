@@ -599,3 +599,37 @@ async def test_a_deleted_stream_and_bucket_are_created_again(tmp_path: Path) -> 
         await mesh.close()
         store.close()
         server.stop()
+
+
+async def test_a_status_too_big_for_one_message_is_still_written(tmp_path: Path) -> None:
+    """Issue #10.4: a node whose status JSON exceeded the server's max_payload was never
+    written, so it read as unreachable. It is written, with the apps that need attention
+    first and the count of those left out."""
+    from reconciler.core.status import AppStatus
+
+    server = start_nats(tmp_path, "max_payload: 65536\n")
+    try:
+        async with running(tmp_path, server.url, "big") as (agent, mesh):
+            for i in range(600):
+                agent.apps[f"app{i:03d}"] = AppStatus(
+                    name=f"app{i:03d}", version="1", phase="failed" if i == 599 else "running",
+                    health="healthy", message="m" * 400, labels={"team": "x" * 60})
+            assert len(agent.status().to_json_bytes()) > 65536
+            mesh._wake()
+            nc = await connect(NatsOptions(servers=[server.url]))
+            try:
+                kv = await nc.jetstream().key_value(KV_BUCKET)
+
+                async def written() -> NodeStatus | None:
+                    st = NodeStatus.from_json((await kv.get("big")).value or b"{}")
+                    return st if st.apps_omitted else None
+
+                status = await eventually_async(written, what="the big status in the KV")
+                assert status is not None
+                assert status.apps[0].name == "app599"  # the failed one comes first
+                assert status.apps_omitted + len(status.apps) == 600
+                assert status.status == "failed" and "not listed" in status.message
+            finally:
+                await nc.close()
+    finally:
+        server.stop()

@@ -34,20 +34,6 @@ def console(nats_server: NatsServer) -> Iterator[sim.ConsoleThread]:
     thread.stop()
 
 
-@pytest.fixture
-async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
-    client = await nats.connect(nats_server.url)
-    await sim.ensure(client.jetstream())
-    yield client
-    await client.close()
-
-
-@pytest.fixture
-async def http(console: sim.ConsoleThread) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=console.url, timeout=10) as client:
-        yield client
-
-
 async def get(http: httpx.AsyncClient, path: str, status: int = 200) -> Any:
     res = await http.get(path)
     assert res.status_code == status, res.text

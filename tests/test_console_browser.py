@@ -123,14 +123,15 @@ async def test_console_is_live_and_actions_need_the_token(page: Page,
 
         # -- rollout page follows nodes reaching the revision
         await page.goto(f"/rollouts/{REV2[:8]}")
+        # db-02 still runs REV1 of the same source: pending for REV2 (issue #12), targeted
         await expect(page.locator("#rollout-summary")).to_have_text(
-            "3 of 7 nodes synced (43%)")
+            "3 of 8 nodes synced (38%)")
         await expect(page.locator("#failing")).to_contain_text("gateway-01")
         await page.evaluate("window.notReloaded = true")
         await sim.put_status(kv, sim.node_status("edge-04", revision=REV2,
                                                  labels={"role": "edge", "site": "ams"}))
         await expect(page.locator("#rollout-summary")).to_have_text(
-            "4 of 7 nodes synced (57%)")
+            "4 of 8 nodes synced (50%)")
         assert await page.evaluate("window.notReloaded") is True
         await page.screenshot(path=str(ARTIFACTS / "console-rollout.png"), full_page=True)
 

@@ -51,12 +51,13 @@ def test_counters_and_cards_with_unreachable_derived_from_heartbeat_age() -> Non
     assert fleet.counters(now) == {
         "nodes": 3, "synced": 1, "progressing": 0, "degraded": 0, "failed": 1,
         "suspended": 0, "unreachable": 1, "apps": 3, "apps_running": 2, "apps_failed": 1,
+        "apps_rolled_back": 0,
     }
     assert fleet.cards(now, NodeFilter.parse(["role=edge"])) == [{
         "node": "n1", "status": "synced", "reported_status": "synced", "message": "",
         "revision": REV1, "desired_revision": None, "labels": {"role": "edge"},
         "layers": ["frontend"],
-        "apps": {"total": 2, "running": 2, "failed": 0, "unhealthy": 0},
+        "apps": {"total": 2, "running": 2, "failed": 0, "rolled_back": 0, "unhealthy": 0},
         "updated_at": iso(T0), "last_reconcile_at": None, "last_reconcile_ms": None,
         "agent_version": "",
     }]
@@ -246,7 +247,9 @@ def test_series_gives_durations_and_convergence_per_revision_in_the_window() -> 
 
     assert fleet.series(T0 + timedelta(minutes=1)) == [{
         "revision": REV1, "first_seen": iso(T0), "reconciles": 3, "failures": 1,
-        "mean_ms": 1400.0, "max_ms": 3000.0, "nodes_synced": 2, "convergence_s": 9.0,
+        "mean_ms": 1400.0, "max_ms": 3000.0, "nodes_synced": 2, "nodes_seen": 3,
+        # n3 saw the revision and never reconciled it successfully: not converged
+        "converged": False, "convergence_s": None,
     }]
 
 
@@ -267,10 +270,13 @@ def test_app_view_across_nodes() -> None:
     }
     assert fleet.app_view("nope", T0) is None
     assert fleet.apps_index() == [
-        {"app": "db", "nodes": 1, "running": 1, "failed": 0, "versions": ["1.0"],
-         "layer": None},
-        {"app": "web", "nodes": 2, "running": 1, "failed": 1, "versions": ["1.0", "2.0"],
-         "layer": None},
+        {"app": "db", "nodes": 1, "running": 1, "failed": 0, "rolled_back": 0, "unhealthy": 0,
+         "versions": ["1.0"], "version_counts": {"1.0": 1}, "phases": {"running": 1},
+         "health": {"healthy": 1}, "layer": None, "labels": {}, "depends_on": []},
+        {"app": "web", "nodes": 2, "running": 1, "failed": 1, "rolled_back": 0, "unhealthy": 1,
+         "versions": ["1.0", "2.0"], "version_counts": {"1.0": 1, "2.0": 1},
+         "phases": {"failed": 1, "running": 1}, "health": {"healthy": 1, "unhealthy": 1},
+         "layer": None, "labels": {}, "depends_on": []},
     ]
 
 
@@ -280,11 +286,11 @@ def test_recent_rollouts_summarise_the_newest_revisions() -> None:
     fleet.apply_status("n2", status("n2", "progressing", revision=REV1, desired_revision=REV2))
     apply(fleet, event("source.fetched", "n2", T0, revision=REV2))
     assert fleet.recent_rollouts(T0) == [
-        {"revision": REV2, "targeted": 1, "synced": 0, "failed": 0, "progress": 0.0,
-         "first_seen": iso(T0)},
+        {"revision": REV2, "targeted": 1, "synced": 0, "failed": 0, "degraded": 0,
+         "pending": 0, "progress": 0.0, "first_seen": iso(T0)},
         # n2 moved on to REV2: it is no longer part of the REV1 rollout
-        {"revision": REV1, "targeted": 1, "synced": 1, "failed": 0, "progress": 1.0,
-         "first_seen": None},
+        {"revision": REV1, "targeted": 1, "synced": 1, "failed": 0, "degraded": 0,
+         "pending": 0, "progress": 1.0, "first_seen": None},
     ]
 
 

@@ -288,3 +288,20 @@ async def test_wait_healthy_times_out(tmp_path: Path) -> None:
     assert (result.ok, result.message) == (
         False, f"not healthy within 300ms: tcp 127.0.0.1:{closed}: connection refused"
     )
+
+
+async def test_an_exec_probe_that_prints_without_end_costs_no_memory(tmp_path: Path) -> None:
+    """Its output was collected whole until the timeout (hundreds of MB a second)."""
+    import psutil
+
+    from reconciler.core.spec import HealthSpec
+    from reconciler.node.health import OUTPUT_LIMIT
+
+    spec = HealthSpec.model_validate(
+        {"exec": {"command": ["/bin/cat", "/dev/zero"]}, "timeout": "1s"})
+    before = psutil.Process().memory_info().rss
+    result = await probe(spec, cwd=tmp_path, env=ENV)
+    grown = psutil.Process().memory_info().rss - before
+    assert not result.ok and "timed out" in result.message
+    assert grown < 64 * 1024 * 1024, f"the probe's output grew the agent by {grown} bytes"
+    assert len(result.message) < OUTPUT_LIMIT + 200

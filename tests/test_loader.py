@@ -615,3 +615,37 @@ def test_the_schema_shows_both_command_forms() -> None:
     command = schema["$defs"]["RunSpec"]["properties"]["command"]
     assert {"type": "string", "minLength": 1} in command["anyOf"]
     assert any(alt.get("type") == "array" for alt in command["anyOf"])
+
+
+@pytest.mark.parametrize(
+    ("run", "error"),
+    [
+        pytest.param('run:\n  command: [app]\n  env: {TOKEN: "a\\0b"}\n',
+                     "apps/a.yaml:4:3: run: env TOKEN: a NUL byte in the value", id="env-value"),
+        pytest.param('run:\n  command: [app, "x\\0"]\n',
+                     "apps/a.yaml:4:3: run: a NUL byte in command, env_files or workdir",
+                     id="argument"),
+        pytest.param('health:\n  exec: {command: ["ch\\0eck"]}\n',
+                     "apps/a.yaml:4:9: health.exec: a NUL byte in command", id="probe"),
+    ],
+)
+def test_a_nul_byte_is_a_validation_error_not_a_start_failure(run: str, error: str) -> None:
+    """Issue #10.2: it surfaced as `internal error: ValueError` when the app started."""
+    assert problems({"apps/a.yaml": APP.format(name="job") + run}) == [error]
+
+
+def test_labels_and_layers_are_bounded_like_kubernetes_labels() -> None:
+    """Issue #10.4: 200 apps with long labels passed validate and their node's status no
+    longer fitted one message."""
+    long_value = "x" * 64
+    many = ", ".join(f"k{i}: v" for i in range(33))
+    text = APP.format(name="a") + f"labels: {{team: {long_value}}}\n"
+    assert problems({"apps/a.yaml": text}) == [
+        f"apps/a.yaml:3:16: labels.team: invalid label 'team' value '{long_value}': at most 63 "
+        "letters, digits, '.', '_', '-' (like Kubernetes labels; status carries them)"]
+    assert problems({"apps/a.yaml": APP.format(name="a") + f"labels: {{{many}}}\n"}) == [
+        "apps/a.yaml:3:9: labels: Dictionary should have at most 32 items after validation, "
+        "not more"]
+    assert problems({"apps/a.yaml": APP.format(name="a") + "layer: 'two words'\n"}) == [
+        "apps/a.yaml:3:8: layer: invalid layer value 'two words': at most 63 letters, digits, "
+        "'.', '_', '-' (like Kubernetes labels; status carries them)"]

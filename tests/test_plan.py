@@ -441,3 +441,13 @@ def test_a_bad_push_end_to_end_touches_nothing_that_runs() -> None:
         ),
         unchanged=("database",),
     )
+
+
+def test_spec_hashes_are_memoized_per_spec_and_never_carried_into_a_changed_copy() -> None:
+    spec = AppSpec.model_validate({"name": "web", "version": "1", "labels": {"a": "1"}})
+    first = (spec.spec_hash(), spec.metadata_hash())
+    assert (spec.spec_hash(), spec.metadata_hash()) == first  # the memo
+    relabeled = spec.model_copy(update={"labels": {"a": "2"}})
+    assert relabeled.spec_hash() == first[0] and relabeled.metadata_hash() != first[1]
+    upgraded = spec.model_copy(update={"version": "2"})
+    assert upgraded.spec_hash() != first[0]

@@ -58,6 +58,13 @@
     while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
     return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
   }
+  // an SVG element (text children become text nodes, never markup)
+  function svgEl(tag, attrs, ...kids) {
+    const e = document.createElementNS("http://www.w3.org/2000/svg", tag);
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+    for (const kid of kids) e.append(kid);
+    return e;
+  }
   const ageEl = (iso) => h("span", { "data-age": iso || "", text: ago(iso) });
   setInterval(() => {
     for (const el of document.querySelectorAll("[data-age]")) el.textContent = ago(el.dataset.age);
@@ -160,19 +167,27 @@
 
   // ---- overview ------------------------------------------------------------------------------
   function overview(initial) {
-    const cards = new Map();
-    const elems = new Map();
+    const cards = new Map(); // node -> its card (data); only the shown page is in the DOM
     let view = initial;
     const params = new URLSearchParams(location.search);
     const filt = { label: params.get("label") || "", layer: params.get("layer") || "",
-                   status: params.get("status") || "" };
-    const sel = { label: $("#f-label"), layer: $("#f-layer"), status: $("#f-status") };
+                   status: params.get("status") || "", q: params.get("q") || "",
+                   group: params.get("group") || "", sort: params.get("sort") || "unhealthy" };
+    let page = Math.max(0, (parseInt(params.get("page") || "1", 10) || 1) - 1);
+    let perPage = 100;
+    const sel = { label: $("#f-label"), layer: $("#f-layer"), status: $("#f-status"),
+                  group: $("#f-group"), sort: $("#f-sort") };
+    const search = $("#f-search");
+    search.value = filt.q;
+    sel.sort.value = filt.sort;
+    // unhealthy first: the states an operator must look at before the others
+    const SEVERITY = { failed: 0, unreachable: 1, degraded: 2, progressing: 3, suspended: 4, synced: 5 };
 
-    function fillSelect(select, values, current) {
+    function fillSelect(select, values, current, none) {
       const want = ["", ...values];
       const have = [...select.options].map((o) => o.value);
       if (JSON.stringify(want) !== JSON.stringify(have)) {
-        select.replaceChildren(...want.map((v) => h("option", { value: v, text: v || "any" })));
+        select.replaceChildren(...want.map((v) => h("option", { value: v, text: v || none || "any" })));
       }
       select.value = current;
     }
@@ -182,10 +197,15 @@
       fillSelect(sel.label, labels, filt.label);
       fillSelect(sel.layer, f.layers || [], filt.layer);
       fillSelect(sel.status, STATUSES, filt.status);
+      fillSelect(sel.group, Object.keys(f.labels || {}), filt.group, "none");
     }
     for (const [k, s] of Object.entries(sel)) {
-      s.addEventListener("change", () => { filt[k] = s.value; applyFilter(); });
+      s.addEventListener("change", () => { filt[k] = s.value; page = 0; applyFilter(); });
     }
+    search.addEventListener("input", () => { filt.q = search.value.trim(); page = 0; applyFilter(); });
+    $("#page-prev").addEventListener("click", () => { page = Math.max(0, page - 1); applyFilter(); });
+    $("#page-next").addEventListener("click", () => { page += 1; applyFilter(); });
+    $("#page-size").addEventListener("change", (e) => { perPage = parseInt(e.target.value, 10); page = 0; applyFilter(); });
     function matches(c) {
       if (filt.status && c.status !== filt.status) return false;
       if (filt.layer && !c.layers.includes(filt.layer)) return false;
@@ -193,57 +213,111 @@
         const i = filt.label.indexOf("=");
         if (c.labels[filt.label.slice(0, i)] !== filt.label.slice(i + 1)) return false;
       }
+      if (filt.q && !c.node.toLowerCase().includes(filt.q.toLowerCase())) return false;
       return true;
     }
+    const groupOf = (c) => (filt.group ? (c.labels[filt.group] ?? "") : "");
+    function shownList() {
+      const list = [...cards.values()].filter(matches);
+      const bySeverity = filt.sort === "unhealthy";
+      list.sort((a, b) => {
+        const ga = groupOf(a), gb = groupOf(b);
+        if (ga !== gb) return ga === "" ? 1 : gb === "" ? -1 : ga < gb ? -1 : 1;
+        if (bySeverity) {
+          const d = (SEVERITY[a.status] ?? 9) - (SEVERITY[b.status] ?? 9);
+          if (d) return d;
+        }
+        return a.node < b.node ? -1 : a.node > b.node ? 1 : 0;
+      });
+      return list;
+    }
+    let renderQueued = false;
     function applyFilter() {
-      const q = new URLSearchParams(Object.entries(filt).filter(([, v]) => v));
+      const q = new URLSearchParams(Object.entries(filt).filter(([k, v]) => v && !(k === "sort" && v === "unhealthy")));
+      if (page) q.set("page", String(page + 1));
       history.replaceState(null, "", q.toString() ? `?${q}` : location.pathname);
-      let shown = 0;
-      for (const [n, el] of elems) { const ok = matches(cards.get(n)); el.hidden = !ok; shown += ok; }
-      $("#shown").textContent = `${shown} of ${cards.size}`;
+      renderPage();
       for (const t of document.querySelectorAll(".tile[data-status]")) {
         t.classList.toggle("active", t.dataset.status === filt.status);
       }
     }
+    function renderSoon() {
+      if (renderQueued) return;
+      renderQueued = true;
+      requestAnimationFrame(() => { renderQueued = false; renderPage(); });
+    }
+    function renderPage() {
+      const list = shownList();
+      const pages = Math.max(1, Math.ceil(list.length / perPage));
+      if (page >= pages) page = pages - 1;
+      const start = page * perPage, slice = list.slice(start, start + perPage);
+      const groups = new Map();
+      if (filt.group) {
+        for (const c of list) {
+          const g = groups.get(groupOf(c)) || { n: 0, bad: 0 };
+          g.n++; if ((SEVERITY[c.status] ?? 9) <= 2) g.bad++;
+          groups.set(groupOf(c), g);
+        }
+      }
+      // every group with its size, also those on other pages; a click filters to it
+      $("#groups").replaceChildren(...[...groups.entries()].sort(([a], [b]) => (a < b ? -1 : 1)).map(([g, n]) =>
+        h("button", { type: "button", class: "ghost small-btn group-chip", "data-group": g,
+                      onclick: () => { filt.label = g ? `${filt.group}=${g}` : ""; sel.label.value = filt.label; page = 0; applyFilter(); } },
+          `${g ? `${filt.group}=${g}` : `no ${filt.group}`}: ${n.n}`, n.bad ? h("span", { class: "t-bad", text: ` (${n.bad} unhealthy)` }) : "")));
+      const kids = [];
+      let last = null;
+      for (const c of slice) {
+        if (filt.group && groupOf(c) !== last) {
+          last = groupOf(c);
+          const g = groups.get(last);
+          kids.push(h("div", { class: "group-head", "data-group": last },
+            h("span", { text: last ? `${filt.group}=${last}` : `no ${filt.group}` }),
+            h("span", { class: "muted small", text: `${g.n} node(s)${g.bad ? `, ${g.bad} unhealthy` : ""}` })));
+        }
+        kids.push(card(c));
+      }
+      if (!cards.size) kids.push(h("div", { class: "empty", text: "no node has reported yet" }));
+      else if (!list.length) kids.push(h("div", { class: "empty", text: "no node matches" }));
+      $("#cards").replaceChildren(...kids);
+      $("#shown").textContent = `${list.length} of ${cards.size}`;
+      $("#page-info").textContent = list.length
+        ? `${start + 1}–${Math.min(start + perPage, list.length)} of ${list.length} · page ${page + 1} of ${pages}` : "";
+      $("#page-prev").disabled = page === 0;
+      $("#page-next").disabled = page >= pages - 1;
+    }
 
     function card(c) {
       const apps = c.apps;
-      return h("a", { class: `card s-${c.status}`, href: `/nodes/${encodeURIComponent(c.node)}`,
-                      "data-node": c.node, "data-status": c.status },
-        h("div", { class: "name" }, h("span", { text: c.node }), badge(c.status)),
+      const href = `/nodes/${encodeURIComponent(c.node)}`;
+      const msg = c.status === "unreachable" ? null : c.status !== "synced" && c.message ? c.message : null;
+      const msgEl = msg ? h("div", { class: "msg", title: msg, text: msg }) : null;
+      return h("div", { class: `card s-${c.status}`, "data-node": c.node, "data-status": c.status,
+                        onclick: (e) => { if (!e.target.closest("a,button")) location.href = href; } },
+        h("div", { class: "name" }, h("a", { href, text: c.node }), badge(c.status)),
         h("div", { class: "meta" }, "rev ", h("span", { class: "mono", text: short(c.revision) }),
           c.desired_revision && c.desired_revision !== c.revision ? ` → ${short(c.desired_revision)}` : "",
-          ` · ${apps.running}/${apps.total} apps running`, apps.failed ? ` · ${apps.failed} failed` : ""),
+          ` · ${apps.running}/${apps.total} apps running`, apps.failed ? ` · ${apps.failed} failed` : "",
+          apps.rolled_back ? ` · ${apps.rolled_back} rolled back` : ""),
         h("div", { class: "meta" }, "reconciled ", ageEl(c.last_reconcile_at),
           c.last_reconcile_ms != null ? ` in ${Math.round(c.last_reconcile_ms)} ms` : ""),
-        c.status === "unreachable" ? h("div", { class: "msg" }, "no heartbeat since ", ageEl(c.updated_at))
-          : c.status !== "synced" && c.message ? h("div", { class: "msg", title: c.message, text: c.message }) : null,
+        c.status === "unreachable" ? h("div", { class: "msg" }, "no heartbeat since ", ageEl(c.updated_at)) : msgEl,
+        // a long message is cut to one line: the whole of it on hover (title) or on "more"
+        msg && msg.length > 34 ? h("button", { type: "button", class: "msg-toggle", text: "more",
+          onclick: (e) => { const open = msgEl.classList.toggle("open"); e.target.textContent = open ? "less" : "more"; } }) : null,
         h("div", { class: "chips" },
           Object.entries(c.labels).map(([k, v]) => h("span", { class: "chip", text: `${k}=${v}` }))),
       );
     }
     function putCards(list, removed) {
-      let reorder = false;
-      for (const c of list) {
-        const el = card(c);
-        const old = elems.get(c.node);
-        if (old) old.replaceWith(el); else reorder = true;
-        cards.set(c.node, c);
-        elems.set(c.node, el);
-      }
-      for (const n of removed) { elems.get(n)?.remove(); elems.delete(n); cards.delete(n); }
-      if (reorder) {
-        const grid = $("#cards");
-        grid.replaceChildren(...[...elems.keys()].sort().map((n) => elems.get(n)));
-      }
-      if (!cards.size) $("#cards").replaceChildren(h("div", { class: "empty", text: "no node has reported yet" }));
+      for (const c of list) cards.set(c.node, c);
+      for (const n of removed) cards.delete(n);
     }
     function counters(cn) {
       const tiles = [h("div", { class: "tile", "data-status": "", onclick: () => { filt.status = ""; applyFilter(); sel.status.value = ""; } },
         h("div", { class: "n", id: "count-nodes", text: cn.nodes }), h("div", { class: "l", text: "nodes" }))];
       for (const s of STATUSES) {
         tiles.push(h("div", { class: `tile ${s}`, "data-status": s, id: `count-${s}`,
-                              onclick: () => { filt.status = filt.status === s ? "" : s; sel.status.value = filt.status; applyFilter(); } },
+                              onclick: () => { filt.status = filt.status === s ? "" : s; sel.status.value = filt.status; page = 0; applyFilter(); } },
           h("div", { class: "n", text: cn[s] }), h("div", { class: "l", text: s })));
       }
       tiles.push(h("div", { class: "tile apps", id: "count-apps" },
@@ -251,12 +325,18 @@
         h("div", { class: "l", text: "apps running" })));
       tiles.push(h("div", { class: "tile apps failed", id: "count-apps-failed" },
         h("div", { class: "n", text: cn.apps_failed }), h("div", { class: "l", text: "apps failed" })));
+      tiles.push(h("div", { class: "tile apps degraded", id: "count-apps-rolled-back",
+                            title: "an upgrade failed and was rolled back: the app runs its previous version" },
+        h("div", { class: "n", text: cn.apps_rolled_back ?? 0 }), h("div", { class: "l", text: "apps rolled back" })));
       $("#counters").replaceChildren(...tiles);
     }
     function rollouts(list) {
-      $("#rollouts").replaceChildren(...(list.length ? list.map((r) => h("div", { class: "rollout" },
-        revLink(r.revision), progressBar({ synced: r.synced, failed: r.failed }, r.targeted),
-        h("span", { class: "muted", text: `${r.synced}/${r.targeted} synced${r.failed ? `, ${r.failed} failing` : ""}` }),
+      $("#rollouts").replaceChildren(...(list.length ? list.map((r) => h("div", { class: "rollout", "data-revision": r.revision },
+        revLink(r.revision), progressBar({ synced: r.synced, degraded: r.degraded || 0, failed: r.failed, pending: r.pending || 0 }, r.targeted),
+        h("span", { class: "muted rollout-text", text: `${r.synced}/${r.targeted} synced` +
+          `${r.degraded ? `, ${r.degraded} degraded` : ""}${r.failed ? `, ${r.failed} failed` : ""}${r.pending ? `, ${r.pending} pending` : ""}` }),
+        r.commit ? h("div", { class: "commit" }, h("a", { href: `/history?revision=${encodeURIComponent(r.revision)}`, text: r.commit.subject }),
+          ` — ${r.commit.author}${r.commit.apps.length ? ` · ${r.commit.apps.join(", ")}` : ""}`) : null,
       )) : [h("div", { class: "empty", text: "no rollout seen yet" })]));
     }
     function activeRollouts(list) {
@@ -281,9 +361,8 @@
       filters(v.filters);
       rollouts(v.rollouts);
       activeRollouts(v.active_rollouts);
-      plot($("#plot"), v.series || []);
-      if (full) { cards.clear(); elems.clear(); $("#cards").replaceChildren(); putCards(v.nodes, []); }
-      applyFilter();
+      plot($("#plot"), v.series || [], v.now);
+      if (full) { cards.clear(); putCards(v.nodes, []); applyFilter(); } else renderSoon();
     }
     render(view, true);
     stream(new URLSearchParams(), (msg) => {
@@ -293,14 +372,15 @@
       view = { ...view, ...d, nodes: [] };
       render(view, false);
     });
+    const shownNames = () => shownList().map((c) => c.node);
     const btn = $("#fleet-reconcile");
     if (btn) btn.addEventListener("click", async () => {
       const match = {};
       if (filt.label) { const i = filt.label.indexOf("="); match[filt.label.slice(0, i)] = filt.label.slice(i + 1); }
-      const names = [...cards.values()].filter(matches).map((c) => c.node);
+      const names = shownNames();
       const body = Object.keys(match).length ? { selector: { match } } : {};
-      if (filt.status || filt.layer) {
-        // status/layer are console-side views: ask each shown node directly
+      if (filt.status || filt.layer || filt.q) {
+        // status/layer/search are console-side views: ask each shown node directly
         let ok = 0;
         for (const n of names) if (await act(`/api/nodes/${encodeURIComponent(n)}/reconcile`)) ok++;
         if (ok) flash(`reconcile started on ${ok} node(s)`, "ok");
@@ -309,61 +389,87 @@
       const res = await act("/api/fleet/reconcile", body);
       if (res) flash(`reconcile started on ${res.count} node(s): ${res.replies.map((r) => r.node).join(", ")}`, "ok");
     });
+    const healthBtn = $("#fleet-health");
+    if (healthBtn) healthBtn.addEventListener("click", async () => {
+      const names = shownNames();
+      if (!names.length) { flash("no node is shown", "error"); return; }
+      healthBtn.disabled = true;
+      const res = await act("/api/fleet/health", { nodes: names });
+      healthBtn.disabled = false;
+      if (!res) return;
+      const bad = res.results.filter((r) => !r.ok);
+      const box = $("#health-results");
+      box.hidden = false;
+      box.replaceChildren(
+        h("strong", { id: "health-summary", text: `${res.healthy} of ${res.count} node(s) healthy` }),
+        bad.length ? h("ul", {}, bad.map((r) => h("li", { "data-node": r.node }, nodeLink(r.node), ": ",
+          r.error ? `${r.error}` : `unhealthy: ${r.unhealthy.join(", ")}`))) : null);
+      flash(`health checked on ${res.count} node(s): ${res.unhealthy} not healthy`, res.unhealthy ? "error" : "ok");
+    });
   }
 
   function progressBar(counts, total) {
     const bar = h("div", { class: "progress", title: Object.entries(counts).map(([k, v]) => `${k}: ${v}`).join(", ") });
     for (const [k, v] of Object.entries(counts)) {
       if (!v || !total) continue;
-      const seg = h("span", { class: `s-${k}` });
+      const seg = h("span", { class: `s-${k}`, "data-bucket": k });
       seg.style.width = `${(100 * v) / total}%`;
       bar.append(seg);
     }
     return bar;
   }
 
-  // A small inline SVG: bars = mean reconcile duration, line = convergence time, per revision.
-  function plot(el, series) {
-    const NS = "http://www.w3.org/2000/svg";
-    const s = (tag, attrs, ...kids) => {
-      const e = document.createElementNS(NS, tag);
-      for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
-      for (const kid of kids) e.append(kid);
-      return e;
-    };
+  // A small inline SVG over time (x = when the revision was first seen): bars = mean
+  // reconcile duration, dots + line = convergence time; a revision that has not converged
+  // is an open dot at the top (its time is not known yet, so it cannot grow without bound).
+  function plot(el, series, nowIso) {
+    const s = svgEl;
     if (!series.length) { el.replaceChildren(h("div", { class: "empty", text: "no reconcile finished in the last hours" })); return; }
     const W = 600, H = 180, L = 44, R = 44, T = 10, B = 26;
     const pts = series.slice(-30);
+    const times = pts.map((p) => Date.parse(p.first_seen));
+    const t0 = Math.min(...times);
+    const t1 = Math.max(Date.parse(nowIso || "") || 0, ...times, t0 + 60_000);
+    const xOf = (t) => L + ((t - t0) / (t1 - t0)) * (W - L - R - 12) + 6;
+    const bw = Math.max(3, Math.min(18, ((W - L - R) / pts.length) * 0.6));
     // 15% headroom so the highest bar and dot do not touch the top edge
     const maxMs = 1.15 * Math.max(1, ...pts.map((p) => p.mean_ms || 0));
     const maxConv = 1.15 * Math.max(1, ...pts.map((p) => p.convergence_s || 0));
-    const step = (W - L - R) / pts.length;
-    const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "reconcile duration and convergence per revision" });
+    const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "reconcile duration and convergence per revision over time" });
     svg.append(s("line", { class: "axis", x1: L, y1: H - B, x2: W - R, y2: H - B }));
     svg.append(s("text", { x: 2, y: T + 8 }, `${Math.round(maxMs)} ms`));
     svg.append(s("text", { x: 2, y: H - B }, "0"));
     svg.append(s("text", { x: W - R + 4, y: T + 8 }, `${maxConv.toFixed(1)} s`));
+    const span = t1 - t0;
+    const two = (n) => String(n).padStart(2, "0");
+    const fmt = (t) => { const d = new Date(t); return span > 86_400_000 ? `${d.getMonth() + 1}/${d.getDate()} ${two(d.getHours())}h`
+      : span < 600_000 ? `${two(d.getHours())}:${two(d.getMinutes())}:${two(d.getSeconds())}`
+      : `${two(d.getHours())}:${two(d.getMinutes())}`; };
+    for (let i = 0; i <= 4; i++) {
+      const t = t0 + (span * i) / 4;
+      svg.append(s("line", { class: "axis", x1: xOf(t), y1: H - B, x2: xOf(t), y2: H - B + 4 }));
+      svg.append(s("text", { class: "tick", x: xOf(t), y: H - 8, "text-anchor": "middle" }, fmt(t)));
+    }
     let path = "";
     pts.forEach((p, i) => {
-      const x = L + i * step;
+      const cx = xOf(times[i]);
       const bh = ((p.mean_ms || 0) / maxMs) * (H - T - B);
-      const bar = s("rect", { class: "bar", x: x + step * 0.15, y: H - B - bh, width: step * 0.7, height: bh });
-      bar.append(s("title", {}, `${short(p.revision)}: mean ${p.mean_ms ?? "—"} ms, max ${p.max_ms ?? "—"} ms, ${p.reconciles} reconciles, convergence ${p.convergence_s ?? "—"} s`));
+      const bar = s("rect", { class: "bar", x: cx - bw / 2, y: H - B - bh, width: bw, height: bh });
+      const conv = p.converged ? `converged in ${p.convergence_s} s` : `not converged (${p.nodes_synced} of ${p.nodes_seen} node(s) synced)`;
+      bar.append(s("title", {}, `${short(p.revision)} first seen ${new Date(times[i]).toLocaleString()}: mean ${p.mean_ms ?? "—"} ms, max ${p.max_ms ?? "—"} ms, ${p.reconciles} reconciles, ${conv}`));
       svg.append(bar);
       if (p.convergence_s != null) {
         const y = H - B - (p.convergence_s / maxConv) * (H - T - B);
-        const cx = x + step / 2;
         path += `${path ? "L" : "M"}${cx},${y}`;
-        svg.append(s("circle", { class: "dot", cx, cy: y, r: 3 }));
-      }
-      if (pts.length <= 12 || i % Math.ceil(pts.length / 12) === 0) {
-        svg.append(s("text", { x: x + step / 2, y: H - 8, "text-anchor": "middle" }, short(p.revision).slice(0, 7)));
+        svg.append(s("circle", { class: "dot", cx, cy: y, r: 3 }, s("title", {}, `${short(p.revision)}: ${conv}`)));
+      } else {
+        svg.append(s("circle", { class: "open-dot", cx, cy: T + 4, r: 3.5 }, s("title", {}, `${short(p.revision)}: ${conv}`)));
       }
     });
     if (path) svg.prepend(s("path", { class: "line", d: path }));
     el.replaceChildren(svg, h("div", { class: "legend small" },
       h("span", { class: "s-progressing", text: "mean reconcile duration (left axis)" }),
-      h("span", { class: "s-failed", text: "convergence time (right axis)" })));
+      h("span", { class: "s-failed", text: "convergence time (right axis; open dot: not converged)" })));
   }
 
   // ---- node page ----------------------------------------------------------------------------
@@ -404,12 +510,28 @@
         actionsOn ? h("td", { class: "row-actions" },
           h("button", { type: "button", class: "ghost small-btn", "data-app-action": "health", "data-app": a.name, text: "Check" }),
           a.suspended
-            ? h("button", { type: "button", class: "ghost small-btn", "data-app-action": "resume", "data-app": a.name, text: "Resume" })
+            ? h("button", { type: "button", class: "small-btn primary-now", "data-app-action": "resume", "data-app": a.name, text: "Resume" })
             : h("button", { type: "button", class: "ghost small-btn", "data-app-action": "suspend", "data-app": a.name, text: "Suspend" }))
           : null,
       ));
       $("#apps-table tbody").replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { class: "empty", text: "no apps" }))]));
       eventRows($("#events-table tbody"), v.events, false);
+      suspendButtons(c.status === "suspended");
+      depGraph($("#dep-graph"), v.graph);
+    }
+    // While the node is suspended, "Suspend" shows the state (pressed, disabled) and
+    // "Resume" is the one action left; otherwise the reverse.
+    function suspendButtons(suspended) {
+      const sus = $('button[data-action="suspend"]'), res = $('button[data-action="resume"]');
+      if (!sus || !res) return;
+      sus.textContent = suspended ? "Suspended" : "Suspend";
+      sus.disabled = suspended;
+      sus.setAttribute("aria-pressed", suspended ? "true" : "false");
+      sus.classList.toggle("active-state", suspended);
+      sus.classList.toggle("ghost", !suspended);
+      res.disabled = !suspended;
+      res.classList.toggle("ghost", !suspended);
+      res.classList.toggle("primary-now", suspended);
     }
     render(initial);
     stream({ name: pageName }, (msg) => render(msg.full));
@@ -435,6 +557,55 @@
         if (res) flash(`${action}: ${res.run_id ? `run ${res.run_id}` : JSON.stringify(res)}`, "ok");
       });
     }
+    const forget = $("#forget-node");
+    if (forget) forget.addEventListener("click", async () => {
+      if (!confirm(`Forget ${pageName}? Its status is deleted from the fleet; a node that is still alive reappears with its next heartbeat.`)) return;
+      const res = await act(`/api/nodes/${encodeURIComponent(pageName)}/forget`);
+      if (res) flash(`${pageName} forgotten`, "ok");
+    });
+  }
+
+  // The node's apps as boxes in columns by dependency generation (laid out by the server),
+  // each coloured by its phase; an arrow runs from a dependency to the app that needs it.
+  function depGraph(el, g) {
+    if (!el) return;
+    if (!g || !g.boxes.length) { el.replaceChildren(h("div", { class: "empty", text: "no apps" })); return; }
+    const s = svgEl;
+    const svg = s("svg", { viewBox: `0 0 ${g.width} ${g.height}`, width: g.width, height: g.height, role: "img",
+                           "aria-label": "dependency graph of the node's apps" },
+      s("defs", {}, s("marker", { id: "arrow", viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 7, markerHeight: 7, orient: "auto" },
+        s("path", { d: "M0,0 L10,5 L0,10 z", style: "fill:#9aa6b8;stroke:none" }))));
+    for (const e of g.edges) {
+      const mx = (e.x1 + e.x2) / 2;
+      svg.append(s("path", { "data-edge": `${e.from}->${e.to}`, d: `M${e.x1},${e.y1} C${mx},${e.y1} ${mx},${e.y2} ${e.x2},${e.y2}` }));
+    }
+    for (const b of g.boxes) {
+      const phase = b.suspended ? "suspended" : b.phase;
+      const link = s("a", { href: `/apps/${encodeURIComponent(b.app)}` },
+        s("rect", { class: "fillc", x: b.x, y: b.y, width: g.box.w, height: g.box.h, rx: 6 }),
+        s("rect", { x: b.x, y: b.y, width: g.box.w, height: g.box.h, rx: 6, style: "fill:none" }),
+        s("text", { x: b.x + 8, y: b.y + 15 }, b.app),
+        s("text", { class: "sub", x: b.x + 8, y: b.y + 29 }, `${b.version} · ${phase} · ${b.health}`),
+        s("title", {}, `${b.app} ${b.version}: ${phase}, ${b.health} (generation ${b.generation})`));
+      svg.append(s("g", { class: `phase-${phase}`, "data-app": b.app, "data-phase": phase }, link));
+    }
+    const missing = g.missing.length ? h("div", { class: "err small" },
+      "missing dependencies: ", g.missing.map((m) => `${m.app} → ${m.depends_on}`).join(", ")) : null;
+    el.replaceChildren(svg, missing || "");
+  }
+
+  // A GET that carries the tab's token (app logs need a viewer token when tokens are set).
+  async function getJson(url) {
+    const headers = {};
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    if (token) headers.Authorization = `Bearer ${token}`;
+    try {
+      const res = await fetch(url, { headers, credentials: "same-origin" });
+      const data = await res.json().catch(() => ({}));
+      return { ok: res.ok, status: res.status, data };
+    } catch (err) {
+      return { ok: false, status: 0, data: { error: String(err) } };
+    }
   }
 
   // ---- app page ------------------------------------------------------------------------------
@@ -446,16 +617,134 @@
         h("div", {}, h("h2", { text: "versions" }), Object.entries(v.versions).map(([k, n]) => h("div", { text: `${k}: ${n} node(s)` }))),
         h("div", {}, h("h2", { text: "phases" }), Object.entries(v.phases).map(([k, n]) => h("div", { text: `${k}: ${n}` }))),
       );
-      $("#app-nodes tbody").replaceChildren(...v.nodes.map((r) => h("tr", {},
+      // a fleet of thousands: the rows of at most APP_ROWS nodes, the ones with trouble first
+      const APP_ROWS = 200;
+      const trouble = (r) => (r.phase !== "running" || r.health === "unhealthy" || r.failed_version ? 0 : 1);
+      const rows = v.nodes.length > APP_ROWS ? [...v.nodes].sort((a, b) => trouble(a) - trouble(b)).slice(0, APP_ROWS) : v.nodes;
+      $("#app-nodes-more").textContent = v.nodes.length > APP_ROWS ? `${APP_ROWS} of ${v.nodes.length} nodes shown (those with trouble first)` : "";
+      $("#app-nodes tbody").replaceChildren(...rows.map((r) => h("tr", {},
         h("td", {}, nodeLink(r.node)), h("td", {}, badge(r.node_status)),
         h("td", {}, r.version, r.failed_version ? h("span", { class: "t-bad", text: ` (${r.failed_version} rolled back)` }) : ""),
         h("td", { class: r.phase === "failed" ? "t-bad" : "" }, r.phase),
         h("td", { class: r.health === "healthy" ? "t-good" : r.health === "unhealthy" ? "t-bad" : "muted" }, r.health),
         h("td", {}, r.restarts), h("td", {}, r.message || ""))));
       eventRows($("#events-table tbody"), v.events, true);
+      nodeChoices(v.nodes.map((r) => r.node));
     }
+    const pick = $("#app-node");
+    const wanted = new URLSearchParams(location.search).get("node") || "";
+    function nodeChoices(names) {
+      const have = [...pick.options].map((o) => o.value);
+      if (JSON.stringify(have) === JSON.stringify(names)) return;
+      const current = pick.value || wanted;
+      pick.replaceChildren(...names.map((n) => h("option", { value: n, text: n })));
+      if (names.includes(current)) pick.value = current;
+    }
+    const api = (what, extra) => `/api/apps/${encodeURIComponent(pageName)}/${what}?${new URLSearchParams({ node: pick.value, ...(extra || {}) })}`;
+    const show = (x) => (x === null || x === undefined ? "—" : typeof x === "string" ? x : JSON.stringify(x));
+    async function loadSpec() {
+      if (!pick.value) { $("#app-spec").textContent = "no node runs this app"; return; }
+      $("#app-spec").textContent = "loading…";
+      const res = await getJson(api("spec"));
+      if (!res.ok) { $("#app-spec").textContent = `cannot read the spec from ${pick.value} (${res.status}): ${res.data.error || ""}`; return; }
+      const d = res.data;
+      $("#app-spec").textContent = d.running ? JSON.stringify(d.running, null, 2) : "(not running on this node)";
+      $("#app-diff tbody").replaceChildren(...(d.diff.length ? d.diff.map((x) => h("tr", { "data-path": x.path },
+        h("td", { class: "mono", text: x.path }), h("td", { class: "mono", text: show(x.desired) }),
+        h("td", { class: "mono", text: show(x.running) }))) :
+        [h("tr", {}, h("td", { class: "empty", colspan: 3, text: "the node runs what its checkout wants" }))]));
+    }
+    let cursor = null, followTimer = null, logLines = [];
+    async function loadLog(more) {
+      if (!pick.value) return;
+      const extra = { lines: $("#log-lines").value };
+      if (more && cursor) extra.cursor = cursor;
+      const res = await getJson(api("logs", extra));
+      if (!res.ok) {
+        $("#log-info").textContent = `cannot read the log (${res.status}): ${res.data.error || ""}${res.status === 401 ? " (set a token with “Action token”)" : ""}`;
+        return;
+      }
+      const d = res.data;
+      cursor = d.cursor;
+      logLines = more ? [...logLines, ...d.lines].slice(-2000) : d.lines; // bounded in the page too
+      $("#app-log").textContent = logLines.join("\n");
+      $("#log-info").textContent = `${logLines.length} line(s) from ${d.node}${d.truncated ? " (older lines left out)" : ""}`;
+      if (d.more) loadLog(true);
+    }
+    pick.addEventListener("change", () => { cursor = null; loadSpec(); loadLog(false); });
+    $("#spec-load").addEventListener("click", loadSpec);
+    $("#log-load").addEventListener("click", () => { cursor = null; loadLog(false); });
+    $("#log-follow").addEventListener("change", (e) => {
+      clearInterval(followTimer);
+      if (e.target.checked) followTimer = setInterval(() => loadLog(true), 2000);
+    });
     render(initial);
     stream({ name: pageName }, (msg) => render(msg.full));
+    loadSpec();
+    loadLog(false);
+  }
+
+  // ---- apps page ------------------------------------------------------------------------------
+  function appsPage(initial) {
+    const form = $("#app-filters");
+    const counts = (o) => Object.entries(o).map(([k, n]) => `${k}: ${n}`).join(", ");
+    function render(v) {
+      syncClock(v.now);
+      const layer = form.elements.layer;
+      const want = ["", ...v.filters.layers];
+      if (JSON.stringify([...layer.options].map((o) => o.value)) !== JSON.stringify(want)) {
+        const cur = layer.value || new URLSearchParams(location.search).get("layer") || "";
+        layer.replaceChildren(...want.map((x) => h("option", { value: x, text: x || "any" })));
+        layer.value = cur;
+      }
+      $("#apps-shown").textContent = `${v.apps.length} app(s)`;
+      $("#apps-table tbody").replaceChildren(...(v.apps.length ? v.apps.map((a) => h("tr", { "data-app": a.app },
+        h("td", {}, appLink(a.app)), h("td", {}, a.layer || "—"),
+        h("td", {}, `${a.nodes}`, a.failed ? h("span", { class: "t-bad", text: ` (${a.failed} failed)` }) : "",
+          a.rolled_back ? h("span", { class: "muted", text: ` (${a.rolled_back} rolled back)` }) : ""),
+        h("td", { class: "versions" }, Object.entries(a.version_counts).map(([ver, n]) => h("span", { class: "chip", text: `${ver} × ${n}` }))),
+        h("td", { class: "phases" }, counts(a.phases)),
+        h("td", { class: a.unhealthy ? "t-bad" : "" }, counts(a.health)),
+        h("td", {}, a.depends_on.join(", ") || "—"))) :
+        [h("tr", {}, h("td", { class: "empty", colspan: 7, text: "no app matches" }))]));
+    }
+    const params = () => {
+      const p = new URLSearchParams();
+      for (const k of ["name", "layer", "label"]) { const x = form.elements[k].value.trim(); if (x) p.set(k, x); }
+      return p;
+    };
+    render(initial);
+    stream(params(), (msg) => { if (msg.full) render(msg.full); });
+    form.addEventListener("submit", (e) => {
+      e.preventDefault();
+      const p = params();
+      history.replaceState(null, "", p.toString() ? `?${p}` : location.pathname);
+      stream(p, (msg) => { if (msg.full) render(msg.full); });
+    });
+  }
+
+  // ---- history page -----------------------------------------------------------------------------
+  function historyPage(initial) {
+    let scrolled = false;
+    function render(v) {
+      $("#history-repo").textContent = v.enabled ? `${v.repo}${v.branch ? ` (${v.branch})` : ""}${v.refreshed_at ? `, read ${ago(v.refreshed_at)}` : ""}` : "";
+      const err = $("#history-error");
+      err.hidden = v.enabled && !v.error;
+      err.textContent = !v.enabled ? "No spec repository: start the console with --repo URL [--branch B] to see commits." : v.error || "";
+      $("#history-table tbody").replaceChildren(...(v.commits.length ? v.commits.map((c) => h("tr", {
+          "data-revision": c.revision, class: c.revision === v.selected ? "selected" : "" },
+        h("td", {}, revLink(c.revision)), h("td", { class: "subject", text: c.subject }),
+        h("td", { text: c.author }), h("td", { title: c.time }, ageEl(c.time)),
+        h("td", { class: "apps" }, c.apps.length ? c.apps.map(appLink).flatMap((a, i) => (i ? [", ", a] : [a])) : h("span", { class: "muted", text: c.files.length ? `${c.files.length} other file(s)` : "—" })),
+        h("td", {}, c.nodes ? `${c.nodes}` : ""))) :
+        [h("tr", {}, h("td", { class: "empty", colspan: 6, text: "no commits read (yet)" }))]));
+      const sel = document.querySelector("#history-table tr.selected");
+      if (sel && !scrolled) { sel.scrollIntoView({ block: "center" }); scrolled = true; }
+    }
+    render(initial);
+    const p = new URLSearchParams();
+    if (pageName) p.set("revision", pageName);
+    stream(p, (msg) => render(msg.full));
   }
 
   // ---- rollout page -------------------------------------------------------------------------
@@ -545,5 +834,6 @@
   }
 
   const initial = JSON.parse($("#initial-data").textContent);
-  ({ overview, node: nodePage, app: appPage, rollout: rolloutPage, events: eventsPage })[kind](initial);
+  ({ overview, node: nodePage, app: appPage, rollout: rolloutPage, events: eventsPage,
+   apps: appsPage, history: historyPage })[kind](initial);
 })();

@@ -198,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events-keep", type=int, default=5000, help="events kept in memory")
     p.add_argument("--trace-url", default=None, metavar="TEMPLATE",
                    help="link event trace ids, e.g. http://jaeger:16686/trace/{trace_id}")
+    p.add_argument("--tokens", default=None, metavar="FILE",
+                   help="named tokens with roles (YAML/JSON list of {name, token, role: "
+                        "viewer|operator})")
+    p.add_argument("--repo", default=None, metavar="URL",
+                   help="spec repo for the revision history (read-only bare cache clone)")
+    p.add_argument("--branch", default=None, help="branch of --repo (default: its HEAD)")
     add_nats_args(p, required=True)
 
     p = sub.add_parser("demo", help="the whole system on one machine")

@@ -13,6 +13,8 @@ def parse_env(text: str, where: str) -> dict[str, str]:
             continue
         if line.startswith("export "):
             line = line[len("export "):].lstrip()
+        if "\x00" in line:
+            raise ValueError(f"{where}:{lineno}: NUL byte")
         key, sep, value = line.partition("=")
         key = key.strip()
         if not sep or not key.replace("_", "a").isalnum() or key[0].isdigit():

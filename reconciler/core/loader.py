@@ -26,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 
 from reconciler.core.errors import SpecProblem
 from reconciler.core.graph import DependencyGraph, format_cycle
-from reconciler.core.spec import NAME_RE, AppSpec
+from reconciler.core.spec import LABEL_KEY_PATTERN, NAME_RE, AppSpec
 from reconciler.core.targeting import selector_implies, untargeted_dependency_message
 
 MAX_FILE_BYTES = 1024 * 1024
@@ -623,6 +623,13 @@ def _message(error: Any, current: Path_, entry: _Loc, missing: str | None) -> st
         last == "name" or (len(current) == 2 and current[0] == "depends_on")
     ):
         return f"invalid app name {error['input']!r}: {_NAME_HELP}"
+    if etype == "string_pattern_mismatch" and current and current[0] in ("labels", "layer"):
+        what = "layer" if current[0] == "layer" else f"label {last!r}"
+        if str(error.get("ctx", {}).get("pattern")) == LABEL_KEY_PATTERN:
+            return (f"invalid label key {last!r}: at most 63 letters, digits, '.', '_', '/', '-',"
+                    " starting and ending with a letter or digit")
+        return (f"invalid {what} value {error['input']!r}: at most 63 letters, digits, '.', "
+                "'_', '-' (like Kubernetes labels; status carries them)")
     if etype == "string_type" and raw is not None:
         kind = _kind(error["input"])
         return f"{raw} was read as {kind}; quote it (\"{raw}\") if you mean text"

@@ -272,36 +272,12 @@ def _removals(desired: DesiredState, current: CurrentState, held: dict[str, str]
     ]
 
 
-# id(spec) -> (spec, hash, metadata hash). Holding the spec keeps its id from being reused
-# while cached.
-# AppSpecs are frozen and the loader's ParseCache hands the same instances to every
-# revision, so a steady-state node hashes each spec once instead of once per reconcile.
-_HASHES: dict[int, tuple[AppSpec, str, str]] = {}
-_HASHES_MAX = 50_000
-
-
-def _hashes_of(spec: AppSpec) -> tuple[AppSpec, str, str]:
-    hit = _HASHES.get(id(spec))
-    if hit is not None and hit[0] is spec:
-        return hit
-    if len(_HASHES) >= _HASHES_MAX:
-        _HASHES.clear()
-    entry = (spec, spec.spec_hash(), spec.metadata_hash())
-    _HASHES[id(spec)] = entry
-    return entry
-
-
-def spec_hash_of(spec: AppSpec) -> str:
-    """spec.spec_hash(), memoized per instance (it dominates planning big nodes)."""
-    return _hashes_of(spec)[1]
-
-
 def _metadata_changed(spec: AppSpec, cur: CurrentApp | None) -> bool:
     """The installed app runs this very process spec but its stored metadata differs."""
     return (
         cur is not None and cur.metadata_hash is not None
-        and cur.version == spec.version and cur.spec_hash == spec_hash_of(spec)
-        and cur.metadata_hash != _hashes_of(spec)[2]
+        and cur.version == spec.version and cur.spec_hash == spec.spec_hash()
+        and cur.metadata_hash != spec.metadata_hash()
     )
 
 
@@ -317,7 +293,7 @@ def _decide(spec: AppSpec, cur: CurrentApp | None) -> tuple[ActionKind | None, s
         return None, "suspended by an operator"
     if cur is None:
         return ActionKind.DEPLOY, "new app"
-    spec_hash = spec_hash_of(spec)
+    spec_hash = spec.spec_hash()
     if cur.failed_spec_hash is not None and cur.failed_spec_hash == spec_hash:
         return None, HELD_FAILED
     if cur.version != spec.version:

@@ -6,6 +6,8 @@ import hashlib
 import json
 import re
 import signal
+from collections.abc import Mapping
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -14,6 +16,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StringConstraints,
     WithJsonSchema,
     model_validator,
 )
@@ -187,6 +190,13 @@ class RunSpec(StrictModel):
     def _shell_needs_one_string(self) -> RunSpec:
         if self.shell and len(self.command) != 1:
             raise ValueError("with shell: true, command is one string run by /bin/sh -c")
+        # a process cannot be given these: refused here, not as an error at start
+        texts = [*self.command, *self.env_files, self.workdir or ""]
+        if any("\x00" in text for text in texts):
+            raise ValueError("a NUL byte in command, env_files or workdir")
+        for key, value in self.env.items():
+            if "\x00" in value:
+                raise ValueError(f"env {key}: a NUL byte in the value")
         for key in self.env:
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
                 raise ValueError(f"invalid environment variable name {key!r}")
@@ -205,6 +215,12 @@ class TcpProbe(StrictModel):
 
 class ExecProbe(StrictModel):
     command: list[str] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _no_nul(self) -> ExecProbe:
+        if any("\x00" in arg for arg in self.command):
+            raise ValueError("a NUL byte in command")
+        return self
 
 
 class HealthSpec(StrictModel):
@@ -266,14 +282,21 @@ def metadata_hash_of(spec_json: dict[str, Any]) -> str:
     return _digest({key: spec_json.get(key) for key in METADATA_FIELDS})
 
 
+MAX_LABELS = 32
+MAX_DESCRIPTION = 1024
+LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY_PATTERN)]
+LabelValue = Annotated[str, StringConstraints(pattern=LABEL_VALUE_PATTERN)]
+
+
 class AppSpec(StrictModel):
     """One app: what to run, where, after what, and how to know it is healthy."""
 
     name: Name
     version: str = Field(min_length=1, max_length=128)
-    description: str = ""
-    labels: dict[str, str] = Field(default_factory=dict)
-    layer: str | None = None
+    description: str = Field(default="", max_length=MAX_DESCRIPTION)
+    # bounded like Kubernetes labels: a node's status carries them and must fit one message
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=MAX_LABELS)
+    layer: str | None = Field(default=None, pattern=LABEL_VALUE_PATTERN, min_length=1)
     nodes: Selector | None = Field(default=None, description="absent: every node")
     depends_on: list[Name] = Field(default_factory=list)
     source: Source = Field(default_factory=NoSource)
@@ -304,15 +327,26 @@ class AppSpec(StrictModel):
         """Hash of what shapes the running process: version, source, run, health, restart,
         upgrade. Metadata (METADATA_FIELDS) and suspend are left out, so relabeling an app
         does not restart it (see metadata_hash)."""
-        payload = self.model_dump(
-            mode="json", by_alias=True, exclude={"suspend", *METADATA_FIELDS}
-        )
-        return _digest(payload)
+        return self._hashes[0]
 
     def metadata_hash(self) -> str:
         """Hash of the fields that do not touch the process (METADATA_FIELDS): a change here
         is persisted without a restart."""
-        return metadata_hash_of(self.model_dump(mode="json", by_alias=True))
+        return self._hashes[1]
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None,
+                   deep: bool = False) -> AppSpec:
+        copy = super().model_copy(update=update, deep=deep)
+        copy.__dict__.pop("_hashes", None)  # a changed copy must not keep the memo
+        return copy
+
+    @cached_property
+    def _hashes(self) -> tuple[str, str]:
+        # Computed once per instance (the model is frozen): hashing dominates planning big
+        # nodes, and the loader's ParseCache hands the same instances to every revision.
+        data = self.model_dump(mode="json", by_alias=True)
+        process = {k: v for k, v in data.items() if k not in {"suspend", *METADATA_FIELDS}}
+        return _digest(process), metadata_hash_of(data)
 
     def targets(self, labels: dict[str, str]) -> bool:
         return self.nodes is None or self.nodes.matches(labels)

@@ -64,6 +64,8 @@ class NodeStatus(BaseModel):
     outbox_backlog: int = 0
     outbox_dropped: int = 0
     trace_id: str | None = None
+    # apps left out of `apps` so the status fits one NATS message (see fit_status)
+    apps_omitted: int = 0
 
     def to_json_bytes(self) -> bytes:
         return self.model_dump_json().encode()
@@ -83,8 +85,11 @@ def summarize(
     source_error: str | None,
     spec_errors: bool,
     at_desired_revision: bool,
+    store_error: str | None = None,
 ) -> tuple[NodeState, str]:
-    """(node status, one-line reason) from the apps' phases and the agent's situation."""
+    """(node status, one-line reason) from the apps' phases and the agent's situation. A
+    state store that cannot be written (a full disk) is degraded whatever else holds: the
+    agent changes nothing until it can record what it does."""
     apps = list(apps)
     if suspended:
         return "suspended", "reconciliation suspended by an operator"
@@ -94,6 +99,8 @@ def summarize(
     rolled_back = sorted(f"{a.name} {a.failed_version}" for a in apps if a.failed_version)
     if rolled_back and not reconciling:
         return "failed", "rolled back after a failed upgrade: " + ", ".join(rolled_back)
+    if store_error:
+        return "degraded", f"{store_error} (apps kept as they run; retrying)"
     if reconciling or any(a.phase in BUSY_PHASES for a in apps):
         return "progressing", "reconciling"
     if not at_desired_revision:
@@ -283,6 +290,7 @@ class RunFacts:
     run_id: str | None = None
     trace_id: str | None = None
     heartbeat_interval_s: float = 10.0
+    store_error: str | None = None  # the last state store write failed (a full disk)
 
 
 def node_status(
@@ -298,6 +306,7 @@ def node_status(
         source_error=meta.source_error, spec_errors=bool(meta.spec_errors),
         at_desired_revision=meta.applied_revision is not None
         and meta.applied_revision == meta.desired_revision,
+        store_error=run.store_error,
     )
     return NodeStatus(
         node=meta.node_id, labels=dict(meta.labels), revision=meta.applied_revision,
@@ -309,3 +318,64 @@ def node_status(
         heartbeat_interval_s=run.heartbeat_interval_s, outbox_backlog=outbox_backlog,
         outbox_dropped=meta.outbox_dropped, trace_id=run.trace_id,
     )
+
+
+# ---- fitting one message ------------------------------------------------------------------
+
+MAX_MESSAGE_CHARS = 500  # of an app's or the node's message
+MAX_SPEC_ERRORS = 50
+
+
+def _cap(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def capped(status: NodeStatus) -> NodeStatus:
+    """Messages and lists a node reports, bounded (a status is written every few seconds)."""
+    return status.model_copy(update={
+        "message": _cap(status.message, MAX_MESSAGE_CHARS),
+        "source_error": _cap(status.source_error, MAX_MESSAGE_CHARS)
+        if status.source_error else status.source_error,
+        "spec_errors": [_cap(e, MAX_MESSAGE_CHARS) for e in status.spec_errors[:MAX_SPEC_ERRORS]],
+        "apps": [a.model_copy(update={"message": _cap(a.message, MAX_MESSAGE_CHARS)})
+                 for a in status.apps],
+    })
+
+
+def fit_status(status: NodeStatus, max_bytes: int) -> NodeStatus:
+    """The status as it fits `max_bytes` of JSON: first as it is (messages capped), then
+    without per-app details (labels, depends_on, long messages), then listing the apps with
+    problems first and as many others as fit, counting the rest in `apps_omitted`. A status
+    write must never fail on size: an unwritten status reads as an unreachable node."""
+    status = capped(status)
+    if len(status.to_json_bytes()) <= max_bytes:
+        return status
+    slim = status.model_copy(update={
+        "spec_errors": [_cap(e, 120) for e in status.spec_errors[:10]],
+        "apps": [a.model_copy(update={"labels": {}, "depends_on": [],
+                                      "message": _cap(a.message, 120)})
+                 for a in status.apps],
+    })
+    if len(slim.to_json_bytes()) <= max_bytes:
+        return slim
+    ordered = sorted(slim.apps, key=lambda a: (not _needs_attention(a), a.name))
+    low, high = 0, len(ordered)
+    while low < high:  # the most apps that fit
+        mid = (low + high + 1) // 2
+        if len(_listing(slim, ordered, mid).to_json_bytes()) <= max_bytes:
+            low = mid
+        else:
+            high = mid - 1
+    return _listing(slim, ordered, low)
+
+
+def _needs_attention(app: AppStatus) -> bool:
+    return app.phase != "running" or app.health == "unhealthy" or bool(app.failed_version)
+
+
+def _listing(status: NodeStatus, ordered: list[AppStatus], count: int) -> NodeStatus:
+    omitted = len(ordered) - count
+    return status.model_copy(update={
+        "apps": ordered[:count], "apps_omitted": omitted,
+        "message": _cap(f"{status.message} ({omitted} apps not listed: status too large)", 300),
+    })

@@ -24,7 +24,7 @@ from nats.js.kv import KeyValue
 from reconciler.core.events import iso_time
 from reconciler.core.ports import AgentAPI, Outbox, OutboxEntry
 from reconciler.core.redact import redact_server
-from reconciler.core.status import NodeStatus
+from reconciler.core.status import NodeStatus, fit_status
 from reconciler.mesh.conn import (
     MeshError,
     NatsOptions,
@@ -242,7 +242,10 @@ class Mesh:
             await self._ensure_kv(nc)
             # not kv.put: that subject does not cross a leaf connection (see kv_put_subject)
             subject = self.options.kv_put_subject(KV_BUCKET, self.node)
-            await self._jetstream(nc).publish(subject, self.snapshot().to_json_bytes())
+            # fits one message whatever the node runs (the server's max_payload, less room
+            # for headers): an unwritten status would read as an unreachable node
+            status = fit_status(self.snapshot(), max(nc.max_payload - 4096, 4096))
+            await self._jetstream(nc).publish(subject, status.to_json_bytes())
         except (TimeoutError, nats.errors.Error) as exc:
             self._kv = None  # look the bucket up again (it may have been deleted)
             if not self._closing:

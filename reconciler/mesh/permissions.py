@@ -157,11 +157,14 @@ def console_permissions() -> Permissions:
             *_js_read(), "gitops.rpc.*.*", FLEET_RECONCILE,
             # the console may start before any node: it creates the stream and the bucket
             f"{js}.STREAM.CREATE.{EVENTS_STREAM}", f"{js}.STREAM.CREATE.{KV_STREAM}",
-            f"{js}.STREAM.CREATE.{ROLLOUTS_STREAM}",
-            f"{ROLLOUTS_SUBJECT_PREFIX}.*", event_subject(CONSOLE, "rollout.>"),
+            f"{js}.STREAM.CREATE.{ROLLOUTS_STREAM}", f"{ROLLOUTS_SUBJECT_PREFIX}.*",
+            # its audit events (node id `console` is reserved; rollout.* included) and
+            # "Forget node" (a KV delete)
+            event_subject(CONSOLE, ">"), f"{KV_SUBJECT_PREFIX}.*",
         ),
+        # the history page refreshes on a push hook's notice
         subscribe=("_INBOX.>", EVENTS_SUBJECTS, f"{KV_SUBJECT_PREFIX}.>",
-                   f"{ROLLOUTS_SUBJECT_PREFIX}.>"),
+                   f"{ROLLOUTS_SUBJECT_PREFIX}.>", SOURCE_CHANGED),
     )
 
 

@@ -36,7 +36,7 @@ from reconciler.node.runtimes.base import ALIVE_STATES, Runtime
 from reconciler.node.sdnotify import SdNotifier
 from reconciler.node.source import GitSource, SignatureVerifier
 from reconciler.node.status_view import StatusView
-from reconciler.node.store import Store
+from reconciler.node.store import Store, StoreWriteError
 from reconciler.node.supervision import Supervision
 from reconciler.node.telemetry import Telemetry
 from reconciler.node.transitions import transition
@@ -95,8 +95,13 @@ class Agent:
             os.close(self._lock_fd)
             raise
         # for `status --state-dir` while the agent is down
-        self.store.update_meta(node_id=config.node_id, labels=self.labels,
-                               agent_version=__version__)
+        startup_store_error = None
+        try:
+            self.store.update_meta(node_id=config.node_id, labels=self.labels,
+                                   agent_version=__version__)
+        except StoreWriteError as exc:  # a full disk must not keep the agent from starting
+            log.error("%s: node meta not updated", exc)
+            startup_store_error = str(exc)
         verifier = None
         if config.allowed_signers or config.gpg_keyring:
             verifier = SignatureVerifier(allowed_signers=config.allowed_signers,
@@ -130,6 +135,7 @@ class Agent:
             current_state=self._current_state, now=self._now, labels=lambda: self.labels,
         )
         self.loop.on_run_done = self._run_done
+        self.loop.store_error = startup_store_error
         self.rollout = RolloutGate(
             node_id=config.node_id, labels=lambda: self.labels, store=self.store,
             source=self.source, trigger=self.trigger, notify=self._notify_soon, now=self._now,
@@ -168,8 +174,12 @@ class Agent:
         `schedule`: --once) and (by default) the first reconcile. Returns at once;
         reconciles run in the background."""
         self._aio = asyncio.get_running_loop()
-        with self.store.transaction():
-            self.record("node.started", message=f"agent {__version__} started")
+        try:
+            with self.store.transaction():
+                self.record("node.started", message=f"agent {__version__} started")
+        except StoreWriteError as exc:  # a full disk: start anyway, say why, retry later
+            log.error("%s: the node.started event is not recorded", exc)
+            self.loop.store_error = str(exc)
         await self.recovery.adopt_all()
         self.loop.start()
         if schedule:

@@ -33,6 +33,7 @@ from reconciler.core.errors import ArtifactError, SourceError
 from reconciler.core.redact import redact_url
 from reconciler.core.spec import NAME_RE, AppSpec, ArchiveSource, NoSource
 from reconciler.core.spec import GitSource as GitSourceSpec
+from reconciler.node.bounded import RefusedFile, open_regular
 from reconciler.node.source import FULL_SHA_RE, run_git
 
 MARKER = ".gitops-mesh-installed"
@@ -155,19 +156,12 @@ class ArtifactStore:
         if scheme == "file":
             path = Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
             try:
-                # O_NONBLOCK: opening a FIFO must not wait for a writer; only regular files
-                # are read (a device or a pipe may never end, or never deliver)
-                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                with open_regular(path) as fh:  # a device or a pipe may never end or deliver
+                    return self._copy(fh, out, shown)
+            except RefusedFile as exc:
+                raise ArtifactError(f"{shown}: {exc}") from None
             except OSError as exc:
                 raise SourceError(f"{shown}: cannot read: {exc.strerror or exc}") from exc
-            with open(fd, "rb") as fh:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise ArtifactError(f"{shown}: not a regular file")
-                os.set_blocking(fd, True)
-                try:
-                    return self._copy(fh, out, shown)
-                except OSError as exc:
-                    raise SourceError(f"{shown}: cannot read: {exc.strerror or exc}") from exc
         if scheme or url.startswith("/"):
             raise ArtifactError(
                 f"{shown}: unsupported archive URL (use http(s)://, file:// or a "

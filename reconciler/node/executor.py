@@ -19,6 +19,7 @@ from reconciler.core.events import Event
 from reconciler.core.plan import Action, ActionKind, Mode, Plan
 from reconciler.core.spec import METADATA_FIELDS, AppSpec
 from reconciler.core.states import EventType, Outcome
+from reconciler.node.bounded import RefusedFile, read_regular
 from reconciler.node.runtimes.base import LaunchSpec, RestartPolicy, Runtime
 from reconciler.node.store import AppRecord, Store, spec_to_json
 from reconciler.node.transitions import transition
@@ -81,16 +82,25 @@ class ActionFailed(Exception):
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    """An app's env file (core.envfile.parse_env); errors name the file and line, never a
-    value."""
+    """An app's env file (core.envfile.parse_env): a regular UTF-8 file of at most
+    MAX_ENV_FILE_BYTES without NUL bytes. Errors name the file and line, never a value."""
     try:
-        text = path.read_text()
+        data = read_regular(path, MAX_ENV_FILE_BYTES)
+        text = data.decode("utf-8")
+    except RefusedFile as exc:
+        raise ActionFailed(f"env file {path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise ActionFailed(f"env file {path}: not UTF-8 text") from None
     except OSError as exc:
         raise ActionFailed(f"env file {path}: {exc.strerror or exc}") from exc
     try:
         return parse_env(text, f"env file {path}")
     except ValueError as exc:
         raise ActionFailed(str(exc)) from None
+
+
+# An env file holds a few settings; anything bigger is not one.
+MAX_ENV_FILE_BYTES = 256 * 1024
 
 
 class Executor:

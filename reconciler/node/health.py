@@ -27,6 +27,9 @@ from reconciler.node.runtimes.process import kill_group
 log = logging.getLogger(__name__)
 
 OUTPUT_LIMIT = 300  # characters of an exec probe's output kept in its message
+# bytes of an exec probe's output held while it runs: the rest is read and dropped, so a
+# probe that prints without end costs no memory
+OUTPUT_KEEP_BYTES = 4096
 # wait_healthy re-probes every FAST_POLL (EXEC_POLL for exec probes, which spawn a process)
 # during the first FAST_PHASE seconds, where most apps come up, then backs off x1.5 to POLL_CAP
 FAST_POLL = 0.025
@@ -201,10 +204,17 @@ async def _exec(spec: ExecProbe, cwd: Path, env: Mapping[str, str]) -> tuple[boo
     except OSError as exc:
         return False, f"exec {program!r}: cannot run: {exc.strerror or exc}"
     try:
-        output, _ = await proc.communicate()
+        assert proc.stdout is not None
+        output = await _tail(proc.stdout, OUTPUT_KEEP_BYTES)
+        await proc.wait()
     finally:
         if proc.returncode is None:  # cancelled by the timeout
             kill_group(proc.pid)
+            # Python 3.11's wait() returns only once the output pipe is closed, and a probe
+            # that filled it paused its reading: read (and drop) what is left, bounded
+            with contextlib.suppress(TimeoutError, OSError):
+                assert proc.stdout is not None
+                await asyncio.wait_for(_tail(proc.stdout, 0), 2.0)
             with contextlib.suppress(ProcessLookupError):
                 await proc.wait()
     text = " ".join(mask_values(output.decode(errors="replace"), env).split())
@@ -215,6 +225,14 @@ async def _exec(spec: ExecProbe, cwd: Path, env: Mapping[str, str]) -> tuple[boo
         f"exec {program!r}: killed by signal {-code}"
     )
     return code == 0, f"{summary}: {text}" if text else summary
+
+
+async def _tail(stream: asyncio.StreamReader, keep: int) -> bytes:
+    """Read `stream` to its end, keeping only its last `keep` bytes."""
+    tail = b""
+    while chunk := await stream.read(65536):
+        tail = (tail + chunk)[-keep:] if keep else b""
+    return tail
 
 
 # --- waiting for a new process --------------------------------------------------------------

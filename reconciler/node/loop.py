@@ -26,7 +26,7 @@ from reconciler.core.status import RunFacts
 from reconciler.node.executor import ActionResult, Executor
 from reconciler.node.rollout_gate import GateDecision, RolloutGate
 from reconciler.node.source import GitSource
-from reconciler.node.store import Store
+from reconciler.node.store import Store, StoreWriteError
 from reconciler.node.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,8 @@ class ReconcileLoop:
         self._worker: asyncio.Task[None] | None = None
         self._retry_handle: asyncio.TimerHandle | None = None
         self._source_failures = 0
+        self._store_failures = 0
+        self.store_error: str | None = None  # the last store write failed (a full disk)
         self.reconciling = False
         self.current_run: str | None = None  # the run whose events are being recorded
         self.current_revision: str | None = None  # the revision that run applies
@@ -126,7 +128,8 @@ class ReconcileLoop:
     def run_facts(self) -> RunFacts:
         shown = self.run or self.last
         return RunFacts(reconciling=self.reconciling, run_id=shown.run_id,
-                        trace_id=shown.trace_id, heartbeat_interval_s=self.settings.heartbeat)
+                        trace_id=shown.trace_id, heartbeat_interval_s=self.settings.heartbeat,
+                        store_error=self.store_error)
 
     # -- asking for runs ------------------------------------------------------------------
     def trigger(self, reason: str) -> str:
@@ -192,18 +195,29 @@ class ReconcileLoop:
                 if meta.suspended:
                     info.outcome, info.message = "skipped", "node suspended"
                     return info
-                outcome, message = await self._steps()
-                info.outcome, info.message = outcome, message
-                info.duration_ms = _ms(started)
-                info.finished_at = iso_time(self._now())
-                with self.store.transaction():
-                    self.store.update_meta(last_reconcile_at=info.finished_at,
-                                           last_reconcile_ms=info.duration_ms)
-                    if answers_with_finished(self._announced, reason):
-                        self.record("reconcile.finished", outcome=outcome,
-                                    revision=self.store.node_meta().applied_revision,
-                                    duration_ms=info.duration_ms, message=message or None,
-                                    data={"reason": reason})
+                try:
+                    outcome, message = await self._steps()
+                    info.outcome, info.message = outcome, message
+                    info.duration_ms = _ms(started)
+                    info.finished_at = iso_time(self._now())
+                    with self.store.transaction():
+                        self.store.update_meta(last_reconcile_at=info.finished_at,
+                                               last_reconcile_ms=info.duration_ms)
+                        if answers_with_finished(self._announced, reason):
+                            self.record("reconcile.finished", outcome=outcome,
+                                        revision=self.store.node_meta().applied_revision,
+                                        duration_ms=info.duration_ms, message=message or None,
+                                        data={"reason": reason})
+                except StoreWriteError as exc:
+                    # nothing can be recorded (no event either): status says why, apps keep
+                    # running as they are, and a retry picks up once there is room again
+                    info.outcome, info.message = "failure", str(exc)
+                    self._store_failed(exc)
+                    return info
+                if self.store_error is not None:
+                    log.info("state store writable again")
+                    self.store_error = None
+                    self._store_failures = 0
                 self.telemetry.reconcile_duration.record(
                     info.duration_ms / 1000, {"outcome": outcome}
                 )
@@ -262,6 +276,8 @@ class ReconcileLoop:
         spec_errors = tuple(str(p) for p in desired.problems)
         self.store.update_meta(spec_errors=spec_errors, source_error=None)
         plan = make_plan(desired, self._current_state())
+        if plan.actions or plan.metadata_only:
+            self.store.check_writable()  # a change it cannot record must not start
         self._learnt(has_work=bool(plan.actions or plan.metadata_only))
         results = await self.executor.apply(
             plan, desired.apps, lambda path: self.source.read_file(revision, path)
@@ -344,6 +360,17 @@ class ReconcileLoop:
             return "failure", "; ".join(problems)
         changed = len(results)
         return "success", f"{changed} action(s)" if changed else "no changes"
+
+    def _store_failed(self, exc: StoreWriteError) -> None:
+        log.error("%s: changing nothing until it can be written", exc)
+        self.store_error = str(exc)
+        if self.closed or self._loop is None:
+            return
+        self._store_failures += 1
+        delay = min(2.0 ** (self._store_failures - 1), max(self.settings.interval, 1.0))
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+        self._retry_handle = self._loop.call_later(delay, self.trigger, "store retry")
 
     def _source_failed(self, exc: ReconcileError, record: bool) -> tuple[str, str]:
         """Keep running what runs; retry with backoff (signature problems wait for a poll).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -12,6 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from reconciler.core.errors import TransientError
 from reconciler.core.events import Event
 from reconciler.core.ports import OutboxEntry
 from reconciler.core.spec import AppSpec, metadata_hash_of
@@ -171,6 +173,11 @@ class StoreError(Exception):
     """The state store cannot be opened or is not ours."""
 
 
+class StoreWriteError(TransientError):
+    """A write to the state store failed (a full disk, an I/O error): nothing of that
+    transaction was written. Passes when the disk has room again."""
+
+
 # Bumped when AppSpec.spec_hash covers other fields: stored hashes are recomputed on open.
 SPEC_HASH_SCHEME = "2"
 
@@ -249,19 +256,33 @@ class Store:
             finally:
                 self._depth -= 1
             return
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreWriteError(f"state store: {exc}") from exc
         self._depth = 1
         try:
             yield
-        except BaseException:
+            self._db.execute("COMMIT")
+        except BaseException as exc:
             self._depth = 0
-            self._db.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):  # sqlite may have rolled back itself
+                self._db.execute("ROLLBACK")
             self._apps_cache = None
             self._meta_cache = None
             self._outbox_count = self._count_outbox()
+            if isinstance(exc, sqlite3.Error):
+                raise StoreWriteError(f"state store: {exc}") from exc
             raise
         self._depth = 0
-        self._db.execute("COMMIT")
+
+    def check_writable(self) -> None:
+        """Raise StoreWriteError now if a write cannot be kept (a full disk), before any app
+        is touched: a change whose record cannot be written must not start."""
+        with self.transaction():
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?)",
+                             ("x" * 4096,))
+            self._db.execute("DELETE FROM meta WHERE key = 'probe'")
 
     def _write(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         with self.transaction():
