@@ -433,10 +433,13 @@ def _outbox(state: Path) -> list[dict[str, Any]]:
     assert db_path(state).exists(), "no store yet"
     db = sqlite3.connect(f"file:{db_path(state)}?mode=ro", uri=True, timeout=5)
     try:
-        return [json.loads(row[0]) for row in
-                db.execute("SELECT payload FROM outbox ORDER BY seq").fetchall()]
+        rows = db.execute("SELECT payload FROM outbox ORDER BY seq").fetchall()
+    except sqlite3.OperationalError as exc:
+        # the agent creates the file a moment before its tables: not there yet
+        raise AssertionError(f"no outbox yet: {exc}") from None
     finally:
         db.close()
+    return [json.loads(row[0]) for row in rows]
 
 
 async def test_real_agent_reconciling_through_an_outage_delivers_each_event_once(
