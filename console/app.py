@@ -43,7 +43,7 @@ from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from console import openapi
-from console.feed import Connector, Feed, collect, rpc
+from console.feed import Connector, Feed
 from console.fleet import AppFilter, EventFilter, Fleet, NodeFilter, spec_diff
 from console.history import GitHistory
 from console.tokens import Actor, Role, Token, identify
@@ -51,6 +51,7 @@ from reconciler.core.events import Event, iso_time, new_event_id
 from reconciler.core.rollout import OPERATOR_ACTIONS, RolloutRefused
 from reconciler.core.spec import NAME_RE
 from reconciler.mesh import subjects
+from reconciler.mesh.client import RpcError, call, scatter
 from reconciler.mesh.conn import NatsOptions
 from reconciler.mesh.rollouts import operate_rollout, rollouts_bucket
 from reconciler.mesh.wire import BadRequest, parse_selector
@@ -82,7 +83,7 @@ class ConsoleConfig:
     max_streams: int = 500        # concurrent live streams (browser tabs) served at once
     fleet_window: float = 1.0     # how long fleet reconcile collects replies
     replay_s: float = 3600.0
-    stream_check: float = 10.0    # how often to check that the stream/bucket were not re-made
+    stream_check: float = 2.0     # how often to check stream, bucket, consumer (failover)
     # Link template for event trace ids, e.g. http://jaeger:16686/trace/{trace_id}
     # (--trace-url / GITOPS_MESH_TRACE_URL); None: trace ids are shown, not linked.
     trace_url: str | None = None
@@ -261,6 +262,8 @@ class Console:
             "state": feed.state if feed else "off",
             "connected": bool(feed and feed.connected),
             "error": feed.last_error if feed else None,
+            # the stream or bucket differs from what nats-init documents (page banner too)
+            "mismatch": feed.mismatch if feed else None,
             "last_seq": feed.last_seq if feed else 0,
             "events_total": self.fleet.events_total,
             "rejected": self.fleet.rejected,
@@ -431,7 +434,7 @@ def create_app(
         nc = _nats(console)
         if nc is None:
             return _error(503, "the console is not connected to NATS")
-        reply = await rpc(nc, subjects.rpc_subject(node, action), payload, config.rpc_timeout)
+        reply = await rpc(nc, node, action, payload, config.rpc_timeout)
         await audit(console, actor, action, reply.status, node=node, app=payload.get("app"))
         return _json({"node": node, "action": action, **reply.body}, reply.status)
 
@@ -452,7 +455,7 @@ def create_app(
         if nc is None:
             return _error(503, "the console is not connected to NATS")
         try:
-            replies = await collect(nc, subjects.FLEET_RECONCILE, payload, config.fleet_window)
+            replies = await scatter(nc, subjects.FLEET_RECONCILE, payload, config.fleet_window)
         except nats.errors.Error as exc:  # connection lost mid-request
             return _error(503, f"NATS: {exc}")
         await audit(console, actor, "fleet-reconcile", 200, selector=payload.get("selector"),
@@ -634,6 +637,26 @@ async def _json_body(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadParam("the request body must be a JSON object")
     return body
+
+
+@dataclass
+class RpcReply:
+    """HTTP-ready outcome of a node RPC: status code and JSON body."""
+
+    status: int
+    body: dict[str, Any]
+
+
+async def rpc(nc: Any, node: str, endpoint: str, payload: dict[str, Any], timeout: float
+              ) -> RpcReply:
+    """One node RPC (reconciler.mesh.client.call) as an HTTP answer; failures are values:
+    the node's own 4xx pass through, silence is 503/504, its failures a 502."""
+    try:
+        answer = await call(nc, node, endpoint, payload, timeout)
+    except RpcError as exc:
+        code = int(exc.code) if exc.code and exc.code.isdigit() else None
+        return RpcReply(exc.status, {"error": exc.detail, "code": code})
+    return RpcReply(200, answer if isinstance(answer, dict) else {"result": answer})
 
 
 def _nats(console: Console) -> Any:
@@ -832,7 +855,7 @@ class OpsRoutes:
         nc = _nats(self.console)
         if nc is None:
             return _error(503, "the console is not connected to NATS")
-        reply = await rpc(nc, subjects.rpc_subject(node, "state"), {}, self.config.rpc_timeout)
+        reply = await rpc(nc, node, "state", {}, self.config.rpc_timeout)
         if reply.status != 200:
             return _json({"node": node, "app": app, **reply.body}, reply.status)
         current = (reply.body.get("current") or {}).get(app)
@@ -865,7 +888,7 @@ class OpsRoutes:
         nc = _nats(self.console)
         if nc is None:
             return _error(503, "the console is not connected to NATS")
-        reply = await rpc(nc, subjects.rpc_subject(node, "logs"), body, self.config.rpc_timeout)
+        reply = await rpc(nc, node, "logs", body, self.config.rpc_timeout)
         return _json({"node": node, "app": app, **reply.body}, reply.status)
 
     # ---- actions -------------------------------------------------------------------------
@@ -912,7 +935,7 @@ class OpsRoutes:
 
         async def ask(node: str) -> dict[str, Any]:
             async with gate:
-                reply = await rpc(nc, subjects.rpc_subject(node, "health"), {},
+                reply = await rpc(nc, node, "health", {},
                                   self.config.rpc_timeout)
             if reply.status == 200:
                 apps = {k: v for k, v in reply.body.items() if k != "node"}

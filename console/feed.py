@@ -22,22 +22,19 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
-from nats.js.kv import KeyValue
 
 from console.fleet import Fleet
 from reconciler.mesh import subjects
+from reconciler.mesh.client import WATCH_HEARTBEAT_S, no_jetstream_here
 from reconciler.mesh.conn import js_api_prefix, no_jetstream
+from reconciler.mesh.provision import Finding, ensure, events_stream, mismatch_message, nodes_bucket
 from reconciler.mesh.rollouts import rollouts_bucket
 
 log = logging.getLogger("gitops_mesh.console.feed")
 
-# Same shape the agents create (reconciler.mesh.link), from the shared constants.
-EVENTS_MAX_AGE_S = subjects.EVENTS_MAX_AGE_S
-EVENTS_DUPLICATE_WINDOW_S = subjects.EVENTS_DEDUP_WINDOW_S
-KV_HISTORY = subjects.KV_HISTORY
 FETCH_BATCH = 500
 PULL_EXPIRES_S = 5.0
-CHECK_INTERVAL_S = 10.0  # how often the console checks that its consumers still exist
+CHECK_INTERVAL_S = 2.0  # how often the console checks its streams and consumer (failover)
 
 
 class Connector(Protocol):
@@ -98,6 +95,12 @@ class Feed:
         self._from_start = False
         self._kv_stream_id: tuple[Any, Any] | None = None
         self._rollouts_watched = False
+        self.findings: list[Finding] = []  # what verification found at the last subscribe
+
+    @property
+    def mismatch(self) -> str | None:
+        """The stream or bucket does not have the documented settings (None: all is well)."""
+        return mismatch_message(self.findings)
 
     @property
     def connected(self) -> bool:
@@ -123,13 +126,14 @@ class Feed:
                     await asyncio.sleep(0.1)
                 try:
                     await self._subscribe(self._jetstream())
-                except nats.js.errors.ServiceUnavailableError:
-                    self._set_state("waiting", f"cannot subscribe: {no_jetstream(self.js_domain)}")
-                    await asyncio.sleep(1.0)
+                except nats.js.errors.ServiceUnavailableError as exc:
+                    why = no_jetstream(self.js_domain) if no_jetstream_here(exc) else repr(exc)
+                    self._set_state("waiting", f"cannot subscribe: {why}")
+                    await asyncio.sleep(0.5)
                     continue
                 except Exception as exc:  # stream missing and not creatable, timeouts
-                    self._set_state("waiting", f"cannot subscribe: {exc!r}")
-                    await asyncio.sleep(1.0)
+                    self._set_state("waiting", f"cannot subscribe: {exc}")
+                    await asyncio.sleep(0.5)
                     continue
                 self._set_state("live", None)
                 self.synced.set()
@@ -166,8 +170,12 @@ class Feed:
                     self._set_state("waiting", f"stream {name} was recreated; resubscribing")
                     self._resync.set()
                     return
+            if self._consumer is not None:
+                # an R1 consumer lives on one server: if that one died, ours is gone
+                await js.consumer_info(subjects.EVENTS_STREAM, self._consumer)
         except nats.js.errors.NotFoundError:
-            self._set_state("waiting", "a stream of the console vanished; resubscribing")
+            self._set_state("waiting", "a stream or consumer of the console vanished; "
+                            "resubscribing")
             self._resync.set()
         except Exception as exc:  # a timeout says nothing about the streams
             log.debug("stream check failed: %r", exc)
@@ -213,7 +221,8 @@ class Feed:
 
     async def _subscribe(self, js: JetStreamContext) -> None:
         await self._unsubscribe()
-        await self._ensure_stream(js)
+        self.findings = [await ensure(js, events_stream(), create_missing=self.create_missing),
+                         await ensure(js, nodes_bucket(), create_missing=self.create_missing)]
         info = await js.stream_info(subjects.EVENTS_STREAM)
         created = (info.created, info.config.name)
         if self.last_seq and (created != self._stream_id
@@ -224,7 +233,6 @@ class Feed:
             self.last_seq = 0
             self._from_start = True
         self._stream_id = created
-        await self._ensure_bucket(js)
         kv_info = await js.stream_info(subjects.KV_STREAM)
         kv_id = (kv_info.created, kv_info.config.name)
         if self._kv_stream_id is not None and kv_id != self._kv_stream_id:
@@ -235,7 +243,7 @@ class Feed:
         kv_sub = await js.subscribe(
             f"{subjects.KV_SUBJECT_PREFIX}.>", stream=subjects.KV_STREAM, cb=self._on_kv,
             ordered_consumer=True, deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
-            idle_heartbeat=2.0,
+            idle_heartbeat=WATCH_HEARTBEAT_S,
         )
         self._subs.append(kv_sub)
         # coordinated rollouts (rollout.yaml): their entries, live, like the node statuses.
@@ -316,12 +324,6 @@ class Feed:
         if time.monotonic() - self._requested_at > PULL_EXPIRES_S + 2:
             await self._pull_more()
 
-    async def _ensure_stream(self, js: JetStreamContext) -> None:
-        await ensure_stream(js, create=self.create_missing)
-
-    async def _ensure_bucket(self, js: JetStreamContext) -> None:
-        await ensure_bucket(js, create=self.create_missing)
-
     async def _on_kv(self, msg: Msg) -> None:
         key = msg.subject[len(subjects.KV_SUBJECT_PREFIX) + 1:]
         op = msg.headers.get("KV-Operation") if msg.headers else None
@@ -352,93 +354,3 @@ class Feed:
         error = self.fleet.apply_event(msg.subject, msg.data)
         if error:
             log.warning("ignored %s: %s", msg.subject, error)
-
-
-async def ensure_stream(js: JetStreamContext, create: bool = True) -> None:
-    """The events stream exists afterwards (created with the agents' config if missing)."""
-    try:
-        await js.stream_info(subjects.EVENTS_STREAM)
-        return
-    except nats.js.errors.NotFoundError:
-        if not create:
-            raise
-    try:
-        await js.add_stream(api.StreamConfig(
-            name=subjects.EVENTS_STREAM, subjects=[subjects.EVENTS_SUBJECTS],
-            max_age=EVENTS_MAX_AGE_S, duplicate_window=EVENTS_DUPLICATE_WINDOW_S,
-            storage=api.StorageType.FILE, description="gitops-mesh events",
-        ))
-    except nats.js.errors.BadRequestError:
-        await js.stream_info(subjects.EVENTS_STREAM)  # an agent created it meanwhile
-
-
-async def ensure_bucket(js: JetStreamContext, create: bool = True) -> KeyValue:
-    """The status bucket (created with the agents' config if missing)."""
-    try:
-        return await js.key_value(subjects.KV_BUCKET)
-    except nats.js.errors.BucketNotFoundError:
-        if not create:
-            raise
-    try:
-        return await js.create_key_value(bucket=subjects.KV_BUCKET, history=KV_HISTORY,
-                                         description="gitops-mesh node status")
-    except nats.js.errors.BadRequestError:
-        return await js.key_value(subjects.KV_BUCKET)  # created meanwhile
-
-
-async def rpc(nc: NATS, subject: str, body: dict[str, Any], timeout: float = 5.0) -> RpcReply:
-    """One request to a node's micro service endpoint; errors become RpcReply values."""
-    try:
-        msg = await nc.request(subject, json.dumps(body).encode(), timeout=timeout)
-    except nats.errors.NoRespondersError:
-        return RpcReply(503, {"error": f"no node answers on {subject}"})
-    except nats.errors.TimeoutError:
-        return RpcReply(504, {"error": f"no reply on {subject} within {timeout:g}s"})
-    except nats.errors.Error as exc:  # connection closed or draining mid-request
-        return RpcReply(503, {"error": f"NATS: {exc}"})
-    headers = msg.headers or {}
-    if "Nats-Service-Error-Code" in headers or "Nats-Service-Error" in headers:
-        code = headers.get("Nats-Service-Error-Code", "500")
-        text = headers.get("Nats-Service-Error", "error")
-        # the node's own 4xx (bad request) pass through; its failures are a bad gateway
-        status = int(code) if code.isdigit() and 400 <= int(code) < 500 else 502
-        return RpcReply(status, {"error": text, "code": int(code) if code.isdigit() else None})
-    try:
-        data = json.loads(msg.data) if msg.data else {}
-    except ValueError:
-        return RpcReply(502, {"error": f"reply on {subject} is not JSON"})
-    return RpcReply(200, data if isinstance(data, dict) else {"result": data})
-
-
-async def collect(nc: NATS, subject: str, body: dict[str, Any], window: float = 1.0
-                  ) -> list[dict[str, Any]]:
-    """Publish a request and gather every JSON reply that arrives within `window` seconds."""
-    replies: list[dict[str, Any]] = []
-    inbox = nc.new_inbox()
-
-    async def on_reply(msg: Msg) -> None:
-        with contextlib.suppress(ValueError):
-            data = json.loads(msg.data)
-            if isinstance(data, dict):
-                replies.append(data)
-
-    sub = await nc.subscribe(inbox, cb=on_reply)
-    try:
-        await nc.publish(subject, json.dumps(body).encode(), reply=inbox)
-        await nc.flush()
-        await asyncio.sleep(window)
-    finally:
-        with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()
-    return sorted(replies, key=lambda r: str(r.get("node", "")))
-
-
-class RpcReply:
-    """HTTP-ready outcome of an RPC: status code and JSON body."""
-
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
-        self.status = status
-        self.body = body
-
-    def __repr__(self) -> str:
-        return f"RpcReply({self.status}, {self.body!r})"

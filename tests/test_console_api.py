@@ -184,8 +184,8 @@ async def test_actions_reach_the_node_rpc_only_with_the_token(
                               headers=headers())
         assert (res.status_code, res.json()["error"]) == (502, "internal error: boom")
         res = await http.post("/api/nodes/nobody/reconcile", headers=headers())
-        assert (res.status_code, res.json()["error"]) == (
-            503, "no node answers on gitops.rpc.nobody.reconcile")
+        assert (res.status_code, res.json()["error"]) == (  # the CLI's words (one client)
+            503, "node 'nobody' is not answering (no responders)")
         assert [c[0] for c in node.calls] == ["reconcile", "suspend", "health", "resume"]
 
         res = await http.post("/api/fleet/reconcile", headers=headers(),

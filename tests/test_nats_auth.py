@@ -37,12 +37,24 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NatsServ
          "--out", str(out)], capture_output=True, text=True, check=True,
     )
     assert sorted(Path(p).name for p in done.stdout.split()) == sorted(
-        ["auth.conf", *(f"{i}.{ext}" for i in ("n1", "n2", "console", "observer", "notifier")
-                        for ext in ("nk", "env"))]
+        ["auth.conf", *(f"{i}.{ext}" for i in ("n1", "n2", "console", "observer", "notifier",
+                                                "admin") for ext in ("nk", "env"))]
     )
     server = start_nats(root, 'include "auth/auth.conf"\n')
+    nats_init(server, out)
     yield server, out
     server.stop()
+
+
+def nats_init(server: NatsServer, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`gitops-mesh nats-init` with the admin identity nats-config wrote."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GITOPS_MESH_")}
+    env.update(line.split("=", 1) for line in (out / "admin.env").read_text().splitlines())
+    done = subprocess.run(
+        [sys.executable, "-m", "reconciler", "nats-init", "--nats", server.url, *args],
+        capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
 
 
 class Client:
@@ -153,6 +165,57 @@ async def test_a_node_works_end_to_end_but_cannot_touch_another_node(
     finally:
         await mesh.close()
         store.close()
+
+
+@pytest.mark.parametrize("identity", ["n1", "console", "observer", "notifier"])
+async def test_only_the_admin_may_create_alter_or_delete_streams(
+    secured: tuple[NatsServer, Path], as_identity: object, identity: str
+) -> None:
+    from reconciler.mesh.provision import events_stream, nodes_bucket
+
+    client = await as_identity(identity)  # type: ignore[operator]
+    js = client.nc.jetstream(timeout=0.3)
+    hostile = events_stream().config
+    hostile.subjects = ["gitops.events.>", "gitops.rpc.>"]
+    hostile.max_msgs = 3
+    for attempt in (js.update_stream(hostile), js.add_stream(hostile.evolve(name="EVIL")),
+                    js.delete_stream("GITOPS_EVENTS"), js.purge_stream("GITOPS_EVENTS"),
+                    js.create_key_value(bucket="evil"),
+                    js.update_stream(nodes_bucket().config.evolve(max_msgs_per_subject=1))):
+        with pytest.raises((nats.errors.TimeoutError, nats.js.errors.APIError)):
+            await attempt  # a refused request gets no answer (the server logs a violation)
+    await client.violation("$JS.API.STREAM.")
+    admin = await as_identity("admin")  # type: ignore[operator]
+    config = (await admin.nc.jetstream().stream_info("GITOPS_EVENTS")).config
+    assert (config.subjects, config.max_msgs) == (["gitops.events.>"], -1)
+    assert "EVIL" not in await admin.nc.jetstream().streams_info()
+
+
+async def test_a_node_on_an_unprovisioned_server_says_to_run_nats_init(
+    secured: tuple[NatsServer, Path], tmp_path: Path
+) -> None:
+    _server, out = secured
+    shutil.copytree(out, tmp_path / "auth")
+    server = start_nats(tmp_path, 'include "auth/auth.conf"\n')
+    store = Store(tmp_path / "n1")
+    agent = FakeAgent(store, "n1")
+    agent.record("node.started")
+    mesh = Mesh(agent, store, NatsOptions(servers=[server.url],
+                                          nkey_seed_file=str(out / "n1.nk")))
+    await mesh.start()
+    try:
+        await eventually_async(lambda: _async(len(mesh.problems) == 2 and mesh.ready),
+                               what="the node found the stream and bucket missing")
+        message = mesh.snapshot().message
+        assert "stream GITOPS_EVENTS is missing" in message and "nats-init" in message
+        assert store.outbox_stats()[0] == 1  # the event waits in the outbox
+        nats_init(server, out)
+        await eventually_async(lambda: _async(store.outbox_stats()[0] == 0 and not mesh.problems),
+                               timeout=20, what="published once nats-init ran")
+    finally:
+        await mesh.close()
+        store.close()
+        server.stop()
 
 
 async def test_observer_reads_but_cannot_trigger(
@@ -271,16 +334,14 @@ async def test_tls_with_a_ca_file(tmp_path: Path) -> None:
 async def test_console_and_observer_can_read_like_the_console_and_cli_do(
     secured: tuple[NatsServer, Path], as_identity: object, tmp_path: Path
 ) -> None:
-    """Console first on an empty server: it creates the stream and bucket, then follows them
-    with ordered consumers (as console/feed.py does); the observer runs a `wait`."""
+    """On a server provisioned by nats-init the console follows the stream and bucket with
+    ordered consumers (as console/feed.py does); the observer runs a `wait`."""
     from nats.js import api
 
     from reconciler.cli.mesh_cmds import read_fleet, wait_for_revision
     from reconciler.mesh.subjects import (
-        EVENTS_DEDUP_WINDOW_S,
         EVENTS_STREAM,
         EVENTS_SUBJECTS,
-        KV_BUCKET,
         KV_STREAM,
         KV_SUBJECT_PREFIX,
     )
@@ -288,6 +349,7 @@ async def test_console_and_observer_can_read_like_the_console_and_cli_do(
     _server, out = secured
     shutil.copytree(out, tmp_path / "auth")
     server = start_nats(tmp_path, 'include "auth/auth.conf"\n')
+    nats_init(server, out)
     opts = {"servers": [server.url]}
     console = await connect(NatsOptions(**opts, nkey_seed_file=str(out / "console.nk")))
     observer = await connect(NatsOptions(**opts, nkey_seed_file=str(out / "observer.nk")))
@@ -296,9 +358,6 @@ async def test_console_and_observer_can_read_like_the_console_and_cli_do(
     mesh = Mesh(agent, store, NatsOptions(**opts, nkey_seed_file=str(out / "n1.nk")))
     try:
         js = console.jetstream()
-        await js.add_stream(name=EVENTS_STREAM, subjects=[EVENTS_SUBJECTS],
-                            duplicate_window=EVENTS_DEDUP_WINDOW_S)
-        await js.create_key_value(bucket=KV_BUCKET, history=5)
         seen: list[str] = []
 
         async def on_event(msg: object) -> None:
@@ -322,7 +381,7 @@ async def test_console_and_observer_can_read_like_the_console_and_cli_do(
         agent.trigger("test")  # no repo: the fake's revision stays None
         code = await wait_for_revision(observer, "0" * 40, None, ["n1"],
                                        time.monotonic() + 0.5)
-        assert code == 1  # ran to its deadline with the observer's rights, no violation
+        assert code == 2  # ran to its deadline with the observer's rights, no violation
     finally:
         await mesh.close()
         store.close()

@@ -351,8 +351,10 @@
     function feedBanner(feed) {
       const el = $("#feed-banner");
       const down = feed && feed.state !== "live";
-      el.hidden = !down;
+      const mismatch = feed && feed.mismatch;
+      el.hidden = !down && !mismatch;
       if (down) el.textContent = `NATS ${feed.state}: showing the last known state. ${feed.error || ""}`;
+      else if (mismatch) el.textContent = `${mismatch} — run gitops-mesh nats-init (docs/nats.md)`;
     }
     function render(v, full) {
       syncClock(v.now);

@@ -27,13 +27,14 @@ HANDLERS: dict[str, str] = {
     "reconcile": "reconciler.cli.mesh_cmds:run_reconcile",
     "wait": "reconciler.cli.mesh_cmds:run_wait",
     "rollout": "reconciler.cli.mesh_cmds:run_rollout",
-    "notify": "reconciler.cli.mesh_cmds:run_notify",
+    "notify": "reconciler.cli.notify_cmd:run_notify",
     "nats-config": "reconciler.cli.mesh_cmds:run_nats_config",
     "suspend": "reconciler.cli.rpc_cmds:run_suspend",
     "resume": "reconciler.cli.rpc_cmds:run_resume",
     "health": "reconciler.cli.rpc_cmds:run_health",
     "state": "reconciler.cli.rpc_cmds:run_state",
     "logs": "reconciler.cli.rpc_cmds:run_logs",
+    "nats-init": "reconciler.cli.nats_cmds:run_nats_init",
     "console": "console.cli:run_console",
     "demo": "reconciler.demo:run_demo",
 }
@@ -188,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth", choices=["nkey", "password"], default="nkey")
 
     add_rpc_verbs(sub)
+    # ---- nats-init (docs/nats.md "Provisioning") ----
+    p = sub.add_parser("nats-init", help="create or verify the stream and buckets (admin)")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="JetStream replicas (default: 3 on a cluster of 3 or more, else 1)")
+    p.add_argument("--update", action="store_true",
+                   help="change differing settings JetStream can change in place")
+    add_nats_args(p, required=True)
 
     p = sub.add_parser("console", help="the fleet web console")
     p.add_argument("--host", default="127.0.0.1")

@@ -1,4 +1,4 @@
-"""Fleet commands over NATS: status, reconcile, wait, notify, nats-config (thin I/O shells)."""
+"""Fleet commands over NATS: status, reconcile, wait, nats-config (thin I/O shells)."""
 
 from __future__ import annotations
 
@@ -16,26 +16,40 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
-from reconciler.mesh.conn import MeshError, NatsOptions, connect, no_jetstream
-from reconciler.mesh.subjects import (
-    FLEET_RECONCILE,
-    KV_BUCKET,
-    ROLLOUTS_BUCKET,
-    SOURCE_CHANGED,
-    rpc_subject,
+from reconciler.mesh.client import (
+    FOLLOW_API_TIMEOUT_S,
+    TRANSIENT,
+    KvFollower,
+    RpcError,
+    call,
+    get_entry,
+    jetstream,
+    open_bucket,
+    reply_of,
+    retrying,
+    scatter,
 )
+from reconciler.mesh.conn import MeshError, NatsOptions, connect, no_jetstream, reason_of
+from reconciler.mesh.subjects import FLEET_RECONCILE, KV_BUCKET, ROLLOUTS_BUCKET
 
-# `notify` runs in a git hook on every push: it must not pay for pydantic models, so the
-# status/selector modules are imported only by the commands that use them.
+# The status/selector modules (pydantic) are imported only by the commands that use them.
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
 
     from reconciler.core.spec import Selector
+    from reconciler.mesh.client import KvEntry
     from reconciler.mesh.wire import Observed
 
 RPC_TIMEOUT_S = 5.0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+# `wait`: 0 synced, 1 a node failed (or the rollout aborted), 2 timeout or mesh unreachable.
+EXIT_SYNCED, EXIT_NODE_FAILED, EXIT_TIMEOUT = 0, 1, 2
+# A dead server is noticed fast and another one of the --nats list taken at once.
+FOLLOW_OPTIONS: dict[str, Any] = {
+    "allow_reconnect": True, "max_reconnect_attempts": -1, "reconnect_time_wait": 0.1,
+    "ping_interval": 1, "max_outstanding_pings": 2,
+}
 
 
 def _err(message: str) -> None:
@@ -43,10 +57,14 @@ def _err(message: str) -> None:
 
 
 def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run a command; NATS trouble ends it with a message and exit 2, never a traceback."""
     try:
         return asyncio.run(main())
     except MeshError as exc:
         _err(str(exc))
+        return EXIT_USAGE
+    except (*TRANSIENT, nats.errors.Error) as exc:
+        _err(f"NATS: {reason_of(exc)}")
         return EXIT_USAGE
     except ValueError as exc:
         from reconciler.mesh.wire import BadRequest
@@ -71,84 +89,40 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _entry_time(entry: KeyValue.Entry) -> datetime | None:
-    created: Any = entry.created
-    return created if isinstance(created, datetime) else None
-
-
-async def _bucket(nc: NATS, js_domain: str | None = None) -> KeyValue | None:
-    js = nc.jetstream(domain=js_domain) if js_domain else nc.jetstream()
-    try:
-        return await js.key_value(KV_BUCKET)
-    except nats.js.errors.BucketNotFoundError:
-        return None
-    except nats.js.errors.ServiceUnavailableError:
-        raise MeshError(no_jetstream(js_domain)) from None
-
-
-async def read_fleet(nc: NATS, *, js_domain: str | None = None) -> dict[str, Observed]:
-    """Every node's latest KV status (with the server's write time); `js_domain`: the
-    bucket's JetStream domain when `nc` is connected to a leaf node server."""
-    kv = await _bucket(nc, js_domain)
-    if kv is None:
-        return {}
-    fleet: dict[str, Observed] = {}
-    watcher = await kv.watchall(ignore_deletes=True)
-    try:
-        while True:
-            entry = await watcher.updates(timeout=RPC_TIMEOUT_S)
-            if entry is None:
-                return fleet
-            _apply(fleet, entry)
-    finally:
-        # The server may have gone away meanwhile: what was read still stands.
-        with contextlib.suppress(nats.errors.ConnectionClosedError):
-            await watcher.stop()
-
-
-def _apply(fleet: dict[str, Observed], entry: KeyValue.Entry) -> None:
+def _observe(entries: dict[str, KvEntry]) -> dict[str, Observed]:
+    """Statuses of the followed KV entries (deleted and unreadable ones left out)."""
     from reconciler.core.status import NodeStatus
     from reconciler.mesh.wire import Observed
 
-    if entry.operation in ("DEL", "PURGE") or not entry.value:
-        fleet.pop(entry.key, None)
-        return
-    try:
-        status = NodeStatus.from_json(entry.value)
-    except ValueError:
-        _err(f"ignoring unreadable status of {entry.key!r} in {KV_BUCKET}")
-        return
-    fleet[entry.key] = Observed(status, _entry_time(entry))
+    fleet: dict[str, Observed] = {}
+    for key, entry in entries.items():
+        if not entry.value:
+            continue
+        try:
+            fleet[key] = Observed(NodeStatus.from_json(entry.value), entry.created)
+        except ValueError:
+            _err(f"ignoring unreadable status of {key!r} in {KV_BUCKET}")
+    return fleet
 
 
-class RpcError(MeshError):
-    """A node RPC that failed: `silent` (no responders, or no answer in time), or the node's
-    micro service error `code` ("400": the request was refused, "500": it failed there)."""
+async def read_fleet(nc: NATS, *, js_domain: str | None = None,
+                     timeout: float = RPC_TIMEOUT_S) -> dict[str, Observed]:
+    """Every node's latest KV status (with the server's write time); `js_domain`: the
+    bucket's JetStream domain when `nc` is connected to a leaf node server. Retried through
+    a failover within `timeout`."""
 
-    def __init__(self, message: str, *, silent: bool = False, code: str | None = None) -> None:
-        super().__init__(message)
-        self.silent = silent
-        self.code = code
+    async def once() -> dict[str, Observed]:
+        if await open_bucket(nc, KV_BUCKET, js_domain, FOLLOW_API_TIMEOUT_S) is None:
+            return {}
+        follower = KvFollower(nc, KV_BUCKET, js_domain)
+        try:
+            await follower.start()
+            await asyncio.wait_for(follower.caught_up.wait(), timeout)
+            return _observe(follower.entries)
+        finally:
+            await follower.stop()
 
-
-async def rpc(nc: NATS, node: str, endpoint: str, body: dict[str, Any] | None = None,
-              timeout: float = RPC_TIMEOUT_S) -> Any:
-    """Call one node's endpoint; service errors and silence become RpcError (a MeshError)."""
-    data = json.dumps(body).encode() if body else b""
-    try:
-        msg = await nc.request(rpc_subject(node, endpoint), data, timeout=timeout)
-    except nats.errors.NoRespondersError:
-        raise RpcError(f"node {node!r} is not answering (no responders)", silent=True) from None
-    except nats.errors.TimeoutError:
-        raise RpcError(f"node {node!r} did not answer within {timeout:g}s", silent=True) from None
-    headers = msg.headers or {}
-    if "Nats-Service-Error-Code" in headers:
-        code = headers["Nats-Service-Error-Code"]
-        raise RpcError(
-            f"node {node!r} {endpoint}: error {code}: {headers.get('Nats-Service-Error', '')}",
-            code=code,
-        )
-    return json.loads(msg.data)
+    return await retrying(once, timeout, f"reading {KV_BUCKET}")
 
 
 # ---- status ------------------------------------------------------------------------------
@@ -160,7 +134,7 @@ async def _status(args: argparse.Namespace) -> int:
     from reconciler.mesh.wire import fleet_rows, format_table, observed_state
 
     options = NatsOptions.from_args(args)
-    nc = await connect(options)
+    nc = await connect(options, **FOLLOW_OPTIONS)
     try:
         if args.node:
             return await _node_status(nc, args.node, args.json, options.js_domain)
@@ -190,24 +164,29 @@ async def _node_status(nc: NATS, node: str, as_json: bool, js_domain: str | None
 
     written_at = None
     try:
-        status = NodeStatus.from_json(await rpc(nc, node, "status", timeout=3.0))
-    except MeshError as rpc_error:
+        answer = reply_of(node, "status", await call(nc, node, "status", timeout=3.0))
         try:
-            kv = await _bucket(nc, js_domain)
-        except MeshError as kv_error:
-            _err(f"{rpc_error}, and its status cannot be read: {kv_error}")
+            status = NodeStatus.from_json(answer)
+        except ValueError:
+            raise RpcError(f"node {node!r} status: the answer is not a node status", 502) \
+                from None
+    except RpcError as rpc_error:
+        try:
+            kv = await open_bucket(nc, KV_BUCKET, js_domain)
+            entry = await get_entry(kv, node) if kv is not None else None
+        except (MeshError, *TRANSIENT) as kv_error:
+            _err(f"{rpc_error}, and its status cannot be read: {reason_of(kv_error)}")
             return EXIT_FAILED
-        entry = None
-        if kv is not None:
-            try:
-                entry = await kv.get(node)
-            except nats.js.errors.KeyNotFoundError:
-                entry = None
         if entry is None or not entry.value:
             _err(f"{rpc_error}, and it has no status in {KV_BUCKET}")
             return EXIT_FAILED
-        status = NodeStatus.from_json(entry.value)
-        written_at = _entry_time(entry)
+        try:
+            status = NodeStatus.from_json(entry.value)
+        except ValueError:
+            _err(f"{rpc_error}, and its status in {KV_BUCKET} is unreadable")
+            return EXIT_FAILED
+        created: Any = entry.created
+        written_at = created if isinstance(created, datetime) else None
     state = observed_state(status, _now(), written_at)
     if as_json:
         data = status.model_dump(mode="json")
@@ -231,13 +210,13 @@ async def _reconcile(args: argparse.Namespace) -> int:
     timeout = _timeout(args.timeout)
     selector = selector_from_pairs(args.selector or [])
     options = NatsOptions.from_args(args)
-    nc = await connect(options)
+    nc = await connect(options, **FOLLOW_OPTIONS)
     try:
         if args.node:
             try:
-                reply = await rpc(nc, args.node, "reconcile", {"reason": "cli"},
-                                  timeout=timeout)
-            except MeshError as exc:  # NATS is fine, the node is not: a failure, not usage
+                reply = reply_of(args.node, "reconcile", await call(
+                    nc, args.node, "reconcile", {"reason": "cli"}, timeout=timeout))
+            except RpcError as exc:  # NATS is fine, the node is not: a failure, not usage
                 _err(str(exc))
                 return EXIT_FAILED
             replies = [reply]
@@ -249,7 +228,7 @@ async def _reconcile(args: argparse.Namespace) -> int:
         print(json.dumps(replies, indent=2))
     else:
         for reply in replies:
-            print(f"{reply['node']}  {reply['run_id']}")
+            print(f"{reply['node']}  {reply.get('run_id', '')}")
     if not replies:
         _err("no node answered" + (f" (selector: {selector.describe()})" if selector else ""))
         return EXIT_FAILED
@@ -269,27 +248,8 @@ async def fleet_reconcile(
         if (selector is None or selector.matches(obs.status.labels))
         and not is_unreachable(obs.status, now, obs.written_at)
     }
-    replies: dict[str, dict[str, Any]] = {}
-    complete = asyncio.Event()
-
-    async def on_reply(msg: Any) -> None:
-        try:
-            reply = json.loads(msg.data)
-            replies[str(reply["node"])] = reply
-        except (ValueError, KeyError, TypeError):
-            return
-        if expected and expected <= set(replies):
-            complete.set()
-
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox, cb=on_reply)
     body = {"selector": selector.model_dump(by_alias=True)} if selector else {}
-    await nc.publish(FLEET_RECONCILE, json.dumps(body).encode(), reply=inbox)
-    await nc.flush()
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(complete.wait(), timeout)
-    await sub.unsubscribe()
-    return [replies[n] for n in sorted(replies)]
+    return await scatter(nc, FLEET_RECONCILE, body, timeout, expected)
 
 
 # ---- wait ----------------------------------------------------------------------------------
@@ -305,66 +265,123 @@ async def _wait(args: argparse.Namespace) -> int:
     selector = selector_from_pairs(args.selector or [])
     deadline = time.monotonic() + timeout
     options = NatsOptions.from_args(args)
-    nc = await connect(options)
+    reconnected = asyncio.Event()
+
+    async def on_reconnect() -> None:
+        reconnected.set()
+
+    try:
+        nc = await connect(options, timeout=max(0.5, min(5.0, timeout)), **FOLLOW_OPTIONS,
+                           reconnected_cb=on_reconnect)
+    except MeshError as exc:
+        _err(str(exc))
+        return EXIT_TIMEOUT
     try:
         return await wait_for_revision(nc, revision, selector, list(args.node or []), deadline,
-                                       js_domain=options.js_domain)
+                                       js_domain=options.js_domain, reconnected=reconnected)
     finally:
-        await nc.close()
+        with contextlib.suppress(Exception):
+            await nc.close()
 
 
 async def wait_for_revision(
     nc: NATS, revision: str, selector: Selector | None, nodes: list[str], deadline: float,
-    *, js_domain: str | None = None,
+    *, js_domain: str | None = None, reconnected: asyncio.Event | None = None,
 ) -> int:
-    """Watch the status KV until every targeted node is synced (or failed) at `revision`."""
+    """Follow the status KV until every targeted node is synced (0) or one failed (1) at
+    `revision`; 2 at the deadline. Failover (server death, leader change) is ridden out:
+    the follow is re-made whenever it breaks and after every reconnect (`reconnected`: the
+    connection's reconnect signal), until the deadline."""
     from reconciler.mesh.wire import wait_targets, wait_verdict
 
-    kv = await _bucket(nc, js_domain)
-    while kv is None:
-        if time.monotonic() > deadline:
-            _err(f"timed out: no node has reported to {KV_BUCKET}")
-            return EXIT_FAILED
-        await asyncio.sleep(0.5)
-        kv = await _bucket(nc, js_domain)
-    fleet: dict[str, Observed] = {}
-    watcher = await kv.watchall()
-    initial = True
+    trouble: str | None = None
+    follower: KvFollower | None = None
     rollout = RolloutWatch(nc, revision, js_domain)
     try:
         while True:
             aborted = await rollout.check()
             if aborted is not None:
                 _err(aborted)
-                return EXIT_FAILED
-            remaining = deadline - time.monotonic()
-            try:
-                entry = await watcher.updates(timeout=max(0.05, min(1.0, remaining)))
-            except nats.errors.TimeoutError:
-                entry = False  # no news: re-check (heartbeats age, the deadline nears)
-            if entry is None:
-                initial = False
-            elif entry is not False:
-                _apply(fleet, entry)
-            if initial:
-                if time.monotonic() >= deadline:
-                    _err(f"timed out reading {KV_BUCKET}")
-                    return EXIT_FAILED
-                continue
-            targets = wait_targets(fleet, nodes, selector)
-            if not targets:
-                what = selector.describe() if selector else "any node"
-                _err(f"no node in {KV_BUCKET} matches {what}")
-                return EXIT_FAILED
-            verdict = wait_verdict(fleet, targets, revision, _now())
-            timed_out = time.monotonic() >= deadline
-            if verdict.done or timed_out:
-                return _report_wait(revision, verdict.synced, verdict.failed,
-                                    verdict.pending, timed_out)
+                return EXIT_NODE_FAILED
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if reconnected is not None and reconnected.is_set():
+                # our server died: a fresh consumer now beats waiting for nats-py to notice
+                # the old one is gone; the latest value of every key comes again
+                reconnected.clear()
+                if follower is not None:
+                    await follower.stop()
+                    follower = None
+            if follower is None:
+                try:
+                    follower = await _follow(nc, js_domain, left)
+                except MeshError as exc:
+                    if no_jetstream_here_message(exc, js_domain):
+                        _err(str(exc))
+                        return EXIT_TIMEOUT
+                    trouble = str(exc)
+                    follower = None
+                except (*TRANSIENT, nats.errors.Error, nats.js.errors.NotFoundError) as exc:
+                    trouble = reason_of(exc)
+                    follower = None
+                if follower is None:
+                    await asyncio.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+                    continue
+                trouble = None
+            follower.changed.clear()
+            if follower.caught_up.is_set():
+                fleet = _observe(follower.entries)
+                targets = wait_targets(fleet, nodes, selector)
+                if not targets:
+                    what = selector.describe() if selector else "any node"
+                    _err(f"no node in {KV_BUCKET} matches {what}")
+                    return EXIT_NODE_FAILED
+                verdict = wait_verdict(fleet, targets, revision, _now())
+                if verdict.done:
+                    return _report_wait(revision, verdict.synced, verdict.failed,
+                                        verdict.pending, False)
+            # no news: re-check at least every second (heartbeats age, the deadline nears)
+            await _first(follower.changed, reconnected,
+                         timeout=max(0.05, min(1.0, deadline - time.monotonic())))
     finally:
-        # The server may have gone away meanwhile: what was read still stands.
-        with contextlib.suppress(nats.errors.ConnectionClosedError):
-            await watcher.stop()
+        if follower is not None:
+            await follower.stop()
+    if follower is None or not follower.caught_up.is_set():
+        why = f": {trouble}" if trouble else f" (no node has reported to {KV_BUCKET})"
+        _err(f"timed out reading {KV_BUCKET}{why}")
+        return EXIT_TIMEOUT
+    fleet = _observe(follower.entries)
+    verdict = wait_verdict(fleet, wait_targets(fleet, nodes, selector), revision, _now())
+    return _report_wait(revision, verdict.synced, verdict.failed, verdict.pending, True)
+
+
+async def _first(*events: asyncio.Event | None, timeout: float) -> None:
+    """Until one of `events` is set, or `timeout`."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events if e is not None]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
+def no_jetstream_here_message(exc: MeshError, js_domain: str | None) -> bool:
+    """The server has no JetStream at all (a leaf without --nats-js-domain): waiting is futile."""
+    return str(exc) == no_jetstream(js_domain)
+
+
+async def _follow(nc: NATS, js_domain: str | None, timeout: float) -> KvFollower | None:
+    """A follower of the status bucket, None while the bucket does not exist yet."""
+    if await open_bucket(nc, KV_BUCKET, js_domain, FOLLOW_API_TIMEOUT_S) is None:
+        return None
+    follower = KvFollower(nc, KV_BUCKET, js_domain)
+    try:
+        await asyncio.wait_for(follower.start(), timeout)
+    except BaseException:
+        await follower.stop()
+        raise
+    return follower
 
 
 class RolloutWatch:
@@ -391,8 +408,8 @@ class RolloutWatch:
         self._next = time.monotonic() + self.READ_EVERY_S
         try:
             if self._kv is None:
-                js = self.nc.jetstream(domain=self.js_domain) if self.js_domain \
-                    else self.nc.jetstream()
+                # short API timeouts: a read lost in a failover must not hold `wait` up
+                js = jetstream(self.nc, self.js_domain, timeout=FOLLOW_API_TIMEOUT_S)
                 self._kv = await rollouts_bucket(js, create=False)
                 if self._kv is None:
                     return None
@@ -419,14 +436,14 @@ def _report_wait(revision: str, synced: tuple[str, ...], failed: dict[str, str],
     short = revision[:12]
     if not failed and not pending:
         print(f"{short}: synced on {len(synced)} node(s): {', '.join(synced)}")
-        return 0
+        return EXIT_SYNCED
     for node, why in sorted(failed.items()):
         _err(f"{node}: failed at {short}: {why}")
     for node, why in sorted(pending.items()):
         _err(f"{node}: not synced at {short} {'before the timeout' if timed_out else ''}: {why}")
     bad = sorted([*failed, *pending])
     _err(f"{short}: {len(synced)} synced, not synced: {', '.join(bad)}")
-    return EXIT_FAILED
+    return EXIT_NODE_FAILED if failed else EXIT_TIMEOUT
 
 
 # ---- rollout -------------------------------------------------------------------------------
@@ -527,24 +544,6 @@ def format_rollout(entry: Any) -> str:
     for node, why in sorted(entry.failures.items()):
         lines.append(f"  {node}: {why}")
     return "\n".join(lines)
-
-
-# ---- notify --------------------------------------------------------------------------------
-def run_notify(args: argparse.Namespace) -> int:
-    return _run(lambda: _notify(args))
-
-
-async def _notify(args: argparse.Namespace) -> int:
-    # the body of bus_wire.SourceChanged, built here without importing it (see the imports)
-    body = {"repo": args.repo, "branch": args.branch.removeprefix("refs/heads/"),
-            "revision": args.revision}
-    nc = await connect(NatsOptions.from_args(args), timeout=3.0)
-    try:
-        await nc.publish(SOURCE_CHANGED, json.dumps(body).encode())
-        await nc.flush(timeout=3)
-    finally:
-        await nc.close()
-    return 0
 
 
 # ---- nats-config ---------------------------------------------------------------------------

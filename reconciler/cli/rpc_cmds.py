@@ -1,4 +1,4 @@
-"""Node RPC verbs over NATS: suspend, resume, health, state, logs (thin shells over `rpc`).
+"""Node RPC verbs over NATS: suspend, resume, health, state, logs (thin shells over `call`).
 
 Exit codes (README, docs/operations.md): 0 done; 1 a node refused or failed the request
 (unknown app, an error there), an app is unhealthy (`health`), or some of the selected nodes
@@ -18,7 +18,8 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from reconciler.cli.mesh_cmds import RpcError, _err, _timeout, read_fleet, rpc
+from reconciler.cli.mesh_cmds import _err, _timeout, read_fleet
+from reconciler.mesh.client import RpcError, call
 from reconciler.mesh.conn import MeshError, NatsOptions, connect
 from reconciler.mesh.subjects import KV_BUCKET, rpc_subject
 from reconciler.mesh.wire import BadRequest, format_table, selector_from_pairs
@@ -85,7 +86,7 @@ class Caller:
                    timeout: float) -> Any:
         assert self.nc is not None
         subject = rpc_subject(node, endpoint)
-        request = asyncio.ensure_future(rpc(self.nc, node, endpoint, body, timeout))
+        request = asyncio.ensure_future(call(self.nc, node, endpoint, body, timeout))
         while not request.done():
             self._violation.clear()
             refused = asyncio.ensure_future(self._violation.wait())

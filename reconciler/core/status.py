@@ -66,6 +66,8 @@ class NodeStatus(BaseModel):
     trace_id: str | None = None
     # apps left out of `apps` so the status fits one NATS message (see fit_status)
     apps_omitted: int = 0
+    # what the node's mesh found wrong with the stream or buckets it uses (nats-init fixes)
+    mesh_problems: list[str] = Field(default_factory=list)
 
     def to_json_bytes(self) -> bytes:
         return self.model_dump_json().encode()

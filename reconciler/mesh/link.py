@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
-from nats.js.api import StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
@@ -25,6 +24,7 @@ from reconciler.core.events import iso_time
 from reconciler.core.ports import AgentAPI, Outbox, OutboxEntry
 from reconciler.core.redact import redact_server
 from reconciler.core.status import NodeStatus, fit_status
+from reconciler.mesh.client import no_jetstream_here
 from reconciler.mesh.conn import (
     MeshError,
     NatsOptions,
@@ -32,24 +32,21 @@ from reconciler.mesh.conn import (
     no_jetstream,
     reason_of,
 )
+from reconciler.mesh.provision import NotProvisioned, Wanted, ensure, events_stream, nodes_bucket
 from reconciler.mesh.rollouts import MeshCoordinator
 from reconciler.mesh.service import NodeEndpoints
-from reconciler.mesh.subjects import (
-    EVENTS_DEDUP_WINDOW_S,
-    EVENTS_MAX_AGE_S,
-    EVENTS_STREAM,
-    EVENTS_SUBJECTS,
-    KV_BUCKET,
-    KV_HISTORY,
-)
+from reconciler.mesh.subjects import KV_BUCKET
 
 __all__ = ["Mesh", "MeshError", "NatsOptions", "connect"]
 
 log = logging.getLogger("reconciler.mesh.link")
 
 PUBLISH_BATCH = 512
-ACK_TIMEOUT_S = 5.0
-STATUS_DEBOUNCE_S = 0.15
+# A publish whose stream leader just died gets no ack: give up on it soon and send again
+# (the stream drops the duplicate by Nats-Msg-Id), so events flow right after an election.
+ACK_TIMEOUT_S = 1.0
+RETRY_MIN_S, RETRY_MAX_S = 0.1, 1.0
+STATUS_WRITE_TIMEOUT_S = 2.0
 
 
 class Mesh:
@@ -63,7 +60,8 @@ class Mesh:
         heartbeat: float = 10.0,
         *,
         batch: int = PUBLISH_BATCH,
-        debounce: float = STATUS_DEBOUNCE_S,
+        debounce: float = 0.15,
+        ack_timeout: float = ACK_TIMEOUT_S,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.agent = agent
@@ -73,6 +71,7 @@ class Mesh:
         self.node = agent.node_id
         self._batch = batch
         self._debounce = debounce
+        self._ack_timeout = ack_timeout
         self._now = now
         self._nc: NATS | None = None
         self._kv: KeyValue | None = None
@@ -89,6 +88,9 @@ class Mesh:
         self._status_dirty = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._trouble: str | None = None  # last NATS problem logged (log once per change)
+        # what verification found wrong with the stream / bucket, by label (status message)
+        self.problems: dict[str, str] = {}
+        self._acks_timed_out = False  # the last batch got no acks in time (a leader change)
         self.published = 0  # events acknowledged by JetStream (for tests and benchmarks)
         self.nats_errors = 0  # connection errors seen (each retry counts; logged once)
 
@@ -166,8 +168,11 @@ class Mesh:
             **kwargs,
             allow_reconnect=True,
             max_reconnect_attempts=-1,
-            reconnect_time_wait=1,
+            reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py takes a float
             connect_timeout=2,
+            # a server that dies without closing its sockets is noticed within ~10 s
+            ping_interval=5,
+            max_outstanding_pings=2,
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
@@ -200,7 +205,7 @@ class Mesh:
 
     def _why(self, exc: BaseException) -> str:
         """The reason of a JetStream failure, with a hint when no JetStream answered at all."""
-        if not isinstance(exc, nats.js.errors.ServiceUnavailableError):
+        if not no_jetstream_here(exc):
             return reason_of(exc)
         return no_jetstream(self.options.js_domain)
 
@@ -218,46 +223,71 @@ class Mesh:
 
     # ---- status KV ----------------------------------------------------------------------
     def snapshot(self) -> NodeStatus:
-        """The agent's status as written now, with the heartbeat this mesh keeps."""
-        return self.agent.status().model_copy(
-            update={"heartbeat_interval_s": self.heartbeat, "updated_at": iso_time(self._now())}
-        )
+        """The agent's status as written now, with the heartbeat this mesh keeps and what
+        it found wrong with the stream or bucket (message and mesh_problems)."""
+        status = self.agent.status()
+        update: dict[str, object] = {
+            "heartbeat_interval_s": self.heartbeat, "updated_at": iso_time(self._now())}
+        if self.problems:
+            problems = sorted(self.problems.values())
+            update["mesh_problems"] = problems
+            update["message"] = "; ".join(p for p in (status.message, *problems) if p)
+        return status.model_copy(update=update)
 
-    async def _ensure_kv(self, nc: NATS) -> KeyValue:
-        if self._kv is None:
-            js = self._jetstream(nc)
-            try:
-                self._kv = await js.key_value(KV_BUCKET)
-            except nats.js.errors.BucketNotFoundError:
-                self._kv = await js.create_key_value(
-                    bucket=KV_BUCKET, history=KV_HISTORY, description="gitops-mesh node status"
-                )
+    async def _verify(self, nc: NATS, wanted: Wanted) -> bool:
+        """Check (dev mode: create) what we use; False if it is missing and we may not
+        create it. A mismatch is logged by `ensure` and shown in our status message."""
+        try:
+            finding = await ensure(self._jetstream(nc), wanted)
+        except NotProvisioned as exc:
+            self.problems[wanted.label] = str(exc)
+            self._set_trouble(str(exc))
+            return False
+        if finding.state == "differs":
+            self.problems[wanted.label] = finding.describe() + " (fix: gitops-mesh nats-init)"
+        else:
+            self.problems.pop(wanted.label, None)
+        return True
+
+    async def _ensure_kv(self, nc: NATS) -> KeyValue | None:
+        if self._kv is None and await self._verify(nc, nodes_bucket()):
+            self._kv = await self._jetstream(nc).key_value(KV_BUCKET)
         return self._kv
 
-    async def write_status(self) -> None:
+    async def write_status(self) -> bool:
+        """One status write; False if it failed (the writer retries soon)."""
         nc = self._nc
         if nc is None or not nc.is_connected:
-            return
+            return False
         try:
-            await self._ensure_kv(nc)
+            if await self._ensure_kv(nc) is None:
+                return False
             # not kv.put: that subject does not cross a leaf connection (see kv_put_subject)
             subject = self.options.kv_put_subject(KV_BUCKET, self.node)
             # fits one message whatever the node runs (the server's max_payload, less room
             # for headers): an unwritten status would read as an unreachable node
             status = fit_status(self.snapshot(), max(nc.max_payload - 4096, 4096))
-            await self._jetstream(nc).publish(subject, status.to_json_bytes())
+            await self._jetstream(nc).publish(subject, status.to_json_bytes(),
+                                              timeout=STATUS_WRITE_TIMEOUT_S)
         except (TimeoutError, nats.errors.Error) as exc:
-            self._kv = None  # look the bucket up again (it may have been deleted)
+            if isinstance(exc, nats.js.errors.NotFoundError | nats.js.errors.NoStreamResponseError):
+                self._kv = None  # look the bucket up again (it may have been deleted)
             if not self._closing:
                 self._set_trouble(f"status KV write failed: {self._why(exc)} (will retry)")
+            return False
+        if self._trouble and self._trouble.startswith("status KV"):
+            self._set_trouble(None, "status KV writes again")
+        return True
 
     async def _status_writer(self) -> None:
         """Write on change and as a heartbeat. A change after a quiet spell is written at once
-        (push-to-synced latency); a burst is coalesced to one write per `debounce`."""
+        (push-to-synced latency); a burst is coalesced to one write per `debounce`. A failed
+        write is retried with a short backoff (a failover), not at the next heartbeat."""
         last_write = -self._debounce
+        retry = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._status_dirty.wait(), self.heartbeat)
+                await asyncio.wait_for(self._status_dirty.wait(), retry or self.heartbeat)
             loop = asyncio.get_running_loop()
             since = loop.time() - last_write
             if self._status_dirty.is_set() and not self._closing and since < self._debounce:
@@ -265,11 +295,13 @@ class Mesh:
             self._status_dirty.clear()
             last_write = loop.time()
             try:
-                await self.write_status()
+                written = await self.write_status()
             except Exception as exc:  # the agent's status() failed: keep the loop alive
                 self._set_trouble(f"status snapshot failed: {type(exc).__name__}: {exc}")
+                written = True  # nothing NATS can fix: back to the heartbeat
             if self._closing:
                 return
+            retry = 0.0 if written else min(max(retry * 2, RETRY_MIN_S * 2), RETRY_MAX_S * 2)
 
     # ---- events: outbox -> JetStream ---------------------------------------------------
     def _jetstream(self, nc: NATS) -> JetStreamContext:
@@ -278,28 +310,8 @@ class Mesh:
             self._js = self.options.jetstream(nc)
         return self._js
 
-    async def _ensure_stream(self, nc: NATS) -> None:
-        js = self._jetstream(nc)
-        try:
-            await js.stream_info(EVENTS_STREAM)
-        except nats.js.errors.NotFoundError:
-            try:
-                await js.add_stream(
-                    StreamConfig(
-                        name=EVENTS_STREAM,
-                        subjects=[EVENTS_SUBJECTS],
-                        max_age=EVENTS_MAX_AGE_S,
-                        duplicate_window=EVENTS_DEDUP_WINDOW_S,
-                        storage=StorageType.FILE,
-                        description="gitops-mesh events",
-                    )
-                )
-            except nats.js.errors.BadRequestError:
-                await js.stream_info(EVENTS_STREAM)  # another node created it meanwhile
-        self._stream_ready = True
-
     async def _publisher(self) -> None:
-        backoff = 0.2
+        backoff = RETRY_MIN_S
         while True:
             if not self._closing:
                 with contextlib.suppress(TimeoutError):
@@ -313,10 +325,14 @@ class Mesh:
             if self._closing:
                 return
             if drained:
-                backoff = 0.2
+                backoff = RETRY_MIN_S
+            elif self._acks_timed_out:
+                # the wait for acks paced this attempt already: send again at once, so the
+                # events flow within one ack timeout of a new stream leader's election
+                self._acks_timed_out = False
             else:
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, RETRY_MAX_S)
 
     async def publish_pending(self) -> bool:
         """Publish the outbox until it is empty; False if NATS failed on the way."""
@@ -333,7 +349,9 @@ class Mesh:
         """Pipeline a batch (all in flight, then wait for acks); delete only what was acked."""
         try:
             if not self._stream_ready:
-                await self._ensure_stream(nc)
+                self._stream_ready = await self._verify(nc, events_stream())
+                if not self._stream_ready:
+                    return False
             js = self._jetstream(nc)
             futures = [
                 await js.publish_async(
@@ -344,9 +362,10 @@ class Mesh:
         except (TimeoutError, nats.errors.Error) as exc:
             self._set_trouble(f"publishing events failed: {self._why(exc)} (will retry)")
             return False
-        done, pending = await asyncio.wait(futures, timeout=ACK_TIMEOUT_S)
+        done, pending = await asyncio.wait(futures, timeout=self._ack_timeout)
         for fut in pending:
             fut.cancel()
+        self._acks_timed_out = bool(pending)
         acked: list[int] = []
         failure: BaseException | None = None
         for entry, fut in zip(batch, futures, strict=True):

@@ -2,7 +2,9 @@
 
 Identities: one per node (publishes only its own events, status key and the JetStream calls
 it needs; answers only its own RPC subjects), `console` (reads everything, triggers RPC and
-fleet reconciles), `observer` (reads only) and `notifier` (the git hook: announces pushes).
+fleet reconciles), `observer` (reads only), `notifier` (the git hook: announces pushes) and
+`admin` (`gitops-mesh nats-init`: the only identity that may create, update or delete streams
+and buckets; every other identity is denied the JetStream stream-management API outright).
 Users land in the server's global account, which has JetStream when the server runs with it.
 """
 
@@ -35,7 +37,15 @@ from reconciler.mesh.subjects import (
 CONSOLE = "console"
 OBSERVER = "observer"
 NOTIFIER = "notifier"
-RESERVED = (CONSOLE, OBSERVER, NOTIFIER)
+ADMIN = "admin"
+RESERVED = (CONSOLE, OBSERVER, NOTIFIER, ADMIN)
+JS = "$JS.API"
+# Stream management: admin only. Denied explicitly (deny wins over any allow) so that a
+# broad allow added by hand later cannot hand it to a node again.
+_MANAGEMENT_OPS = ("CREATE", "UPDATE", "DELETE", "PURGE", "RESTORE", "SNAPSHOT", "MSG.DELETE",
+                  "PEER.REMOVE", "LEADER.STEPDOWN")
+STREAM_MANAGEMENT = tuple(f"{prefix}.STREAM.{op}.>" for prefix in (JS, "$JS.*.API")
+                          for op in _MANAGEMENT_OPS)
 AUTH_FILE = "auth.conf"
 READ_RPC = ("status", "state", "plan", "health")
 
@@ -48,13 +58,17 @@ class NatsConfigError(ValueError):
 class Permissions:
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
+    deny_publish: tuple[str, ...] = STREAM_MANAGEMENT
     # Lets a service answer requests (one reply to each request's reply subject) without a
     # blanket right to publish into other clients' inboxes.
     allow_responses: bool = False
 
     def to_conf(self) -> dict[str, Any]:
+        publish: dict[str, list[str]] = {"allow": list(self.publish)}
+        if self.deny_publish:
+            publish["deny"] = list(self.deny_publish)
         conf: dict[str, Any] = {
-            "publish": {"allow": list(self.publish)},
+            "publish": publish,
             "subscribe": {"allow": list(self.subscribe)},
         }
         if self.allow_responses:
@@ -68,20 +82,16 @@ def inbox_prefix(identity: str) -> str:
 
 
 def node_permissions(node: str) -> Permissions:
-    js = "$JS.API"
     return Permissions(
         publish=(
             event_subject(node, ">"),
             kv_key_subject(node),
-            f"{js}.STREAM.INFO.{EVENTS_STREAM}",
-            f"{js}.STREAM.CREATE.{EVENTS_STREAM}",
-            f"{js}.STREAM.INFO.{KV_STREAM}",
-            f"{js}.STREAM.CREATE.{KV_STREAM}",
+            f"{JS}.STREAM.INFO.{EVENTS_STREAM}",
+            f"{JS}.STREAM.INFO.{KV_STREAM}",
             # fleet rollouts: compare-and-set any revision's entry (the server checks the
             # expected sequence), watch it, and read the fleet's statuses (wave membership,
-            # offline nodes); creating the bucket is for dev mode, as with gitops_nodes
+            # offline nodes); only the admin (nats-init) creates the bucket
             f"{ROLLOUTS_SUBJECT_PREFIX}.*",
-            f"{js}.STREAM.CREATE.{ROLLOUTS_STREAM}",
             *_js_watch(ROLLOUTS_STREAM),
             *_js_watch(KV_STREAM)[1:],  # its STREAM.INFO is above
             "$JS.FC.>",
@@ -100,41 +110,38 @@ def node_permissions(node: str) -> Permissions:
 def _js_watch(stream: str) -> tuple[str, ...]:
     """What a node needs to get a KV key and watch a bucket (ephemeral ordered consumers
     only: no durable consumers, no pulls, no acks)."""
-    js = "$JS.API"
     return (
-        f"{js}.STREAM.INFO.{stream}", f"{js}.STREAM.MSG.GET.{stream}",
-        f"{js}.DIRECT.GET.{stream}", f"{js}.DIRECT.GET.{stream}.>",
-        f"{js}.CONSUMER.CREATE.{stream}", f"{js}.CONSUMER.CREATE.{stream}.>",
-        f"{js}.CONSUMER.DELETE.{stream}.*", f"{js}.CONSUMER.INFO.{stream}.*",
+        f"{JS}.STREAM.INFO.{stream}", f"{JS}.STREAM.MSG.GET.{stream}",
+        f"{JS}.DIRECT.GET.{stream}", f"{JS}.DIRECT.GET.{stream}.>",
+        f"{JS}.CONSUMER.CREATE.{stream}", f"{JS}.CONSUMER.CREATE.{stream}.>",
+        f"{JS}.CONSUMER.DELETE.{stream}.*", f"{JS}.CONSUMER.INFO.{stream}.*",
     )
 
 
 def _js_read() -> tuple[str, ...]:
     """JetStream calls for reading the event stream, the status KV and the rollouts KV
     (watch, get, history)."""
-    js = "$JS.API"
-    subjects: list[str] = [f"{js}.INFO", f"{js}.STREAM.NAMES", f"{js}.STREAM.LIST"]
+    subjects: list[str] = [f"{JS}.INFO", f"{JS}.STREAM.NAMES", f"{JS}.STREAM.LIST"]
     subjects += _js_read_streams((EVENTS_STREAM, KV_STREAM, ROLLOUTS_STREAM))
     return (*subjects, "$JS.FC.>", f"{SRV_PREFIX}.>")
 
 
 def _js_read_streams(streams: tuple[str, ...]) -> list[str]:
-    js = "$JS.API"
     subjects: list[str] = []
     for stream in streams:
         subjects += [
-            f"{js}.STREAM.INFO.{stream}",
-            f"{js}.STREAM.MSG.GET.{stream}",
-            f"{js}.DIRECT.GET.{stream}",
-            f"{js}.DIRECT.GET.{stream}.>",
-            f"{js}.CONSUMER.CREATE.{stream}",
-            f"{js}.CONSUMER.CREATE.{stream}.>",
-            f"{js}.CONSUMER.DURABLE.CREATE.{stream}.*",
-            f"{js}.CONSUMER.DELETE.{stream}.*",
-            f"{js}.CONSUMER.INFO.{stream}.*",
-            f"{js}.CONSUMER.MSG.NEXT.{stream}.*",
-            f"{js}.CONSUMER.NAMES.{stream}",
-            f"{js}.CONSUMER.LIST.{stream}",
+            f"{JS}.STREAM.INFO.{stream}",
+            f"{JS}.STREAM.MSG.GET.{stream}",
+            f"{JS}.DIRECT.GET.{stream}",
+            f"{JS}.DIRECT.GET.{stream}.>",
+            f"{JS}.CONSUMER.CREATE.{stream}",
+            f"{JS}.CONSUMER.CREATE.{stream}.>",
+            f"{JS}.CONSUMER.DURABLE.CREATE.{stream}.*",
+            f"{JS}.CONSUMER.DELETE.{stream}.*",
+            f"{JS}.CONSUMER.INFO.{stream}.*",
+            f"{JS}.CONSUMER.MSG.NEXT.{stream}.*",
+            f"{JS}.CONSUMER.NAMES.{stream}",
+            f"{JS}.CONSUMER.LIST.{stream}",
             f"$JS.ACK.{stream}.>",
         ]
     return subjects
@@ -151,13 +158,10 @@ def observer_permissions() -> Permissions:
 def console_permissions() -> Permissions:
     """The console and operator commands (`reconcile`, `rollout pause|resume|abort|promote`):
     read everything, trigger, change rollout entries by CAS and announce what they did."""
-    js = "$JS.API"
     return Permissions(
         publish=(
             *_js_read(), "gitops.rpc.*.*", FLEET_RECONCILE,
-            # the console may start before any node: it creates the stream and the bucket
-            f"{js}.STREAM.CREATE.{EVENTS_STREAM}", f"{js}.STREAM.CREATE.{KV_STREAM}",
-            f"{js}.STREAM.CREATE.{ROLLOUTS_STREAM}", f"{ROLLOUTS_SUBJECT_PREFIX}.*",
+            f"{ROLLOUTS_SUBJECT_PREFIX}.*",  # rollout entries, by compare-and-set
             # its audit events (node id `console` is reserved; rollout.* included) and
             # "Forget node" (a KV delete)
             event_subject(CONSOLE, ">"), f"{KV_SUBJECT_PREFIX}.*",
@@ -166,6 +170,11 @@ def console_permissions() -> Permissions:
         subscribe=("_INBOX.>", EVENTS_SUBJECTS, f"{KV_SUBJECT_PREFIX}.>",
                    f"{ROLLOUTS_SUBJECT_PREFIX}.>", SOURCE_CHANGED),
     )
+
+
+def admin_permissions() -> Permissions:
+    """`nats-init`: the whole JetStream API of the account, nothing of the mesh's traffic."""
+    return Permissions(publish=(f"{JS}.>",), subscribe=("_INBOX.>",), deny_publish=())
 
 
 def notifier_permissions() -> Permissions:
@@ -177,6 +186,7 @@ def permissions_for(identity: str) -> Permissions:
         CONSOLE: console_permissions,
         OBSERVER: observer_permissions,
         NOTIFIER: notifier_permissions,
+        ADMIN: admin_permissions,
     }.get(identity, lambda: node_permissions(identity))()
 
 
@@ -190,6 +200,7 @@ def render_auth(users: list[tuple[dict[str, str], Permissions]]) -> str:
         "#   console.env   the web console and `reconcile` (reads all, triggers)",
         "#   observer.env  `status` and `wait` (read-only)",
         "#   notifier.env  the git post-receive hook (`notify` only)",
+        "#   admin.env     `gitops-mesh nats-init` (creates the stream and buckets; keep offline)",
         "", "authorization {", "  users = [",
     ]
     for creds, perms in users:
@@ -235,7 +246,7 @@ def write_config(out: Path, nodes: list[str], auth: str = "nkey") -> list[Path]:
     `out` are kept, so re-running for a new node does not lock out running ones."""
     if auth not in ("nkey", "password"):
         raise NatsConfigError(f"--auth {auth!r}: use nkey or password")
-    identities = [*check_nodes(nodes), CONSOLE, OBSERVER, NOTIFIER]
+    identities = [*check_nodes(nodes), CONSOLE, OBSERVER, NOTIFIER, ADMIN]
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o700)
     written: list[Path] = []

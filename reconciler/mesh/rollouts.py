@@ -49,11 +49,11 @@ from reconciler.core.rollout import (
 )
 from reconciler.core.rollout_spec import RolloutSpec
 from reconciler.core.status import heartbeat_stale
+from reconciler.mesh import provision
 from reconciler.mesh.conn import NatsOptions, reason_of
 from reconciler.mesh.subjects import (
     KV_BUCKET,
     ROLLOUTS_BUCKET,
-    ROLLOUTS_HISTORY,
     ROLLOUTS_STREAM,
     ROLLOUTS_SUBJECT_PREFIX,
     event_subject,
@@ -77,17 +77,16 @@ class CasResult:
 
 
 async def rollouts_bucket(js: JetStreamContext, create: bool = True) -> KeyValue | None:
-    """The bucket; created when missing and `create` (dev mode, as gitops_nodes is)."""
+    """The bucket, verified against mesh.provision; created when missing and `create` (dev
+    mode, as gitops_nodes is; with nats-config credentials only nats-init may create it)."""
     try:
-        return await js.key_value(ROLLOUTS_BUCKET)
-    except nats.js.errors.BucketNotFoundError:
-        if not create:
-            return None
-    try:
-        return await js.create_key_value(bucket=ROLLOUTS_BUCKET, history=ROLLOUTS_HISTORY,
-                                         description="gitops-mesh fleet rollouts")
-    except nats.js.errors.BadRequestError:
-        return await js.key_value(ROLLOUTS_BUCKET)  # created meanwhile
+        await provision.ensure(js, provision.rollouts_bucket(), create_missing=create)
+    except nats.js.errors.NotFoundError:
+        return None
+    except provision.NotProvisioned as exc:
+        log.warning("%s", exc)
+        return None
+    return await js.key_value(ROLLOUTS_BUCKET)
 
 
 async def read_entry(kv: KeyValue, revision: str) -> tuple[RolloutEntry | None, int]:

@@ -6,7 +6,7 @@ EVENTS_STREAM = "GITOPS_EVENTS"
 EVENTS_PREFIX = "gitops.events"
 EVENTS_SUBJECTS = "gitops.events.>"
 KV_BUCKET = "gitops_nodes"
-# Stream settings for whoever creates them first (a node's mesh or the console): keep equal.
+# Stream and bucket settings: reconciler.mesh.provision builds the configs from these.
 EVENTS_MAX_AGE_S = 7 * 24 * 3600.0
 # Re-sends after an outage are deduplicated (Nats-Msg-Id) only within this window.
 EVENTS_DEDUP_WINDOW_S = 20 * 60.0
