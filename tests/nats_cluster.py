@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -114,8 +115,7 @@ async def _jetstream_ready(cluster: Cluster, timeout: float = 30.0) -> None:
         while True:
             try:
                 info = await nc.jetstream().account_info()
-                urls = nc._server_info.get("connect_urls") or []
-                if info is not None and len(urls) >= 3:
+                if info is not None and len(_connect_urls(cluster.servers[0])) >= 3:
                     return
             except (nats.errors.Error, TimeoutError):
                 pass
@@ -124,6 +124,14 @@ async def _jetstream_ready(cluster: Cluster, timeout: float = 30.0) -> None:
             await asyncio.sleep(0.2)
     finally:
         await nc.close()
+
+
+def _connect_urls(server: ClusterServer) -> list[str]:
+    """The cluster members a server announces now, from a fresh INFO line."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=2) as sock:
+        line = sock.makefile("rb").readline()
+    info = json.loads(line.removeprefix(b"INFO ")) if line.startswith(b"INFO ") else {}
+    return list(info.get("connect_urls") or [])
 
 
 async def stream_leader(nc: nats.NATS, stream: str) -> str:
