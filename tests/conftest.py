@@ -103,13 +103,8 @@ class NatsServer:
         raise RuntimeError("nats-server did not listen within 10s")
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_processes(self.process, timeout=5)
         self.process = None
 
 
@@ -174,13 +169,8 @@ class ConfiguredServer:
         self._closed()
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_processes(self.process, timeout=5)
         self._closed()
 
     def _closed(self) -> None:
