@@ -50,6 +50,11 @@ class MemoryRuntime:
     def adopt(self, launch: LaunchSpec, record: ProcessRecord) -> bool:
         return False
 
+    def rename(self, old: str, new: str) -> None:
+        self.calls.append(f"rename {old} {new}")
+        if old in self.apps:
+            self.apps[new] = self.apps.pop(old)
+
     def stats(self, name: str) -> ProcessStats | None:
         if name not in self.apps:
             return None
@@ -87,7 +92,7 @@ class RecordingHooks:
         pass
 
     async def wait_healthy(self, spec: AppSpec, launch: LaunchSpec | None,
-                           is_alive: Any) -> tuple[bool, str]:
+                           is_alive: Any, timeout: float | None = None) -> tuple[bool, str]:
         return (False, "probe failed") if spec.version in self.sick else (True, "")
 
     async def dependency_problem(self, name: str) -> str | None:

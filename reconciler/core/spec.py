@@ -265,6 +265,13 @@ class RestartSpec(StrictModel):
 
 class UpgradeSpec(StrictModel):
     rollback: bool = Field(default=True, description="roll back when the new version fails")
+    strategy: Literal["stop-first", "start-first"] = Field(
+        default="stop-first",
+        description="stop-first: stop the old version, then start the new one; start-first: "
+                    "start the new one beside the old, switch when it is healthy (for apps "
+                    "that can run side by side: no fixed port, or one taken from "
+                    "GITOPS_PORT_OFFSET or their own config)",
+    )
 
 
 # Fields that describe or place an app but do not shape its process: a change in them

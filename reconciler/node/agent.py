@@ -133,6 +133,7 @@ class Agent:
             settings=config, store=self.store, source=self.source, executor=self.executor,
             telemetry=self.telemetry, record=self.record, notify=self._notify_soon,
             current_state=self._current_state, now=self._now, labels=lambda: self.labels,
+            settled=self.recovery.settled,
         )
         self.loop.on_run_done = self._run_done
         self.loop.store_error = startup_store_error

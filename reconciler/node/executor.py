@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from reconciler.core.envfile import parse_env
 from reconciler.core.errors import ArtifactError, ReconcileError, SourceError
@@ -20,8 +21,14 @@ from reconciler.core.plan import Action, ActionKind, Mode, Plan
 from reconciler.core.spec import METADATA_FIELDS, AppSpec
 from reconciler.core.states import EventType, Outcome
 from reconciler.node.bounded import RefusedFile, read_regular
-from reconciler.node.runtimes.base import LaunchSpec, RestartPolicy, Runtime
-from reconciler.node.store import AppRecord, Store, spec_to_json
+from reconciler.node.runtimes.base import (
+    ALIVE_STATES,
+    NEXT_SUFFIX,
+    LaunchSpec,
+    RestartPolicy,
+    Runtime,
+)
+from reconciler.node.store import AppRecord, Store, UpgradeIntent, spec_to_json
 from reconciler.node.transitions import transition
 
 log = logging.getLogger(__name__)
@@ -55,9 +62,11 @@ class Hooks(Protocol):
     async def unwatch(self, name: str) -> None: ...
 
     async def wait_healthy(
-        self, spec: AppSpec, launch: LaunchSpec | None, is_alive: Callable[[], bool]
+        self, spec: AppSpec, launch: LaunchSpec | None, is_alive: Callable[[], bool],
+        timeout: float | None = None,
     ) -> tuple[bool, str]:
-        """Probe until healthy, dead or the start timeout: (ok, message)."""
+        """Probe until healthy, dead, definitely broken or `timeout` (default: the spec's
+        start_timeout): (ok, message)."""
 
     async def dependency_problem(self, name: str) -> str | None:
         """None when app `name` runs and is healthy, else why not."""
@@ -304,24 +313,41 @@ class Executor:
         except ReconcileError as exc:
             raise ActionFailed(str(exc)) from exc
 
-    async def _start(self, spec: AppSpec, install_dir: Path) -> LaunchSpec | None:
-        """Start `spec` from `install_dir` and wait until it is healthy; raises ActionFailed
-        (after stopping what it started) when it is not."""
+    async def _start(
+        self, spec: AppSpec, install_dir: Path, timeout: float | None = None, *,
+        runtime_name: str | None = None,
+    ) -> LaunchSpec | None:
+        """Start `spec` from `install_dir` and wait until it is healthy (at most `timeout`,
+        default its start_timeout); raises ActionFailed (after stopping what it started) when
+        it is not. Under `runtime_name` (a start-first switch: `<app>@next`) the instance is
+        not health-watched yet: _switch does that once it carries the app's name."""
         launch = self.launch_for(spec, install_dir)
         if launch is not None:
+            if runtime_name is not None:
+                launch = dataclasses.replace(launch, name=runtime_name, log_name=spec.name)
             try:
                 await self.runtime.start(launch)
             except ReconcileError as exc:
                 raise ActionFailed(f"start failed: {exc}") from exc
+        await self._healthy_or_stop(spec, launch, timeout)
+        if runtime_name is None:
+            self.hooks.watch(spec, launch)
+        return launch
+
+    async def _healthy_or_stop(
+        self, spec: AppSpec, launch: LaunchSpec | None, timeout: float | None,
+    ) -> None:
+        """Wait until the started (or adopted) `launch` is healthy; stop it and raise
+        ActionFailed when it is not."""
+        runtime_name = launch.name if launch is not None else spec.name
         ok, message = await self.hooks.wait_healthy(
-            spec, launch, (lambda: self.is_alive(spec.name)) if launch else (lambda: True)
+            spec, launch, (lambda: self.is_alive(runtime_name)) if launch else (lambda: True),
+            timeout,
         )
         if not ok:
             if launch is not None:
-                await self.runtime.stop(spec.name)
+                await self.runtime.stop(runtime_name)
             raise ActionFailed(f"not healthy: {message}" if message else "not healthy")
-        self.hooks.watch(spec, launch)
-        return launch
 
     async def _stop(self, name: str) -> None:
         await self.hooks.unwatch(name)
@@ -401,9 +427,21 @@ class Executor:
                 outcome="failure", duration_ms=_ms(started), message=message,
             )
             return "failure", message
-        # record where we come from FIRST: a crash from here on can be resumed or undone.
-        # The old process moves to prev_*; pid/create_time will name the new one.
+        # record where we come from FIRST, with the intent (from, to, health deadline): a
+        # crash from here on is finished or rolled back by the next agent (resume). The old
+        # process moves to prev_*; pid/create_time will name the new one.
         current = self.store.get_app(spec.name) or record
+        start_first = (spec.upgrade.strategy == "start-first" and spec.run is not None
+                       and self.is_alive(spec.name))
+        old_run = self.store.spec_of(record).run
+        now = time.time()
+        stop_grace = 0.0 if start_first or old_run is None else old_run.stop_timeout
+        intent = UpgradeIntent(
+            from_version=old_version, to_version=spec.version,
+            deadline=now + stop_grace + spec.health.start_timeout, started=now,
+            strategy="start-first" if start_first else "stop-first", revision=revision,
+            event=action.event,
+        )
         self._transition(spec.name, dict(
             version=spec.version, spec_json=spec_to_json(spec),
             spec_hash=spec.spec_hash(), install_dir=str(install_dir),
@@ -412,21 +450,126 @@ class Executor:
             message=f"{'upgrading' if upgrade else 'reconfiguring'} from {old_version}",
             prev_pid=current.pid, prev_pgid=current.pgid,
             prev_create_time=current.create_time, pid=None, pgid=None,
-            create_time=None, proc_version=None,
+            create_time=None, proc_version=None, upgrade_intent=intent.to_json(),
         ))
+        if start_first:
+            return await self._switch(record, spec, install_dir, intent)
         await self._stop(spec.name)
-        self.store.update_app(spec.name, prev_pid=None, prev_pgid=None, prev_create_time=None)
+        intent = dataclasses.replace(intent, deadline=time.time() + spec.health.start_timeout)
+        self.store.update_app(spec.name, prev_pid=None, prev_pgid=None, prev_create_time=None,
+                              upgrade_intent=intent.to_json())
+        return await self._complete_replace(record, spec, install_dir, intent)
+
+    async def _complete_replace(
+        self, previous: AppRecord, spec: AppSpec, install_dir: Path, intent: UpgradeIntent,
+        launch: LaunchSpec | None = None, timeout: float | None = None,
+    ) -> tuple[Outcome, str]:
+        """stop-first, the old version stopped: start the new one (or, resumed, wait for the
+        adopted `launch`) until healthy, else roll back."""
+        started = _monotonic_of(intent.started)
         try:
-            await self._start(spec, install_dir)
+            if launch is None:
+                await self._start(spec, install_dir, timeout)
+            else:
+                await self._healthy_or_stop(spec, launch, timeout)
+                self.hooks.watch(spec, launch)
         except ActionFailed as exc:
-            return await self._rollback(record, spec, str(exc), started)
+            return await self._rollback(previous, spec, str(exc), started)
+        return self._replaced(previous, spec, install_dir, intent)
+
+    def _replaced(self, previous: AppRecord, spec: AppSpec, install_dir: Path,
+                  intent: UpgradeIntent) -> tuple[Outcome, str]:
         self._transition(
-            spec.name, _RUNNING | dict(applied_revision=revision), action.event,
-            version=spec.version, from_version=old_version, outcome="success",
-            duration_ms=_ms(started),
+            spec.name,
+            _RUNNING | dict(applied_revision=intent.revision, prev_pid=None, prev_pgid=None,
+                            prev_create_time=None),
+            cast(EventType, intent.event), version=spec.version,
+            from_version=previous.version, outcome="success",
+            duration_ms=_ms(_monotonic_of(intent.started)),
         )
-        self._gc(spec.name, {str(install_dir), record.install_dir})
+        self._gc(spec.name, {str(install_dir), previous.install_dir})
         return "success", ""
+
+    async def _switch(
+        self, previous: AppRecord, spec: AppSpec, install_dir: Path, intent: UpgradeIntent,
+        launch: LaunchSpec | None = None, timeout: float | None = None,
+    ) -> tuple[Outcome, str]:
+        """start-first: the new version starts as `<app>@next` beside the old one (or, resumed,
+        is adopted so); once healthy the old one is stopped and the new takes the app's name.
+        When it is not healthy it is stopped and the old one never was."""
+        name = spec.name
+        started = _monotonic_of(intent.started)
+        try:
+            if launch is None:
+                launch = await self._start(spec, install_dir, timeout,
+                                           runtime_name=next_name(name))
+            else:
+                await self._healthy_or_stop(spec, launch, timeout)
+        except ActionFailed as exc:
+            if self.runtime.state(name) in ALIVE_STATES:
+                return self._kept_old(previous, spec, str(exc), started)
+            return await self._rollback(previous, spec, str(exc), started)
+        await self._stop(name)  # the old version, now that the new one serves
+        if launch is not None:
+            self.runtime.rename(launch.name, name)
+            self.hooks.watch(spec, dataclasses.replace(launch, name=name))
+        return self._replaced(previous, spec, install_dir, intent)
+
+    def _kept_old(self, previous: AppRecord, spec: AppSpec, reason: str,
+                  started: float) -> tuple[Outcome, str]:
+        """start-first, the new version failed beside the old one: the old one serves on,
+        never stopped; this spec is not retried (like a rollback)."""
+        record = self.store.get_app(spec.name)
+        assert record is not None
+        message = f"rolled back from {spec.version}: {reason}; {previous.version} kept running"
+        self._transition(
+            spec.name,
+            dict(version=previous.version, spec_json=previous.spec_json,
+                 spec_hash=previous.spec_hash, install_dir=previous.install_dir,
+                 prev_version=None, prev_spec_json=None, prev_dir=None,
+                 pid=record.prev_pid, pgid=record.prev_pgid,
+                 create_time=record.prev_create_time, proc_version=previous.version,
+                 prev_pid=None, prev_pgid=None, prev_create_time=None,
+                 phase="running", message=message, upgrade_intent=None,
+                 failed_spec_hash=spec.spec_hash(), failed_version=spec.version),
+            "app.rolled-back", version=previous.version, from_version=spec.version,
+            outcome="failure", duration_ms=_ms(started), message=message,
+            data={"strategy": "start-first"},
+        )
+        return "failure", message
+
+    async def resume(self, record: AppRecord, new_launch: LaunchSpec | None,
+                     old_alive: bool) -> tuple[Outcome, str]:
+        """Finish or undo a replace that an agent crash cut short (Recovery, at start), as
+        the crashed agent would have: the health wait goes on with the time its intent left
+        (at least one probe); healthy -> recorded as that agent would (app.upgraded, ...),
+        not healthy or gone -> rolled back (app.rolled-back / app.failed, not retried).
+        `new_launch`: the new version's adopted process (start-first: as `<app>@next`);
+        `old_alive`: the old version's process was adopted under the app's name."""
+        intent = record.intent
+        if intent is None or record.install_dir is None or record.prev_spec_json is None:
+            raise RuntimeError(f"{record.name}: no upgrade intent to resume")
+        spec = self.store.spec_of(record)
+        previous = previous_of(record)
+        install_dir = Path(record.install_dir)
+        timeout = max(intent.deadline - time.time(), min(spec.health.timeout, 1.0))
+        # the new process was started (on_started recorded it) but is gone now
+        died = new_launch is None and record.pid is not None \
+            and record.proc_version == spec.version
+        reason = "not healthy: the new version exited while the agent was down"
+        if intent.strategy == "start-first":
+            if died:
+                if old_alive:
+                    return self._kept_old(previous, spec, reason, _monotonic_of(intent.started))
+                return await self._rollback(previous, spec, reason,
+                                            _monotonic_of(intent.started))
+            return await self._switch(previous, spec, install_dir, intent, new_launch, timeout)
+        if died:
+            return await self._rollback(previous, spec, reason, _monotonic_of(intent.started))
+        if old_alive:  # cut short before the old version was stopped
+            await self._stop(spec.name)
+        return await self._complete_replace(previous, spec, install_dir, intent, new_launch,
+                                            timeout)
 
     async def _rollback(
         self, previous: AppRecord, spec: AppSpec, reason: str, started: float,
@@ -453,7 +596,7 @@ class Executor:
             dict(version=previous.version, spec_json=previous.spec_json,
                  spec_hash=previous.spec_hash, install_dir=previous.install_dir,
                  prev_version=None, prev_spec_json=None, prev_dir=None,
-                 phase="running", health="healthy", message=message,
+                 phase="running", health="healthy", message=message, upgrade_intent=None,
                  failed_spec_hash=failed_hash, failed_version=spec.version),
             "app.rolled-back", version=previous.version, from_version=spec.version,
             outcome="failure", duration_ms=_ms(started), message=message,
@@ -464,7 +607,7 @@ class Executor:
                 started: float) -> tuple[Outcome, str]:
         self._transition(
             spec.name,
-            dict(phase="failed", health="unknown", message=message,
+            dict(phase="failed", health="unknown", message=message, upgrade_intent=None,
                  failed_spec_hash=spec.spec_hash() if permanent else None),
             "app.failed", version=spec.version, outcome="failure", duration_ms=_ms(started),
             message=message,
@@ -495,7 +638,28 @@ class Executor:
 # A new version (or spec) that came up healthy: it is what runs now, and no failure is left.
 _RUNNING: dict[str, Any] = dict(
     phase="running", health="healthy", message="", failed_spec_hash=None, failed_version=None,
+    upgrade_intent=None,
 )
+
+
+def next_name(app: str) -> str:
+    """The runtime name of a start-first upgrade's new instance while the old one runs."""
+    return f"{app}{NEXT_SUFFIX}"
+
+
+def previous_of(record: AppRecord) -> AppRecord:
+    """The version an upgrading record comes from, as a record (what a rollback restores)."""
+    assert record.prev_version is not None and record.prev_spec_json is not None
+    prev_spec = record.prev_spec
+    assert prev_spec is not None
+    return AppRecord(name=record.name, version=record.prev_version,
+                     spec_json=record.prev_spec_json, spec_hash=prev_spec.spec_hash(),
+                     install_dir=record.prev_dir)
+
+
+def _monotonic_of(epoch: float) -> float:
+    """time.monotonic() at the wall-clock moment `epoch` (durations across agent restarts)."""
+    return time.monotonic() - max(0.0, time.time() - epoch)
 
 
 def _ms(started: float) -> float:

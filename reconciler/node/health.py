@@ -44,6 +44,9 @@ class ProbeResult:
     ok: bool
     message: str
     duration_ms: float
+    # the app itself gave the failing answer (an http probe got a response, just not an
+    # expected one), as opposed to not listening (yet) or a timeout
+    answered: bool = False
 
 
 # --- pure helpers -----------------------------------------------------------------------------
@@ -116,10 +119,11 @@ async def probe(
     """Run the spec's probe once, bounded by its timeout. No probe configured: ok."""
     started = time.perf_counter()
     kind = health.probe_kind
+    answered = False
     try:
         async with asyncio.timeout(health.timeout):
             if health.http is not None:
-                ok, message = await _http(health.http, port_offset)
+                ok, message, answered = await _http(health.http, port_offset)
             elif health.tcp is not None:
                 ok, message = await _tcp(health.tcp, port_offset)
             elif health.exec is not None:
@@ -130,14 +134,15 @@ async def probe(
         ok, message = False, f"{kind} probe timed out after {format_duration(health.timeout)}"
     except (OSError, ValueError, UnicodeError, ssl.SSLError) as exc:  # a failed probe is data
         ok, message = False, f"{kind} probe failed: {exc}"
-    return ProbeResult(ok, message, (time.perf_counter() - started) * 1000)
+    return ProbeResult(ok, message, (time.perf_counter() - started) * 1000, answered)
 
 
-async def _http(spec: HttpProbe, port_offset: int) -> tuple[bool, str]:
+async def _http(spec: HttpProbe, port_offset: int) -> tuple[bool, str, bool]:
+    """(ok, message, answered: the server sent a response, if not the expected one)."""
     try:
         target = http_target(spec.url, port_offset)
     except ValueError as exc:
-        return False, f"http probe: {exc}"
+        return False, f"http probe: {exc}", False
     context: ssl.SSLContext | None = None
     if target.tls:
         # Like Kubernetes' httpGet probes: a local health endpoint's certificate is not checked.
@@ -153,25 +158,27 @@ async def _http(spec: HttpProbe, port_offset: int) -> tuple[bool, str]:
     try:
         reader, writer = await asyncio.open_connection(target.host, target.port, ssl=context)
     except OSError as exc:
-        return False, f"GET {target.display}: {_os_error(exc)}"
+        return False, f"GET {target.display}: {_os_error(exc)}", False
     try:
         writer.write((request + "\r\n").encode("latin-1"))
         await writer.drain()
         status_line = (await reader.readline()).decode("latin-1").strip()
     except OSError as exc:
-        return False, f"GET {target.display}: {_os_error(exc)}"
+        return False, f"GET {target.display}: {_os_error(exc)}", False
     finally:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
     fields = status_line.split(maxsplit=2)
     if len(fields) < 2 or not fields[0].startswith("HTTP/") or not fields[1].isdigit():
-        return False, f"GET {target.display}: not an HTTP response: {status_line[:80]!r}"
+        if not status_line:
+            return False, f"GET {target.display}: connection closed without a response", False
+        return False, f"GET {target.display}: not an HTTP response: {status_line[:80]!r}", True
     status = int(fields[1])
     if status in spec.expect_status:
-        return True, f"GET {target.display}: HTTP {status}"
+        return True, f"GET {target.display}: HTTP {status}", True
     expected = ", ".join(str(code) for code in spec.expect_status)
-    return False, f"GET {target.display}: HTTP {status} (expected {expected})"
+    return False, f"GET {target.display}: HTTP {status} (expected {expected})", True
 
 
 async def _tcp(spec: TcpProbe, port_offset: int) -> tuple[bool, str]:
@@ -250,7 +257,13 @@ async def wait_healthy(
     """Probe until one passes, the process dies (fail fast) or `timeout` (default: the spec's
     start_timeout) passes. Re-probes every 25 ms (exec: 100 ms) for the first second, then
     backs off to min(interval, 1 s): the first passing probe decides push-to-healthy
-    latency. `duration_ms` is the whole wait."""
+    latency. `duration_ms` is the whole wait.
+
+    Definitely broken ends the wait early: once the app has answered (an http probe got a
+    response, just not an expected one) it fails as the monitor would judge it, i.e.
+    `failure_threshold` failed probes in a row, counted at most one per `interval` (so after
+    about (failure_threshold - 1) x interval). Not listening yet never counts: a slow start
+    still gets the whole timeout."""
     limit = health.start_timeout if timeout is None else timeout
     started = time.monotonic()
     deadline = started + limit
@@ -261,6 +274,8 @@ async def wait_healthy(
         return ProbeResult(ok, message, (time.monotonic() - started) * 1000)
 
     last: ProbeResult | None = None
+    answered = False
+    failures, counted_at = 0, float("-inf")
     while True:
         if not is_alive():
             why = f": last probe: {last.message}" if last else ""
@@ -272,6 +287,12 @@ async def wait_healthy(
         last = await probe(spec, cwd=cwd, env=env, port_offset=port_offset)
         if last.ok:
             return result(True, last.message)
+        answered = answered or last.answered
+        if answered and time.monotonic() - counted_at >= health.interval:
+            failures, counted_at = failures + 1, time.monotonic()
+            if failures >= health.failure_threshold:
+                return result(False, f"failed {failures} probes in a row after it answered: "
+                                     f"{last.message}")
         if time.monotonic() >= deadline:
             return result(
                 False, f"not healthy within {format_duration(limit)}: {last.message}"

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Protocol
@@ -66,6 +66,7 @@ class ReconcileLoop:
         telemetry: Telemetry, record: Callable[..., Event], notify: Callable[[], None],
         current_state: Callable[[], CurrentState], now: Callable[[], datetime],
         labels: Callable[[], dict[str, str]],
+        settled: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -77,6 +78,8 @@ class ReconcileLoop:
         self._current_state = current_state
         self._now = now
         self._labels = labels
+        # until changes a crashed agent left half done are finished (Recovery.settled)
+        self._settled = settled
         self.parse_cache = ParseCache()
         # after each run (the agent feeds systemd's READY/STATUS from it)
         self.on_run_done: Callable[[RunInfo], None] = lambda info: None
@@ -275,6 +278,8 @@ class ReconcileLoop:
         self.desired = desired
         spec_errors = tuple(str(p) for p in desired.problems)
         self.store.update_meta(spec_errors=spec_errors, source_error=None)
+        if self._settled is not None:
+            await self._settled()
         plan = make_plan(desired, self._current_state())
         if plan.actions or plan.metadata_only:
             self.store.check_writable()  # a change it cannot record must not start

@@ -7,14 +7,15 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 from reconciler.core.spec import AppSpec
-from reconciler.node.executor import ActionFailed, Executor
+from reconciler.node.executor import ActionFailed, Executor, next_name
 from reconciler.node.runtimes.base import LaunchSpec, ProcessRecord, Runtime
 from reconciler.node.runtimes.process import (
     INSTANCE_ENV,
@@ -40,12 +41,19 @@ class Recovery:
         self.executor = executor
         self.watch = watch
         self.apps_root = apps_root
+        # interrupted upgrades being finished or rolled back (Executor.resume)
+        self._resuming: asyncio.Future[list[Any]] | None = None
 
     async def adopt_all(self) -> None:
-        """Take over processes a previous agent left; finish or undo interrupted changes."""
+        """Take over processes a previous agent left; finish or undo interrupted changes.
+        Upgrades cut short in their health wait go on in the background (see settled)."""
         adopted: set[int] = set()
+        resumes: list[Coroutine[Any, Any, Any]] = []
         for name, record in self.store.apps().items():
             try:
+                if record.phase == "upgrading" and record.intent is not None:
+                    adopted |= self._adopt_upgrading(record, resumes)
+                    continue
                 pid = await self._adopt(record)
             except Exception:
                 log.exception("%s: adoption failed", name)
@@ -53,10 +61,49 @@ class Recovery:
             if pid:
                 adopted.add(pid)
         await asyncio.to_thread(self._sweep_orphans, adopted)
+        if resumes:
+            self._resuming = asyncio.gather(*(self._resume(c) for c in resumes))
+
+    async def settled(self) -> None:
+        """Until the interrupted upgrades found at start are finished or rolled back (the
+        first reconcile plans from their outcome)."""
+        if self._resuming is not None:
+            await asyncio.shield(self._resuming)
+
+    @staticmethod
+    async def _resume(step: Coroutine[Any, Any, Any]) -> None:
+        try:
+            await step
+        except Exception:
+            log.exception("resuming an interrupted upgrade failed")
+
+    def _adopt_upgrading(self, record: AppRecord,
+                         resumes: list[Coroutine[Any, Any, Any]]) -> set[int]:
+        """An upgrade/reconfigure with a durable intent: adopt its new process (start-first:
+        as `<app>@next`) and the old one where it still runs, then let the executor finish
+        the health wait or roll back (Executor.resume). Returns the adopted pids."""
+        intent = record.intent
+        assert intent is not None
+        start_first = intent.strategy == "start-first"
+        spec = self.store.spec_of(record)
+        new_launch = self._try_adopt(spec, record.install_dir, record.process,
+                                     runtime_name=next_name(record.name) if start_first
+                                     else None)
+        old_launch = None
+        if start_first or new_launch is None:
+            old_launch = self._try_adopt(record.prev_spec, record.prev_dir,
+                                         record.prev_process)
+        if old_launch is not None and record.prev_spec is not None:
+            self.watch(record.prev_spec, old_launch, healthy=False)
+        resumes.append(self.executor.resume(record, new_launch, old_launch is not None))
+        return {pid for pid, launch in ((record.pid, new_launch), (record.prev_pid, old_launch))
+                if pid and launch is not None}
 
     def _try_adopt(self, spec: AppSpec | None, install_dir: str | None,
-                   proc: ProcessRecord | None) -> LaunchSpec | None:
-        """Adopt `proc` as an instance of `spec`; its LaunchSpec when that worked."""
+                   proc: ProcessRecord | None,
+                   runtime_name: str | None = None) -> LaunchSpec | None:
+        """Adopt `proc` as an instance of `spec` (under `runtime_name` when given); its
+        LaunchSpec when that worked."""
         if proc is None or spec is None or not install_dir or spec.run is None:
             return None
         try:
@@ -64,15 +111,18 @@ class Recovery:
         except ActionFailed as exc:
             log.warning("%s: cannot rebuild its launch spec: %s", spec.name, exc)
             return None
+        if launch is not None and runtime_name is not None:
+            launch = replace(launch, name=runtime_name, log_name=spec.name)
         if launch is None or not self.runtime.adopt(launch, proc):
             return None
         return launch
 
     async def _adopt(self, record: AppRecord) -> int | None:
-        """Adopt one app's recorded process. An upgrade/reconfigure cut short by a crash is
-        finished when the new process runs (the old one, if still there, is stopped) and
-        undone otherwise (back to the previous version's record, its process adopted if it
-        still runs); the next reconcile then redoes what is still wanted."""
+        """Adopt one app's recorded process. An upgrade/reconfigure without an intent (written
+        by an older agent) cut short by a crash is finished when the new process runs (the
+        old one, if still there, is stopped) and undone otherwise (back to the previous
+        version's record, its process adopted if it still runs); the next reconcile then
+        redoes what is still wanted."""
         name = record.name
         spec = self.store.spec_of(record)
         if record.phase == "upgrading":
@@ -127,6 +177,7 @@ class Recovery:
             "create_time": keep.create_time if keep else None,
             "proc_version": keep.version if keep else None,
             "prev_pid": None, "prev_pgid": None, "prev_create_time": None,
+            "upgrade_intent": None,
         }
         with self.store.transaction():
             if record.prev_spec_json and record.prev_version and record.prev_spec is not None:

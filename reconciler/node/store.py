@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS apps (
     failed_spec_hash TEXT,
     failed_version TEXT,
     suspended INTEGER NOT NULL DEFAULT 0,
-    updated_at TEXT
+    updated_at TEXT,
+    upgrade_intent TEXT -- JSON UpgradeIntent while phase is upgrading
 );
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -66,6 +67,28 @@ CREATE TABLE IF NOT EXISTS outbox (
     created TEXT NOT NULL
 );
 """
+
+
+@dataclass(frozen=True)
+class UpgradeIntent:
+    """A replace under way, durable: from and to versions, the health deadline (epoch
+    seconds), when it began, its strategy, the revision it applies and the event it records
+    on success. Written with the move to `upgrading`, cleared with its outcome."""
+
+    from_version: str
+    to_version: str
+    deadline: float
+    started: float
+    strategy: str
+    revision: str
+    event: str
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> UpgradeIntent:
+        return cls(**json.loads(text))
 
 
 @dataclass(frozen=True)
@@ -99,6 +122,13 @@ class AppRecord:
     failed_version: str | None = None
     suspended: bool = False
     updated_at: str | None = None
+    # JSON of UpgradeIntent while an upgrade/reconfigure is under way: what the next agent
+    # needs to finish its health wait or roll it back after a crash
+    upgrade_intent: str | None = None
+
+    @property
+    def intent(self) -> UpgradeIntent | None:
+        return UpgradeIntent.from_json(self.upgrade_intent) if self.upgrade_intent else None
 
     @property
     def spec(self) -> AppSpec:
@@ -158,7 +188,8 @@ _COLUMNS = tuple(f.name for f in fields(AppRecord))
 
 
 def _row_to_record(row: sqlite3.Row) -> AppRecord:
-    values = {name: row[name] for name in _COLUMNS}
+    present = row.keys()  # a store of an older agent read without migrating (read_snapshot)
+    values = {name: row[name] for name in _COLUMNS if name in present}
     values["suspended"] = bool(values["suspended"])
     return AppRecord(**values)
 
@@ -179,7 +210,7 @@ class StoreWriteError(TransientError):
 
 
 # Bumped when AppSpec.spec_hash covers other fields: stored hashes are recomputed on open.
-SPEC_HASH_SCHEME = "2"
+SPEC_HASH_SCHEME = "3"  # 3: upgrade.strategy joined the spec
 
 
 def db_path(state_dir: Path) -> Path:
@@ -210,6 +241,7 @@ class Store:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
+            self._add_missing_columns()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{path}: cannot open the state store: {exc}") from exc
         self._depth = 0
@@ -228,6 +260,13 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
+
+    def _add_missing_columns(self) -> None:
+        """Columns added since a store was created (CREATE TABLE IF NOT EXISTS keeps old ones)."""
+        have = {row["name"] for row in self._db.execute("PRAGMA table_info(apps)")}
+        for column in ("upgrade_intent",):
+            if column not in have:
+                self._db.execute(f"ALTER TABLE apps ADD COLUMN {column} TEXT")
 
     def _rehash_specs(self) -> None:
         """Once per store: recompute spec_hash from the stored spec when AppSpec.spec_hash

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,13 @@ from reconciler.core.events import Event
 from reconciler.core.spec import AppSpec
 from reconciler.core.states import STUCK_PHASES
 from reconciler.node.health import HealthMonitor, wait_healthy
-from reconciler.node.runtimes.base import ALIVE_STATES, LaunchSpec, ProcessRecord, Runtime
+from reconciler.node.runtimes.base import (
+    ALIVE_STATES,
+    NEXT_SUFFIX,
+    LaunchSpec,
+    ProcessRecord,
+    Runtime,
+)
 from reconciler.node.store import AppRecord, Store
 from reconciler.node.transitions import transition
 
@@ -69,14 +76,26 @@ class Supervision:
     def on_started(self, record: ProcessRecord, restarted: bool) -> None:
         self.down.discard(record.name)
         self.completed.discard(record.name)
-        if self.closed or self.store.get_app(record.name) is None:
+        name, slot = record.name, "pid"
+        if name.endswith(NEXT_SUFFIX):  # a start-first upgrade's new instance: the app's pid
+            name = name.removesuffix(NEXT_SUFFIX)
+        app = None if self.closed else self.store.get_app(name)
+        if app is None:
             return
+        intent = app.intent
+        if name == record.name and app.phase == "upgrading" and intent is not None \
+                and intent.strategy == "start-first":
+            slot = "prev_pid"  # the old version restarted beside the new one: still prev
         with self.store.transaction():
-            self.store.set_process(record.name, record)
+            if slot == "pid":
+                self.store.set_process(name, replace(record, name=name))
+            else:
+                self.store.update_app(name, prev_pid=record.pid, prev_pgid=record.pgid,
+                                      prev_create_time=record.create_time)
             if restarted:
-                app = self.store.get_app(record.name)
+                app = self.store.get_app(name)
                 assert app is not None
-                transition(self.store, self.record, record.name,
+                transition(self.store, self.record, name,
                            {"restarts": app.restarts + 1}, "app.restarted",
                            version=record.version,
                            message="restarted by the supervisor after it exited")
@@ -125,12 +144,13 @@ class Supervision:
         await self.monitor.stop(name)
 
     async def wait_healthy(
-        self, spec: AppSpec, launch: LaunchSpec | None, is_alive: Callable[[], bool]
+        self, spec: AppSpec, launch: LaunchSpec | None, is_alive: Callable[[], bool],
+        timeout: float | None = None,
     ) -> tuple[bool, str]:
         result = await wait_healthy(
             spec.health, cwd=launch.workdir if launch else self._workdir,
             env=launch.env if launch else {}, port_offset=self._port_offset,
-            is_alive=is_alive, timeout=spec.health.start_timeout,
+            is_alive=is_alive, timeout=spec.health.start_timeout if timeout is None else timeout,
         )
         return result.ok, result.message
 

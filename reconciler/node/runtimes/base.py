@@ -30,6 +30,18 @@ class LaunchSpec:
     stop_signal: str = "SIGTERM"
     stop_timeout: float = 10.0
     restart: RestartPolicy = field(default_factory=RestartPolicy)
+    # the log file's name when it differs from `name` (a start-first `<app>@next` instance
+    # logs to its app's log)
+    log_name: str | None = None
+
+    @property
+    def log_file(self) -> str:
+        return f"{self.log_name or self.name}.log"
+
+
+# A start-first upgrade runs the new version as `<app>@next` beside `<app>` until it is
+# healthy, then renames it (Runtime.rename). "@" is never part of an app name.
+NEXT_SUFFIX = "@next"
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,10 @@ class Runtime(Protocol):
     def adopt(self, launch: LaunchSpec, record: ProcessRecord) -> bool:
         """Take over a process a previous agent started; False if it is gone or the pid was
         reused (create_time differs). Adopted processes are supervised like own children."""
+
+    def rename(self, old: str, new: str) -> None:
+        """Supervise the instance known as `old` as `new` from now on (the process goes on);
+        `new` must not be supervised (stop it first)."""
 
     def stats(self, name: str) -> ProcessStats | None: ...
 

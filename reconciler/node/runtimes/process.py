@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -428,6 +428,17 @@ class ProcessRuntime:
         log.info("adopted %s pid %s", launch.name, record.pid)
         return True
 
+    def rename(self, old: str, new: str) -> None:
+        if new in self._apps:
+            raise RuntimeFailure(f"{new}: still supervised; stop it before renaming {old}")
+        app = self._apps.pop(old, None)
+        if app is None:
+            return
+        # the watcher and later restarts go by launch.name; the marker stays the instance's
+        app.launch = replace(app.launch, name=new)
+        self._apps[new] = app
+        log.info("%s now supervised as %s", old, new)
+
     def stats(self, name: str) -> ProcessStats | None:
         app = self._apps.get(name)
         if app is None:
@@ -496,7 +507,7 @@ class ProcessRuntime:
         """Rotate every supervised app's log that is past the size limit; returns their names."""
         rotated = []
         for name, app in list(self._apps.items()):
-            path = app.launch.log_dir / f"{name}.log"
+            path = app.launch.log_dir / app.launch.log_file
             try:
                 if rotate_log(path, self._log_max_bytes, self._log_keep):
                     rotated.append(name)
@@ -520,7 +531,7 @@ class ProcessRuntime:
             raise RuntimeFailure(f"{launch.name}: workdir {launch.workdir} is not a directory")
         try:
             launch.log_dir.mkdir(parents=True, exist_ok=True)
-            log_path = launch.log_dir / f"{launch.name}.log"
+            log_path = launch.log_dir / launch.log_file
             # O_APPEND in the open file description the child inherits: copytruncate works
             flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
             log_fd = os.open(log_path, flags, 0o640)

@@ -1,0 +1,211 @@
+"""Issue #10 items 1, 6, 7 with real agents, processes and git: crash-safe upgrades (kill -9 of
+`gitops-mesh node`, also at random points), a DAG apply, start-first upgrades, early health end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+from reconciler.node.store import db_path, read_snapshot
+from tests.conftest import SpecRepo, eventually, eventually_async, free_port, make_spec_repo
+from tests.test_agent import MakeAgent, answers, app_pids, app_yaml, kinds, make_agent  # noqa: F401
+from tests.test_agent_cli import app_script, cleanup_node, start_node  # noqa: F401 (fixtures)
+
+
+def outbox_events(state: Path, app: str) -> list[dict[str, object]]:
+    """The events queued in a node's store for `app` (no NATS in these tests)."""
+    db = sqlite3.connect(f"file:{db_path(state)}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT payload FROM outbox ORDER BY seq").fetchall()
+    finally:
+        db.close()
+    found = [json.loads(row[0]) for row in rows]
+    return [e for e in found if e.get("app") == app]
+
+
+def push(repo: SpecRepo, script: Path, version: str, port: int, mode: str,
+         start_timeout: str = "5s", extra: str = "") -> None:
+    repo.write("apps/web.yaml", app_yaml(script, "web", version, port, mode,
+                                         start_timeout=start_timeout, extra=extra))
+    repo.commit_and_push(f"web {version}")
+
+
+def upgrading_to(state: Path, version: str) -> bool:
+    snap = read_snapshot(state)
+    if snap is None or "web" not in snap.apps:
+        return False
+    web = snap.apps["web"]
+    return web.phase == "upgrading" and web.proc_version == version
+
+
+def stop_agent(agent: object) -> None:
+    import subprocess
+
+    assert isinstance(agent, subprocess.Popen)
+    agent.send_signal(signal.SIGTERM)
+    agent.wait(15)
+
+
+def test_kill_9_in_the_health_wait_of_a_failing_upgrade_rolls_back(
+    tmp_path: Path, app_script: Path, cleanup_node: list[str],  # noqa: F811
+) -> None:
+    cleanup_node.append("h1")
+    repo = make_spec_repo(tmp_path / "specs")
+    state, log = tmp_path / "state", tmp_path / "agent.log"
+    port = free_port()
+    push(repo, app_script, "1", port, "ok")
+    agent = start_node(repo, "h1", state, log)
+    try:
+        eventually(lambda: answers(port) == "1 h1", what="v1 running")
+        # v2 answers HTTP 500 only: never healthy; the agent dies during its health wait
+        push(repo, app_script, "2", port, "sick0", start_timeout="3s")
+        eventually(lambda: upgrading_to(state, "2"), what="upgrade in progress")
+    finally:
+        agent.kill()
+        agent.wait()
+    agent = start_node(repo, "h1", state, log)
+    try:
+        def rolled_back() -> bool:
+            snap = read_snapshot(state)
+            assert snap is not None
+            web = snap.apps["web"]
+            assert (web.version, web.phase, web.failed_version) == ("1", "running", "2")
+            return answers(port) == "1 h1"
+
+        eventually(rolled_back, timeout=20, what="rolled back to 1 after the restart")
+        types = [e["type"] for e in outbox_events(state, "web")]
+        assert types.count("app.rolled-back") == 1
+        assert "app.upgraded" not in types
+        snap = read_snapshot(state)
+        assert snap is not None
+        assert app_pids("h1", state) == {"web": [snap.apps["web"].pid]}
+        time.sleep(1.0)  # a few polls later: 2 is not tried again
+        assert answers(port) == "1 h1"
+        assert [e["type"] for e in outbox_events(state, "web")].count("app.rolled-back") == 1
+    finally:
+        stop_agent(agent)
+
+
+def test_kill_9_in_the_health_wait_of_a_good_upgrade_finishes_it(
+    tmp_path: Path, app_script: Path, cleanup_node: list[str],  # noqa: F811
+) -> None:
+    cleanup_node.append("h2")
+    repo = make_spec_repo(tmp_path / "specs")
+    state, log = tmp_path / "state", tmp_path / "agent.log"
+    port = free_port()
+    push(repo, app_script, "1", port, "ok")
+    agent = start_node(repo, "h2", state, log)
+    try:
+        eventually(lambda: answers(port) == "1 h2", what="v1 running")
+        push(repo, app_script, "2", port, "slow1.5", start_timeout="10s")
+        eventually(lambda: upgrading_to(state, "2"), what="upgrade in progress")
+    finally:
+        agent.kill()
+        agent.wait()
+    agent = start_node(repo, "h2", state, log)
+    try:
+        def upgraded() -> bool:
+            snap = read_snapshot(state)
+            assert snap is not None
+            web = snap.apps["web"]
+            assert (web.version, web.phase, web.health) == ("2", "running", "healthy")
+            return answers(port) == "2 h2"
+
+        eventually(upgraded, timeout=20, what="upgrade to 2 finished after the restart")
+        types = [e["type"] for e in outbox_events(state, "web")]
+        assert types.count("app.upgraded") == 1, types
+        snap = read_snapshot(state)
+        assert snap is not None
+        assert app_pids("h2", state) == {"web": [snap.apps["web"].pid]}
+    finally:
+        stop_agent(agent)
+
+
+# --- item 7: less downtime on a failed upgrade ----------------------------------------------
+
+START_FIRST = "upgrade: {strategy: start-first}\n"
+
+
+def started_and_stopped(install_dir: str) -> tuple[int, int]:
+    """(starts, stops) that the test app wrote into its install dir."""
+    def count(name: str) -> int:
+        path = Path(install_dir) / name
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
+    return count("started"), count("stopped")
+
+
+async def test_start_first_keeps_the_old_version_running_when_the_new_one_fails(
+    tmp_path: Path, make_agent: MakeAgent, app_script: Path,  # noqa: F811
+) -> None:
+    repo = make_spec_repo(tmp_path / "specs")
+    port1, port2, port3 = free_port(), free_port(), free_port()
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "1", port1, extra=START_FIRST))
+    repo.commit_and_push()
+    agent = await make_agent(repo)
+    assert (await agent.reconcile_now()).outcome == "success"
+    v1 = agent.store.get_app("web")
+    assert v1 is not None and v1.install_dir is not None
+    # 2 never gets healthy (500s); it runs beside 1, which is never stopped
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "2", port2, "sick0",
+                                         start_timeout="3s", extra=START_FIRST))
+    repo.commit_and_push("web 2")
+    run = await agent.reconcile_now()
+    assert run.outcome == "failure"
+    web = agent.store.get_app("web")
+    assert web is not None
+    assert (web.version, web.phase, web.failed_version, web.pid) == ("1", "running", "2", v1.pid)
+    assert started_and_stopped(v1.install_dir) == (1, 0)
+    assert answers(port1) == "1 n1" and answers(port2) is None
+    assert kinds(agent, "web")[-1] == "app.rolled-back"
+    assert agent.runtime.names() == {"web"}
+    # a good 3 switches: 3 answers, 1 is stopped once, one process is left
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "3", port3, extra=START_FIRST))
+    repo.commit_and_push("web 3")
+    run = await agent.reconcile_now()
+    assert run.outcome == "success", run.message
+    web = agent.store.get_app("web")
+    assert web is not None
+    assert (web.version, web.phase, web.health, web.prev_pid) == ("3", "running", "healthy", None)
+    assert answers(port3) == "3 n1" and answers(port1) is None
+    assert started_and_stopped(v1.install_dir) == (1, 1)
+    assert agent.runtime.names() == {"web"}
+    assert app_pids("n1", agent.config.state_dir) == {"web": [web.pid]}
+    assert kinds(agent, "web")[-1] == "app.upgraded"
+    # the renamed instance is supervised under the app's name: a crash restarts it
+    assert web.pid is not None
+    os.kill(web.pid, signal.SIGKILL)
+
+    async def restarted() -> bool:
+        now = agent.store.get_app("web")
+        return now is not None and now.pid not in (None, web.pid) and \
+            await asyncio.to_thread(answers, port3) == "3 n1"
+
+    await eventually_async(restarted, what="web 3 restarted by its supervisor")
+
+
+async def test_stop_first_ends_the_health_wait_early_for_a_definitely_broken_version(
+    tmp_path: Path, make_agent: MakeAgent, app_script: Path,  # noqa: F811
+) -> None:
+    repo = make_spec_repo(tmp_path / "specs")
+    port = free_port()
+    repo.write("apps/web.yaml", app_yaml(app_script, "web", "1", port))
+    repo.commit_and_push()
+    agent = await make_agent(repo)
+    assert (await agent.reconcile_now()).outcome == "success"
+    # 2 answers 500 from the start: 3 failed probes 100 ms apart end its wait, not the 60 s
+    sick = app_yaml(app_script, "web", "2", port, "sick0", start_timeout="60s")
+    sick = sick.replace("interval: 1s", "interval: 100ms")
+    repo.write("apps/web.yaml", sick)
+    repo.commit_and_push("web 2")
+    run = await asyncio.wait_for(agent.reconcile_now(), timeout=20)
+    assert run.outcome == "failure"
+    web = agent.store.get_app("web")
+    assert web is not None and (web.version, web.failed_version) == ("1", "2")
+    assert "in a row" in web.message
+    assert answers(port) == "1 n1"
