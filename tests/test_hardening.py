@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import sqlite3
 import time
@@ -209,3 +210,97 @@ async def test_stop_first_ends_the_health_wait_early_for_a_definitely_broken_ver
     assert web is not None and (web.version, web.failed_version) == ("1", "2")
     assert "in a row" in web.message
     assert answers(port) == "1 n1"
+
+
+# --- item 1: kill -9 at random points of an upgrade ---------------------------------------
+
+def recorded_instances(state: Path) -> set[str]:
+    """The per-start markers (GITOPS_INSTANCE) of the processes the store records."""
+    import psutil
+
+    from reconciler.node.runtimes.process import instance_of
+
+    snap = read_snapshot(state)
+    assert snap is not None
+    found = set()
+    for record in snap.apps.values():
+        if record.pid is not None:
+            found.add(instance_of(psutil.Process(record.pid)))
+    return {marker for marker in found if marker}
+
+
+def running_instances(node: str, state: Path) -> set[str]:
+    import psutil
+
+    from reconciler.node.runtimes.process import instance_of
+
+    markers = set()
+    for pids in app_pids(node, state).values():
+        for pid in pids:
+            marker = instance_of(psutil.Process(pid))
+            markers.add(marker or f"unmarked pid {pid}")
+    return markers
+
+
+def test_kill_9_at_random_points_of_upgrades_converges(
+    tmp_path: Path, app_script: Path, cleanup_node: list[str],  # noqa: F811
+) -> None:
+    seed = int(os.environ.get("GITOPS_CRASH_SEED", random.randrange(1 << 30)))
+    print(f"crash test seed {seed} (GITOPS_CRASH_SEED={seed} repeats it)")
+    rng = random.Random(seed)
+    # (label, v2 mode, strategy): the plan wants 2 when it becomes healthy, else 1
+    scenarios = [("good", "slow0.5", "stop-first"), ("bad", "sick0", "stop-first"),
+                 ("good", "slow0.5", "start-first"), ("bad", "sick0", "start-first")]
+    for index, (label, mode, strategy) in enumerate(scenarios):
+        node = f"r{index}"
+        cleanup_node.append(node)
+        crash_scenario(tmp_path / node, app_script, node, rng, label, mode, strategy, kills=3)
+
+
+def crash_scenario(root: Path, script: Path, node: str, rng: random.Random, label: str,
+                   mode: str, strategy: str, kills: int) -> None:
+    """v1 running, v2 pushed, the agent killed -9 `kills` times at random moments; then the
+    node must converge to what the plan says with one process and nothing left over."""
+    repo = make_spec_repo(root / "specs")
+    state, log = root / "state", root / "agent.log"
+    port1, port2 = free_port(), free_port()
+    extra = f"upgrade: {{strategy: {strategy}}}\n"
+
+    def spec(version: str, port: int, how: str) -> str:
+        text = app_yaml(script, "web", version, port, how, start_timeout="2s", extra=extra)
+        return text.replace("interval: 1s", "interval: 100ms")
+
+    repo.write("apps/web.yaml", spec("1", port1, "ok"))
+    repo.commit_and_push()
+    agent = start_node(repo, node, state, log)
+    try:
+        eventually(lambda: answers(port1) == f"1 {node}", what=f"{node}: v1 running")
+        repo.write("apps/web.yaml", spec("2", port2, mode))
+        repo.commit_and_push("web 2")
+        for kill in range(kills):
+            delay = rng.uniform(0.0, 1.2) if kill == 0 else rng.uniform(0.6, 2.0)
+            print(f"{node} {label} {strategy}: kill -9 after {delay:.2f}s")
+            time.sleep(delay)
+            agent.kill()
+            agent.wait()
+            agent = start_node(repo, node, state, log)
+        wanted, port = ("2", port2) if label == "good" else ("1", port1)
+
+        def converged() -> bool:
+            snap = read_snapshot(state)
+            assert snap is not None
+            web = snap.apps["web"]
+            assert (web.version, web.phase) == (wanted, "running"), \
+                (web.version, web.phase, web.message)
+            assert answers(port) == f"{wanted} {node}"
+            # exactly one process, the recorded one; nothing left of other starts
+            assert running_instances(node, state) == recorded_instances(state)
+            return len(app_pids(node, state).get("web", [])) == 1
+
+        eventually(converged, timeout=20, what=f"{node} {label} {strategy} converged")
+        if label == "bad":
+            snap = read_snapshot(state)
+            assert snap is not None and snap.apps["web"].failed_version == "2"
+            assert answers(port2) is None
+    finally:
+        stop_agent(agent)
