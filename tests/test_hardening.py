@@ -9,12 +9,22 @@ import os
 import random
 import signal
 import sqlite3
+import sys
 import time
 from pathlib import Path
 
+from reconciler.node.agent import Agent
 from reconciler.node.store import db_path, read_snapshot
 from tests.conftest import SpecRepo, eventually, eventually_async, free_port, make_spec_repo
-from tests.test_agent import MakeAgent, answers, app_pids, app_yaml, kinds, make_agent  # noqa: F401
+from tests.test_agent import (  # noqa: F401 (make_agent: a fixture)
+    MakeAgent,
+    answers,
+    app_pids,
+    app_yaml,
+    events,
+    kinds,
+    make_agent,
+)
 from tests.test_agent_cli import app_script, cleanup_node, start_node  # noqa: F401 (fixtures)
 
 
@@ -304,3 +314,114 @@ def crash_scenario(root: Path, script: Path, node: str, rng: random.Random, labe
             assert answers(port2) is None
     finally:
         stop_agent(agent)
+
+
+# --- item 6: isolation --------------------------------------------------------------------
+
+def deployed_order(agent: Agent) -> list[str]:
+    return [e["app"] for e in events(agent) if e["type"] == "app.deployed"]
+
+
+async def test_an_app_starts_once_its_own_dependencies_are_healthy(
+    tmp_path: Path, make_agent: MakeAgent, app_script: Path,  # noqa: F811
+) -> None:
+    repo = make_spec_repo(tmp_path / "specs")
+    ports = {name: free_port() for name in ("slow", "fast", "user")}
+    # slow takes 1.5 s to answer; user needs only fast, so it must not wait for slow
+    repo.write("apps/slow.yaml", app_yaml(app_script, "slow", "1", ports["slow"], "slow1.5"))
+    repo.write("apps/fast.yaml", app_yaml(app_script, "fast", "1", ports["fast"]))
+    repo.write("apps/user.yaml", app_yaml(app_script, "user", "1", ports["user"],
+                                          depends_on=("fast",)))
+    repo.commit_and_push()
+    agent = await make_agent(repo)
+    assert (await agent.reconcile_now()).outcome == "success"
+    order = deployed_order(agent)
+    assert order.index("fast") < order.index("user") < order.index("slow"), order
+
+
+async def test_a_restarting_dependency_is_not_healthy_for_its_dependents(
+    tmp_path: Path, make_agent: MakeAgent, app_script: Path,  # noqa: F811
+) -> None:
+    repo = make_spec_repo(tmp_path / "specs")
+    port = free_port()
+    # db has no probe and exits 0.3 s after each start; 1 s of backoff between restarts
+    repo.write("apps/db.yaml", (
+        f"name: db\nversion: \"1\"\nrun:\n  command: [{sys.executable}, {app_script}, "
+        f"\"{free_port()}\", \"1\", die0.3]\n"
+        "restart:\n  backoff: {initial: 1s, max: 1s}\n  max_restarts: 100\n"))
+    repo.write("apps/api.yaml", app_yaml(app_script, "api", "1", port, depends_on=("db",)))
+    repo.commit_and_push()
+    agent = await make_agent(repo)
+    await agent.reconcile_now()
+    await eventually_async(lambda: _async(agent.runtime.state("db") == "backoff"),
+                           what="db in restart backoff")
+    repo.write("apps/api.yaml", app_yaml(app_script, "api", "2", port, depends_on=("db",)))
+    repo.commit_and_push("api 2")
+    await eventually_async(lambda: _async(agent.runtime.state("db") == "backoff"),
+                           what="db in restart backoff again")
+    run = await agent.reconcile_now()
+    assert run.outcome == "failure"
+    api = agent.store.get_app("api")
+    assert api is not None and api.phase == "blocked" and "restarting" in api.message
+    assert api.version == "1"  # not upgraded next to a dependency that is down
+
+
+async def test_dependents_of_a_dependency_that_fails_later_are_reported(
+    tmp_path: Path, make_agent: MakeAgent, app_script: Path,  # noqa: F811
+) -> None:
+    repo = make_spec_repo(tmp_path / "specs")
+    port = free_port()
+    # db runs 0.5 s per start: after 2 restarts it is a crash loop, failed
+    repo.write("apps/db.yaml", (
+        f"name: db\nversion: \"1\"\nrun:\n  command: [{sys.executable}, {app_script}, "
+        f"\"{free_port()}\", \"1\", die0.5]\n"
+        "restart:\n  backoff: {initial: 50ms, max: 50ms}\n  max_restarts: 2\n"))
+    repo.write("apps/api.yaml", app_yaml(app_script, "api", "1", port, depends_on=("db",)))
+    repo.write("apps/top.yaml", app_yaml(app_script, "top", "1", free_port(),
+                                         depends_on=("api",)))
+    repo.commit_and_push()
+    agent = await make_agent(repo)
+    await agent.reconcile_now()
+
+    async def reported() -> bool:
+        status = {a.name: a for a in agent.status().apps}
+        return status["db"].phase == "failed" and status["api"].phase == "blocked" \
+            and status["top"].phase == "blocked"
+
+    await eventually_async(reported, what="db failed, its dependents reported blocked")
+    assert agent.status().status == "failed"
+    assert "app.blocked" in kinds(agent, "api")
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def test_a_revision_pushed_during_a_long_reconcile_is_taken_up_between_steps(
+    tmp_path: Path, make_agent: MakeAgent, app_script: Path,  # noqa: F811
+) -> None:
+    repo = make_spec_repo(tmp_path / "specs")
+    slow_port, after_port = free_port(), free_port()
+    repo.write("apps/slow.yaml", app_yaml(app_script, "slow", "1", slow_port, "slow1.5"))
+    repo.write("apps/after.yaml", app_yaml(app_script, "after", "1", after_port,
+                                           depends_on=("slow",)))
+    repo.commit_and_push()
+    agent = await make_agent(repo)
+    run_id = agent.trigger("manual")
+
+    async def slow_starting() -> bool:
+        slow = agent.store.get_app("slow")
+        return slow is not None and slow.phase == "deploying"
+
+    await eventually_async(slow_starting, what="slow deploying")
+    repo.write("apps/after.yaml", app_yaml(app_script, "after", "2", after_port,
+                                           depends_on=("slow",)))
+    rev2 = repo.commit_and_push("after 2")
+    agent.trigger("source changed")
+    run = await agent.loop.wait_run(run_id)
+    assert run.outcome == "success", run.message
+    # the run went on at the new revision: after was deployed once, at 2, never at 1
+    assert [(e["type"], e["version"]) for e in events(agent) if e.get("app") == "after"] == [
+        ("app.deployed", "2")]
+    assert agent.store.node_meta().applied_revision == rev2
+    assert await asyncio.to_thread(answers, after_port) == "2 n1"

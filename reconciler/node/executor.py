@@ -34,6 +34,8 @@ from reconciler.node.transitions import transition
 log = logging.getLogger(__name__)
 
 ReadRepoFile = Callable[[str], bytes]
+# Actions of one plan carried out at once (artifact installs, starts and health waits)
+MAX_PARALLEL = 64
 # One Mode's step: (action, its desired spec, read_repo_file, revision, monotonic start)
 Step = Callable[
     [Action, AppSpec, ReadRepoFile | None, str, float], Awaitable[tuple[Outcome, str]]
@@ -190,9 +192,14 @@ class Executor:
     # -- plan -----------------------------------------------------------------------------
     async def apply(
         self, plan: Plan, desired: Mapping[str, AppSpec], read_repo_file: ReadRepoFile | None,
+        superseded: Callable[[], bool] | None = None,
     ) -> list[ActionResult]:
-        """Removals first (dependents first), then each generation's actions in parallel. An
-        action whose dependency failed in this run is blocked; independent apps go on."""
+        """Removals first (dependents first), then the rest as a DAG: each action starts as
+        soon as the actions of its own dependencies in this plan are done (at most
+        MAX_PARALLEL at once); one whose dependency failed here, or is not healthy now, is
+        blocked, independent apps go on. Once `superseded()` (a newer revision is waiting)
+        no further action starts; running ones finish. Results are in plan order, without
+        the actions never started."""
         self._store_metadata(plan.metadata_only, desired)
         results: list[ActionResult] = []
         removal_groups: dict[int, list[Action]] = {}
@@ -204,13 +211,37 @@ class Executor:
                   for a in removal_groups[generation])
             )
         failed: set[str] = set()
-        for group in plan.generations():
-            group_results = await asyncio.gather(
-                *(self._run(a, desired.get(a.app), read_repo_file, plan.revision, failed)
-                  for a in group)
-            )
-            failed |= {r.action.app for r in group_results if r.outcome != "success"}
-            results += group_results
+        slots = asyncio.Semaphore(MAX_PARALLEL)
+        tasks: dict[str, asyncio.Task[ActionResult | None]] = {}
+        generation_of = {a.app: a.generation for a in plan.actions
+                         if a.kind is not ActionKind.REMOVE}
+
+        async def run(action: Action) -> ActionResult | None:
+            for dep in action.depends_on:
+                task = tasks.get(dep)
+                # an earlier generation only: apps on a cycle (never in a valid tree) share one
+                if task is not None and generation_of[dep] < action.generation:
+                    done = await task
+                    if done is None:  # never started: neither does its dependent
+                        return None
+            async with slots:
+                if superseded is not None and superseded():
+                    return None
+                result = await self._run(action, desired.get(action.app), read_repo_file,
+                                         plan.revision, failed)
+            if result.outcome != "success":
+                failed.add(action.app)
+            return result
+
+        for action in plan.actions:
+            if action.kind is not ActionKind.REMOVE:
+                tasks[action.app] = asyncio.create_task(run(action), name=f"do-{action.app}")
+        try:
+            done = await asyncio.gather(*tasks.values())
+        finally:
+            for task in tasks.values():  # a cancelled reconcile leaves nothing running
+                task.cancel()
+        results += [r for r in done if r is not None]
         return results
 
     def _store_metadata(self, names: tuple[str, ...], desired: Mapping[str, AppSpec]) -> None:

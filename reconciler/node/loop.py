@@ -86,6 +86,8 @@ class ReconcileLoop:
         self.closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
+        # a trigger during a run: the source may have moved (see _watch_source)
+        self._news = asyncio.Event()
         self._pending: tuple[str, str] | None = None
         self._run_done: dict[str, asyncio.Future[RunInfo]] = {}
         self._worker: asyncio.Task[None] | None = None
@@ -147,6 +149,7 @@ class ReconcileLoop:
         run_id = uuid.uuid4().hex[:12]
         self._pending = (run_id, reason)
         self._wake.set()
+        self._news.set()
         return run_id
 
     async def wait_run(self, run_id: str) -> RunInfo:
@@ -249,13 +252,28 @@ class ReconcileLoop:
                         message=self._so_far.reason)
 
     async def _steps(self) -> tuple[str, str]:
+        """One pass (fetch, rollout gate, load, plan, apply), again when a newer revision
+        cut it short (see _apply): the next pass goes through the same steps at that
+        revision, the apps it changed first."""
+        superseded: DesiredState | None = None
+        while True:
+            outcome, moved = await self._pass(superseded)
+            if moved is None:
+                return outcome
+            log.info("revision %s superseded by %s mid-run; planning again",
+                     (self.current_revision or "")[:12], moved[:12])
+            superseded = self.desired
+
+    async def _pass(self, superseded: DesiredState | None) -> tuple[tuple[str, str], str | None]:
+        """(outcome, the newer revision that stopped this pass's plan early, if one did).
+        `superseded`: the desired state of the pass that a newer revision cut short."""
         try:
             revision = await self.fetch()
         except (SourceError, SignatureError) as exc:
             # an unsigned or unreachable revision never becomes the desired one: the node
             # stays at its last good revision and reports the source problem
             self._learnt(source_failure=str(exc))
-            return self._source_failed(exc, record=self._announced)
+            return self._source_failed(exc, record=self._announced), None
         gate = await self._gate(revision)
         if gate.hold is not None:  # keep what runs; the status says why (rollout gate)
             if gate.news or revision != self._so_far.desired_revision:
@@ -263,7 +281,7 @@ class ReconcileLoop:
             self._fetched(revision)
             self._source_failures = 0
             self.store.update_meta(source_error=None)
-            return gate.hold
+            return gate.hold, None
         fetched, revision = revision, gate.revision or revision  # a revert: the base's tree
         # a revert that is done is no news on every poll (the fetched one stays desired)
         self._learnt(fetched=revision, **({"desired_revision": revision}
@@ -271,11 +289,16 @@ class ReconcileLoop:
         self._fetched(fetched)
         self._source_failures = 0
         self.current_revision = revision
+        self._results: list[ActionResult] = []
         desired = self.desired
         if desired is None or desired.revision != revision:
             # only a new revision is read and loaded again: for the same one it cannot differ
             desired = await self.desired_state(revision)
         self.desired = desired
+        first: set[str] = set()
+        if superseded is not None:  # what the newer revision changed goes first
+            first = {name for name, spec in desired.apps.items()
+                     if superseded.apps.get(name) is not spec}
         spec_errors = tuple(str(p) for p in desired.problems)
         self.store.update_meta(spec_errors=spec_errors, source_error=None)
         if self._settled is not None:
@@ -284,21 +307,56 @@ class ReconcileLoop:
         if plan.actions or plan.metadata_only:
             self.store.check_writable()  # a change it cannot record must not start
         self._learnt(has_work=bool(plan.actions or plan.metadata_only))
-        results = await self.executor.apply(
-            plan, desired.apps, lambda path: self.source.read_file(revision, path)
-        )
+        moved = await self._apply(plan, desired, revision, first)
+        if moved is not None:  # what started of this plan finished; the rest is planned again
+            return ("success", ""), moved
         self._forget_abandoned_failures(desired)
         self.store.update_meta(applied_revision=revision)
-        outcome = self._outcome(plan, results, spec_errors)
+        outcome = self._outcome(plan, self._results, spec_errors)
         self._learnt(failed=outcome[0] != "success")  # a held failure is news on every run
         if self.gate is not None and gate.spec is not None and revision == fetched:
             await self.gate.report(fetched, outcome)
-        return outcome
+        return outcome, None
 
     async def _gate(self, revision: str) -> GateDecision:
         if self.gate is None:
             return GateDecision(revision)
         return await self.gate.check(revision, self._so_far.desired_revision)
+
+    async def _apply(self, plan: Plan, desired: DesiredState, revision: str) -> str | None:
+        """Carry the plan out while watching for a newer revision; that revision when one
+        stopped the plan early (None: all of it ran). Results go to self._results."""
+        moved: list[str] = []
+        self._news.clear()
+        watcher = asyncio.create_task(self._watch_source(revision, moved),
+                                      name="source-news")
+        try:
+            self._results = await self.executor.apply(
+                plan, desired.apps, lambda path: self.source.read_file(revision, path),
+                superseded=lambda: bool(moved),
+            )
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        return moved[0] if moved else None
+
+    async def _watch_source(self, revision: str, moved: list[str]) -> None:
+        """While a plan runs: on each trigger (poll schedule, gitops.source.changed, an
+        operator), ask the remote for its tip (ls-remote, no fetch); a different one goes
+        into `moved`, which stops the plan from starting further actions."""
+        if self.source.pinned:
+            return  # a tag or commit: the plan's revision is the one wanted
+        while True:
+            await self._news.wait()
+            self._news.clear()
+            try:
+                remote = await asyncio.to_thread(self.source.remote_revision)
+            except (SourceError, OSError):
+                continue  # the next trigger asks again; this plan goes on meanwhile
+            if remote is not None and remote != revision:
+                moved.append(remote)
+                return
 
     async def fetch(self) -> str:
         """ls-remote, then fetch only when the remote moved (GitSource.poll); then the

@@ -128,7 +128,32 @@ class Supervision:
                         failed_spec_hash=app.spec_hash, pid=None, pgid=None, create_time=None,
                         proc_version=None),
                    "app.failed", version=app.version, outcome="failure", message=message)
+        self._block_dependents(name, f"dependency {name} failed: {message}")
         self._notify()
+
+    def _block_dependents(self, failed: str, reason: str) -> None:
+        """The running apps that depend on `failed` (directly or not) are kept running but
+        marked blocked: status must not call them fine while what they need is down. The
+        next reconcile that finds the dependency healthy again restarts them after it."""
+        records = self.store.apps()
+        users: dict[str, list[str]] = {}
+        for record in records.values():
+            for dep in record.depends_on:
+                users.setdefault(dep, []).append(record.name)
+        todo, seen = list(users.get(failed, ())), {failed}
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            todo += users.get(name, ())
+            record = records[name]
+            if record.phase != "running":
+                continue
+            transition(self.store, self.record, name,
+                       dict(phase="blocked", message=f"{reason}; kept running"),
+                       "app.blocked", version=record.version, outcome="skipped",
+                       message=f"{reason}; kept running")
 
     # -- executor.Hooks (health) ------------------------------------------------------------
     def watch(self, spec: AppSpec, launch: LaunchSpec | None, healthy: bool = True) -> None:
@@ -162,6 +187,9 @@ class Supervision:
             return record.phase
         if not self.is_running(record):
             return "not running"
+        if self.runtime is not None and self.runtime.state(name) == "backoff":
+            # exited and waiting to be restarted: down now, whatever its last probe said
+            return "restarting (in restart backoff)"
         if record.health == "healthy":
             return None
         # unknown (just adopted) or unhealthy: ask the probe now rather than trust old news
