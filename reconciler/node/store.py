@@ -187,9 +187,13 @@ def spec_to_json(spec: AppSpec) -> str:
 _COLUMNS = tuple(f.name for f in fields(AppRecord))
 
 
+_COLUMN_SET = frozenset(_COLUMNS)
+
+
 def _row_to_record(row: sqlite3.Row) -> AppRecord:
-    present = row.keys()  # a store of an older agent read without migrating (read_snapshot)
-    values = {name: row[name] for name in _COLUMNS if name in present}
+    # by the row's own columns: a store of an older agent read without migrating
+    # (read_snapshot) lacks the newer ones, which keep their defaults
+    values = {k: v for k, v in zip(row.keys(), row, strict=True) if k in _COLUMN_SET}
     values["suspended"] = bool(values["suspended"])
     return AppRecord(**values)
 
@@ -248,6 +252,7 @@ class Store:
         # rows are read far more often than written (status, every reconcile); this one
         # connection is the only writer, so a cache dropped on every write stays true
         self._apps_cache: dict[str, AppRecord] | None = None
+        self._apps_sorted = True  # the cache is in name order (apps() promises it)
         self._meta_cache: dict[str, str] | None = None  # likewise for the meta rows
         # stored spec JSON -> parsed spec: status reads every app's spec, often
         self._specs: dict[str, AppSpec] = {}
@@ -339,6 +344,10 @@ class Store:
         if self._apps_cache is None:
             rows = self._db.execute("SELECT * FROM apps ORDER BY name").fetchall()
             self._apps_cache = {row["name"]: _row_to_record(row) for row in rows}
+            self._apps_sorted = True
+        elif not self._apps_sorted:
+            self._apps_cache = dict(sorted(self._apps_cache.items()))
+            self._apps_sorted = True
         return self._apps_cache
 
     def spec_of(self, record: AppRecord) -> AppSpec:
@@ -350,8 +359,15 @@ class Store:
             spec = self._specs[record.spec_json] = record.spec
         return spec
 
-    def _apps_changed(self) -> None:
-        self._apps_cache = None
+    def _cached(self, record: AppRecord) -> None:
+        """Keep the rows cache true after writing `record` (a rollback drops the cache), so
+        a write costs one row, not a re-read of every row."""
+        cache = self._apps_cache
+        if cache is None:
+            return
+        if record.name not in cache:
+            self._apps_sorted = False
+        cache[record.name] = record
 
     def put_app(self, record: AppRecord) -> AppRecord:
         placeholders = ",".join("?" for _ in _COLUMNS)
@@ -359,7 +375,7 @@ class Store:
             f"INSERT OR REPLACE INTO apps ({','.join(_COLUMNS)}) VALUES ({placeholders})",
             _record_values(record),
         )
-        self._apps_changed()
+        self._cached(record)
         return record
 
     def update_app(self, name: str, **changes: Any) -> AppRecord:
@@ -370,7 +386,14 @@ class Store:
         return self.put_app(replace(current, **changes))
 
     def set_process(self, name: str, record: ProcessRecord | None) -> None:
-        self._apps_changed()
+        current = self.get_app(name)
+        if current is not None:
+            self._cached(replace(
+                current, pid=record.pid if record else None,
+                pgid=record.pgid if record else None,
+                create_time=record.create_time if record else None,
+                proc_version=record.version if record else None,
+            ))
         if record is None:
             self._write(
                 "UPDATE apps SET pid=NULL, pgid=NULL, create_time=NULL, proc_version=NULL "
@@ -384,7 +407,8 @@ class Store:
 
     def delete_app(self, name: str) -> None:
         self._write("DELETE FROM apps WHERE name = ?", (name,))
-        self._apps_changed()
+        if self._apps_cache is not None:
+            self._apps_cache.pop(name, None)
 
     # -- meta ---------------------------------------------------------------------------
     def _meta(self) -> dict[str, str]:
