@@ -192,14 +192,15 @@ class Executor:
     # -- plan -----------------------------------------------------------------------------
     async def apply(
         self, plan: Plan, desired: Mapping[str, AppSpec], read_repo_file: ReadRepoFile | None,
-        superseded: Callable[[], bool] | None = None,
+        superseded: Callable[[], bool] | None = None, first: set[str] | None = None,
     ) -> list[ActionResult]:
         """Removals first (dependents first), then the rest as a DAG: each action starts as
         soon as the actions of its own dependencies in this plan are done (at most
         MAX_PARALLEL at once); one whose dependency failed here, or is not healthy now, is
         blocked, independent apps go on. Once `superseded()` (a newer revision is waiting)
         no further action starts; running ones finish. Results are in plan order, without
-        the actions never started."""
+        the actions never started. Actions of the apps in `first` get the first free slots
+        (what a newer revision changed, when a run plans again)."""
         self._store_metadata(plan.metadata_only, desired)
         results: list[ActionResult] = []
         removal_groups: dict[int, list[Action]] = {}
@@ -233,15 +234,19 @@ class Executor:
                 failed.add(action.app)
             return result
 
-        for action in plan.actions:
-            if action.kind is not ActionKind.REMOVE:
-                tasks[action.app] = asyncio.create_task(run(action), name=f"do-{action.app}")
+        order = [a for a in plan.actions if a.kind is not ActionKind.REMOVE]
+        if first:
+            order.sort(key=lambda a: a.app not in first)  # stable: plan order otherwise
+        for action in order:
+            tasks[action.app] = asyncio.create_task(run(action), name=f"do-{action.app}")
         try:
             done = await asyncio.gather(*tasks.values())
         finally:
             for task in tasks.values():  # a cancelled reconcile leaves nothing running
                 task.cancel()
-        results += [r for r in done if r is not None]
+        by_app = {r.action.app: r for r in done if r is not None}
+        results += [by_app[a.app] for a in plan.actions if a.app in by_app
+                    and a.kind is not ActionKind.REMOVE]
         return results
 
     def _store_metadata(self, names: tuple[str, ...], desired: Mapping[str, AppSpec]) -> None:

@@ -323,17 +323,17 @@ class ReconcileLoop:
             return GateDecision(revision)
         return await self.gate.check(revision, self._so_far.desired_revision)
 
-    async def _apply(self, plan: Plan, desired: DesiredState, revision: str) -> str | None:
+    async def _apply(self, plan: Plan, desired: DesiredState, revision: str,
+                     first: set[str]) -> str | None:
         """Carry the plan out while watching for a newer revision; that revision when one
         stopped the plan early (None: all of it ran). Results go to self._results."""
         moved: list[str] = []
-        self._news.clear()
         watcher = asyncio.create_task(self._watch_source(revision, moved),
                                       name="source-news")
         try:
             self._results = await self.executor.apply(
                 plan, desired.apps, lambda path: self.source.read_file(revision, path),
-                superseded=lambda: bool(moved),
+                superseded=lambda: bool(moved), first=first,
             )
         finally:
             watcher.cancel()
@@ -361,6 +361,7 @@ class ReconcileLoop:
     async def fetch(self) -> str:
         """ls-remote, then fetch only when the remote moved (GitSource.poll); then the
         signature check when one is configured. Raises SourceError / SignatureError."""
+        self._news.clear()  # what was triggered before now, this fetch sees
         fetch_started = time.monotonic()
         revision = await asyncio.to_thread(self.source.poll)
         self.telemetry.fetch_duration.record(time.monotonic() - fetch_started)
