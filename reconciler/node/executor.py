@@ -17,7 +17,7 @@ from typing import Any, Protocol, cast
 from reconciler.core.envfile import parse_env
 from reconciler.core.errors import ArtifactError, ReconcileError, SourceError
 from reconciler.core.events import Event
-from reconciler.core.plan import Action, ActionKind, Mode, Plan
+from reconciler.core.plan import Action, ActionKind, Mode, Plan, spec_hash_of
 from reconciler.core.spec import METADATA_FIELDS, AppSpec
 from reconciler.core.states import EventType, Outcome
 from reconciler.node.bounded import RefusedFile, read_regular
@@ -401,13 +401,38 @@ class Executor:
         revision: str, started: float,
     ) -> tuple[Outcome, str]:
         """INSTALL and REINSTALL: a fresh record of this spec, then install and start it."""
-        self._transition(spec.name, AppRecord(
+        record = AppRecord(
             name=spec.name, version=spec.version, spec_json=spec_to_json(spec),
-            spec_hash=spec.spec_hash(), phase="deploying", suspended=False,
-        ))
+            spec_hash=spec_hash_of(spec), phase="deploying", suspended=False,
+        )
         from_version = action.from_version if action.mode is Mode.REINSTALL else None
+        if spec.run is None and spec.health.probe_kind is None:
+            return await self._deploy_files(record, spec, read_repo_file, revision, started,
+                                            action.event, from_version)
+        self._transition(spec.name, record)
         return await self._bring_up(spec, read_repo_file, revision, started, action.event,
                                     from_version=from_version)
+
+    async def _deploy_files(
+        self, record: AppRecord, spec: AppSpec, read_repo_file: ReadRepoFile | None,
+        revision: str, started: float, event: EventType, from_version: str | None,
+    ) -> tuple[Outcome, str]:
+        """An app of files only (no process, no probe): nothing runs that a crash could
+        leave behind, so the install is recorded in one transaction at its end (a crash
+        before it just installs again). Thousands of such apps deploy at one commit each."""
+        try:
+            install_dir = await self._install(spec, read_repo_file)
+        except ActionFailed as exc:
+            self._transition(spec.name, record)
+            return self._failed(spec, str(exc), exc.permanent, started)
+        self._transition(
+            spec.name, dataclasses.replace(record, install_dir=str(install_dir),
+                                           applied_revision=revision,
+                                           **_RUNNING),
+            event, version=spec.version, outcome="success", duration_ms=_ms(started),
+            from_version=from_version,
+        )
+        return "success", ""
 
     async def _bring_up(
         self, spec: AppSpec, read_repo_file: ReadRepoFile | None, revision: str,
