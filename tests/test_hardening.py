@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from reconciler.node.agent import Agent
 from reconciler.node.store import db_path, read_snapshot
 from tests.conftest import SpecRepo, eventually, eventually_async, free_port, make_spec_repo
@@ -62,77 +64,47 @@ def stop_agent(agent: object) -> None:
     agent.wait(15)
 
 
-def test_kill_9_in_the_health_wait_of_a_failing_upgrade_rolls_back(
+@pytest.mark.parametrize(("node", "mode", "wanted", "event", "failed"), [
+    # v2 answers HTTP 500 only: never healthy -> rolled back, not retried
+    ("h1", "sick0", "1", "app.rolled-back", "2"),
+    # v2 takes 1.5 s to listen -> the upgrade is finished
+    ("h2", "slow1.5", "2", "app.upgraded", None),
+])
+def test_kill_9_in_the_health_wait_of_an_upgrade_ends_it_as_without_the_crash(
     tmp_path: Path, app_script: Path, cleanup_node: list[str],  # noqa: F811
+    node: str, mode: str, wanted: str, event: str, failed: str | None,
 ) -> None:
-    cleanup_node.append("h1")
+    cleanup_node.append(node)
     repo = make_spec_repo(tmp_path / "specs")
     state, log = tmp_path / "state", tmp_path / "agent.log"
     port = free_port()
     push(repo, app_script, "1", port, "ok")
-    agent = start_node(repo, "h1", state, log)
+    agent = start_node(repo, node, state, log)
     try:
-        eventually(lambda: answers(port) == "1 h1", what="v1 running")
-        # v2 answers HTTP 500 only: never healthy; the agent dies during its health wait
-        push(repo, app_script, "2", port, "sick0", start_timeout="3s")
+        eventually(lambda: answers(port) == f"1 {node}", what="v1 running")
+        push(repo, app_script, "2", port, mode, start_timeout="4s")
         eventually(lambda: upgrading_to(state, "2"), what="upgrade in progress")
-    finally:
+    finally:  # the agent dies during the health wait of 2
         agent.kill()
         agent.wait()
-    agent = start_node(repo, "h1", state, log)
+    agent = start_node(repo, node, state, log)
     try:
-        def rolled_back() -> bool:
+        def ended() -> bool:
             snap = read_snapshot(state)
             assert snap is not None
             web = snap.apps["web"]
-            assert (web.version, web.phase, web.failed_version) == ("1", "running", "2")
-            return answers(port) == "1 h1"
+            assert (web.version, web.phase, web.failed_version) == (wanted, "running", failed)
+            return answers(port) == f"{wanted} {node}"
 
-        eventually(rolled_back, timeout=20, what="rolled back to 1 after the restart")
-        types = [e["type"] for e in outbox_events(state, "web")]
-        assert types.count("app.rolled-back") == 1
-        assert "app.upgraded" not in types
+        eventually(ended, timeout=20, what=f"{wanted} running after the restart")
         snap = read_snapshot(state)
         assert snap is not None
-        assert app_pids("h1", state) == {"web": [snap.apps["web"].pid]}
-        time.sleep(1.0)  # a few polls later: 2 is not tried again
-        assert answers(port) == "1 h1"
-        assert [e["type"] for e in outbox_events(state, "web")].count("app.rolled-back") == 1
-    finally:
-        stop_agent(agent)
-
-
-def test_kill_9_in_the_health_wait_of_a_good_upgrade_finishes_it(
-    tmp_path: Path, app_script: Path, cleanup_node: list[str],  # noqa: F811
-) -> None:
-    cleanup_node.append("h2")
-    repo = make_spec_repo(tmp_path / "specs")
-    state, log = tmp_path / "state", tmp_path / "agent.log"
-    port = free_port()
-    push(repo, app_script, "1", port, "ok")
-    agent = start_node(repo, "h2", state, log)
-    try:
-        eventually(lambda: answers(port) == "1 h2", what="v1 running")
-        push(repo, app_script, "2", port, "slow1.5", start_timeout="10s")
-        eventually(lambda: upgrading_to(state, "2"), what="upgrade in progress")
-    finally:
-        agent.kill()
-        agent.wait()
-    agent = start_node(repo, "h2", state, log)
-    try:
-        def upgraded() -> bool:
-            snap = read_snapshot(state)
-            assert snap is not None
-            web = snap.apps["web"]
-            assert (web.version, web.phase, web.health) == ("2", "running", "healthy")
-            return answers(port) == "2 h2"
-
-        eventually(upgraded, timeout=20, what="upgrade to 2 finished after the restart")
+        assert app_pids(node, state) == {"web": [snap.apps["web"].pid]}
+        time.sleep(1.0)  # a few polls later: nothing is tried again
+        assert answers(port) == f"{wanted} {node}"
         types = [e["type"] for e in outbox_events(state, "web")]
-        assert types.count("app.upgraded") == 1, types
-        snap = read_snapshot(state)
-        assert snap is not None
-        assert app_pids("h2", state) == {"web": [snap.apps["web"].pid]}
+        assert types.count(event) == 1, types
+        assert not {"app.upgraded", "app.rolled-back", "app.failed"} & set(types) - {event}
     finally:
         stop_agent(agent)
 
@@ -339,16 +311,20 @@ async def test_an_app_starts_once_its_own_dependencies_are_healthy(
     assert order.index("fast") < order.index("user") < order.index("slow"), order
 
 
+def exiting_db(script: Path, mode: str, backoff: str, max_restarts: int) -> str:
+    """An app `db` without a probe whose process exits (mode die<seconds>) after each start."""
+    return (f"name: db\nversion: \"1\"\nrun:\n  command: [{sys.executable}, {script}, "
+            f"\"{free_port()}\", \"1\", {mode}]\nrestart:\n  backoff: "
+            f"{{initial: {backoff}, max: {backoff}}}\n  max_restarts: {max_restarts}\n")
+
+
 async def test_a_restarting_dependency_is_not_healthy_for_its_dependents(
     tmp_path: Path, make_agent: MakeAgent, app_script: Path,  # noqa: F811
 ) -> None:
     repo = make_spec_repo(tmp_path / "specs")
     port = free_port()
     # db has no probe and exits 0.3 s after each start; 1 s of backoff between restarts
-    repo.write("apps/db.yaml", (
-        f"name: db\nversion: \"1\"\nrun:\n  command: [{sys.executable}, {app_script}, "
-        f"\"{free_port()}\", \"1\", die0.3]\n"
-        "restart:\n  backoff: {initial: 1s, max: 1s}\n  max_restarts: 100\n"))
+    repo.write("apps/db.yaml", exiting_db(app_script, "die0.3", "1s", max_restarts=100))
     repo.write("apps/api.yaml", app_yaml(app_script, "api", "1", port, depends_on=("db",)))
     repo.commit_and_push()
     agent = await make_agent(repo)
@@ -372,10 +348,7 @@ async def test_dependents_of_a_dependency_that_fails_later_are_reported(
     repo = make_spec_repo(tmp_path / "specs")
     port = free_port()
     # db runs 0.5 s per start: after 2 restarts it is a crash loop, failed
-    repo.write("apps/db.yaml", (
-        f"name: db\nversion: \"1\"\nrun:\n  command: [{sys.executable}, {app_script}, "
-        f"\"{free_port()}\", \"1\", die0.5]\n"
-        "restart:\n  backoff: {initial: 50ms, max: 50ms}\n  max_restarts: 2\n"))
+    repo.write("apps/db.yaml", exiting_db(app_script, "die0.5", "50ms", max_restarts=2))
     repo.write("apps/api.yaml", app_yaml(app_script, "api", "1", port, depends_on=("db",)))
     repo.write("apps/top.yaml", app_yaml(app_script, "top", "1", free_port(),
                                          depends_on=("api",)))
