@@ -17,7 +17,7 @@ from typing import Any, Protocol, cast
 from reconciler.core.envfile import parse_env
 from reconciler.core.errors import ArtifactError, ReconcileError, SourceError
 from reconciler.core.events import Event
-from reconciler.core.plan import Action, ActionKind, Mode, Plan, spec_hash_of
+from reconciler.core.plan import Action, ActionKind, Mode, Plan
 from reconciler.core.spec import METADATA_FIELDS, AppSpec
 from reconciler.core.states import EventType, Outcome
 from reconciler.node.bounded import RefusedFile, read_regular
@@ -403,7 +403,7 @@ class Executor:
         """INSTALL and REINSTALL: a fresh record of this spec, then install and start it."""
         record = AppRecord(
             name=spec.name, version=spec.version, spec_json=spec_to_json(spec),
-            spec_hash=spec_hash_of(spec), phase="deploying", suspended=False,
+            spec_hash=spec.spec_hash(), phase="deploying", suspended=False,
         )
         from_version = action.from_version if action.mode is Mode.REINSTALL else None
         if spec.run is None and spec.health.probe_kind is None:
