@@ -307,7 +307,10 @@ class ReconcileLoop:
         if plan.actions or plan.metadata_only:
             self.store.check_writable()  # a change it cannot record must not start
         self._learnt(has_work=bool(plan.actions or plan.metadata_only))
-        moved = await self._apply(plan, desired, revision, first)
+        # a revision under a rollout (rollout.yaml) is applied whole: its waves pace the
+        # revisions, and a pass cut short could leave the node half way, held at a gate
+        moved = await self._apply(plan, desired, revision, first,
+                                  watch=gate.spec is None and revision == fetched)
         if moved is not None:  # what started of this plan finished; the rest is planned again
             return ("success", ""), moved
         self._forget_abandoned_failures(desired)
@@ -324,12 +327,13 @@ class ReconcileLoop:
         return await self.gate.check(revision, self._so_far.desired_revision)
 
     async def _apply(self, plan: Plan, desired: DesiredState, revision: str,
-                     first: set[str]) -> str | None:
+                     first: set[str], watch: bool = True) -> str | None:
         """Carry the plan out while watching for a newer revision; that revision when one
         stopped the plan early (None: all of it ran). Results go to self._results."""
         moved: list[str] = []
-        watcher = asyncio.create_task(self._watch_source(revision, moved),
-                                      name="source-news")
+        watcher = asyncio.create_task(
+            self._watch_source(revision, moved) if watch else asyncio.sleep(0),
+            name="source-news")
         try:
             self._results = await self.executor.apply(
                 plan, desired.apps, lambda path: self.source.read_file(revision, path),
