@@ -208,6 +208,10 @@ class StoreError(Exception):
     """The state store cannot be opened or is not ours."""
 
 
+# Below this much free space a run changes nothing: its records might not fit.
+MIN_FREE_BYTES = 1024 * 1024
+
+
 class StoreWriteError(TransientError):
     """A write to the state store failed (a full disk, an I/O error): nothing of that
     transaction was written. Passes when the disk has room again."""
@@ -321,12 +325,18 @@ class Store:
         self._depth = 0
 
     def check_writable(self) -> None:
-        """Raise StoreWriteError now if a write cannot be kept (a full disk), before any app
-        is touched: a change whose record cannot be written must not start."""
-        with self.transaction():
-            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?)",
-                             ("x" * 4096,))
-            self._db.execute("DELETE FROM meta WHERE key = 'probe'")
+        """Raise StoreWriteError now if the disk under the store is (nearly) full, before any
+        app is touched: a change whose record cannot be written must not start. (statvfs,
+        not a test write: a synchronous commit on every run would cost the hot path.)"""
+        try:
+            st = os.statvfs(self.state_dir)
+        except OSError as exc:
+            raise StoreWriteError(f"state store: {exc.strerror or exc}") from exc
+        free = st.f_bavail * st.f_frsize
+        if free < MIN_FREE_BYTES:
+            raise StoreWriteError(
+                f"state store: database or disk is full ({free} bytes free under "
+                f"{self.state_dir})")
 
     def _write(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         with self.transaction():

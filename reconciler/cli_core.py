@@ -1,0 +1,228 @@
+"""`validate`, `schema` and `plan` commands: thin I/O shells over the loader and the planner."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from reconciler.errors import ReconcileError, SpecProblem
+from reconciler.loader import (
+    LoadResult,
+    SpecFile,
+    load_files,
+    read_directory,
+    resolve_spec_path,
+)
+from reconciler.plan import Action, ActionKind, Plan
+from reconciler.spec import NAME_RE, app_json_schema
+from reconciler.state import CurrentState
+
+# Exit codes: 0 fine, 1 spec problems (plan still printed, with removals held), 2 could not
+# run at all (bad flags, unreachable repository).
+EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
+
+_SYMBOLS = {
+    ActionKind.DEPLOY: "+",
+    ActionKind.UPGRADE: "~",
+    ActionKind.RECONFIGURE: "~",
+    ActionKind.RESTART: "↻",
+    ActionKind.REMOVE: "-",
+}
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    target = Path(args.path)
+    if not target.exists():
+        print(f"{args.path}: no such file or directory", file=sys.stderr)
+        return EXIT_ERROR
+    root, apps_path = resolve_spec_path(target, args.apps_path)
+    if apps_path and not (root / apps_path).exists():
+        print(f"{root / apps_path}: no such file or directory", file=sys.stderr)
+        return EXIT_ERROR
+    files = read_directory(root, apps_path)
+    # Paths as the user can open them from where they ran the command.
+    shown = [SpecFile(str(root / f.path), f.data, f.key) for f in files]
+    result = load_files(shown, apps_path=str(root / apps_path) if apps_path else str(root))
+    if apps_path and (args.apps_path is not None or not target.is_file()):
+        # Only from a repo root are repo-relative archive paths known to resolve right.
+        result.problems.extend(check_archives(root, result))
+        result.problems.sort()
+    if args.json:
+        print(json.dumps([_problem_json(p) for p in result.problems], indent=2))
+    else:
+        for problem in result.problems:
+            print(problem)
+    summary = f"{_n(len(result.valid_apps), 'valid app')} in {_n(result.files, 'file')}"
+    if result.problems:
+        summary += (
+            f", {_n(len(result.problems), 'problem')} ({_n(len(result.invalid), 'app')} invalid)"
+        )
+    print(summary, file=sys.stderr)
+    return EXIT_PROBLEMS if result.problems else EXIT_OK
+
+
+def check_archives(root: Path, result: LoadResult) -> list[SpecProblem]:
+    """Repo-relative archives must exist under `root` and match their pinned sha256."""
+    from reconciler.spec import ArchiveSource
+
+    problems: list[SpecProblem] = []
+    for name, app in result.valid_apps.items():
+        source = app.source
+        if not isinstance(source, ArchiveSource) or "://" in source.url:
+            continue
+        path = result.sources[name][0]
+        at = result.field_locations.get((name, "source.url"), (result.sources[name][1], 1))
+        target = (root / source.url).resolve()
+        if not target.is_relative_to(root.resolve()):
+            problems.append(SpecProblem(path, *at, f"{source.url} is outside the repository",
+                                        field="source.url"))
+            continue
+        if not target.is_file():
+            problems.append(SpecProblem(path, *at, f"{source.url}: no such file in the "
+                                        "repository", field="source.url"))
+            continue
+        digest = hashlib.sha256(target.read_bytes()).hexdigest()
+        if digest != source.sha256:
+            where = result.field_locations.get((name, "source.sha256"), at)
+            problems.append(SpecProblem(
+                path, *where, f"does not match {source.url} (its sha256 is {digest})",
+                field="source.sha256"))
+    return problems
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def _problem_json(problem: SpecProblem) -> dict[str, object]:
+    return {
+        "path": problem.path,
+        "line": problem.line,
+        "col": problem.col,
+        "field": problem.field,
+        "message": problem.message,
+        "text": str(problem),
+    }
+
+
+def run_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(app_json_schema(), indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from reconciler.targeting import desired_for_node
+
+    try:
+        if not NAME_RE.match(args.node_id):
+            raise ValueError(f"--node-id {args.node_id!r}: use lowercase letters, digits and "
+                             "'-' (node ids become NATS subject tokens)")
+        labels = _labels(args.label)
+        with tempfile.TemporaryDirectory(prefix="gitops-mesh-plan-") as cache:
+            revision, files = _read_repo(args.repo, args.branch, args.path, Path(cache))
+        current = _current_state(Path(args.state_dir) if args.state_dir else None)
+    except (ReconcileError, ValueError, OSError) as exc:
+        print(f"plan: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    result: LoadResult = load_files(files, apps_path=args.path)
+    desired = desired_for_node(result, args.node_id, labels, revision)
+    from reconciler.plan import make_plan
+
+    plan = make_plan(desired, current)
+    if args.json:
+        out = plan.to_json()
+        out["node"] = args.node_id
+        out["labels"] = labels
+        out["problems"] = [str(p) for p in desired.problems]
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_plan(plan, args.node_id, labels, [str(p) for p in desired.problems]))
+    return EXIT_PROBLEMS if desired.problems else EXIT_OK
+
+
+def _labels(items: list[str]) -> dict[str, str]:
+    from reconciler.targeting import parse_labels
+
+    try:
+        return parse_labels(items)
+    except ValueError as exc:
+        raise ValueError(f"--label: {exc}") from None
+
+
+def _read_repo(url: str, branch: str, apps_path: str, cache: Path) -> tuple[str, list[SpecFile]]:
+    from reconciler.source import GitSource
+
+    source = GitSource(url, branch, cache / "repo")
+    try:
+        revision = source.fetch()
+        return revision, source.spec_files(revision, apps_path)
+    finally:
+        source.close()
+
+
+def _current_state(state_dir: Path | None) -> CurrentState:
+    """What runs on this node per the agent's store; nothing when there is no store there."""
+    if state_dir is None or not state_dir.is_dir():
+        return CurrentState()
+    from reconciler.store import StoreError, load_current_state
+
+    try:
+        return load_current_state(state_dir)
+    except StoreError as exc:
+        raise ValueError(f"--state-dir: {exc}") from exc
+
+
+def _line(action: Action) -> str:
+    symbol = _SYMBOLS[action.kind]
+    if action.kind is ActionKind.UPGRADE:
+        what = f"{action.app} {action.from_version} -> {action.to_version}"
+    elif action.kind is ActionKind.REMOVE:
+        what = f"{action.app} {action.from_version}"
+    else:
+        what = f"{action.app} {action.to_version}"
+    return f"  {symbol} {what:<36} {action.kind.value}: {action.reason}"
+
+
+def format_plan(plan: Plan, node: str, labels: dict[str, str], problems: list[str]) -> str:
+    """Human plan in the spirit of `terraform plan`: removals, then each generation."""
+    shown_labels = ", ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "no labels"
+    lines = [f"Plan for node {node} ({shown_labels}) at revision {plan.revision[:12]}", ""]
+    if problems:
+        lines.append(f"Spec problems at this revision ({len(problems)}):")
+        lines += [f"  {p}" for p in problems]
+        lines.append("")
+    removals = plan.removals()
+    if removals:
+        lines.append("Removals (dependents first):")
+        lines += [_line(a) for a in removals]
+        lines.append("")
+    for index, generation in enumerate(plan.generations(), start=1):
+        deps = sorted({d for a in generation for d in a.depends_on})
+        after = f" (after {', '.join(deps)})" if deps else ""
+        lines.append(f"Generation {index}{after}:")
+        lines += [_line(a) for a in generation]
+        lines.append("")
+    if plan.held:
+        lines.append("Held:")
+        lines += [f"  ! {h.app:<36} {h.reason}" for h in plan.held]
+        lines.append("")
+    if plan.unchanged:
+        lines.append("Unchanged: " + ", ".join(plan.unchanged))
+        lines.append("")
+    if plan.empty and not plan.held:
+        lines.append("No changes: the node matches the spec tree.")
+        lines.append("")
+    counts = {kind: 0 for kind in ActionKind}
+    for action in plan.actions:
+        counts[action.kind] += 1
+    lines.append(
+        f"Plan: {counts[ActionKind.DEPLOY]} to deploy, {counts[ActionKind.UPGRADE]} to upgrade, "
+        f"{counts[ActionKind.RECONFIGURE]} to reconfigure, {counts[ActionKind.RESTART]} to "
+        f"restart, {counts[ActionKind.REMOVE]} to remove, {len(plan.held)} held, "
+        f"{len(plan.unchanged)} unchanged."
+    )
+    return "\n".join(lines)

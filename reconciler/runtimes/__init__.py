@@ -1,0 +1,1 @@
+"""Runtimes: how an app's process is started, supervised, adopted and stopped."""
