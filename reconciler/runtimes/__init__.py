@@ -1,1 +1,0 @@
-"""Runtimes: how an app's process is started, supervised, adopted and stopped."""
