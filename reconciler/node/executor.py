@@ -585,9 +585,7 @@ class Executor:
         message = f"rolled back from {spec.version}: {reason}; {previous.version} kept running"
         self._transition(
             spec.name,
-            dict(version=previous.version, spec_json=previous.spec_json,
-                 spec_hash=previous.spec_hash, install_dir=previous.install_dir,
-                 prev_version=None, prev_spec_json=None, prev_dir=None,
+            dict(_serving(previous),
                  pid=record.prev_pid, pgid=record.prev_pgid,
                  create_time=record.prev_create_time, proc_version=previous.version,
                  prev_pid=None, prev_pgid=None, prev_create_time=None,
@@ -654,9 +652,7 @@ class Executor:
         # fields stay as the runtime listener recorded them for the new start.
         self._transition(
             spec.name,
-            dict(version=previous.version, spec_json=previous.spec_json,
-                 spec_hash=previous.spec_hash, install_dir=previous.install_dir,
-                 prev_version=None, prev_spec_json=None, prev_dir=None,
+            dict(_serving(previous),
                  phase="running", health="healthy", message=message, upgrade_intent=None,
                  failed_spec_hash=failed_hash, failed_version=spec.version),
             "app.rolled-back", version=previous.version, from_version=spec.version,
@@ -725,3 +721,11 @@ def _monotonic_of(epoch: float) -> float:
 
 def _ms(started: float) -> float:
     return round((time.monotonic() - started) * 1000, 1)
+
+
+def _serving(previous: AppRecord) -> dict[str, Any]:
+    """The record fields of an app that serves its `previous` version again (after a
+    rollback of either strategy): that version's spec and files, nothing to roll back to."""
+    return dict(version=previous.version, spec_json=previous.spec_json,
+                spec_hash=previous.spec_hash, install_dir=previous.install_dir,
+                prev_version=None, prev_spec_json=None, prev_dir=None)
