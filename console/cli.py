@@ -12,8 +12,10 @@ from typing import Any
 import uvicorn
 from nats.aio.client import Client as NATS
 
-from console.app import Console, ConsoleConfig, create_app
+from console.app import create_app
+from console.config import ConsoleConfig
 from console.feed import Connector
+from console.state import Console
 from console.tokens import Token, parse_tokens
 
 

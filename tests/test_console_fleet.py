@@ -1,4 +1,4 @@
-"""console.fleet: pure aggregation of statuses and events, asserted as whole values."""
+"""console.fleet and its views: statuses and events applied, views asserted as whole values."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
-from console.fleet import EventFilter, Fleet, NodeFilter
+from console import rollout_views, views
+from console.filters import EventFilter, NodeFilter
+from console.fleet import Fleet
 from reconciler.core.events import Event, make_event
 from reconciler.core.status import AppStatus, NodeStatus
 
@@ -48,12 +50,12 @@ def test_counters_and_cards_with_unreachable_derived_from_heartbeat_age() -> Non
     fleet.apply_status("n3", status("n3", at=T0 - timedelta(seconds=31)))
     now = T0 + timedelta(seconds=0.5)
 
-    assert fleet.counters(now) == {
+    assert views.counters(fleet, now) == {
         "nodes": 3, "synced": 1, "progressing": 0, "degraded": 0, "failed": 1,
         "suspended": 0, "unreachable": 1, "apps": 3, "apps_running": 2, "apps_failed": 1,
         "apps_rolled_back": 0,
     }
-    assert fleet.cards(now, NodeFilter.parse(["role=edge"])) == [{
+    assert views.cards(fleet, now, NodeFilter.parse(["role=edge"])) == [{
         "node": "n1", "status": "synced", "reported_status": "synced", "message": "",
         "revision": REV1, "desired_revision": None, "labels": {"role": "edge"},
         "layers": ["frontend"],
@@ -61,10 +63,13 @@ def test_counters_and_cards_with_unreachable_derived_from_heartbeat_age() -> Non
         "updated_at": iso(T0), "last_reconcile_at": None, "last_reconcile_ms": None,
         "agent_version": "",
     }]
-    assert [c["node"] for c in fleet.cards(now, NodeFilter.parse(status="unreachable"))] == ["n3"]
-    assert [c["node"] for c in fleet.cards(now, NodeFilter.parse(layer="frontend"))] == ["n1"]
+    def shown(where: NodeFilter) -> list[str]:
+        return [c["node"] for c in views.cards(fleet, now, where)]
+
+    assert shown(NodeFilter.parse(status="unreachable")) == ["n3"]
+    assert shown(NodeFilter.parse(layer="frontend")) == ["n1"]
     # unreachable is shown, never dropped: the node is still there with its last report
-    assert [c["node"] for c in fleet.cards(now)] == ["n1", "n2", "n3"]
+    assert [c["node"] for c in views.cards(fleet, now)] == ["n1", "n2", "n3"]
 
 
 def test_node_filter_rejects_bad_clauses_with_a_clear_message() -> None:
@@ -91,7 +96,7 @@ def test_bad_values_are_rejected_and_change_nothing() -> None:
 def test_an_event_whose_body_names_another_node_than_its_subject_is_rejected() -> None:
     fleet = Fleet()
     apply(fleet, event("source.fetched", "n2", T0, eid="real", revision=REV1))
-    before = (fleet.version, fleet.events_total, fleet.event_log(), fleet.series(T0))
+    before = (fleet.version, fleet.events_total, fleet.event_log(), rollout_views.series(fleet, T0))
     # n1 may publish only on gitops.events.n1.>: its event claiming to be n2's is a forgery
     forged = event("reconcile.finished", "n2", T0, eid="forged", revision=REV1,
                    outcome="success", duration_ms=5)
@@ -107,7 +112,8 @@ def test_an_event_whose_body_names_another_node_than_its_subject_is_rejected() -
     assert fleet.apply_event("gitops.events.n1.n2.app.deployed", dotted) == (
         "event dotted on gitops.events.n1.n2.app.deployed: node 'n1.n2' is not a valid "
         "node id: ignored")
-    assert (fleet.version, fleet.events_total, fleet.event_log(), fleet.series(T0)) == before
+    assert (fleet.version, fleet.events_total, fleet.event_log(),
+            rollout_views.series(fleet, T0)) == before
     assert (fleet.rejected, fleet.forged) == (4, 4)
     # the same event on its own subject is applied
     assert fleet.apply_event("gitops.events.n2.reconcile.finished", forged) is None
@@ -150,7 +156,7 @@ def test_rollout_view_buckets_targeted_nodes_and_lists_failing_ones_with_errors(
     apply(fleet, event("reconcile.finished", "done", T0 + timedelta(seconds=4),
                             revision=REV2, outcome="success", duration_ms=1500))
 
-    assert fleet.rollout_view(REV2[:7], T0) == {
+    assert rollout_views.rollout_view(fleet, REV2[:7], T0) == {
         "now": iso(T0), "revision": REV2, "targeted": 5,
         "counts": {"synced": 1, "progressing": 1, "degraded": 0, "failed": 1, "pending": 1,
                    "suspended": 0, "unreachable": 1},
@@ -165,7 +171,7 @@ def test_rollout_view_buckets_targeted_nodes_and_lists_failing_ones_with_errors(
         "superseded_by": None,
         "from_events": [], "coordination": None,
     }
-    assert fleet.rollout_view("ffffffff", T0) is None
+    assert rollout_views.rollout_view(fleet, "ffffffff", T0) is None
 
 
 def test_a_superseded_revision_shows_how_its_rollout_went_from_the_events() -> None:
@@ -188,7 +194,7 @@ def test_a_superseded_revision_shows_how_its_rollout_went_from_the_events() -> N
     fleet.apply_status("n3", status("n3", revision=REV2, at=later))
     now = later + timedelta(seconds=1)
 
-    assert fleet.rollout_view(REV1, now) == {
+    assert rollout_views.rollout_view(fleet, REV1, now) == {
         "now": iso(now), "revision": REV1, "targeted": 3,
         "counts": {"synced": 2, "progressing": 0, "degraded": 0, "failed": 1, "pending": 0,
                    "suspended": 0, "unreachable": 0},
@@ -203,7 +209,8 @@ def test_a_superseded_revision_shows_how_its_rollout_went_from_the_events() -> N
     }
     # the overview's recent rollouts keep it, with how it went
     assert [(r["revision"], r["synced"], r["failed"], r["targeted"])
-            for r in fleet.recent_rollouts(now)] == [(REV2, 2, 0, 3), (REV1, 2, 1, 3)]
+            for r in rollout_views.recent_rollouts(fleet, now)
+            ] == [(REV2, 2, 0, 3), (REV1, 2, 1, 3)]
 
 
 def test_no_last_sync_time_while_no_targeted_node_is_synced() -> None:
@@ -218,7 +225,7 @@ def test_no_last_sync_time_while_no_targeted_node_is_synced() -> None:
                                     at=T0 + timedelta(seconds=9)))
     now = T0 + timedelta(seconds=10)
 
-    assert fleet.rollout_view(REV2, now) == {
+    assert rollout_views.rollout_view(fleet, REV2, now) == {
         "now": iso(now), "revision": REV2, "targeted": 2,
         "counts": {"synced": 0, "progressing": 1, "degraded": 1, "failed": 0, "pending": 0,
                    "suspended": 0, "unreachable": 0},
@@ -245,7 +252,7 @@ def test_series_gives_durations_and_convergence_per_revision_in_the_window() -> 
     apply(fleet, event("reconcile.finished", "n3", T0 + timedelta(seconds=5),
                             revision=REV1, outcome="failure", duration_ms=200))
 
-    assert fleet.series(T0 + timedelta(minutes=1)) == [{
+    assert rollout_views.series(fleet, T0 + timedelta(minutes=1)) == [{
         "revision": REV1, "first_seen": iso(T0), "reconciles": 3, "failures": 1,
         "mean_ms": 1400.0, "max_ms": 3000.0, "nodes_synced": 2, "nodes_seen": 3,
         # n3 saw the revision and never reconciled it successfully: not converged
@@ -258,7 +265,7 @@ def test_app_view_across_nodes() -> None:
     fleet.apply_status("n1", status("n1", apps=[app("web", version="2.0", restarts=1)]))
     fleet.apply_status("n2", status("n2", "failed", apps=[app("web", "failed", "unhealthy")]))
     fleet.apply_status("n3", status("n3", apps=[app("db")]))
-    view = fleet.app_view("web", T0)
+    view = views.app_view(fleet, "web", T0)
     assert view is not None
     assert (view["versions"], view["phases"]) == ({"1.0": 1, "2.0": 1},
                                                   {"failed": 1, "running": 1})
@@ -268,8 +275,8 @@ def test_app_view_across_nodes() -> None:
         "failed_version": None, "restarts": 1, "pid": None, "started_at": None,
         "uptime_s": None, "cpu_percent": None, "rss_bytes": None,
     }
-    assert fleet.app_view("nope", T0) is None
-    assert fleet.apps_index() == [
+    assert views.app_view(fleet, "nope", T0) is None
+    assert views.apps_index(fleet) == [
         {"app": "db", "nodes": 1, "running": 1, "failed": 0, "rolled_back": 0, "unhealthy": 0,
          "versions": ["1.0"], "version_counts": {"1.0": 1}, "phases": {"running": 1},
          "health": {"healthy": 1}, "layer": None, "labels": {}, "depends_on": []},
@@ -285,7 +292,7 @@ def test_recent_rollouts_summarise_the_newest_revisions() -> None:
     fleet.apply_status("n1", status("n1", revision=REV1))
     fleet.apply_status("n2", status("n2", "progressing", revision=REV1, desired_revision=REV2))
     apply(fleet, event("source.fetched", "n2", T0, revision=REV2))
-    assert fleet.recent_rollouts(T0) == [
+    assert rollout_views.recent_rollouts(fleet, T0) == [
         {"revision": REV2, "targeted": 1, "synced": 0, "failed": 0, "degraded": 0,
          "pending": 0, "progress": 0.0, "first_seen": iso(T0)},
         # n2 moved on to REV2: it is no longer part of the REV1 rollout
@@ -297,9 +304,36 @@ def test_recent_rollouts_summarise_the_newest_revisions() -> None:
 def test_a_card_follows_its_heartbeat_age_and_new_statuses() -> None:
     fleet = Fleet()
     fleet.apply_status("n1", status("n1"))
-    assert fleet.cards(T0)[0]["status"] == "synced"
-    assert fleet.cards(T0 + timedelta(seconds=31))[0]["status"] == "unreachable"
-    assert fleet.cards(T0)[0]["status"] == "synced"  # a heartbeat's age, not a latch
+    assert views.cards(fleet, T0)[0]["status"] == "synced"
+    assert views.cards(fleet, T0 + timedelta(seconds=31))[0]["status"] == "unreachable"
+    assert views.cards(fleet, T0)[0]["status"] == "synced"  # a heartbeat's age, not a latch
     fleet.apply_status("n1", status("n1", "degraded", at=T0 + timedelta(seconds=40)))
-    assert [(c["status"], c["updated_at"]) for c in fleet.cards(T0 + timedelta(seconds=41))
+    assert [(c["status"], c["updated_at"]) for c in views.cards(fleet, T0 + timedelta(seconds=41))
             ] == [("degraded", iso(T0 + timedelta(seconds=40)))]
+
+
+def test_per_node_rollout_reports_in_the_rollouts_bucket_are_not_rollout_entries() -> None:
+    """gitops_rollouts may also hold `<sha>.<node>` keys (one node's report on a rollout):
+    the console skips them, neither as an entry nor as a rejected value."""
+    fleet = Fleet()
+    before = fleet.version
+    report = b'{"node": "n1", "revision": "' + REV1.encode() + b'", "state": "applied"}'
+    assert fleet.apply_rollout(f"{REV1}.n1", report) is None
+    assert fleet.apply_rollout(f"{REV1}.n1", None) is None  # its deletion too
+    assert (fleet.coordinated, fleet.rejected, fleet.version) == ({}, 0, before)
+
+
+def test_the_lineage_follows_new_sightings_after_it_was_read() -> None:
+    """Lineage heads are memoised: a revision seen by a node of the same source later must
+    still supersede (the memo is dropped when sightings change, not on every event)."""
+    fleet = Fleet()
+    apply(fleet, event("source.fetched", "n1", T0, revision=REV1))
+    apply(fleet, event("source.fetched", "n2", T0 + timedelta(seconds=1), revision=REV2))
+    # n2 follows another source: REV2 does not supersede REV1
+    assert rollout_views.lineage_head(fleet, REV1) is None
+    apply(fleet, event("reconcile.finished", "n1", T0 + timedelta(seconds=2), revision=REV1,
+                       outcome="success"))
+    assert rollout_views.lineage_head(fleet, REV1) is None
+    apply(fleet, event("source.fetched", "n1", T0 + timedelta(seconds=3), revision=REV2))
+    assert rollout_views.lineage_head(fleet, REV1) == REV2
+    assert rollout_views.superseded_by(fleet, REV1) == REV2

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from console.fleet import AppFilter, Fleet, dependency_layout, spec_diff
+from console import rollout_views, views
+from console.filters import AppFilter
+from console.fleet import Fleet
+from console.layout import dependency_layout, spec_diff
 from tests.test_console_fleet import REV1, REV2, T0, app, apply, event, status
 
 T1 = T0 + timedelta(minutes=1)
@@ -16,10 +19,10 @@ def test_a_rolled_back_app_that_runs_healthy_is_counted_rolled_back_not_failed()
     fleet.apply_status("n1", status("n1", "failed", apps=[
         app("web", failed_version="2.0"), app("api", failed_version="3.1"), app("db")]))
     fleet.apply_status("n2", status("n2", "failed", apps=[app("web", "failed", "unhealthy")]))
-    counters = fleet.counters(T0)
+    counters = views.counters(fleet, T0)
     assert (counters["apps"], counters["apps_running"], counters["apps_failed"],
             counters["apps_rolled_back"]) == (4, 3, 1, 2)
-    assert fleet.cards(T0)[0]["apps"] == {
+    assert views.cards(fleet, T0)[0]["apps"] == {
         "total": 3, "running": 3, "failed": 0, "rolled_back": 2, "unhealthy": 0}
 
 
@@ -33,11 +36,11 @@ def test_a_new_rollout_counts_the_nodes_of_the_same_source_that_have_not_fetched
     apply(fleet, event("source.fetched", "n1", T1, revision=REV2))
     fleet.apply_status("n1", status("n1", "progressing", revision=REV1, desired_revision=REV2,
                                     at=T1))
-    rows = fleet.recent_rollouts(T1)
+    rows = rollout_views.recent_rollouts(fleet, T1)
     newest = rows[0]
     assert (newest["revision"], newest["synced"], newest["targeted"], newest["pending"]) == (
         REV2, 0, 3, 2)
-    view = fleet.rollout_view(REV2, T1)
+    view = rollout_views.rollout_view(fleet, REV2, T1)
     assert view is not None
     assert (view["nodes"]["progressing"], view["nodes"]["pending"]) == (["n1"], ["n2", "n3"])
 
@@ -47,8 +50,8 @@ def test_a_rollout_row_counts_degraded_apart_from_failed() -> None:
     fleet.apply_status("n1", status("n1", "degraded", revision=REV1))
     fleet.apply_status("n2", status("n2", "failed", revision=REV1))
     fleet.apply_status("n3", status("n3", revision=REV1))
-    (row,) = fleet.recent_rollouts(T0)
-    counters = fleet.counters(T0)
+    (row,) = rollout_views.recent_rollouts(fleet, T0)
+    counters = views.counters(fleet, T0)
     assert (row["synced"], row["degraded"], row["failed"], row["targeted"]) == (1, 1, 1, 3)
     assert (row["degraded"], row["failed"]) == (counters["degraded"], counters["failed"])
 
@@ -67,7 +70,7 @@ def test_convergence_stops_at_the_first_success_of_the_last_node() -> None:
     for minute in range(9, 14):  # n1 keeps failing REV2
         apply(fleet, event("reconcile.finished", "n1", T0 + timedelta(minutes=minute),
                            revision=REV2, outcome="failure", duration_ms=100))
-    series = {p["revision"]: p for p in fleet.series(T0 + timedelta(minutes=15))}
+    series = {p["revision"]: p for p in rollout_views.series(fleet, T0 + timedelta(minutes=15))}
     assert (series[REV1]["converged"], series[REV1]["convergence_s"]) == (True, 7.0)
     assert (series[REV2]["converged"], series[REV2]["convergence_s"]) == (False, None)
     assert series[REV2]["first_seen"] == "2026-01-01T12:09:00.000Z"  # the plot's time axis
@@ -80,14 +83,14 @@ def test_apps_view_filters_by_name_layer_and_label() -> None:
     fleet.apply_status("n2", status("n2", labels={"site": "fra"}, apps=[
         app("web", layer="frontend", version="1", failed_version="2"),
         app("db", "failed", "unhealthy", layer="data", labels={"tier": "gold"})]))
-    names = lambda where: [r["app"] for r in fleet.apps_index(where)]  # noqa: E731
+    names = lambda where: [r["app"] for r in views.apps_index(fleet, where)]  # noqa: E731
     assert names(AppFilter.parse(name="WE")) == ["web"]
     assert names(AppFilter.parse(layer="data")) == ["db"]
     assert names(AppFilter.parse(labels=["tier=gold"])) == ["db"]
-    web = fleet.apps_index(AppFilter.parse(labels=["site=fra"]))[1]
+    web = views.apps_index(fleet, AppFilter.parse(labels=["site=fra"]))[1]
     assert (web["app"], web["nodes"], web["version_counts"], web["rolled_back"]) == (
         "web", 1, {"1": 1}, 1)
-    every = {r["app"]: r for r in fleet.apps_view(T0)["apps"]}
+    every = {r["app"]: r for r in views.apps_view(fleet, T0)["apps"]}
     assert every["web"]["version_counts"] == {"1": 1, "2": 1}
     assert every["db"]["phases"] == {"failed": 1, "running": 1}
 
