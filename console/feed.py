@@ -343,14 +343,32 @@ class Feed:
         self._on_change()
 
     def _apply_event(self, msg: Msg) -> None:
-        meta = msg.metadata
-        seq = meta.sequence.stream
+        seq, pending = stream_position(msg)
         if seq <= self.last_seq:
             return  # already applied before a resubscribe
         self.last_seq = seq
-        if meta.num_pending >= self.replay_max:
+        if pending >= self.replay_max:
             self.skipped += 1  # replaying more than we keep: skip the parse
             return
         error = self.fleet.apply_event(msg.subject, msg.data)
         if error:
             log.warning("ignored %s: %s", msg.subject, error)
+
+
+def stream_position(msg: Msg) -> tuple[int, int]:
+    """(stream sequence, messages still pending) of a JetStream delivery, read from its reply
+    subject as nats-py's `Msg.metadata` reads it, without building its metadata objects
+    (a datetime and three dataclasses per event: most of the feed's own cost in a replay).
+
+    `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>` (9 tokens) or,
+    with domain and account hash, `$JS.ACK.<domain>.<hash>.<stream>.<consumer>.<delivered>.
+    <sseq>.<cseq>.<ts>.<pending>[.<random>]`; anything else goes to nats-py (which raises).
+    """
+    tokens = (msg.reply or "").split(".")
+    if tokens[0] == "$JS" and len(tokens) > 1 and tokens[1] == "ACK":
+        if len(tokens) == 9:
+            return int(tokens[5]), int(tokens[8])
+        if len(tokens) >= 11:
+            return int(tokens[7]), int(tokens[10])
+    meta = msg.metadata
+    return meta.sequence.stream, meta.num_pending

@@ -21,6 +21,8 @@ from reconciler.core.rollout import RolloutEntry
 from reconciler.core.spec import NAME_RE
 from reconciler.core.status import NodeStatus, observed_state
 
+EVENT_VALIDATOR = Event.__pydantic_validator__
+
 
 @dataclass
 class RevisionStats:
@@ -150,7 +152,9 @@ class Fleet:
             event = data
         else:
             try:
-                event = Event.model_validate_json(data)
+                # the model's own validator (same config, same result): model_validate_json
+                # adds 0.4 us or more per event in passing its keyword arguments on
+                event = EVENT_VALIDATOR.validate_json(data)
             except ValidationError as exc:
                 return self._reject(f"event on {subject}: {_first_error(exc)}")
         if not NAME_RE.fullmatch(event.node):
