@@ -11,12 +11,19 @@ Target: 5,000 nodes render in <= 1.5 s and stay live.
 
     PATH=/tmp/gmvenv/bin:$PATH python bench/bench_console.py [--nodes 1000] [--events 100000]
     PATH=/tmp/gmvenv/bin:$PATH python bench/bench_console.py --render 1000,5000
+    PATH=/tmp/gmvenv/bin:$PATH python bench/bench_console.py --before /tmp/old-main
+
+`--before DIR` runs the same scenario (a fresh nats-server each) with the console of an
+older checkout too, alternating before/now `--rounds` times, to compare in one run; the
+older tree must read today's status and event shapes. The console's CPU seconds are
+printed beside the rates: on a loaded machine they move less than wall time.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
@@ -212,6 +219,11 @@ def main() -> int:
     parser.add_argument("--render", metavar="SIZES",
                         help="compare fleet sizes, e.g. 1000,5000: overview render in "
                              "Chromium, /api/fleet p99, page memory, live update")
+    parser.add_argument("--before", metavar="DIR",
+                        help="also run the console of an older checkout (e.g. `git archive "
+                             "main | tar -x -C DIR`), alternating with this tree's")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="with --before: how many before/now pairs")
     parser.add_argument("--latency-only", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--streams-only", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -227,9 +239,25 @@ def main() -> int:
                                  args.requests)
         print(p50, p99, size)
         return 0
+    trees: list[tuple[str, str | None]] = [("now", None)]
+    if args.before:
+        trees = [("before", args.before), ("now", None)] * args.rounds
+    results = [(label, scenario(args, tree)) for label, tree in trees]
+    print(f"nodes: {args.nodes}, events per phase: {args.events}, events kept: 5000")
+    for label, r in results:
+        if args.before:
+            print(f"--- {label} ({args.before if label == 'before' else 'this tree'})")
+        report(args, r)
+    return 0
+
+
+def scenario(args: argparse.Namespace, tree: str | None) -> dict[str, Any]:
+    """One run against a fresh nats-server: replay at start, latency, live ingestion with
+    streams open. `tree`: run the console of that checkout instead of this one."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-console-"))
     server = start_nats(tmp)
     console = None
+    env = {**os.environ, "PYTHONPATH": tree} if tree else None
     try:
         now = datetime.now(UTC)
         asyncio.run(put_statuses(server.url, args.nodes))
@@ -240,16 +268,21 @@ def main() -> int:
         began = time.perf_counter()
         console = subprocess.Popen(
             [sys.executable, "-m", "reconciler", "console", "--nats", server.url, "--port",
-             str(port), "--read-only"], stdout=subprocess.DEVNULL)
+             str(port), "--read-only"], stdout=subprocess.DEVNULL, env=env, cwd=tree)
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
         first: list[float] = []
         done = wait_for(client, args.events, args.nodes, first=first)
-        replay_rate = args.events / (done - began)
-        replay_only = args.events / (done - first[0]) if first and done > first[0] else 0.0
         proc = psutil.Process(console.pid)
-        rss_replay = proc.memory_info().rss
-
-        p50, p99, size = latency(client, args.requests)
+        cpu = proc.cpu_times()
+        r: dict[str, Any] = {
+            "replay_rate": args.events / (done - began),
+            "replay_only": args.events / (done - first[0]) if first and done > first[0] else 0.0,
+            # CPU of the console process from its start: steadier than wall time on a
+            # loaded machine
+            "replay_cpu_s": cpu.user + cpu.system,
+            "rss_replay": proc.memory_info().rss,
+        }
+        r["p50"], r["p99"], r["size"] = latency(client, args.requests)
 
         live = make_events(args.nodes, args.events, now, "b" * 40)
 
@@ -282,34 +315,40 @@ def main() -> int:
         async def live_and_latency() -> Any:
             return await asyncio.gather(live_run(), loaded_latency(), streams())
 
-        (pub_took, ingest_took), (lp50, lp99, _), (push_rate, push_kib) = asyncio.run(
-            live_and_latency())
-        rss_live = proc.memory_info().rss
-        health = client.get("/api/health").json()
-        exact = health["events_total"] == 2 * args.events
-
-        print(f"nodes: {args.nodes}, events per phase: {args.events}, events kept: 5000")
-        print(f"replay at start: {replay_rate:,.0f} events/s from process start to all "
-              f"{args.events} applied ({replay_only:,.0f} events/s once the first arrived)")
-        print(f"live: publishers {args.events / pub_took:,.0f} events/s, console ingested "
-              f"{args.events / ingest_took:,.0f} events/s (end to end)")
-        print(f"console RSS: {rss_replay / 2**20:.1f} MiB after replay, "
-              f"{rss_live / 2**20:.1f} MiB after {2 * args.events} events")
-        print(f"/api/fleet ({size / 1024:.0f} KiB): p50 {p50:.1f} ms, p99 {p99:.1f} ms idle; "
-              f"p50 {lp50:.1f} ms, p99 {lp99:.1f} ms while ingesting")
-        print(f"{args.browsers} live overview streams while ingesting: {push_rate:.1f} pushes/s "
-              f"and {push_kib:.1f} KiB/s of updates each (coalesced: at most 4 pushes/s)")
-        print(f"events applied: {health['events_total']} "
-              f"({'exactly once' if exact else 'NOT exactly once'}), "
-              f"rejected {health['rejected']}")
-        ok = exact and (replay_rate >= 5000 and args.events / ingest_took >= 5000 and p99 <= 100)
-        print("targets (>= 5,000 events/s, <= 100 ms p99 idle):", "met" if ok else "MISSED")
-        return 0
+        cpu_before_live = sum(proc.cpu_times()[:2])
+        (pub_took, ingest_took), (r["lp50"], r["lp99"], _), (r["push_rate"], r["push_kib"]) = (
+            asyncio.run(live_and_latency()))
+        r["live_cpu_s"] = sum(proc.cpu_times()[:2]) - cpu_before_live
+        r["pub_rate"], r["ingest_rate"] = args.events / pub_took, args.events / ingest_took
+        r["rss_live"] = proc.memory_info().rss
+        r["health"] = client.get("/api/health").json()
+        return r
     finally:
         if console is not None:
             console.terminate()
             console.wait(10)
         server.stop()
+
+
+def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
+    health = r["health"]
+    exact = health["events_total"] == 2 * args.events
+    print(f"replay at start: {r['replay_rate']:,.0f} events/s from process start to all "
+          f"{args.events} applied ({r['replay_only']:,.0f} events/s once the first arrived; "
+          f"console CPU {r['replay_cpu_s']:.2f} s from its start)")
+    print(f"live: publishers {r['pub_rate']:,.0f} events/s, console ingested "
+          f"{r['ingest_rate']:,.0f} events/s (end to end; console CPU {r['live_cpu_s']:.2f} s, "
+          "streams and requests included)")
+    print(f"console RSS: {r['rss_replay'] / 2**20:.1f} MiB after replay, "
+          f"{r['rss_live'] / 2**20:.1f} MiB after {2 * args.events} events")
+    print(f"/api/fleet ({r['size'] / 1024:.0f} KiB): p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms "
+          f"idle; p50 {r['lp50']:.1f} ms, p99 {r['lp99']:.1f} ms while ingesting")
+    print(f"{args.browsers} live overview streams while ingesting: {r['push_rate']:.1f} pushes/s "
+          f"and {r['push_kib']:.1f} KiB/s of updates each (coalesced: at most 4 pushes/s)")
+    print(f"events applied: {health['events_total']} "
+          f"({'exactly once' if exact else 'NOT exactly once'}), rejected {health['rejected']}")
+    ok = exact and (r["replay_rate"] >= 5000 and r["ingest_rate"] >= 5000 and r["p99"] <= 100)
+    print("targets (>= 5,000 events/s, <= 100 ms p99 idle):", "met" if ok else "MISSED")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,4 @@
-"""The console's guarded actions (POST, operator token, CSRF checks from browsers, audited):
-node reconcile/health/suspend/resume, fleet reconcile and health check, forget a node, and
-pause/resume/abort/promote of a coordinated rollout."""
+"""The console's guarded, audited actions: node and fleet RPCs, forget, rollout control."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""The console's Starlette app: composes pages, JSON API, live streams, guarded actions and
-the security middleware around one Console (fleet, NATS feed, revision history).
-
-Security model: see console/security.py and console/README.md.
-"""
+"""The console's Starlette app: pages, API, streams, actions and middleware around a Console."""
 
 from __future__ import annotations
 

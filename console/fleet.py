@@ -1,10 +1,4 @@
-"""Fleet state: node statuses (KV), events (stream) and rollout entries, applied as they come.
-
-The ingestion side of the console: no I/O and no clock reads. The views derived from this
-state (console.views, console.rollout_views) read it with an injected `now`. Memory is
-bounded: one status per node, the last `events_keep` events, `revisions_keep` revisions of
-rollout statistics.
-"""
+"""Fleet state: statuses, events and rollout entries applied as they arrive (no I/O, no clock)."""
 
 from __future__ import annotations
 
@@ -57,7 +51,11 @@ class ViewMemo:
 
 
 class Fleet:
-    """Everything the console knows, updated by apply_status/apply_event/apply_rollout.
+    """Everything the console knows, updated by apply_status/apply_event/apply_rollout; the
+    views (console.views, console.rollout_views) read it with an injected `now`.
+
+    Memory is bounded: one status per node, the last `events_keep` events, `revisions_keep`
+    revisions of rollout statistics.
 
     `version` increases on every change, so pushers can tell whether anything moved;
     `lineage_version` only when a revision's first sighting or its set of nodes changes

@@ -1,5 +1,4 @@
-"""The console's NATS side of requests: node RPCs as HTTP answers, the JetStream context of
-the feed's domain, and the audit events of actions."""
+"""The console's NATS requests: node RPCs as HTTP answers, JetStream domain, audit events."""
 
 from __future__ import annotations
 

@@ -1,9 +1,4 @@
-"""Pure views of rollouts: where a revision stands node by node, its lineage, coordinated
-rollouts with their waves, and per-revision reconcile series.
-
-Values in, JSON-able values out: a Fleet's state and an injected `now`; no I/O, no clock
-reads. Lineage heads are memoised in the fleet per `lineage_version`.
-"""
+"""Pure views of rollouts (fleet state + injected now): buckets, lineage, waves, series."""
 
 from __future__ import annotations
 

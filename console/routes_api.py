@@ -1,5 +1,4 @@
-"""The console's JSON read API: fleet, nodes, apps, rollouts, events, series, health, history,
-an app's spec and log on a node (node RPCs), the live streams and the OpenAPI document."""
+"""The console's JSON read API: fleet, nodes, apps, rollouts, events, streams, node reads."""
 
 from __future__ import annotations
 

@@ -1,10 +1,4 @@
-"""The console's request guards: bearer tokens and roles, same-origin and double-submit CSRF
-checks for actions, and the security headers (CSP and friends) on every response.
-
-See console/README.md for the model: operator tokens for actions, viewer tokens for app
-logs, browsers must also be same-origin and carry the `gm_csrf` token, loopback binds serve
-only loopback Host names (DNS-rebinding defence).
-"""
+"""The console's request guards: tokens and roles, same-origin and CSRF checks, headers."""
 
 from __future__ import annotations
 

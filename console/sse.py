@@ -1,5 +1,4 @@
-"""Live streams (server-sent events): a view pushed whenever it changes, coalesced to at most
-one push per push interval; the overview as deltas of the cards that changed."""
+"""Live streams (server-sent events): views pushed when they change, coalesced, deltas."""
 
 from __future__ import annotations
 
@@ -104,7 +103,8 @@ def overview_delta(view: dict[str, Any], sent: dict[str, Any], first: bool
     """
     cards = {c["node"]: c for c in view["nodes"]}
     rest = {k: v for k, v in view.items() if k not in ("nodes", "now", "feed")}
-    upsert = [c for n, c in cards.items() if sent.get(n) != c]
+    # cards are memoised per status: the one sent before is mostly the very same dict
+    upsert = [c for n, c in cards.items() if (was := sent.get(n)) is not c and was != c]
     remove = [n for n in sent if n and n not in cards]
     if not first and not upsert and not remove and sent.get("") == rest:
         return None

@@ -1,5 +1,4 @@
-"""Shared state of one running console: fleet, feed, change pulse, and views memoised per
-fleet version (many browsers, one build; serialised once)."""
+"""Shared state of a running console: fleet, feed, change pulse, views memoised per version."""
 
 from __future__ import annotations
 

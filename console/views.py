@@ -1,8 +1,4 @@
-"""Pure views of a Fleet for the pages and the API: overview, node cards, node and app views.
-
-Values in, JSON-able values out: the fleet's state and an injected `now`; no I/O, no clock
-reads. Cards are memoised in the fleet (`fleet.memo`) per status and derived state.
-"""
+"""Pure views of a Fleet (its state + an injected now): overview, cards, nodes, apps."""
 
 from __future__ import annotations
 
@@ -62,11 +58,12 @@ def cards(fleet: Fleet, now: datetime, where: NodeFilter | None = None) -> list[
     return [c for c in built if where is None or where.matches(c)]
 
 
-def counters(fleet: Fleet, now: datetime) -> dict[str, int]:
+def counters(fleet: Fleet, now: datetime,
+             every_card: list[dict[str, Any]] | None = None) -> dict[str, int]:
+    """Nodes per status and app totals (from `every_card`, all cards unfiltered, if given)."""
     counts = dict.fromkeys(STATUSES, 0)
     apps_running = apps_failed = apps_total = apps_rolled_back = 0
-    for status in fleet.nodes.values():
-        one = card(fleet, status, now)
+    for one in every_card if every_card is not None else cards(fleet, now):
         counts[one["status"]] = counts.get(one["status"], 0) + 1
         apps_total += one["apps"]["total"]
         apps_running += one["apps"]["running"]
@@ -95,10 +92,11 @@ def filter_choices(fleet: Fleet) -> dict[str, Any]:
 
 
 def overview(fleet: Fleet, now: datetime, where: NodeFilter | None = None) -> dict[str, Any]:
+    every_card = cards(fleet, now)  # once for the counters and the (filtered) cards
     return {
         "now": iso_time(now),
-        "counters": counters(fleet, now),
-        "nodes": cards(fleet, now, where),
+        "counters": counters(fleet, now, every_card),
+        "nodes": every_card if where is None else [c for c in every_card if where.matches(c)],
         "filters": filter_choices(fleet),
         "rollouts": recent_rollouts(fleet, now),
         "active_rollouts": active_rollouts(fleet, now),
