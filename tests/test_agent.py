@@ -784,7 +784,8 @@ def test_launch_spec_env_and_argv(tmp_path: Path) -> None:
     """The app's environment: PATH from the agent, env_files (read on the node), the spec's
     env on top, then the agent's GITOPS_* values; shell commands only when asked for."""
     from reconciler.core.spec import AppSpec
-    from reconciler.node.executor import ActionFailed, Executor, read_env_file
+    from reconciler.node.executor import Executor
+    from reconciler.node.instances import ActionFailed, read_env_file
     from reconciler.node.runtimes.base import LaunchSpec, RestartPolicy
     from reconciler.node.store import Store
 
@@ -1118,7 +1119,7 @@ async def test_an_escaped_child_survives_nothing_but_its_app(
 
 @pytest.mark.timeout(60)
 def test_env_files_are_bounded_regular_files(tmp_path: Path) -> None:
-    from reconciler.node.executor import MAX_ENV_FILE_BYTES, ActionFailed, read_env_file
+    from reconciler.node.instances import MAX_ENV_FILE_BYTES, ActionFailed, read_env_file
 
     fifo = tmp_path / "pipe.env"
     os.mkfifo(fifo)

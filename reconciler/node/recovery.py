@@ -15,7 +15,8 @@ from typing import Any
 import psutil
 
 from reconciler.core.spec import AppSpec
-from reconciler.node.executor import ActionFailed, Executor, next_name
+from reconciler.node.executor import Executor
+from reconciler.node.instances import ActionFailed, next_name
 from reconciler.node.runtimes.base import LaunchSpec, ProcessRecord, Runtime
 from reconciler.node.runtimes.process import (
     INSTANCE_ENV,
