@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
+from reconciler.core.events import Event
 from reconciler.core.spec import AppSpec
 from reconciler.core.states import EventType, Outcome
 from reconciler.node.store import AppRecord, Store
-from reconciler.node.transitions import RecordEvent, transition
+from reconciler.node.transitions import transition
 
 # A new version (or spec) that came up healthy: it is what runs now, and no failure is left.
 RUNNING: dict[str, Any] = dict(
@@ -18,17 +19,24 @@ RUNNING: dict[str, Any] = dict(
 )
 
 
+class EventRecorder(Protocol):
+    """The agent's event queue, as the executor's hooks provide it."""
+
+    def record(self, type: EventType, **fields: Any) -> Event:
+        """Queue an event in the store (inside the caller's transaction)."""
+
+
 class AppChanges:
     """transitions.transition bound to the executor's store and event recorder, and the
     failed end state that deploys, restarts and rollbacks all come to."""
 
-    def __init__(self, store: Store, record: RecordEvent) -> None:
+    def __init__(self, store: Store, events: EventRecorder) -> None:
         self.store = store
-        self.record = record
+        self.events = events
 
     def transition(self, name: str, change: Mapping[str, Any] | AppRecord | None,
                    event: EventType | None = None, **fields: Any) -> None:
-        transition(self.store, self.record, name, change, event, **fields)
+        transition(self.store, self.events.record, name, change, event, **fields)
 
     def failed(self, spec: AppSpec, message: str, permanent: bool,
                started: float) -> tuple[Outcome, str]:

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from reconciler.core.events import Event
 from reconciler.core.plan import Action, ActionKind, Mode, Plan
 from reconciler.core.spec import METADATA_FIELDS, AppSpec
 from reconciler.core.states import EventType, Outcome
-from reconciler.node.app_changes import RUNNING, AppChanges, ms_since
+from reconciler.node.app_changes import RUNNING, AppChanges, EventRecorder, ms_since
 from reconciler.node.instances import (
     ActionFailed,
     Artifacts,
@@ -39,11 +38,8 @@ Step = Callable[
 ]
 
 
-class Hooks(HealthHooks, Protocol):
-    """The agent's side of the executor: events, dependency checks, and health (HealthHooks)."""
-
-    def record(self, type: EventType, **fields: Any) -> Event:
-        """Queue an event in the store (inside the caller's transaction)."""
+class Hooks(EventRecorder, HealthHooks, Protocol):
+    """The agent's side of the executor: events, health watching and probes, dependencies."""
 
     async def dependency_problem(self, name: str) -> str | None:
         """None when app `name` runs and is healthy, else why not."""
@@ -84,7 +80,7 @@ class Executor:
         self.artifacts = artifacts
         self.hooks = hooks
         self.telemetry = telemetry
-        self.changes = AppChanges(store, hooks.record)
+        self.changes = AppChanges(store, hooks)
         self.instances = Instances(
             node_id=node_id, runtime=runtime, artifacts=artifacts, hooks=hooks,
             log_dir=log_dir, port_offset=port_offset, base_env=base_env,
