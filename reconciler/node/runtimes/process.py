@@ -4,21 +4,20 @@ Each app runs in its own session and process group (so it outlives an agent cras
 adopted by the next agent), with stdout+stderr written by the app itself to
 `<log_dir>/<name>.log` (opened O_APPEND, no pipe through the agent). Exits are watched with a
 pidfd where the kernel has one (instant, no threads, works for adopted processes too) and with
-a psutil poll otherwise. Decisions about restarts live in the pure `next_after_exit`.
+a psutil poll otherwise (the fork/exec and the exit wait are runtimes/spawn.py). Decisions
+about restarts live in the pure `next_after_exit`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import shutil
 import signal
 import subprocess
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -36,13 +35,12 @@ from reconciler.node.runtimes.base import (
     RestartPolicy,
     RuntimeListener,
 )
+from reconciler.node.runtimes.spawn import INSTANCE_ENV, is_live, spawn_process, wait_exit
 
 log = logging.getLogger(__name__)
 
+# psutil create_time is derived from jiffies: allow rounding
 CREATE_TIME_TOLERANCE = 0.05
-# Set in every app process's environment, unique per start: its descendants inherit it, so
-# the ones that leave the process group and session are still found and stopped with it.
-INSTANCE_ENV = "GITOPS_INSTANCE"  # psutil create_time is derived from jiffies: allow rounding
 LOG_MAX_BYTES = 10 * 1024 * 1024
 LOG_KEEP = 3
 
@@ -148,14 +146,6 @@ def rotate_log(path: Path, max_bytes: int = LOG_MAX_BYTES, keep: int = LOG_KEEP)
 # --- process-group helpers --------------------------------------------------------------------
 
 
-def _alive(proc: psutil.Process) -> bool:
-    """Running and not a zombie (a zombie has exited; here PID 1 may never reap it)."""
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) pids in process group `pgid` or in session `pgid` (an app may have
     moved a child to a new group; leaving the session needs setsid, i.e. real daemonizing)."""
@@ -184,7 +174,7 @@ def marked_processes(instance: str | None) -> list[psutil.Process]:
         if proc.pid == me:
             continue
         try:
-            if proc.environ().get(INSTANCE_ENV) == instance and _alive(proc):
+            if proc.environ().get(INSTANCE_ENV) == instance and is_live(proc):
                 found.append(proc)
         except (psutil.Error, OSError):  # gone, or not ours to read
             continue
@@ -220,7 +210,7 @@ async def _wait_stopped(
             delay = min(delay * 2, 0.05)
     if not await _wait_group_gone(pgid, max(0.0, deadline - time.monotonic())):
         return False
-    while any(_alive(proc) for proc in escaped):
+    while any(is_live(proc) for proc in escaped):
         if time.monotonic() >= deadline:
             return False
         await asyncio.sleep(0.02)
@@ -405,7 +395,7 @@ class ProcessRuntime:
         try:
             proc = psutil.Process(record.pid)
             same = abs(proc.create_time() - record.create_time) <= CREATE_TIME_TOLERANCE
-            if not same or not _alive(proc) or os.getpgid(record.pid) != record.pgid:
+            if not same or not is_live(proc) or os.getpgid(record.pid) != record.pgid:
                 return False
         except (psutil.Error, OSError):
             return False
@@ -525,61 +515,16 @@ class ProcessRuntime:
         """Fork/exec one process for `app` and start watching it; RuntimeFailure if it cannot."""
         launch = app.launch
         _reap_detached()
-        if not launch.argv:
-            raise RuntimeFailure(f"{launch.name}: empty command")
-        if not launch.workdir.is_dir():
-            raise RuntimeFailure(f"{launch.name}: workdir {launch.workdir} is not a directory")
-        try:
-            launch.log_dir.mkdir(parents=True, exist_ok=True)
-            log_path = launch.log_dir / launch.log_file
-            # O_APPEND in the open file description the child inherits: copytruncate works
-            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-            log_fd = os.open(log_path, flags, 0o640)
-        except OSError as exc:
-            raise RuntimeFailure(
-                f"{launch.name}: cannot open log in {launch.log_dir}: {exc.strerror}"
-            ) from exc
-        try:
-            header = f"--- gitops-mesh: starting {launch.name} {launch.version}\n"
-            os.write(log_fd, header.encode())
-            app.instance = f"{launch.name}.{uuid.uuid4().hex[:16]}"
-            popen = subprocess.Popen(
-                list(launch.argv),
-                # exactly what the agent built (nothing inherited), plus the instance marker
-                env={**launch.env, INSTANCE_ENV: app.instance},
-                cwd=launch.workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=log_fd,
-                start_new_session=True,
-                close_fds=True,
-            )
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            if exc.errno == errno.ENOENT:
-                reason = "no such file or directory"
-            elif exc.errno == errno.EACCES:
-                reason = "permission denied (not executable?)"
-            raise RuntimeFailure(
-                f"{launch.name}: cannot start {launch.argv[0]!r}: {reason}"
-            ) from exc
-        finally:
-            os.close(log_fd)
-        proc: psutil.Process | None
-        try:
-            proc = psutil.Process(popen.pid)
-            create_time = proc.create_time()
-            proc.cpu_percent(None)  # prime it: the next call measures since now
-        except psutil.Error:  # only if someone else reaped our child; the watch sees the exit
-            proc, create_time = None, self._clock()
-        record = ProcessRecord(launch.name, launch.version, popen.pid, popen.pid, create_time)
-        app.record, app.proc, app.popen = record, proc, popen
+        spawned = spawn_process(launch, self._clock)
+        record, proc = spawned.record, spawned.proc
+        app.record, app.proc, app.popen = record, proc, spawned.popen
+        app.instance = spawned.instance
         app.state, app.started_at = "running", self._clock()
-        app.message = f"running pid {popen.pid}"
+        app.message = f"running pid {record.pid}"
         app.watch_task = asyncio.get_running_loop().create_task(
             self._watch(app, proc), name=f"watch-{launch.name}"
         )
-        log.info("started %s %s pid %s", launch.name, launch.version, popen.pid)
+        log.info("started %s %s pid %s", launch.name, launch.version, record.pid)
         return record
 
     async def _watch(self, app: _App, proc: psutil.Process | None) -> None:
@@ -596,7 +541,8 @@ class ProcessRuntime:
 
         try:
             popen = app.popen
-            await self._wait_exit(record.pid, popen, proc)
+            await wait_exit(record.pid, popen, proc, use_pidfd=self._use_pidfd,
+                            poll_interval=self._poll_interval)
             returncode = popen.poll() if popen is not None else None
             if superseded():
                 return
@@ -610,40 +556,6 @@ class ProcessRuntime:
             self._on_exit(app, returncode)
         except Exception:  # a bug here must not go unnoticed as a never-retrieved task error
             log.exception("supervising %s failed", app.launch.name)
-
-    async def _wait_exit(
-        self, pid: int, popen: subprocess.Popen[bytes] | None, proc: psutil.Process | None
-    ) -> None:
-        if self._use_pidfd:
-            try:
-                pidfd = os.pidfd_open(pid)
-            except OSError:
-                return  # already gone (and reaped)
-            loop = asyncio.get_running_loop()
-            exited = loop.create_future()
-            def on_readable() -> None:
-                if not exited.done():
-                    exited.set_result(None)
-
-            loop.add_reader(pidfd, on_readable)
-            try:
-                # pid reuse guard: the pidfd may name a newer process if ours was reaped
-                if popen is None and (proc is None or not _alive(proc)):
-                    return
-                if popen is not None and popen.poll() is not None:
-                    return
-                await exited
-            finally:
-                loop.remove_reader(pidfd)
-                os.close(pidfd)
-            return
-        while True:
-            if popen is not None:
-                if popen.poll() is not None:
-                    return
-            elif proc is None or not _alive(proc):
-                return
-            await asyncio.sleep(self._poll_interval)
 
     def _on_exit(self, app: _App, returncode: int | None, what: str | None = None) -> None:
         launch = app.launch
@@ -705,7 +617,7 @@ class ProcessRuntime:
             return
         launch = app.launch
         pgid = record.pgid
-        if app.popen is None and app.proc is not None and not _alive(app.proc):
+        if app.popen is None and app.proc is not None and not is_live(app.proc):
             return  # adopted and already gone: its pgid may belong to someone else by now
         popen = app.popen
         await self._stop_group(launch, pgid, popen, app.instance)
