@@ -1,4 +1,4 @@
-"""Executor: applies a Plan (removals, then generations in parallel), health gates, rollback."""
+"""Executor: applies a Plan (removals, then a DAG of actions), each the step its Mode names."""
 
 from __future__ import annotations
 
@@ -53,8 +53,6 @@ class ActionResult:
     outcome: Outcome  # skipped: blocked by a dependency
     message: str = ""
     duration_ms: float = 0.0
-
-
 
 
 class Executor:
@@ -243,15 +241,14 @@ class Executor:
                 spec_hash=spec.spec_hash(), phase="blocked", message=reason,
             )
         self.changes.transition(spec.name, change, "app.blocked", version=spec.version,
-                         outcome="skipped", message=reason)
+                                outcome="skipped", message=reason)
 
     def _fail_unexpected(self, action: Action, spec: AppSpec | None, message: str) -> None:
         if self.store.get_app(action.app) is None:
             return
-        self.changes.transition(action.app, dict(phase="failed", message=message), "app.failed",
-                         version=spec.version if spec else None, outcome="failure",
-                         message=message)
-
+        self.changes.transition(action.app, dict(phase="failed", message=message),
+                                "app.failed", version=spec.version if spec else None,
+                                outcome="failure", message=message)
 
     # -- steps (one per Mode) ------------------------------------------------------------
     async def _deploy(
@@ -297,7 +294,7 @@ class Executor:
         started: float, event: EventType, **event_fields: Any,
     ) -> tuple[Outcome, str]:
         """Install, start and wait healthy; then mark the app running and record `event`,
-        in one transaction. A failure becomes the app's failed state (see _failed)."""
+        in one transaction. A failure becomes the app's failed state (AppChanges.failed)."""
         try:
             install_dir = await self.instances.install(spec, read_repo_file)
             self.store.update_app(spec.name, install_dir=str(install_dir))
@@ -306,7 +303,8 @@ class Executor:
             return self.changes.failed(spec, str(exc), exc.permanent, started)
         self.changes.transition(
             spec.name, RUNNING | dict(applied_revision=revision), event,
-            version=spec.version, outcome="success", duration_ms=ms_since(started), **event_fields,
+            version=spec.version, outcome="success", duration_ms=ms_since(started),
+            **event_fields,
         )
         return "success", ""
 
@@ -321,7 +319,6 @@ class Executor:
         return await self._bring_up(spec, read_repo_file, revision, started, action.event,
                                     message="started again: it was not running")
 
-
     async def _remove(self, action: Action, started: float) -> tuple[Outcome, str]:
         """REMOVE: stop the app, delete its files, then its record."""
         record = self.store.get_app(action.app)
@@ -334,7 +331,8 @@ class Executor:
         except OSError as exc:
             log.warning("%s: could not remove its files: %s", action.app, exc)
         self.changes.transition(action.app, None, action.event, version=record.version,
-                         outcome="success", duration_ms=ms_since(started), message=action.reason)
+                                outcome="success", duration_ms=ms_since(started),
+                                message=action.reason)
         return "success", ""
 
     async def stop_all(self, order: list[list[str]]) -> None:

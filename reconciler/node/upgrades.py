@@ -111,7 +111,7 @@ class Upgrades:
         self.changes.transition(
             spec.name,
             RUNNING | dict(applied_revision=intent.revision, prev_pid=None, prev_pgid=None,
-                            prev_create_time=None),
+                           prev_create_time=None),
             cast(EventType, intent.event), version=spec.version,
             from_version=previous.version, outcome="success",
             duration_ms=ms_since(_monotonic_of(intent.started)),
@@ -131,7 +131,7 @@ class Upgrades:
         try:
             if launch is None:
                 launch = await self.instances.start(spec, install_dir, timeout,
-                                           runtime_name=next_name(name))
+                                                    runtime_name=next_name(name))
             else:
                 await self.instances.healthy_or_stop(spec, launch, timeout)
         except ActionFailed as exc:
