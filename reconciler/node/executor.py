@@ -17,6 +17,7 @@ from reconciler.core.plan import Action, ActionKind, Mode, Plan
 from reconciler.core.spec import METADATA_FIELDS, AppSpec
 from reconciler.core.states import EventType, Outcome
 from reconciler.node.app_changes import RUNNING, AppChanges, EventRecorder, ms_since
+from reconciler.node.dag import run_as_dag
 from reconciler.node.instances import (
     ActionFailed,
     Artifacts,
@@ -123,42 +124,15 @@ class Executor:
                 *(self._run(a, None, read_repo_file, plan.revision, set())
                   for a in removal_groups[generation])
             )
-        failed: set[str] = set()
-        slots = asyncio.Semaphore(MAX_PARALLEL)
-        tasks: dict[str, asyncio.Task[ActionResult | None]] = {}
-        generation_of = {a.app: a.generation for a in plan.actions
-                         if a.kind is not ActionKind.REMOVE}
-
-        async def run(action: Action) -> ActionResult | None:
-            for dep in action.depends_on:
-                task = tasks.get(dep)
-                # an earlier generation only: apps on a cycle (never in a valid tree) share one
-                if task is not None and generation_of[dep] < action.generation:
-                    done = await task
-                    if done is None:  # never started: neither does its dependent
-                        return None
-            async with slots:
-                if superseded is not None and superseded():
-                    return None
-                result = await self._run(action, desired.get(action.app), read_repo_file,
-                                         plan.revision, failed)
-            if result.outcome != "success":
-                failed.add(action.app)
-            return result
-
-        order = [a for a in plan.actions if a.kind is not ActionKind.REMOVE]
-        if first:
-            order.sort(key=lambda a: a.app not in first)  # stable: plan order otherwise
-        for action in order:
-            tasks[action.app] = asyncio.create_task(run(action), name=f"do-{action.app}")
-        try:
-            done = await asyncio.gather(*tasks.values())
-        finally:
-            for task in tasks.values():  # a cancelled reconcile leaves nothing running
-                task.cancel()
-        by_app = {r.action.app: r for r in done if r is not None}
-        results += [by_app[a.app] for a in plan.actions if a.app in by_app
-                    and a.kind is not ActionKind.REMOVE]
+        rest = [a for a in plan.actions if a.kind is not ActionKind.REMOVE]
+        by_app = await run_as_dag(
+            rest,
+            lambda action, failed: self._run(action, desired.get(action.app), read_repo_file,
+                                             plan.revision, failed),
+            lambda result: result.outcome == "success",
+            limit=MAX_PARALLEL, superseded=superseded, first=first,
+        )
+        results += [by_app[a.app] for a in rest if a.app in by_app]
         return results
 
     def _store_metadata(self, names: tuple[str, ...], desired: Mapping[str, AppSpec]) -> None:
