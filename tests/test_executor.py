@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -12,10 +13,11 @@ import pytest
 
 from reconciler.core.errors import RuntimeFailure
 from reconciler.core.events import Event, make_event
-from reconciler.core.plan import ActionKind, Mode, make_plan
+from reconciler.core.plan import Action, ActionKind, Mode, make_plan
 from reconciler.core.spec import AppSpec
 from reconciler.core.state import DesiredState
 from reconciler.node.artifacts import ArtifactStore
+from reconciler.node.dag import run_as_dag
 from reconciler.node.executor import Executor
 from reconciler.node.runtimes.base import (
     ALIVE_STATES,
@@ -202,3 +204,30 @@ async def test_the_executor_does_what_the_plan_says(case: Case, tmp_path: Path) 
     record = store.get_app("web")
     assert ((record.phase, record.version) if record else None) == case.after
     store.close()
+
+
+def _install(app: str, generation: int, *depends_on: str) -> Action:
+    return Action(ActionKind.DEPLOY, app, generation, "new", depends_on=depends_on,
+                  mode=Mode.INSTALL)
+
+
+async def test_the_dag_runs_dependents_after_their_dependencies_and_stops_on_superseded() -> None:
+    """run_as_dag: a dependent starts once its dependency's action is done and hears that
+    it failed; `first` jumps the queue; once superseded, nothing (and no dependent) starts."""
+    db, cache, web = _install("db", 0), _install("cache", 0), _install("web", 1, "db", "cache")
+    log: list[str] = []
+
+    async def run_one(action: Action, failed: set[str]) -> tuple[str, bool]:
+        await asyncio.sleep(0)  # let the others run: order comes from the dependencies
+        log.append(f"{action.app} failed={sorted(failed)}")
+        return action.app, action.app != "db"
+
+    done = await run_as_dag([db, cache, web], run_one, lambda result: result[1], limit=1,
+                            first={"cache"})
+    assert log == ["cache failed=[]", "db failed=[]", "web failed=['db']"]
+    assert set(done) == {"db", "cache", "web"}
+
+    log.clear()
+    done = await run_as_dag([db, cache, web], run_one, lambda result: result[1], limit=1,
+                            superseded=lambda: bool(log))
+    assert log == ["db failed=[]"] and set(done) == {"db"}
