@@ -135,7 +135,7 @@ async def bench_handover(tmp: Path, url: str, n: int, rounds: int) -> list[float
         kv = await rollouts_bucket(nc.jetstream())
         assert kv is not None
         for r in range(1, rounds + 1):
-            watcher = await kv.watchall()
+            watcher = await kv.watch("*")  # the entries, not the nodes' report keys
             first_claim: dict[str, str] = {}
 
             async def watch(watcher: Any = watcher, claims: dict[str, str] = first_claim) -> None:

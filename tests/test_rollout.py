@@ -438,7 +438,7 @@ async def test_max_unavailable_percent_is_never_exceeded(
         try:
             kv = await rollouts_bucket(nc.jetstream())
             assert kv is not None
-            watcher = await kv.watchall()
+            watcher = await kv.watch("*")  # the entries, not the report keys
 
             async def record() -> None:
                 while True:

@@ -6,6 +6,11 @@ When another node or operator wrote in between, the server refuses the write (wr
 sequence) and the change is computed again from the new value, so no update is lost. Only
 the writer that won announces the transition's events: a node through its outbox (the
 agent records them), the CLI and the console by publishing with Nats-Msg-Id.
+
+A node's outcome goes first to its own report key `<sha>.<node>` (a plain put: a hundred
+nodes reporting at once do not contend for one entry); it folds the reports into the entry
+by CAS only when core's `fold_due` / `wave_reported` say the entry must change now.
+Readers of the entries skip report keys (`is_report_key`).
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
-from reconciler.core.events import make_event
+from reconciler.core.events import iso_time, make_event
 from reconciler.core.rollout import (
     Member,
     NodeOutcome,
+    NodeReport,
     RolloutEntry,
     RolloutEvent,
     RolloutRefused,
@@ -42,10 +48,12 @@ from reconciler.core.rollout import (
     advance,
     base_for,
     consult,
+    fold,
+    fold_due,
     new_entry,
     operate,
-    report,
     supersede,
+    wave_reported,
 )
 from reconciler.core.rollout_spec import RolloutSpec
 from reconciler.core.status import heartbeat_stale
@@ -87,6 +95,45 @@ async def rollouts_bucket(js: JetStreamContext, create: bool = True) -> KeyValue
         log.warning("%s", exc)
         return None
     return await js.key_value(ROLLOUTS_BUCKET)
+
+
+def report_key(revision: str, node: str) -> str:
+    """`<sha>.<node>`: node names ([a-z0-9-]) and SHAs are valid KV key tokens."""
+    return f"{revision}.{node}"
+
+
+def is_report_key(key: str) -> bool:
+    """A node's report, not a rollout entry (entries are keyed by the bare SHA)."""
+    return "." in key
+
+
+async def read_reports(kv: KeyValue, revision: str) -> dict[str, NodeReport]:
+    """Every node's latest report at `revision` (one ordered watch of `<sha>.*`)."""
+    reports: dict[str, NodeReport] = {}
+    watcher = await kv.watch(f"{revision}.*", ignore_deletes=True)
+    try:
+        while True:
+            got = await watcher.updates(timeout=OP_TIMEOUT_S)
+            if got is None:
+                return reports
+            if not got.value or got.operation in ("DEL", "PURGE"):
+                continue
+            try:
+                found = NodeReport.from_json(got.value)
+            except ValueError:
+                continue
+            reports[got.key.rsplit(".", 1)[-1]] = found  # the key vouches for the node
+    finally:
+        with contextlib.suppress(Exception):
+            await watcher.stop()
+
+
+async def reported_nodes(js: JetStreamContext, revision: str) -> set[str]:
+    """Which nodes wrote a report at `revision`: one stream-info request (the subjects of
+    `<sha>.*`), no values read."""
+    prefix = f"{ROLLOUTS_SUBJECT_PREFIX}.{revision}."
+    info = await js.stream_info(ROLLOUTS_STREAM, subjects_filter=f"{prefix}*")
+    return {subject[len(prefix):] for subject in (info.state.subjects or {})}
 
 
 async def read_entry(kv: KeyValue, revision: str) -> tuple[RolloutEntry | None, int]:
@@ -220,7 +267,8 @@ async def resolve_revision(kv: KeyValue, wanted: str) -> str | None:
         keys = await kv.keys()
     except nats.js.errors.NoKeysError:
         return None
-    found = [k for k in keys if len(wanted) >= 4 and k.startswith(wanted)]
+    found = [k for k in keys
+             if len(wanted) >= 4 and k.startswith(wanted) and not is_report_key(k)]
     return found[0] if len(found) == 1 else None
 
 
@@ -304,13 +352,7 @@ class MeshCoordinator:
         events += result.events
         self.cas_attempts += result.attempts
         if created:
-            members = await self._fleet(js, node, labels, revision)
-            placed = await cas_update(
-                js, kv, self.options, revision,
-                lambda current: None if current is None else advance(
-                    current, members, self._now()))
-            events += placed.events
-            self.cas_attempts += placed.attempts
+            events += (await self._place(js, kv, revision, node, labels))[1]
         if verdict.kind in ("apply", "aborted", "superseded"):
             return verdict, tuple(events)
         members = await self._fleet(js, node, labels, revision)
@@ -318,6 +360,32 @@ class MeshCoordinator:
             js, kv, revision, spec, node, members, base, fleet=True)
         self.cas_attempts += result.attempts
         return verdict, (*events, *result.events)
+
+    async def _place(self, js: JetStreamContext, kv: KeyValue, revision: str, node: str,
+                     labels: Mapping[str, str]
+                     ) -> tuple[RolloutEntry | None, tuple[RolloutEvent, ...]]:
+        """Place every wave's nodes from a fleet read, with the reports written so far. A
+        node reporting into the unplaced entry leaves its report to this: so once placed,
+        the reports written before the placement are folded in too (a second fold only if
+        some came in meanwhile); a report written after it meets a placed entry."""
+        members = await self._fleet(js, node, labels, revision)
+        events: list[RolloutEvent] = []
+        entry: RolloutEntry | None = None
+        for _ in range(2):
+            reports = await read_reports(kv, revision)
+
+            def change(current: RolloutEntry | None,
+                       reports: dict[str, NodeReport] = reports) -> Step | None:
+                return None if current is None else fold(
+                    current, reports, members, self._now(), fleet=True)
+
+            result = await cas_update(js, kv, self.options, revision, change)
+            events += result.events
+            self.cas_attempts += result.attempts
+            entry = result.entry
+            if entry is None or await reported_nodes(js, revision) <= set(reports):
+                break
+        return entry, tuple(events)
 
     async def _consult_with(self, js: JetStreamContext, kv: KeyValue, revision: str,
                             spec: RolloutSpec, node: str, members: Mapping[str, Member],
@@ -379,20 +447,48 @@ class MeshCoordinator:
                       outcome: NodeOutcome, message: str
                       ) -> tuple[RolloutEntry | None, tuple[RolloutEvent, ...]]:
         js, kv = await self._open()
+        mine = NodeReport(node=node, outcome=outcome, message=message[:300],
+                          labels=dict(labels), at=iso_time(self._now()))
+        # written before looking at the others' (so of several nodes reporting last at once,
+        # at least one sees them all): a plain put, nobody waits for anybody
+        await js.publish(self.options.kv_put_subject(ROLLOUTS_BUCKET, report_key(revision, node)),
+                         mine.to_json_bytes())
+        current, _ = await read_entry(kv, revision)
+        if current is None:
+            return None, ()  # no rollout (deleted): nothing to fold into
+        due = fold_due(current, node, outcome, self._now())
+        if due is None and not wave_reported(current, await reported_nodes(js, revision)):
+            return current, ()
         # the fleet as last read for this revision (consult read it): placing and offline
         # nodes are the consults' business; a report must not cost a fleet read
         cached = self._members
         members = {**(cached[2] if cached and cached[1] == revision else {}),
                    node: Member(dict(labels), True)}
+        if due == "place":
+            return await self._place(js, kv, revision, node, labels)
+        events: tuple[RolloutEvent, ...] = ()
+        entry: RolloutEntry | None = current
+        if due is not None:
+            def own(at_entry: RolloutEntry | None) -> Step | None:
+                at = self._now()
+                if at_entry is None or fold_due(at_entry, node, outcome, at) is None:
+                    return None  # another node's fold took ours in, or is the fresher one
+                return fold(at_entry, {node: mine}, members, at)
 
-        def change(current: RolloutEntry | None) -> Step | None:
-            if current is None:
-                return None  # no rollout (deleted): nothing to report into
-            return report(current, node, outcome, message, members, self._now())
-
-        result = await cas_update(js, kv, self.options, revision, change)
+            result = await cas_update(js, kv, self.options, revision, own)
+            self.cas_attempts += result.attempts
+            entry, events = result.entry, result.events
+            if due == "own" or not result.wrote:
+                return entry, events
+        # everybody's reports: the open wave completes with them, or this node's write won
+        # the progress fold
+        reports = {**await read_reports(kv, revision), node: mine}
+        result = await cas_update(
+            js, kv, self.options, revision,
+            lambda at_entry: None if at_entry is None else fold(
+                at_entry, reports, members, self._now()))
         self.cas_attempts += result.attempts
-        return result.entry, result.events
+        return result.entry or entry, (*events, *result.events)
 
     # ---- watching one entry -----------------------------------------------------------
     def watch(self, revision: str | None, on_change: Callable[[str], None] | None) -> None:
