@@ -409,7 +409,7 @@ def _everyone(max_unavailable: int | str) -> bool:
 NodeOutcome = Literal["synced", "failed"]
 # progress (synced counts) reaches the entry at least this often while reports come in; the
 # transitions (a failure, a freed slot, a completed wave) reach it at once
-FOLD_EVERY_S = 1.0
+FOLD_EVERY_S = 2.0
 
 
 class NodeReport(BaseModel):
@@ -513,6 +513,13 @@ def wave_reported(entry: RolloutEntry, reported: Collection[str]) -> bool:
         return False
     pending = entry.waves[entry.wave_index].pending()
     return bool(pending) and set(pending) <= set(reported)
+
+
+def completing_folder(entry: RolloutEntry) -> str | None:
+    """Of a herd of reporters that all see the open wave reported, the one that folds at
+    once (the others look again a little later): the last of its pending nodes by name."""
+    pending = entry.waves[entry.wave_index].pending()
+    return max(pending) if pending else None
 
 
 def _take_report(e: RolloutEntry, node: str, outcome: NodeOutcome, message: str,
@@ -694,17 +701,19 @@ class RolloutCoordinator(Protocol):
     """What the agent needs for a governed revision; the mesh implements it over KV."""
 
     async def consult(self, revision: str, spec: RolloutSpec, node: str,
-                      labels: Mapping[str, str], previous: str | None
-                      ) -> tuple[Verdict, tuple[RolloutEvent, ...]]:
+                      labels: Mapping[str, str], previous: str | None,
+                      later: Any = None) -> tuple[Verdict, tuple[RolloutEvent, ...]]:
         """May this node apply `revision` now? Creates the entry if this is the first node
         to see the revision (`previous`: the revision it followed before, for the base).
-        Returns the verdict and the events this node's write caused (to record once).
+        Returns the verdict and the events this node's write caused (to record once);
+        `later(events)` gets those of work it left running (placing a new entry's waves).
         Raises RolloutUnavailable."""
 
     async def report(self, revision: str, node: str, labels: Mapping[str, str],
-                     outcome: NodeOutcome, message: str
+                     outcome: NodeOutcome, message: str, later: Any = None
                      ) -> tuple[RolloutEntry | None, tuple[RolloutEvent, ...]]:
-        """The node applied `revision`. Raises RolloutUnavailable."""
+        """The node applied `revision` (its report key, folded into the entry when that
+        is due; `later(events)` as for consult). Raises RolloutUnavailable."""
 
     async def supersede(self, previous: str | None, revision: str
                         ) -> tuple[RolloutEvent, ...]:

@@ -47,6 +47,7 @@ from reconciler.core.rollout import (
     Verdict,
     advance,
     base_for,
+    completing_folder,
     consult,
     fold,
     fold_due,
@@ -60,7 +61,8 @@ from reconciler.core.status import heartbeat_stale
 from reconciler.mesh import provision
 from reconciler.mesh.conn import NatsOptions, reason_of
 from reconciler.mesh.subjects import (
-    KV_BUCKET,
+    KV_STREAM,
+    KV_SUBJECT_PREFIX,
     ROLLOUTS_BUCKET,
     ROLLOUTS_STREAM,
     ROLLOUTS_SUBJECT_PREFIX,
@@ -107,33 +109,55 @@ def is_report_key(key: str) -> bool:
     return "." in key
 
 
-async def read_reports(kv: KeyValue, revision: str) -> dict[str, NodeReport]:
-    """Every node's latest report at `revision` (one ordered watch of `<sha>.*`)."""
-    reports: dict[str, NodeReport] = {}
-    watcher = await kv.watch(f"{revision}.*", ignore_deletes=True)
+async def last_values(js: JetStreamContext, stream: str, subjects: str
+                      ) -> dict[str, tuple[bytes, datetime | None]]:
+    """The last value of every KV key matching `subjects` (a `$KV.<bucket>.` filter), by
+    key, deletes left out: one ordered consumer whose callback collects them all, so a
+    hundred values cost one turn of a busy event loop, not one turn each (a KeyWatcher
+    hands them over one `wait_for` at a time)."""
+    prefix = subjects[:subjects.index(".", len("$KV.")) + 1]
+    found: dict[str, tuple[bytes, datetime | None]] = {}
+    done = asyncio.Event()
+
+    async def collect(msg: Msg) -> None:
+        key = msg.subject[len(prefix):]
+        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
+            found.pop(key, None)
+        else:
+            stamp: Any = msg.metadata.timestamp
+            found[key] = (msg.data, stamp if isinstance(stamp, datetime) else None)
+        if msg.metadata.num_pending == 0:
+            done.set()
+
+    sub = await js.subscribe(subjects, stream=stream, cb=collect, ordered_consumer=True,
+                             deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
     try:
-        while True:
-            got = await watcher.updates(timeout=OP_TIMEOUT_S)
-            if got is None:
-                return reports
-            if not got.value or got.operation in ("DEL", "PURGE"):
-                continue
-            try:
-                found = NodeReport.from_json(got.value)
-            except ValueError:
-                continue
-            reports[got.key.rsplit(".", 1)[-1]] = found  # the key vouches for the node
+        info = await sub.consumer_info()
+        if info.num_pending or (info.delivered and info.delivered.consumer_seq):
+            await asyncio.wait_for(done.wait(), OP_TIMEOUT_S)
+        return found
     finally:
         with contextlib.suppress(Exception):
-            await watcher.stop()
+            await sub.unsubscribe()
 
 
-async def reported_nodes(js: JetStreamContext, revision: str) -> set[str]:
-    """Which nodes wrote a report at `revision`: one stream-info request (the subjects of
-    `<sha>.*`), no values read."""
+async def read_reports(js: JetStreamContext, revision: str) -> dict[str, NodeReport]:
+    """Every node's latest report at `revision` (the values of `<sha>.*`)."""
+    reports: dict[str, NodeReport] = {}
+    prefix = f"{ROLLOUTS_SUBJECT_PREFIX}.{revision}."
+    for key, (data, _) in (await last_values(js, ROLLOUTS_STREAM, f"{prefix}*")).items():
+        with contextlib.suppress(ValueError):
+            reports[key.rsplit(".", 1)[-1]] = NodeReport.from_json(data)  # the key vouches
+    return reports
+
+
+async def reported_nodes(js: JetStreamContext, revision: str) -> tuple[set[str], int]:
+    """Which nodes wrote a report at `revision`, and the bucket's last sequence: one
+    stream-info request (the subjects of `<sha>.*`), no values read."""
     prefix = f"{ROLLOUTS_SUBJECT_PREFIX}.{revision}."
     info = await js.stream_info(ROLLOUTS_STREAM, subjects_filter=f"{prefix}*")
-    return {subject[len(prefix):] for subject in (info.state.subjects or {})}
+    nodes = {subject[len(prefix):] for subject in (info.state.subjects or {})}
+    return nodes, int(info.state.last_seq or 0)
 
 
 async def read_entry(kv: KeyValue, revision: str) -> tuple[RolloutEntry | None, int]:
@@ -184,36 +208,24 @@ async def cas_update(
 async def read_members(js: JetStreamContext, now: datetime) -> dict[str, Member]:
     """Every node's labels and liveness from gitops_nodes (heartbeat age, as observers see)."""
     try:
-        kv = await js.key_value(KV_BUCKET)
-    except nats.js.errors.BucketNotFoundError:
+        values = await last_values(js, KV_STREAM, f"{KV_SUBJECT_PREFIX}.>")
+    except nats.js.errors.NotFoundError:
         return {}
     members: dict[str, Member] = {}
-    watcher = await kv.watchall(ignore_deletes=True)
-    try:
-        while True:
-            entry = await watcher.updates(timeout=OP_TIMEOUT_S)
-            if entry is None:
-                return members
-            if not entry.value or entry.operation in ("DEL", "PURGE"):
-                members.pop(entry.key, None)
-                continue
-            try:  # only what membership needs (a NodeStatus per node costs too much here)
-                raw = json.loads(entry.value)
-                labels = {str(k): str(v) for k, v in (raw.get("labels") or {}).items()}
-                revisions = tuple(str(raw[k]) for k in ("revision", "desired_revision")
-                                  if raw.get(k))
-                interval = float(raw.get("heartbeat_interval_s") or 10.0)
-                updated = raw.get("updated_at")
-            except (ValueError, TypeError, AttributeError):
-                continue
-            created: Any = entry.created
-            written = created if isinstance(created, datetime) else None
-            online = not heartbeat_stale(updated if isinstance(updated, str) else None,
-                                         interval, now, written)
-            members[entry.key] = Member(labels, online, revisions or ("",))
-    finally:
-        with contextlib.suppress(Exception):
-            await watcher.stop()
+    for key, (value, written) in values.items():
+        try:  # only what membership needs (a NodeStatus per node costs too much here)
+            raw = json.loads(value)
+            labels = {str(k): str(v) for k, v in (raw.get("labels") or {}).items()}
+            revisions = tuple(str(raw[k]) for k in ("revision", "desired_revision")
+                              if raw.get(k))
+            interval = float(raw.get("heartbeat_interval_s") or 10.0)
+            updated = raw.get("updated_at")
+        except (ValueError, TypeError, AttributeError):
+            continue
+        online = not heartbeat_stale(updated if isinstance(updated, str) else None,
+                                     interval, now, written)
+        members[key] = Member(labels, online, revisions or ("",))
+    return members
 
 
 def rollout_event_payload(event: RolloutEvent, node: str, revision: str, now: datetime
@@ -288,6 +300,7 @@ class MeshCoordinator:
         self._members: tuple[float, str, dict[str, Member]] | None = None
         self._watch: tuple[str, asyncio.Task[None]] | None = None
         self.cas_attempts = 0  # writes tried in total (for tests and benchmarks)
+        self._background: set[asyncio.Task[None]] = set()
 
     async def _open(self, create: bool = True) -> tuple[JetStreamContext, KeyValue]:
         nc = self._connection()
@@ -325,14 +338,16 @@ class MeshCoordinator:
             raise RolloutUnavailable(f"{ROLLOUTS_BUCKET}: {reason_of(exc)}") from exc
 
     async def consult(self, revision: str, spec: RolloutSpec, node: str,
-                      labels: Mapping[str, str], previous: str | None
+                      labels: Mapping[str, str], previous: str | None,
+                      later: Callable[[tuple[RolloutEvent, ...]], None] | None = None
                       ) -> tuple[Verdict, tuple[RolloutEvent, ...]]:
         result: tuple[Verdict, tuple[RolloutEvent, ...]] = await self._guarded(
-            self._consult(revision, spec, node, labels, previous))
+            self._consult(revision, spec, node, labels, previous, later))
         return result
 
     async def _consult(self, revision: str, spec: RolloutSpec, node: str,
-                       labels: Mapping[str, str], previous: str | None
+                       labels: Mapping[str, str], previous: str | None,
+                       later: Callable[[tuple[RolloutEvent, ...]], None] | None
                        ) -> tuple[Verdict, tuple[RolloutEvent, ...]]:
         js, kv = await self._open()
         events: list[RolloutEvent] = []
@@ -352,7 +367,9 @@ class MeshCoordinator:
         events += result.events
         self.cas_attempts += result.attempts
         if created:
-            events += (await self._place(js, kv, revision, node, labels))[1]
+            # placing every wave's nodes needs a fleet read and a few round trips: not on
+            # this node's way to applying (nothing can complete before the reports anyway)
+            self._start_placing(revision, node, labels, later)
         if verdict.kind in ("apply", "aborted", "superseded"):
             return verdict, tuple(events)
         members = await self._fleet(js, node, labels, revision)
@@ -360,6 +377,35 @@ class MeshCoordinator:
             js, kv, revision, spec, node, members, base, fleet=True)
         self.cas_attempts += result.attempts
         return verdict, (*events, *result.events)
+
+    def _start_placing(self, revision: str, node: str, labels: Mapping[str, str],
+                       later: Callable[[tuple[RolloutEvent, ...]], None] | None) -> None:
+        async def placing() -> tuple[RolloutEvent, ...]:
+            js, kv = await self._open()
+            return (await self._place(js, kv, revision, node, labels))[1]
+
+        # should it fail, a reporter places the waves later (PLACE_AFTER_S)
+        self._start(f"rollout-place-{revision[:8]}", placing(), later)
+
+    def _start(self, name: str, work: Any,
+               later: Callable[[tuple[RolloutEvent, ...]], None] | None) -> None:
+        """Run `work` (-> events) in the background; its events go to `later`."""
+        async def run() -> None:
+            try:
+                events = await self._guarded(work)
+            except RolloutUnavailable as exc:
+                log.warning("%s: %s", name, exc)
+                return
+            if events and later is not None:
+                try:
+                    later(events)
+                except Exception:  # the agent is closing: its outbox is gone
+                    log.exception("%s: could not record %s", name,
+                                  ", ".join(e.type for e in events))
+
+        task = asyncio.get_running_loop().create_task(run(), name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _place(self, js: JetStreamContext, kv: KeyValue, revision: str, node: str,
                      labels: Mapping[str, str]
@@ -372,7 +418,7 @@ class MeshCoordinator:
         events: list[RolloutEvent] = []
         entry: RolloutEntry | None = None
         for _ in range(2):
-            reports = await read_reports(kv, revision)
+            reports = await read_reports(js, revision)
 
             def change(current: RolloutEntry | None,
                        reports: dict[str, NodeReport] = reports) -> Step | None:
@@ -383,7 +429,7 @@ class MeshCoordinator:
             events += result.events
             self.cas_attempts += result.attempts
             entry = result.entry
-            if entry is None or await reported_nodes(js, revision) <= set(reports):
+            if entry is None or (await reported_nodes(js, revision))[0] <= set(reports):
                 break
         return entry, tuple(events)
 
@@ -437,58 +483,87 @@ class MeshCoordinator:
         return result
 
     async def report(self, revision: str, node: str, labels: Mapping[str, str],
-                     outcome: NodeOutcome, message: str
+                     outcome: NodeOutcome, message: str,
+                     later: Callable[[tuple[RolloutEvent, ...]], None] | None = None
                      ) -> tuple[RolloutEntry | None, tuple[RolloutEvent, ...]]:
         result: tuple[RolloutEntry | None, tuple[RolloutEvent, ...]] = await self._guarded(
-            self._report(revision, node, labels, outcome, message))
+            self._report(revision, node, labels, outcome, message, later))
         return result
 
     async def _report(self, revision: str, node: str, labels: Mapping[str, str],
-                      outcome: NodeOutcome, message: str
+                      outcome: NodeOutcome, message: str,
+                      later: Callable[[tuple[RolloutEvent, ...]], None] | None
                       ) -> tuple[RolloutEntry | None, tuple[RolloutEvent, ...]]:
         js, kv = await self._open()
         mine = NodeReport(node=node, outcome=outcome, message=message[:300],
                           labels=dict(labels), at=iso_time(self._now()))
         # written before looking at the others' (so of several nodes reporting last at once,
         # at least one sees them all): a plain put, nobody waits for anybody
-        await js.publish(self.options.kv_put_subject(ROLLOUTS_BUCKET, report_key(revision, node)),
-                         mine.to_json_bytes())
+        ack = await js.publish(
+            self.options.kv_put_subject(ROLLOUTS_BUCKET, report_key(revision, node)),
+            mine.to_json_bytes())
         current, _ = await read_entry(kv, revision)
         if current is None:
             return None, ()  # no rollout (deleted): nothing to fold into
         due = fold_due(current, node, outcome, self._now())
-        if due is None and not wave_reported(current, await reported_nodes(js, revision)):
-            return current, ()
-        # the fleet as last read for this revision (consult read it): placing and offline
-        # nodes are the consults' business; a report must not cost a fleet read
-        cached = self._members
-        members = {**(cached[2] if cached and cached[1] == revision else {}),
-                   node: Member(dict(labels), True)}
         if due == "place":
             return await self._place(js, kv, revision, node, labels)
-        events: tuple[RolloutEvent, ...] = ()
-        entry: RolloutEntry | None = current
-        if due is not None:
-            def own(at_entry: RolloutEntry | None) -> Step | None:
-                at = self._now()
-                if at_entry is None or fold_due(at_entry, node, outcome, at) is None:
-                    return None  # another node's fold took ours in, or is the fresher one
-                return fold(at_entry, {node: mine}, members, at)
+        if due is None:
+            reported, last_seq = await reported_nodes(js, revision)
+            if not wave_reported(current, reported):
+                return current, ()
+            if ack.seq != last_seq and node != completing_folder(current):
+                # a herd that all saw the wave reported leaves it to the one that wrote last
+                # (nothing written after its report) and one chosen by name; the others
+                # look again shortly, in case neither of those saw the last reports
+                self._start(f"rollout-fold-{revision[:8]}",
+                            self._fold_late(revision, node, labels), later)
+                return current, ()
+            return await self._fold_all(js, kv, revision, node, labels, {node: mine})
+        members = self._known(revision, node, labels)
 
-            result = await cas_update(js, kv, self.options, revision, own)
-            self.cas_attempts += result.attempts
-            entry, events = result.entry, result.events
-            if due == "own" or not result.wrote:
-                return entry, events
-        # everybody's reports: the open wave completes with them, or this node's write won
-        # the progress fold
-        reports = {**await read_reports(kv, revision), node: mine}
+        def own(at_entry: RolloutEntry | None) -> Step | None:
+            at = self._now()
+            if at_entry is None or fold_due(at_entry, node, outcome, at) is None:
+                return None  # another node's fold took ours in, or is the fresher one
+            return fold(at_entry, {node: mine}, members, at)
+
+        result = await cas_update(js, kv, self.options, revision, own)
+        self.cas_attempts += result.attempts
+        if due == "own" or not result.wrote:
+            return result.entry, result.events
+        # this node's write won the progress fold: everybody's reports now
+        entry, events = await self._fold_all(js, kv, revision, node, labels, {node: mine})
+        return entry or result.entry, (*result.events, *events)
+
+    def _known(self, revision: str, node: str, labels: Mapping[str, str]) -> dict[str, Member]:
+        """The fleet as last read for this revision (consult read it), and this node: placing
+        and offline nodes are the consults' business; a report must not cost a fleet read."""
+        cached = self._members
+        return {**(cached[2] if cached and cached[1] == revision else {}),
+                node: Member(dict(labels), True)}
+
+    async def _fold_all(self, js: JetStreamContext, kv: KeyValue, revision: str, node: str,
+                        labels: Mapping[str, str], mine: Mapping[str, NodeReport]
+                        ) -> tuple[RolloutEntry | None, tuple[RolloutEvent, ...]]:
+        """Every node's report into the entry, by CAS (a fold already made writes nothing)."""
+        members = self._known(revision, node, labels)
+        reports = {**await read_reports(js, revision), **mine}
         result = await cas_update(
             js, kv, self.options, revision,
             lambda at_entry: None if at_entry is None else fold(
                 at_entry, reports, members, self._now()))
         self.cas_attempts += result.attempts
-        return result.entry or entry, (*events, *result.events)
+        return result.entry, result.events
+
+    async def _fold_late(self, revision: str, node: str, labels: Mapping[str, str]
+                         ) -> tuple[RolloutEvent, ...]:
+        await asyncio.sleep(random.uniform(0.5, 1.5))
+        js, kv = await self._open()
+        current, _ = await read_entry(kv, revision)
+        if current is None or not wave_reported(current, (await reported_nodes(js, revision))[0]):
+            return ()  # the chosen one folded them
+        return (await self._fold_all(js, kv, revision, node, labels, {}))[1]
 
     # ---- watching one entry -----------------------------------------------------------
     def watch(self, revision: str | None, on_change: Callable[[str], None] | None) -> None:
@@ -532,3 +607,5 @@ class MeshCoordinator:
 
     async def close(self) -> None:
         self.watch(None, None)
+        for task in list(self._background):
+            task.cancel()
