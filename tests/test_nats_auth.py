@@ -459,6 +459,12 @@ async def test_rollouts_under_least_privilege(
             return entry is not None and entry.waves[0].synced == ["n2"]
 
         await eventually_async(reported, what="n2's report in the entry")
+        # a node writes its own report key only: not another node's
+        other = await make("n1")  # type: ignore[operator]
+        with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+            await other.nc.jetstream().publish(f"$KV.gitops_rollouts.{revision}.n2", b"{}",
+                                               timeout=1)
+        await other.violation(f"$KV.gitops_rollouts.{revision}.n2")
         seen = asyncio.Event()
         coordinator.watch(revision, lambda state: seen.set())
         await asyncio.wait_for(seen.wait(), 10)  # the node may watch its entry
