@@ -69,6 +69,16 @@ async def start_fleet(tmp: Path, url: str, repo: Any, n: int, tag: str,
         meshes.append(mesh)
     while not all(m.ready for m in meshes):
         await asyncio.sleep(0.05)
+    # `wait --selector` needs every node's status in gitops_nodes (the first round once
+    # started before the last status was written)
+    nc = await connect(NatsOptions(servers=[url]))
+    try:
+        kv = await nc.jetstream().key_value("gitops_nodes")
+        wanted = {f"{tag}-{i}" for i in range(n)}
+        while not wanted <= set(await kv.keys()):
+            await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
     return agents, meshes
 
 

@@ -179,12 +179,15 @@ async def read_entry(kv: KeyValue, revision: str) -> tuple[RolloutEntry | None, 
 async def cas_update(
     js: JetStreamContext, kv: KeyValue, options: NatsOptions, revision: str,
     change: Callable[[RolloutEntry | None], Step | None], attempts: int = CAS_ATTEMPTS,
+    read: tuple[RolloutEntry | None, int] | None = None,
 ) -> CasResult:
     """get -> change -> write expecting the read revision; again on a conflict.
-    `change` returns None (or the same entry) for "nothing to write"."""
+    `change` returns None (or the same entry) for "nothing to write". `read`: the entry
+    and its KV revision as just read (the first attempt needs no get of its own)."""
     subject = options.kv_put_subject(ROLLOUTS_BUCKET, revision)
     for attempt in range(1, attempts + 1):
-        current, seq = await read_entry(kv, revision)
+        current, seq = read if read is not None and attempt == 1 else await read_entry(
+            kv, revision)
         step = change(current)
         if step is None or step.entry == current:
             return CasResult(current, (), False, attempt)
@@ -351,7 +354,8 @@ class MeshCoordinator:
                        ) -> tuple[Verdict, tuple[RolloutEvent, ...]]:
         js, kv = await self._open()
         events: list[RolloutEvent] = []
-        existing, _ = await read_entry(kv, revision)
+        read = await read_entry(kv, revision)
+        existing = read[0]
         base = existing.base if existing is not None else None
         if existing is None:
             base, superseded = await self._supersede(js, kv, previous, revision)
@@ -363,7 +367,8 @@ class MeshCoordinator:
         # fleet read; a node that must wait reads it (its consults advance the rollout).
         me = {node: Member(dict(labels), True)}
         verdict, result, created = await self._consult_with(
-            js, kv, revision, spec, node, me, base, fleet=False)
+            js, kv, revision, spec, node, me, base, fleet=False,
+            read=read if existing is not None else None)
         events += result.events
         self.cas_attempts += result.attempts
         if created:
@@ -435,7 +440,8 @@ class MeshCoordinator:
 
     async def _consult_with(self, js: JetStreamContext, kv: KeyValue, revision: str,
                             spec: RolloutSpec, node: str, members: Mapping[str, Member],
-                            base: str | None, fleet: bool
+                            base: str | None, fleet: bool,
+                            read: tuple[RolloutEntry | None, int] | None = None
                             ) -> tuple[Verdict, CasResult, bool]:
         """One consult by CAS; (verdict, result, whether this write created the entry)."""
         verdict = Verdict("wait", "rollout state not read yet")
@@ -450,7 +456,7 @@ class MeshCoordinator:
             step, verdict = consult(entry, node, members, now, fleet=fleet)
             return step
 
-        result = await cas_update(js, kv, self.options, revision, change)
+        result = await cas_update(js, kv, self.options, revision, change, read=read)
         return verdict, result, created and result.wrote
 
     async def _supersede(self, js: JetStreamContext, kv: KeyValue, previous: str | None,
@@ -502,7 +508,8 @@ class MeshCoordinator:
         ack = await js.publish(
             self.options.kv_put_subject(ROLLOUTS_BUCKET, report_key(revision, node)),
             mine.to_json_bytes())
-        current, _ = await read_entry(kv, revision)
+        read = await read_entry(kv, revision)
+        current = read[0]
         if current is None:
             return None, ()  # no rollout (deleted): nothing to fold into
         due = fold_due(current, node, outcome, self._now())
@@ -528,7 +535,7 @@ class MeshCoordinator:
                 return None  # another node's fold took ours in, or is the fresher one
             return fold(at_entry, {node: mine}, members, at)
 
-        result = await cas_update(js, kv, self.options, revision, own)
+        result = await cas_update(js, kv, self.options, revision, own, read=read)
         self.cas_attempts += result.attempts
         if due == "own" or not result.wrote:
             return result.entry, result.events
