@@ -508,7 +508,9 @@ class MeshCoordinator:
         ack = await js.publish(
             self.options.kv_put_subject(ROLLOUTS_BUCKET, report_key(revision, node)),
             mine.to_json_bytes())
-        read = await read_entry(kv, revision)
+        # the entry and who reported, side by side (one round trip on this node's way)
+        read, (reported, last_seq) = await asyncio.gather(
+            read_entry(kv, revision), reported_nodes(js, revision))
         current = read[0]
         if current is None:
             return None, ()  # no rollout (deleted): nothing to fold into
@@ -516,7 +518,6 @@ class MeshCoordinator:
         if due == "place":
             return await self._place(js, kv, revision, node, labels)
         if due is None:
-            reported, last_seq = await reported_nodes(js, revision)
             if not wave_reported(current, reported):
                 return current, ()
             if ack.seq != last_seq and node != completing_folder(current):
