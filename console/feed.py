@@ -252,8 +252,7 @@ class Feed:
         self._rollouts_watched = await rollouts_bucket(js, create=self.create_missing) is not None
         if self._rollouts_watched:
             rollout_sub = await js.subscribe(
-                # `*`: the entries (key = SHA), not the nodes' report keys `<sha>.<node>`
-                f"{subjects.ROLLOUTS_SUBJECT_PREFIX}.*", stream=subjects.ROLLOUTS_STREAM,
+                f"{subjects.ROLLOUTS_SUBJECT_PREFIX}.>", stream=subjects.ROLLOUTS_STREAM,
                 cb=self._on_rollout, ordered_consumer=True,
                 deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT, idle_heartbeat=2.0,
             )
