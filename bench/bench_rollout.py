@@ -69,6 +69,16 @@ async def start_fleet(tmp: Path, url: str, repo: Any, n: int, tag: str,
         meshes.append(mesh)
     while not all(m.ready for m in meshes):
         await asyncio.sleep(0.05)
+    # `wait --selector` needs every node's status in gitops_nodes (the first round once
+    # started before the last status was written)
+    nc = await connect(NatsOptions(servers=[url]))
+    try:
+        kv = await nc.jetstream().key_value("gitops_nodes")
+        wanted = {f"{tag}-{i}" for i in range(n)}
+        while not wanted <= set(await kv.keys()):
+            await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
     return agents, meshes
 
 
@@ -135,7 +145,7 @@ async def bench_handover(tmp: Path, url: str, n: int, rounds: int) -> list[float
         kv = await rollouts_bucket(nc.jetstream())
         assert kv is not None
         for r in range(1, rounds + 1):
-            watcher = await kv.watchall()
+            watcher = await kv.watch("*")  # the entries, not the nodes' report keys
             first_claim: dict[str, str] = {}
 
             async def watch(watcher: Any = watcher, claims: dict[str, str] = first_claim) -> None:

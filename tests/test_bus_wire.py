@@ -222,6 +222,7 @@ def test_node_permissions_are_exactly_its_own() -> None:
             "$JS.API.STREAM.INFO.KV_gitops_nodes",
             # rollouts: CAS any revision's entry, watch it, read the fleet's statuses
             "$KV.gitops_rollouts.*",
+            "$KV.gitops_rollouts.*.n1",  # its own report keys <sha>.n1
             "$JS.API.STREAM.INFO.KV_gitops_rollouts",
             "$JS.API.STREAM.MSG.GET.KV_gitops_rollouts",
             "$JS.API.DIRECT.GET.KV_gitops_rollouts",

@@ -452,8 +452,19 @@ async def test_rollouts_under_least_privilege(
         result = await operate_rollout(js, kv, NatsOptions(servers=[server.url]), revision,
                                        "pause", actor="console")
         assert result.entry is not None and result.entry.state == "paused"
-        entry, _ = await coordinator.report(revision, "n2", {"ring": "canary"}, "synced", "")
-        assert entry is not None and entry.waves[0].synced == ["n2"]
+        await coordinator.report(revision, "n2", {"ring": "canary"}, "synced", "")
+
+        async def reported() -> bool:  # its report key, folded into the entry
+            entry, _ = await read_entry(kv, revision)
+            return entry is not None and entry.waves[0].synced == ["n2"]
+
+        await eventually_async(reported, what="n2's report in the entry")
+        # a node writes its own report key only: not another node's
+        other = await make("n1")  # type: ignore[operator]
+        with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+            await other.nc.jetstream().publish(f"$KV.gitops_rollouts.{revision}.n2", b"{}",
+                                               timeout=1)
+        await other.violation(f"$KV.gitops_rollouts.{revision}.n2")
         seen = asyncio.Event()
         coordinator.watch(revision, lambda state: seen.set())
         await asyncio.wait_for(seen.wait(), 10)  # the node may watch its entry

@@ -329,3 +329,92 @@ def test_an_entry_created_before_the_fleet_is_read_opens_no_wave() -> None:
     placed = ro.advance(step.entry, fleet(), at(2))
     assert placed.entry.placed and placed.entry.waves[0].nodes == ["c0"]
     assert placed.entry.wave == "canary"  # c0 still has to apply: nothing skipped
+
+
+# ---- per-node reports folded into the entry ---------------------------------------------------
+
+ALL_AT_ONCE = RolloutSpec.model_validate(
+    {"waves": [{"name": "all", "nodes": {}, "max_unavailable": "100%"}], "bake": "0s"})
+
+
+def one_wave(nodes: int = 4, offline: tuple[str, ...] = ()) -> tuple[ro.RolloutEntry,
+                                                                      dict[str, ro.Member]]:
+    members = {f"n{i}": ro.Member({}, f"n{i}" not in offline) for i in range(nodes)}
+    return ro.advance(ro.new_entry(REV, ALL_AT_ONCE, BASE, T0), members, at(0)).entry, members
+
+
+def synced(node: str, seconds: float = 1) -> ro.NodeReport:
+    return ro.NodeReport(node=node, outcome="synced", at=iso_time(at(seconds)))
+
+
+def test_folding_reports_gives_exact_counts_in_any_order_and_completes_once() -> None:
+    e, members = one_wave(4)
+    reports = {n: synced(n) for n in members}
+    # a fold with some reports, then another with all of them (lost or late folds): the
+    # same entry as one fold of all; folding again changes nothing (no write)
+    partial = ro.fold(e, {n: reports[n] for n in ("n1", "n3")}, {}, at(2))
+    assert (partial.entry.waves[0].synced, partial.entry.state, partial.events) == (
+        ["n1", "n3"], "progressing", ())
+    whole = ro.fold(e, reports, {}, at(3))
+    again = ro.fold(partial.entry, reports, {}, at(3))
+    assert whole.entry == again.entry
+    assert (whole.entry.state, whole.entry.waves[0].synced) == ("complete", sorted(members))
+    assert [ev.type for ev in whole.events] == ["rollout.completed"]
+    assert ro.fold(whole.entry, reports, {}, at(4)) == ro.Step(whole.entry)
+    # two folders racing: the loser computes again from the winner's entry: nothing to
+    # announce twice
+    assert ro.fold(again.entry, reports, {}, at(5)).events == ()
+
+
+def test_a_failed_report_aborts_and_a_stale_one_is_left_out() -> None:
+    limited = RolloutSpec.model_validate(
+        {"waves": [{"name": "all", "nodes": {}, "max_unavailable": 1}], "max_failed": 0})
+    members = {"n0": ro.Member({}), "n1": ro.Member({})}
+    e = ro.advance(ro.new_entry(REV, limited, BASE, T0), members, at(0)).entry
+    e = ro.consult(e, "n0", members, at(5))[0].entry  # n0 claims its slot at 5 s
+    stale = ro.NodeReport(node="n0", outcome="failed", message="boom", at=iso_time(at(4)))
+    assert ro.fold(e, {"n0": stale}, members, at(6)) == ro.Step(e)  # from before the claim
+    failed = stale.model_copy(update={"at": iso_time(at(6))})
+    step = ro.fold(e, {"n0": failed}, members, at(7))
+    assert (step.entry.state, step.entry.failures, step.entry.applying) == (
+        "aborted", {"n0": "boom"}, {})
+    assert [ev.type for ev in step.events] == ["rollout.aborted"]
+
+
+@pytest.mark.parametrize(("case", "due"), [
+    ("fresh", None), ("stale", "progress"), ("shown", None), ("failed", "own"),
+    ("slot", "own"), ("unplaced", "own"), ("complete", "own"),
+    ("not yet placed", None), ("never placed", "place"),
+])
+def test_when_a_reporter_folds(case: str, due: str | None) -> None:
+    e, _ = one_wave(3)
+    node, outcome, now = "n0", "synced", at(0.5)
+    if case == "stale":
+        now = at(ro.FOLD_EVERY_S)
+    elif case == "shown":
+        e = ro.fold(e, {"n0": synced("n0")}, {}, at(0.2)).entry
+    elif case == "failed":
+        outcome = "failed"
+    elif case == "slot":
+        e = e.model_copy(update={"applying": {"n0": iso_time(at(0))}})
+    elif case == "unplaced":
+        node = "newcomer"
+    elif case == "complete":
+        e = e.model_copy(update={"state": "complete"})
+    elif case in ("not yet placed", "never placed"):
+        e = ro.new_entry(REV, ALL_AT_ONCE, BASE, T0, placed=False)
+        now = at(ro.PLACE_AFTER_S if case == "never placed" else 1)
+    assert ro.fold_due(e, node, outcome, now) == due  # type: ignore[arg-type]
+
+
+def test_the_reports_that_complete_the_open_wave_are_seen_by_whoever_wrote_last() -> None:
+    e, _ = one_wave(3, offline=("n2",))
+    assert not ro.wave_reported(e, {"n0"})
+    assert ro.wave_reported(e, {"n0", "n1"})  # the offline node does not hold the wave
+    done = ro.fold(e, {n: synced(n) for n in ("n0", "n1")}, {}, at(1)).entry
+    assert done.state == "complete" and not ro.wave_reported(done, {"n0", "n1"})
+    assert not ro.wave_reported(ro.new_entry(REV, ALL_AT_ONCE, BASE, T0, placed=False),
+                                {"n0"})
+    # the offline node comes back and reports late: shown as synced, no longer offline
+    late = ro.fold(done, {"n2": synced("n2", 9)}, {}, at(9)).entry
+    assert (late.waves[0].synced, late.waves[0].offline) == (["n0", "n1", "n2"], [])

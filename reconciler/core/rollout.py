@@ -13,12 +13,20 @@ the events only when its write won, so each transition is announced once.
 Who may apply: `consult` (wave open, not paused/aborted, a max_unavailable slot free: the
 node claims it). Who reports: `report` (synced / failed). Offline nodes (stale heartbeat)
 are counted `offline`: they neither fail nor hold their wave, and join when they return.
+
+Reports at scale: each node writes its outcome to its own key (`NodeReport`, key
+`<sha>.<node>`, a plain put that waits for nobody) and the entry is *folded* from the
+reports (`fold`) only when `fold_due` says the entry must change now: a failure (abort
+within seconds), a node holding a max_unavailable slot (free it), a report that completes
+the open wave (`wave_reported`), a late or unplaced node, or progress older than
+`FOLD_EVERY_S`. So 100 nodes of a 100% wave cost a handful of compare-and-sets, not 100
+contending ones.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
@@ -399,12 +407,124 @@ def _everyone(max_unavailable: int | str) -> bool:
 
 
 NodeOutcome = Literal["synced", "failed"]
+# progress (synced counts) reaches the entry at least this often while reports come in; the
+# transitions (a failure, a freed slot, a completed wave) reach it at once
+FOLD_EVERY_S = 2.0
+
+
+class NodeReport(BaseModel):
+    """One node's outcome at a revision, as its report key `<sha>.<node>` holds it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    node: str
+    outcome: NodeOutcome
+    message: str = ""
+    labels: dict[str, str] = Field(default_factory=dict)
+    at: str  # when the node reported (its clock; a slot claimed later makes it stale)
+
+    def to_json_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> NodeReport:
+        return cls.model_validate_json(data)
 
 
 def report(entry: RolloutEntry, node: str, outcome: NodeOutcome, message: str,
            members: Mapping[str, Member], now: datetime) -> Step:
     """`node` applied the revision: synced, or failed (why in `message`); then advance."""
     e = entry.model_copy(deep=True)
+    _take_report(e, node, outcome, message, members)
+    if e == entry:
+        return advance(entry, members, now)
+    e.updated_at = iso_time(now)
+    return advance(e, members, now)
+
+
+def fold(entry: RolloutEntry, reports: Mapping[str, NodeReport],
+         members: Mapping[str, Member], now: datetime, fleet: bool = False) -> Step:
+    """The entry with every node's report taken in (idempotent: a report already in
+    changes nothing), then advanced once. A report older than the node's slot claim is
+    from before that claim and is left out. `members`: what is known of the fleet (the
+    reports' own labels are added for their nodes)."""
+    e = entry.model_copy(deep=True)
+    known = {**members}
+    for node in sorted(reports):
+        got = reports[node]
+        known.setdefault(node, Member(dict(got.labels), True))
+        claimed = parse_time(e.applying.get(node))
+        reported = parse_time(got.at)
+        if claimed is not None and reported is not None and reported < claimed:
+            continue
+        _take_report(e, node, got.outcome, got.message, known)
+    if e != entry:
+        e.updated_at = iso_time(now)
+    step = advance(e, known, now, fleet)
+    if step.entry == entry:
+        return Step(entry)
+    return step
+
+
+def shows(entry: RolloutEntry, node: str, outcome: NodeOutcome) -> bool:
+    """Does the entry already show `node` with `outcome` (its report folded in)?"""
+    wave = next((w for w in entry.waves if node in w.nodes), None)
+    if wave is None or node in entry.applying:
+        return False
+    return node in (wave.synced if outcome == "synced" else wave.failed)
+
+
+FoldDue = Literal["own", "progress", "place"]
+# an entry its creator has not placed by then (it crashed?) is placed by a reporter
+PLACE_AFTER_S = 5.0
+
+
+def fold_due(entry: RolloutEntry, node: str, outcome: NodeOutcome, now: datetime,
+             every_s: float = FOLD_EVERY_S) -> FoldDue | None:
+    """Must `node`, having written its report, change the entry now? "own": take its own
+    report in (a failure: the abort rule; a slot to free; a late, unplaced or moved node).
+    "progress": the entry's counts are older than `every_s`: take its own report in, and
+    if that write wins, everybody's (of a herd that saw the same old entry one write wins,
+    the others read it fresh and find nothing due). None: nothing now (but see
+    `wave_reported`, which needs to know who else reported). "place": the entry's waves
+    are still unplaced long after its creation: read the fleet and fold everybody's (the
+    creator places them, and takes in the reports written before it did, normally)."""
+    if shows(entry, node, outcome):
+        return None
+    if entry.state not in ACTIVE_STATES or outcome == "failed" or node in entry.applying:
+        return "own"
+    if not entry.placed:
+        created = parse_time(entry.created_at)
+        late = created is None or (now - created).total_seconds() >= PLACE_AFTER_S
+        return "place" if late else None
+    if node not in entry.waves[entry.wave_index].pending():
+        return "own"
+    written = parse_time(entry.updated_at)
+    if written is None or (now - written).total_seconds() >= every_s:
+        return "progress"
+    return None
+
+
+def wave_reported(entry: RolloutEntry, reported: Collection[str]) -> bool:
+    """Has every node the open wave still waits for written a report? Then folding them
+    completes the wave: whoever sees it folds. Of several nodes reporting last at once, each
+    writes its report before it looks, so at least one of them sees all the others'."""
+    if entry.state not in ACTIVE_STATES or not entry.placed:
+        return False
+    pending = entry.waves[entry.wave_index].pending()
+    return bool(pending) and set(pending) <= set(reported)
+
+
+def completing_folder(entry: RolloutEntry) -> str | None:
+    """Of a herd of reporters that all see the open wave reported, the one that folds at
+    once (the others look again a little later): the last of its pending nodes by name."""
+    pending = entry.waves[entry.wave_index].pending()
+    return max(pending) if pending else None
+
+
+def _take_report(e: RolloutEntry, node: str, outcome: NodeOutcome, message: str,
+                 members: Mapping[str, Member]) -> None:
+    """Record `node`'s outcome in `e` (in place): in its wave's synced or failed list."""
     e.applying.pop(node, None)
     if node in members:
         _place(e, node, e.wave_of(members[node].labels))
@@ -425,11 +545,6 @@ def report(entry: RolloutEntry, node: str, outcome: NodeOutcome, message: str,
         e.failures[node] = message[:300] or "failed"
     else:
         e.failures.pop(node, None)
-    if e == entry:
-        return advance(entry, members, now)
-    e.updated_at = iso_time(now)
-    after = advance(e, members, now)
-    return after
 
 
 # ---- operators and newer commits --------------------------------------------------------------
@@ -586,17 +701,19 @@ class RolloutCoordinator(Protocol):
     """What the agent needs for a governed revision; the mesh implements it over KV."""
 
     async def consult(self, revision: str, spec: RolloutSpec, node: str,
-                      labels: Mapping[str, str], previous: str | None
-                      ) -> tuple[Verdict, tuple[RolloutEvent, ...]]:
+                      labels: Mapping[str, str], previous: str | None,
+                      later: Any = None) -> tuple[Verdict, tuple[RolloutEvent, ...]]:
         """May this node apply `revision` now? Creates the entry if this is the first node
         to see the revision (`previous`: the revision it followed before, for the base).
-        Returns the verdict and the events this node's write caused (to record once).
+        Returns the verdict and the events this node's write caused (to record once);
+        `later(events)` gets those of work it left running (placing a new entry's waves).
         Raises RolloutUnavailable."""
 
     async def report(self, revision: str, node: str, labels: Mapping[str, str],
-                     outcome: NodeOutcome, message: str
+                     outcome: NodeOutcome, message: str, later: Any = None
                      ) -> tuple[RolloutEntry | None, tuple[RolloutEvent, ...]]:
-        """The node applied `revision`. Raises RolloutUnavailable."""
+        """The node applied `revision` (its report key, folded into the entry when that
+        is due; `later(events)` as for consult). Raises RolloutUnavailable."""
 
     async def supersede(self, previous: str | None, revision: str
                         ) -> tuple[RolloutEvent, ...]:

@@ -92,6 +92,7 @@ def node_permissions(node: str) -> Permissions:
             # expected sequence), watch it, and read the fleet's statuses (wave membership,
             # offline nodes); only the admin (nats-init) creates the bucket
             f"{ROLLOUTS_SUBJECT_PREFIX}.*",
+            f"{ROLLOUTS_SUBJECT_PREFIX}.*.{node}",  # its own report key <sha>.<node>
             *_js_watch(ROLLOUTS_STREAM),
             *_js_watch(KV_STREAM)[1:],  # its STREAM.INFO is above
             "$JS.FC.>",

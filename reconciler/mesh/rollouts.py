@@ -6,6 +6,11 @@ When another node or operator wrote in between, the server refuses the write (wr
 sequence) and the change is computed again from the new value, so no update is lost. Only
 the writer that won announces the transition's events: a node through its outbox (the
 agent records them), the CLI and the console by publishing with Nats-Msg-Id.
+
+A node's outcome goes first to its own report key `<sha>.<node>` (a plain put: a hundred
+nodes reporting at once do not contend for one entry); it folds the reports into the entry
+by CAS only when core's `fold_due` / `wave_reported` say the entry must change now.
+Readers of the entries skip report keys (`is_report_key`).
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
-from reconciler.core.events import make_event
+from reconciler.core.events import iso_time, make_event
 from reconciler.core.rollout import (
     Member,
     NodeOutcome,
+    NodeReport,
     RolloutEntry,
     RolloutEvent,
     RolloutRefused,
@@ -41,18 +47,22 @@ from reconciler.core.rollout import (
     Verdict,
     advance,
     base_for,
+    completing_folder,
     consult,
+    fold,
+    fold_due,
     new_entry,
     operate,
-    report,
     supersede,
+    wave_reported,
 )
 from reconciler.core.rollout_spec import RolloutSpec
 from reconciler.core.status import heartbeat_stale
 from reconciler.mesh import provision
 from reconciler.mesh.conn import NatsOptions, reason_of
 from reconciler.mesh.subjects import (
-    KV_BUCKET,
+    KV_STREAM,
+    KV_SUBJECT_PREFIX,
     ROLLOUTS_BUCKET,
     ROLLOUTS_STREAM,
     ROLLOUTS_SUBJECT_PREFIX,
@@ -89,6 +99,67 @@ async def rollouts_bucket(js: JetStreamContext, create: bool = True) -> KeyValue
     return await js.key_value(ROLLOUTS_BUCKET)
 
 
+def report_key(revision: str, node: str) -> str:
+    """`<sha>.<node>`: node names ([a-z0-9-]) and SHAs are valid KV key tokens."""
+    return f"{revision}.{node}"
+
+
+def is_report_key(key: str) -> bool:
+    """A node's report, not a rollout entry (entries are keyed by the bare SHA)."""
+    return "." in key
+
+
+async def last_values(js: JetStreamContext, stream: str, subjects: str
+                      ) -> dict[str, tuple[bytes, datetime | None]]:
+    """The last value of every KV key matching `subjects` (a `$KV.<bucket>.` filter), by
+    key, deletes left out: one ordered consumer whose callback collects them all, so a
+    hundred values cost one turn of a busy event loop, not one turn each (a KeyWatcher
+    hands them over one `wait_for` at a time)."""
+    prefix = subjects[:subjects.index(".", len("$KV.")) + 1]
+    found: dict[str, tuple[bytes, datetime | None]] = {}
+    done = asyncio.Event()
+
+    async def collect(msg: Msg) -> None:
+        key = msg.subject[len(prefix):]
+        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
+            found.pop(key, None)
+        else:
+            stamp: Any = msg.metadata.timestamp
+            found[key] = (msg.data, stamp if isinstance(stamp, datetime) else None)
+        if msg.metadata.num_pending == 0:
+            done.set()
+
+    sub = await js.subscribe(subjects, stream=stream, cb=collect, ordered_consumer=True,
+                             deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
+    try:
+        info = await sub.consumer_info()
+        if info.num_pending or (info.delivered and info.delivered.consumer_seq):
+            await asyncio.wait_for(done.wait(), OP_TIMEOUT_S)
+        return found
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+async def read_reports(js: JetStreamContext, revision: str) -> dict[str, NodeReport]:
+    """Every node's latest report at `revision` (the values of `<sha>.*`)."""
+    reports: dict[str, NodeReport] = {}
+    prefix = f"{ROLLOUTS_SUBJECT_PREFIX}.{revision}."
+    for key, (data, _) in (await last_values(js, ROLLOUTS_STREAM, f"{prefix}*")).items():
+        with contextlib.suppress(ValueError):
+            reports[key.rsplit(".", 1)[-1]] = NodeReport.from_json(data)  # the key vouches
+    return reports
+
+
+async def reported_nodes(js: JetStreamContext, revision: str) -> tuple[set[str], int]:
+    """Which nodes wrote a report at `revision`, and the bucket's last sequence: one
+    stream-info request (the subjects of `<sha>.*`), no values read."""
+    prefix = f"{ROLLOUTS_SUBJECT_PREFIX}.{revision}."
+    info = await js.stream_info(ROLLOUTS_STREAM, subjects_filter=f"{prefix}*")
+    nodes = {subject[len(prefix):] for subject in (info.state.subjects or {})}
+    return nodes, int(info.state.last_seq or 0)
+
+
 async def read_entry(kv: KeyValue, revision: str) -> tuple[RolloutEntry | None, int]:
     """(entry or None, its KV revision: 0 when the key does not exist)."""
     try:
@@ -108,12 +179,15 @@ async def read_entry(kv: KeyValue, revision: str) -> tuple[RolloutEntry | None, 
 async def cas_update(
     js: JetStreamContext, kv: KeyValue, options: NatsOptions, revision: str,
     change: Callable[[RolloutEntry | None], Step | None], attempts: int = CAS_ATTEMPTS,
+    read: tuple[RolloutEntry | None, int] | None = None,
 ) -> CasResult:
     """get -> change -> write expecting the read revision; again on a conflict.
-    `change` returns None (or the same entry) for "nothing to write"."""
+    `change` returns None (or the same entry) for "nothing to write". `read`: the entry
+    and its KV revision as just read (the first attempt needs no get of its own)."""
     subject = options.kv_put_subject(ROLLOUTS_BUCKET, revision)
     for attempt in range(1, attempts + 1):
-        current, seq = await read_entry(kv, revision)
+        current, seq = read if read is not None and attempt == 1 else await read_entry(
+            kv, revision)
         step = change(current)
         if step is None or step.entry == current:
             return CasResult(current, (), False, attempt)
@@ -137,36 +211,24 @@ async def cas_update(
 async def read_members(js: JetStreamContext, now: datetime) -> dict[str, Member]:
     """Every node's labels and liveness from gitops_nodes (heartbeat age, as observers see)."""
     try:
-        kv = await js.key_value(KV_BUCKET)
-    except nats.js.errors.BucketNotFoundError:
+        values = await last_values(js, KV_STREAM, f"{KV_SUBJECT_PREFIX}.>")
+    except nats.js.errors.NotFoundError:
         return {}
     members: dict[str, Member] = {}
-    watcher = await kv.watchall(ignore_deletes=True)
-    try:
-        while True:
-            entry = await watcher.updates(timeout=OP_TIMEOUT_S)
-            if entry is None:
-                return members
-            if not entry.value or entry.operation in ("DEL", "PURGE"):
-                members.pop(entry.key, None)
-                continue
-            try:  # only what membership needs (a NodeStatus per node costs too much here)
-                raw = json.loads(entry.value)
-                labels = {str(k): str(v) for k, v in (raw.get("labels") or {}).items()}
-                revisions = tuple(str(raw[k]) for k in ("revision", "desired_revision")
-                                  if raw.get(k))
-                interval = float(raw.get("heartbeat_interval_s") or 10.0)
-                updated = raw.get("updated_at")
-            except (ValueError, TypeError, AttributeError):
-                continue
-            created: Any = entry.created
-            written = created if isinstance(created, datetime) else None
-            online = not heartbeat_stale(updated if isinstance(updated, str) else None,
-                                         interval, now, written)
-            members[entry.key] = Member(labels, online, revisions or ("",))
-    finally:
-        with contextlib.suppress(Exception):
-            await watcher.stop()
+    for key, (value, written) in values.items():
+        try:  # only what membership needs (a NodeStatus per node costs too much here)
+            raw = json.loads(value)
+            labels = {str(k): str(v) for k, v in (raw.get("labels") or {}).items()}
+            revisions = tuple(str(raw[k]) for k in ("revision", "desired_revision")
+                              if raw.get(k))
+            interval = float(raw.get("heartbeat_interval_s") or 10.0)
+            updated = raw.get("updated_at")
+        except (ValueError, TypeError, AttributeError):
+            continue
+        online = not heartbeat_stale(updated if isinstance(updated, str) else None,
+                                     interval, now, written)
+        members[key] = Member(labels, online, revisions or ("",))
+    return members
 
 
 def rollout_event_payload(event: RolloutEvent, node: str, revision: str, now: datetime
@@ -220,7 +282,8 @@ async def resolve_revision(kv: KeyValue, wanted: str) -> str | None:
         keys = await kv.keys()
     except nats.js.errors.NoKeysError:
         return None
-    found = [k for k in keys if len(wanted) >= 4 and k.startswith(wanted)]
+    found = [k for k in keys
+             if len(wanted) >= 4 and k.startswith(wanted) and not is_report_key(k)]
     return found[0] if len(found) == 1 else None
 
 
@@ -240,6 +303,7 @@ class MeshCoordinator:
         self._members: tuple[float, str, dict[str, Member]] | None = None
         self._watch: tuple[str, asyncio.Task[None]] | None = None
         self.cas_attempts = 0  # writes tried in total (for tests and benchmarks)
+        self._background: set[asyncio.Task[None]] = set()
 
     async def _open(self, create: bool = True) -> tuple[JetStreamContext, KeyValue]:
         nc = self._connection()
@@ -277,18 +341,21 @@ class MeshCoordinator:
             raise RolloutUnavailable(f"{ROLLOUTS_BUCKET}: {reason_of(exc)}") from exc
 
     async def consult(self, revision: str, spec: RolloutSpec, node: str,
-                      labels: Mapping[str, str], previous: str | None
+                      labels: Mapping[str, str], previous: str | None,
+                      later: Callable[[tuple[RolloutEvent, ...]], None] | None = None
                       ) -> tuple[Verdict, tuple[RolloutEvent, ...]]:
         result: tuple[Verdict, tuple[RolloutEvent, ...]] = await self._guarded(
-            self._consult(revision, spec, node, labels, previous))
+            self._consult(revision, spec, node, labels, previous, later))
         return result
 
     async def _consult(self, revision: str, spec: RolloutSpec, node: str,
-                       labels: Mapping[str, str], previous: str | None
+                       labels: Mapping[str, str], previous: str | None,
+                       later: Callable[[tuple[RolloutEvent, ...]], None] | None
                        ) -> tuple[Verdict, tuple[RolloutEvent, ...]]:
         js, kv = await self._open()
         events: list[RolloutEvent] = []
-        existing, _ = await read_entry(kv, revision)
+        read = await read_entry(kv, revision)
+        existing = read[0]
         base = existing.base if existing is not None else None
         if existing is None:
             base, superseded = await self._supersede(js, kv, previous, revision)
@@ -300,17 +367,14 @@ class MeshCoordinator:
         # fleet read; a node that must wait reads it (its consults advance the rollout).
         me = {node: Member(dict(labels), True)}
         verdict, result, created = await self._consult_with(
-            js, kv, revision, spec, node, me, base, fleet=False)
+            js, kv, revision, spec, node, me, base, fleet=False,
+            read=read if existing is not None else None)
         events += result.events
         self.cas_attempts += result.attempts
         if created:
-            members = await self._fleet(js, node, labels, revision)
-            placed = await cas_update(
-                js, kv, self.options, revision,
-                lambda current: None if current is None else advance(
-                    current, members, self._now()))
-            events += placed.events
-            self.cas_attempts += placed.attempts
+            # placing every wave's nodes needs a fleet read and a few round trips: not on
+            # this node's way to applying (nothing can complete before the reports anyway)
+            self._start_placing(revision, node, labels, later)
         if verdict.kind in ("apply", "aborted", "superseded"):
             return verdict, tuple(events)
         members = await self._fleet(js, node, labels, revision)
@@ -319,9 +383,65 @@ class MeshCoordinator:
         self.cas_attempts += result.attempts
         return verdict, (*events, *result.events)
 
+    def _start_placing(self, revision: str, node: str, labels: Mapping[str, str],
+                       later: Callable[[tuple[RolloutEvent, ...]], None] | None) -> None:
+        async def placing() -> tuple[RolloutEvent, ...]:
+            js, kv = await self._open()
+            return (await self._place(js, kv, revision, node, labels))[1]
+
+        # should it fail, a reporter places the waves later (PLACE_AFTER_S)
+        self._start(f"rollout-place-{revision[:8]}", placing(), later)
+
+    def _start(self, name: str, work: Any,
+               later: Callable[[tuple[RolloutEvent, ...]], None] | None) -> None:
+        """Run `work` (-> events) in the background; its events go to `later`."""
+        async def run() -> None:
+            try:
+                events = await self._guarded(work)
+            except RolloutUnavailable as exc:
+                log.warning("%s: %s", name, exc)
+                return
+            if events and later is not None:
+                try:
+                    later(events)
+                except Exception:  # the agent is closing: its outbox is gone
+                    log.exception("%s: could not record %s", name,
+                                  ", ".join(e.type for e in events))
+
+        task = asyncio.get_running_loop().create_task(run(), name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _place(self, js: JetStreamContext, kv: KeyValue, revision: str, node: str,
+                     labels: Mapping[str, str]
+                     ) -> tuple[RolloutEntry | None, tuple[RolloutEvent, ...]]:
+        """Place every wave's nodes from a fleet read, with the reports written so far. A
+        node reporting into the unplaced entry leaves its report to this: so once placed,
+        the reports written before the placement are folded in too (a second fold only if
+        some came in meanwhile); a report written after it meets a placed entry."""
+        members = await self._fleet(js, node, labels, revision)
+        events: list[RolloutEvent] = []
+        entry: RolloutEntry | None = None
+        for _ in range(2):
+            reports = await read_reports(js, revision)
+
+            def change(current: RolloutEntry | None,
+                       reports: dict[str, NodeReport] = reports) -> Step | None:
+                return None if current is None else fold(
+                    current, reports, members, self._now(), fleet=True)
+
+            result = await cas_update(js, kv, self.options, revision, change)
+            events += result.events
+            self.cas_attempts += result.attempts
+            entry = result.entry
+            if entry is None or (await reported_nodes(js, revision))[0] <= set(reports):
+                break
+        return entry, tuple(events)
+
     async def _consult_with(self, js: JetStreamContext, kv: KeyValue, revision: str,
                             spec: RolloutSpec, node: str, members: Mapping[str, Member],
-                            base: str | None, fleet: bool
+                            base: str | None, fleet: bool,
+                            read: tuple[RolloutEntry | None, int] | None = None
                             ) -> tuple[Verdict, CasResult, bool]:
         """One consult by CAS; (verdict, result, whether this write created the entry)."""
         verdict = Verdict("wait", "rollout state not read yet")
@@ -336,7 +456,7 @@ class MeshCoordinator:
             step, verdict = consult(entry, node, members, now, fleet=fleet)
             return step
 
-        result = await cas_update(js, kv, self.options, revision, change)
+        result = await cas_update(js, kv, self.options, revision, change, read=read)
         return verdict, result, created and result.wrote
 
     async def _supersede(self, js: JetStreamContext, kv: KeyValue, previous: str | None,
@@ -369,30 +489,89 @@ class MeshCoordinator:
         return result
 
     async def report(self, revision: str, node: str, labels: Mapping[str, str],
-                     outcome: NodeOutcome, message: str
+                     outcome: NodeOutcome, message: str,
+                     later: Callable[[tuple[RolloutEvent, ...]], None] | None = None
                      ) -> tuple[RolloutEntry | None, tuple[RolloutEvent, ...]]:
         result: tuple[RolloutEntry | None, tuple[RolloutEvent, ...]] = await self._guarded(
-            self._report(revision, node, labels, outcome, message))
+            self._report(revision, node, labels, outcome, message, later))
         return result
 
     async def _report(self, revision: str, node: str, labels: Mapping[str, str],
-                      outcome: NodeOutcome, message: str
+                      outcome: NodeOutcome, message: str,
+                      later: Callable[[tuple[RolloutEvent, ...]], None] | None
                       ) -> tuple[RolloutEntry | None, tuple[RolloutEvent, ...]]:
         js, kv = await self._open()
-        # the fleet as last read for this revision (consult read it): placing and offline
-        # nodes are the consults' business; a report must not cost a fleet read
+        mine = NodeReport(node=node, outcome=outcome, message=message[:300],
+                          labels=dict(labels), at=iso_time(self._now()))
+        # written before looking at the others' (so of several nodes reporting last at once,
+        # at least one sees them all): a plain put, nobody waits for anybody
+        ack = await js.publish(
+            self.options.kv_put_subject(ROLLOUTS_BUCKET, report_key(revision, node)),
+            mine.to_json_bytes())
+        # the entry and who reported, side by side (one round trip on this node's way)
+        read, (reported, last_seq) = await asyncio.gather(
+            read_entry(kv, revision), reported_nodes(js, revision))
+        current = read[0]
+        if current is None:
+            return None, ()  # no rollout (deleted): nothing to fold into
+        due = fold_due(current, node, outcome, self._now())
+        if due == "place":
+            return await self._place(js, kv, revision, node, labels)
+        if due is None:
+            if not wave_reported(current, reported):
+                return current, ()
+            if ack.seq != last_seq and node != completing_folder(current):
+                # a herd that all saw the wave reported leaves it to the one that wrote last
+                # (nothing written after its report) and one chosen by name; the others
+                # look again shortly, in case neither of those saw the last reports
+                self._start(f"rollout-fold-{revision[:8]}",
+                            self._fold_late(revision, node, labels), later)
+                return current, ()
+            return await self._fold_all(js, kv, revision, node, labels, {node: mine})
+        members = self._known(revision, node, labels)
+
+        def own(at_entry: RolloutEntry | None) -> Step | None:
+            at = self._now()
+            if at_entry is None or fold_due(at_entry, node, outcome, at) is None:
+                return None  # another node's fold took ours in, or is the fresher one
+            return fold(at_entry, {node: mine}, members, at)
+
+        result = await cas_update(js, kv, self.options, revision, own, read=read)
+        self.cas_attempts += result.attempts
+        if due == "own" or not result.wrote:
+            return result.entry, result.events
+        # this node's write won the progress fold: everybody's reports now
+        entry, events = await self._fold_all(js, kv, revision, node, labels, {node: mine})
+        return entry or result.entry, (*result.events, *events)
+
+    def _known(self, revision: str, node: str, labels: Mapping[str, str]) -> dict[str, Member]:
+        """The fleet as last read for this revision (consult read it), and this node: placing
+        and offline nodes are the consults' business; a report must not cost a fleet read."""
         cached = self._members
-        members = {**(cached[2] if cached and cached[1] == revision else {}),
-                   node: Member(dict(labels), True)}
+        return {**(cached[2] if cached and cached[1] == revision else {}),
+                node: Member(dict(labels), True)}
 
-        def change(current: RolloutEntry | None) -> Step | None:
-            if current is None:
-                return None  # no rollout (deleted): nothing to report into
-            return report(current, node, outcome, message, members, self._now())
-
-        result = await cas_update(js, kv, self.options, revision, change)
+    async def _fold_all(self, js: JetStreamContext, kv: KeyValue, revision: str, node: str,
+                        labels: Mapping[str, str], mine: Mapping[str, NodeReport]
+                        ) -> tuple[RolloutEntry | None, tuple[RolloutEvent, ...]]:
+        """Every node's report into the entry, by CAS (a fold already made writes nothing)."""
+        members = self._known(revision, node, labels)
+        reports = {**await read_reports(js, revision), **mine}
+        result = await cas_update(
+            js, kv, self.options, revision,
+            lambda at_entry: None if at_entry is None else fold(
+                at_entry, reports, members, self._now()))
         self.cas_attempts += result.attempts
         return result.entry, result.events
+
+    async def _fold_late(self, revision: str, node: str, labels: Mapping[str, str]
+                         ) -> tuple[RolloutEvent, ...]:
+        await asyncio.sleep(random.uniform(0.5, 1.5))
+        js, kv = await self._open()
+        current, _ = await read_entry(kv, revision)
+        if current is None or not wave_reported(current, (await reported_nodes(js, revision))[0]):
+            return ()  # the chosen one folded them
+        return (await self._fold_all(js, kv, revision, node, labels, {}))[1]
 
     # ---- watching one entry -----------------------------------------------------------
     def watch(self, revision: str | None, on_change: Callable[[str], None] | None) -> None:
@@ -436,3 +615,5 @@ class MeshCoordinator:
 
     async def close(self) -> None:
         self.watch(None, None)
+        for task in list(self._background):
+            task.cancel()

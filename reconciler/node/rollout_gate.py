@@ -105,7 +105,8 @@ class RolloutGate:
             previous = meta.applied_revision
         try:
             verdict, events = await self.coordinator.consult(
-                revision, spec, self.node_id, self._labels(), previous)
+                revision, spec, self.node_id, self._labels(), previous,
+                later=lambda events: None if self.closed else self._record(revision, events))
         except RolloutUnavailable as exc:
             self._failures += 1  # NATS not up yet, or away: look again soon
             self._recheck(min(5.0, 0.5 * 2 ** (self._failures - 1)))
@@ -144,7 +145,8 @@ class RolloutGate:
             return
         try:
             entry, events = await self.coordinator.report(
-                revision, self.node_id, self._labels(), kind, outcome[1])
+                revision, self.node_id, self._labels(), kind, outcome[1],
+                later=lambda events: None if self.closed else self._record(revision, events))
         except RolloutUnavailable as exc:
             log.warning("rollout: could not report %s for %s: %s", kind, revision[:12], exc)
             self._recheck(5.0)
