@@ -173,7 +173,8 @@ def test_sigterm_while_apps_are_still_starting_leaves_nothing(tmp_path: Path) ->
         def apps_starting() -> bool:
             demo.track()
             assert demo.process.poll() is None, demo.output
-            started = any("server.py" in " ".join(p.cmdline()) for p in _alive(demo.seen))
+            # a child may exit between two looks at it: read each command line once, guarded
+            started = any("server.py" in " ".join(_cmdline(p)) for p in demo.seen.values())
             return started and "state in " in demo.output
 
         eventually(apps_starting, timeout=60, interval=0.1, what="the first app started")
@@ -188,16 +189,12 @@ def test_sigterm_while_apps_are_still_starting_leaves_nothing(tmp_path: Path) ->
             demo.kill_everything()
 
 
-def _alive(procs: dict[int, psutil.Process]) -> list[psutil.Process]:
-    alive = []
-    for proc in procs.values():
-        try:
-            if proc.is_running():
-                proc.cmdline()
-                alive.append(proc)
-        except psutil.Error:
-            pass
-    return alive
+def _cmdline(proc: psutil.Process) -> list[str]:
+    """The command line of a running process, or [] for one that is gone or a zombie."""
+    try:
+        return proc.cmdline() if proc.is_running() else []
+    except psutil.Error:
+        return []
 
 
 def test_keep_reuses_the_state_for_a_second_run(tmp_path: Path) -> None:
