@@ -10,12 +10,17 @@ import sys
 import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
+from reconciler.cli.render import format_status
+from reconciler.core.rollout import progress_line
+from reconciler.core.spec import Selector, parse_duration
+from reconciler.core.status import NodeStatus
 from reconciler.mesh.client import (
     FOLLOW_API_TIMEOUT_S,
     TRANSIENT,
@@ -30,15 +35,25 @@ from reconciler.mesh.client import (
     scatter,
 )
 from reconciler.mesh.conn import MeshError, NatsOptions, connect, no_jetstream, reason_of
-from reconciler.mesh.subjects import FLEET_RECONCILE, KV_BUCKET, ROLLOUTS_BUCKET
+from reconciler.mesh.permissions import NatsConfigError, write_config
+from reconciler.mesh.rollouts import read_entry, resolve_revision, rollouts_bucket
+from reconciler.mesh.subjects import FLEET_RECONCILE, KV_BUCKET
+from reconciler.mesh.wire import (
+    BadRequest,
+    Observed,
+    fleet_rows,
+    format_table,
+    is_unreachable,
+    observed_state,
+    selector_from_pairs,
+    wait_targets,
+    wait_verdict,
+)
 
-# The status/selector modules (pydantic) are imported only by the commands that use them.
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
 
-    from reconciler.core.spec import Selector
     from reconciler.mesh.client import KvEntry
-    from reconciler.mesh.wire import Observed
 
 RPC_TIMEOUT_S = 5.0
 EXIT_FAILED = 1
@@ -66,19 +81,12 @@ def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     except (*TRANSIENT, nats.errors.Error) as exc:
         _err(f"NATS: {reason_of(exc)}")
         return EXIT_USAGE
-    except ValueError as exc:
-        from reconciler.mesh.wire import BadRequest
-
-        if not isinstance(exc, BadRequest):
-            raise
+    except BadRequest as exc:
         _err(str(exc))
         return EXIT_USAGE
 
 
 def _timeout(text: str) -> float:
-    from reconciler.core.spec import parse_duration
-    from reconciler.mesh.wire import BadRequest
-
     try:
         return parse_duration(text)
     except ValueError as exc:
@@ -91,9 +99,6 @@ def _now() -> datetime:
 
 def _observe(entries: dict[str, KvEntry]) -> dict[str, Observed]:
     """Statuses of the followed KV entries (deleted and unreadable ones left out)."""
-    from reconciler.core.status import NodeStatus
-    from reconciler.mesh.wire import Observed
-
     fleet: dict[str, Observed] = {}
     for key, entry in entries.items():
         if not entry.value:
@@ -131,8 +136,6 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    from reconciler.mesh.wire import fleet_rows, format_table, observed_state
-
     options = NatsOptions.from_args(args)
     nc = await connect(options, **FOLLOW_OPTIONS)
     try:
@@ -159,9 +162,6 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 async def _node_status(nc: NATS, node: str, as_json: bool, js_domain: str | None) -> int:
-    from reconciler.core.status import NodeStatus
-    from reconciler.mesh.wire import observed_state
-
     written_at = None
     try:
         answer = reply_of(node, "status", await call(nc, node, "status", timeout=3.0))
@@ -193,8 +193,6 @@ async def _node_status(nc: NATS, node: str, as_json: bool, js_domain: str | None
         data["status"] = state
         print(json.dumps(data, indent=2))
         return 0
-    from reconciler.cli.node_cmds import format_status
-
     print(format_status(status.model_copy(update={"status": state})))
     return 0
 
@@ -205,8 +203,6 @@ def run_reconcile(args: argparse.Namespace) -> int:
 
 
 async def _reconcile(args: argparse.Namespace) -> int:
-    from reconciler.mesh.wire import selector_from_pairs
-
     timeout = _timeout(args.timeout)
     selector = selector_from_pairs(args.selector or [])
     options = NatsOptions.from_args(args)
@@ -240,8 +236,6 @@ async def fleet_reconcile(
 ) -> list[dict[str, Any]]:
     """Trigger every matching node; collect replies until the reachable matching nodes known
     from the KV have all answered, or `timeout`."""
-    from reconciler.mesh.wire import is_unreachable
-
     now = _now()
     expected = {
         node for node, obs in (await read_fleet(nc, js_domain=js_domain)).items()
@@ -258,8 +252,6 @@ def run_wait(args: argparse.Namespace) -> int:
 
 
 async def _wait(args: argparse.Namespace) -> int:
-    from reconciler.mesh.wire import selector_from_pairs
-
     revision = args.revision.strip()
     timeout = _timeout(args.timeout)
     selector = selector_from_pairs(args.selector or [])
@@ -292,8 +284,6 @@ async def wait_for_revision(
     `revision`; 2 at the deadline. Failover (server death, leader change) is ridden out:
     the follow is re-made whenever it breaks and after every reconnect (`reconnected`: the
     connection's reconnect signal), until the deadline."""
-    from reconciler.mesh.wire import wait_targets, wait_verdict
-
     trouble: str | None = None
     follower: KvFollower | None = None
     rollout = RolloutWatch(nc, revision, js_domain)
@@ -400,9 +390,6 @@ class RolloutWatch:
 
     async def check(self) -> str | None:
         """None, or why the wait must end now (the rollout was aborted)."""
-        from reconciler.core.rollout import progress_line
-        from reconciler.mesh.rollouts import read_entry, resolve_revision, rollouts_bucket
-
         if time.monotonic() < self._next:
             return None
         self._next = time.monotonic() + self.READ_EVERY_S
@@ -446,112 +433,8 @@ def _report_wait(revision: str, synced: tuple[str, ...], failed: dict[str, str],
     return EXIT_NODE_FAILED if failed else EXIT_TIMEOUT
 
 
-# ---- rollout -------------------------------------------------------------------------------
-def run_rollout(args: argparse.Namespace) -> int:
-    return _run(lambda: _rollout(args))
-
-
-async def _rollout(args: argparse.Namespace) -> int:
-    from reconciler.core.rollout import RolloutRefused
-    from reconciler.mesh.rollouts import (
-        operate_rollout,
-        read_entry,
-        resolve_revision,
-        rollouts_bucket,
-    )
-
-    options = NatsOptions.from_args(args)
-    nc = await connect(options)
-    try:
-        js = options.jetstream(nc)
-        try:
-            kv = await rollouts_bucket(js, create=False)
-        except nats.js.errors.ServiceUnavailableError:
-            raise MeshError(no_jetstream(options.js_domain)) from None
-        key = await resolve_revision(kv, args.revision) if kv is not None else None
-        entry = (await read_entry(kv, key))[0] if kv is not None and key else None
-        if kv is None or key is None or entry is None:
-            _err(f"no rollout of {args.revision} in {ROLLOUTS_BUCKET} (a revision without "
-                 "rollout.yaml applies everywhere at once)")
-            return EXIT_FAILED
-        if args.action != "status":
-            try:
-                result = await operate_rollout(js, kv, options, key, args.action,
-                                               args.reason, actor="console")
-            except RolloutRefused as exc:
-                _err(str(exc))
-                return EXIT_FAILED
-            assert result.entry is not None
-            entry = result.entry
-            for event in result.events:
-                _err(f"{event.type}: {event.message}")
-    finally:
-        await nc.close()
-    print(json.dumps(_rollout_json(entry), indent=2) if args.json else format_rollout(entry))
-    return 0
-
-
-def rollout_open(args: argparse.Namespace, revision: str, spec: Any,
-                 labels: dict[str, str]) -> tuple[bool | None, str | None]:
-    """For `plan --nats`: (is the node's wave open, the rollout's state) from the entry."""
-    from reconciler.mesh.rollouts import read_entry, rollouts_bucket
-
-    async def read() -> tuple[bool | None, str | None]:
-        options = NatsOptions.from_args(args)
-        nc = await connect(options)
-        try:
-            kv = await rollouts_bucket(options.jetstream(nc), create=False)
-            entry = (await read_entry(kv, revision))[0] if kv is not None else None
-        finally:
-            await nc.close()
-        if entry is None:
-            return spec.wave_of(labels) == 0, None
-        index = entry.wave_of(labels)
-        is_open = entry.state == "complete" or (
-            entry.state == "progressing" and index <= entry.wave_index)
-        return is_open, entry.state
-
-    return asyncio.run(read())
-
-
-def _rollout_json(entry: Any) -> dict[str, Any]:
-    from reconciler.core.rollout import bake_left, wave_rows
-
-    now = _now()
-    return {**entry.model_dump(mode="json"), "bake_left_s": bake_left(entry, now),
-            "progress": wave_rows(entry, now)}
-
-
-def format_rollout(entry: Any) -> str:
-    """A human view of one rollout entry: state, then one row per wave."""
-    from reconciler.core.rollout import wave_rows
-    from reconciler.mesh.wire import format_table
-
-    now = _now()
-    head = f"rollout {entry.revision[:12]}  {entry.state.upper()}"
-    if entry.wave:
-        head += f"  (wave {entry.wave} open)"
-    lines = [head + (f"  base {entry.base[:12]}" if entry.base else "")]
-    if entry.reason:
-        lines.append(f"  reason: {entry.reason}")
-    rows = []
-    for row in wave_rows(entry, now):
-        bake = "-" if row["bake_left_s"] is None else f"{row['bake_left_s']:.0f}s left"
-        rows.append({**row, "bake": bake})
-    columns = ["name", "phase", "nodes", "synced", "failed", "offline", "applying",
-               "max_unavailable", "bake"]
-    lines.append(format_table(rows, columns))
-    for node, why in sorted(entry.failures.items()):
-        lines.append(f"  {node}: {why}")
-    return "\n".join(lines)
-
-
 # ---- nats-config ---------------------------------------------------------------------------
 def run_nats_config(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from reconciler.mesh.permissions import NatsConfigError, write_config
-
     try:
         written = write_config(Path(args.out), list(args.node or []), auth=args.auth)
     except NatsConfigError as exc:

@@ -7,11 +7,13 @@ import hashlib
 import json
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from reconciler.core.errors import ReconcileError, SpecProblem
+from reconciler.core.errors import ArtifactError, ReconcileError, SpecProblem
+from reconciler.core.events import event_json_schema
 from reconciler.core.loader import LoadResult, SpecFile, load_files
-from reconciler.core.plan import USUAL_MODES, Action, ActionKind, Plan
+from reconciler.core.plan import USUAL_MODES, Action, ActionKind, Plan, make_plan
 from reconciler.core.rollout_spec import (
     MAX_ROLLOUT_BYTES,
     ROLLOUT_FILE,
@@ -19,14 +21,21 @@ from reconciler.core.rollout_spec import (
     parse_rollout,
     rollout_json_schema,
 )
-from reconciler.core.spec import NAME_RE, app_json_schema
-from reconciler.core.state import CurrentState
+from reconciler.core.spec import NAME_RE, ArchiveSource, app_json_schema
+from reconciler.core.state import CurrentState, desired_for_node
+from reconciler.core.targeting import parse_labels
+from reconciler.node.source import GitSource
 from reconciler.node.spec_dir import read_directory, resolve_spec_path
+from reconciler.node.store import StoreError, load_current_state
 
 ROLLOUTS_BUCKET_NAME = "gitops_rollouts"
 # Exit codes: 0 fine, 1 spec problems (plan still printed, with removals held), 2 could not
 # run at all (bad flags, unreachable repository).
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
+# `plan --nats` (reconciler/cli/rollout_cmds.py) reads the node's rollout wave state over NATS:
+# (args, revision, rollout spec, labels) -> (is the wave open, the rollout's state).
+RolloutStateReader = Callable[
+    [argparse.Namespace, str, RolloutSpec, dict[str, str]], tuple[bool | None, str | None]]
 
 _SYMBOLS = {
     ActionKind.DEPLOY: "+",
@@ -102,8 +111,6 @@ def _validate_rollout_only(path: Path, as_json: bool) -> int:
 
 def check_archives(root: Path, result: LoadResult) -> list[SpecProblem]:
     """Repo-relative archives must exist under `root` and match their pinned sha256."""
-    from reconciler.core.spec import ArchiveSource
-
     problems: list[SpecProblem] = []
     for name, app in result.valid_apps.items():
         source = app.source
@@ -149,17 +156,16 @@ def run_schema(args: argparse.Namespace) -> int:
         print(json.dumps(rollout_json_schema(), indent=2, sort_keys=True))
         return EXIT_OK
     if getattr(args, "events", False):
-        from reconciler.core.events import event_json_schema
-
         print(json.dumps(event_json_schema(), indent=2, sort_keys=True))
         return EXIT_OK
     print(json.dumps(app_json_schema(), indent=2, sort_keys=True))
     return EXIT_OK
 
 
-def run_plan(args: argparse.Namespace) -> int:
-    from reconciler.core.state import desired_for_node
-
+def run_plan(args: argparse.Namespace, read_rollout_state: RolloutStateReader | None = None
+             ) -> int:
+    """`plan`; with `read_rollout_state` (plan --nats) it also says whether the node's wave
+    is open."""
     try:
         if not NAME_RE.match(args.node_id):
             raise ValueError(f"--node-id {args.node_id!r}: use lowercase letters, digits and "
@@ -174,10 +180,9 @@ def run_plan(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     result: LoadResult = load_files(files, apps_path=args.path)
     desired = desired_for_node(result, args.node_id, labels, revision)
-    from reconciler.core.plan import make_plan
-
     plan = make_plan(desired, current)
-    rollout = rollout_position(rollout_data, revision, args.node_id, labels, args)
+    rollout = rollout_position(rollout_data, revision, args.node_id, labels, args,
+                               read_rollout_state)
     if args.json:
         out = plan.to_json()
         out["node"] = args.node_id
@@ -193,8 +198,6 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def _labels(items: list[str]) -> dict[str, str]:
-    from reconciler.core.targeting import parse_labels
-
     try:
         return parse_labels(items)
     except ValueError as exc:
@@ -204,9 +207,6 @@ def _labels(items: list[str]) -> dict[str, str]:
 def _read_repo(url: str, branch: str, apps_path: str, cache: Path
                ) -> tuple[str, list[SpecFile], bytes | None]:
     """(revision, spec files, rollout.yaml bytes or None)."""
-    from reconciler.core.errors import ArtifactError
-    from reconciler.node.source import GitSource
-
     source = GitSource(url, branch, cache / "repo")
     try:
         revision = source.fetch()
@@ -220,9 +220,10 @@ def _read_repo(url: str, branch: str, apps_path: str, cache: Path
 
 
 def rollout_position(data: bytes | None, revision: str, node: str, labels: dict[str, str],
-                     args: argparse.Namespace) -> dict[str, object]:
-    """The node's wave at `revision` and whether it is open (read from gitops_rollouts when
-    --nats is given; otherwise the plan says it cannot tell)."""
+                     args: argparse.Namespace, read_state: RolloutStateReader | None = None,
+                     ) -> dict[str, object]:
+    """The node's wave at `revision` and whether it is open (read from gitops_rollouts by
+    `read_state`, given with --nats; otherwise the plan says it cannot tell)."""
     if data is None:
         return {"governed": False,
                 "text": f"Rollout: no {ROLLOUT_FILE} at {revision[:12]}: every node applies "
@@ -235,14 +236,12 @@ def rollout_position(data: bytes | None, revision: str, node: str, labels: dict[
     wave = spec.waves[spec.wave_of(labels)].name
     out: dict[str, object] = {"governed": True, "wave": wave, "open": None}
     where = f"Rollout: {node} is in wave {wave!r} of {len(spec.waves)}"
-    if not getattr(args, "nats", None):
+    if read_state is None or not getattr(args, "nats", None):
         out["text"] = (f"{where}; whether it is open is not known here (give --nats to read "
                        f"the rollout state from {ROLLOUTS_BUCKET_NAME})")
         return out
-    from reconciler.cli.mesh_cmds import rollout_open
-
     try:
-        is_open, state = rollout_open(args, revision, spec, labels)
+        is_open, state = read_state(args, revision, spec, labels)
     except Exception as exc:  # NATS trouble: say so, the plan itself stands
         out["text"] = f"{where}; the rollout state cannot be read: {exc}"
         return out
@@ -258,8 +257,6 @@ def _current_state(state_dir: Path | None) -> CurrentState:
     """What runs on this node per the agent's store; nothing when there is no store there."""
     if state_dir is None or not state_dir.is_dir():
         return CurrentState()
-    from reconciler.node.store import StoreError, load_current_state
-
     try:
         return load_current_state(state_dir)
     except StoreError as exc:
