@@ -422,7 +422,7 @@ _LOADED = ("import runpy, sys\n"
            "    runpy.run_module('reconciler', run_name='__main__')\n"
            "except SystemExit:\n"
            "    pass\n"
-           "heavy = ('nats', 'opentelemetry', 'uvicorn', 'starlette', 'console')\n"
+           "heavy = ('nats', 'opentelemetry', 'uvicorn', 'starlette', 'console', 'git')\n"
            "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in heavy)),\n"
            "      file=sys.stderr)\n")
 

@@ -7,14 +7,39 @@ of RSS for the few questions asked here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
+from typing import TypeVar
 
 from reconciler.core.spec import AppSpec
+
+K = TypeVar("K", str, int)
 
 
 def format_cycle(cycle: list[str]) -> str:
     """['a', 'b', 'c'] -> 'a -> b -> c -> a' (read: a depends on b, ...)."""
     return " -> ".join([*cycle, cycle[0]]) if cycle else ""
+
+
+def _layers(deps: Mapping[K, Collection[K]]) -> list[list[K]]:
+    """Kahn's algorithm: the nodes whose dependencies are all placed, layer by layer, sorted
+    inside a layer. Nodes on a cycle, and what depends on them, are left out."""
+    waiting = {node: len(needed) for node, needed in deps.items()}
+    unlocks: dict[K, list[K]] = {node: [] for node in deps}
+    for node, needed in deps.items():
+        for dep in needed:
+            unlocks[dep].append(node)
+    layer = sorted(node for node, count in waiting.items() if count == 0)
+    layers: list[list[K]] = []
+    while layer:
+        layers.append(layer)
+        ready: list[K] = []
+        for node in layer:
+            for dependent in unlocks[node]:
+                waiting[dependent] -= 1
+                if waiting[dependent] == 0:
+                    ready.append(dependent)
+        layer = sorted(ready)
+    return layers
 
 
 class DependencyGraph:
@@ -68,50 +93,21 @@ class DependencyGraph:
         return [list(gen) for gen in self._generations]
 
     def _kahn(self) -> list[list[str]] | None:
-        waiting = {name: len(deps) for name, deps in self._deps.items()}
-        dependents = self._dependents_of()
-        generation = sorted(name for name, count in waiting.items() if count == 0)
-        order: list[list[str]] = []
-        placed = 0
-        while generation:
-            order.append(generation)
-            placed += len(generation)
-            ready: list[str] = []
-            for name in generation:
-                for dependent in dependents[name]:
-                    waiting[dependent] -= 1
-                    if waiting[dependent] == 0:
-                        ready.append(dependent)
-            generation = sorted(ready)
-        return order if placed == len(self._deps) else None
+        order = _layers(self._deps)
+        return order if sum(map(len, order)) == len(self._deps) else None
 
     def _condensed_generations(self) -> list[list[str]]:
         """Generations of the graph whose nodes are the strongly connected components: the
         apps of one cycle share a generation."""
         components = self._components()
         component_of = {name: i for i, members in enumerate(components) for name in members}
-        needs: list[set[int]] = [set() for _ in components]
+        needs: dict[int, set[int]] = {i: set() for i in range(len(components))}
         for name, deps in self._deps.items():
             needs[component_of[name]].update(component_of[d] for d in deps)
-        for i, needed in enumerate(needs):
+        for i, needed in needs.items():
             needed.discard(i)
-        waiting = [len(needed) for needed in needs]
-        unlocks: list[list[int]] = [[] for _ in components]
-        for i, needed in enumerate(needs):
-            for component in needed:
-                unlocks[component].append(i)
-        ready = [i for i, count in enumerate(waiting) if count == 0]
-        groups: list[list[str]] = []
-        while ready:
-            groups.append(sorted(name for i in ready for name in components[i]))
-            after: list[int] = []
-            for i in ready:
-                for dependent in unlocks[i]:
-                    waiting[dependent] -= 1
-                    if waiting[dependent] == 0:
-                        after.append(dependent)
-            ready = after
-        return groups
+        return [sorted(name for i in layer for name in components[i])
+                for layer in _layers(needs)]
 
     def _components(self) -> list[set[str]]:
         """The strongly connected components (Tarjan's algorithm, iterative: a long chain of
