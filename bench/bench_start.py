@@ -70,6 +70,16 @@ def timed(tree: Path, bare: Path, state: Path) -> tuple[float, float]:
     return usage.ru_utime + usage.ru_stime, wall
 
 
+def command(tree: Path, cwd: Path, *args: str) -> float:
+    """CPU s of one `gitops-mesh ARGS` (exit code not checked: some answer 1 by design)."""
+    proc = subprocess.Popen([sys.executable, "-m", "reconciler", *args], cwd=cwd,
+                            env=tree_env(tree), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _, _, usage = os.wait4(proc.pid, 0)
+    proc.returncode = 0
+    return usage.ru_utime + usage.ru_stime
+
+
 def serving(tree: Path, bare: Path, state: Path, nats_url: str) -> tuple[float, float]:
     """(CPU s, wall s) of `node --nats URL` from its start to its first reconcile finished
     (then SIGTERM; the CPU of stopping is included)."""
@@ -165,6 +175,11 @@ def main() -> None:
                 c, w = timed(tree, bare, tmp / f"state-{name}-{i}")
                 cpu[name].append(c)
                 wall[name].append(w)
+        commands: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+        for _ in range(opts.runs):
+            for name, tree in trees.items():
+                commands[("validate", name)].append(
+                    command(tree, tmp, "validate", str(ROOT / "specs-example")))
         served = start_nats(tmp)
         serve_cpu: dict[str, list[float]] = {n: [] for n in trees}
         serve_wall: dict[str, list[float]] = {n: [] for n in trees}
@@ -176,6 +191,10 @@ def main() -> None:
                         c, w = serving(tree, bare, tmp / f"serve-{name}-{i}", url)
                         serve_cpu[name].append(c)
                         serve_wall[name].append(w)
+                for _ in range(opts.runs):
+                    for name, tree in trees.items():
+                        commands[("status --nats", name)].append(
+                            command(tree, tmp, "status", "--nats", url, "--json"))
             finally:
                 server.terminate()
                 server.wait()
@@ -199,6 +218,11 @@ def main() -> None:
             print(f"{name:8} {statistics.median(serve_cpu[name]):10.3f}s "
                   f"{min(serve_cpu[name]):7.3f}s {statistics.median(serve_wall[name]):11.3f}s "
                   f"{min(serve_wall[name]):8.3f}s")
+    print("\nCLI commands, CPU median (validate specs-example; status --nats URL --json)")
+    print(f"{'':16}" + "".join(f"{n:>9}" for n in trees))
+    for what in dict.fromkeys(w for w, _ in commands):
+        print(f"{what:16}" + "".join(
+            f"{statistics.median(commands[(what, n)]):8.3f}s" for n in trees))
     print(f"\nimports (-X importtime, ms, median of {opts.imports}; a package's own "
           "dependencies counted under it)")
     groups = sorted({g for runs in imports.values() for r in runs for g in r} - {"total"},

@@ -403,7 +403,7 @@ def test_plan_names_the_nodes_wave(tmp_path: Path) -> None:
 
 
 def test_plan_says_how_an_action_is_done_when_it_is_not_the_usual_way() -> None:
-    from reconciler.cli.spec_cmds import format_plan
+    from reconciler.cli.plan_cmds import format_plan
     from reconciler.core.plan import Action, ActionKind, Mode, Plan
 
     plan = Plan("abc123", actions=(

@@ -10,7 +10,7 @@ from typing import Any
 
 import nats.js.errors
 
-from reconciler.cli import spec_cmds
+from reconciler.cli import plan_cmds
 from reconciler.cli.mesh_cmds import EXIT_FAILED, _err, _now, _run
 from reconciler.core.rollout import RolloutRefused, bake_left, wave_rows
 from reconciler.mesh.conn import MeshError, NatsOptions, connect, no_jetstream
@@ -20,8 +20,8 @@ from reconciler.mesh.wire import format_table
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    """`plan --nats`: spec_cmds.run_plan, with the rollout state read from gitops_rollouts."""
-    return spec_cmds.run_plan(args, read_rollout_state=rollout_open)
+    """`plan --nats`: plan_cmds.run_plan, with the rollout state read from gitops_rollouts."""
+    return plan_cmds.run_plan(args, read_rollout_state=rollout_open)
 
 
 def run_rollout(args: argparse.Namespace) -> int:
