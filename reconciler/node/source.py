@@ -74,6 +74,7 @@ class GitSource:
             branch if branch.startswith("refs/") else None
         )
         self._ready = False
+        self._empty = False  # a cache this process just made: no commit to look up in it
         self._lock = threading.RLock()
         self._fetches = 0
         self._signatures = None if verifier is None else CommitSignatures(
@@ -128,6 +129,7 @@ class GitSource:
         if res.returncode != 0:
             raise SourceError(
                 f"cannot create git cache {self.cache_dir}: {first_error_line(res.stderr)}")
+        self._empty = True
 
     def _remove_stale_locks(self) -> None:
         # Runs once per process, before our first git command on the cache: a lock that exists
@@ -219,6 +221,9 @@ class GitSource:
     def _resolve(self, rev: str) -> str | None:
         if not rev or rev.startswith("-"):  # never let a revision be read as an option
             return None
+        self._ensure_cache()
+        if self._empty:  # the first start: nothing to ask git about before the first fetch
+            return None
         res = self._git("rev-parse", "--verify", "-q", rev + "^{commit}")
         return res.stdout.strip() if res.returncode == 0 else None
 
@@ -246,7 +251,9 @@ class GitSource:
                 "--no-auto-gc", "--no-write-fetch-head", "--", self.url, refspec,
                 timeout=self.fetch_timeout, what=f"fetch {self.display_url}",
             )
-            if res.returncode != 0:
+            if res.returncode == 0:
+                self._empty = False
+            else:
                 if "couldn't find remote ref" in res.stderr and not self.pinned:
                     self._remote_ref = None  # it may have become a tag, or been deleted
                 raise self._fail("fetch", res)
