@@ -29,7 +29,7 @@ HANDLERS: dict[str, str] = {
     "plan": "reconciler.cli.plan_cmds:run_plan",
     "plan-rollout": "reconciler.cli.rollout_cmds:run_plan",
     "node": "reconciler.cli.node_cmds:run_node",
-    "status-local": "reconciler.cli.node_cmds:run_status",
+    "status-local": "reconciler.cli.status_cmd:run_status",
     "status-remote": "reconciler.cli.mesh_cmds:run_status",
     "reconcile": "reconciler.cli.mesh_cmds:run_reconcile",
     "wait": "reconciler.cli.wait_cmd:run_wait",
