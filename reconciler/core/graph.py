@@ -1,18 +1,14 @@
-"""Dependency graph of apps: generations, removal order, descendants, cycles. Pure.
-
-Plain dicts and linear-time algorithms (Kahn's sort, Tarjan's strongly connected components,
-breadth-first searches): a graph library would cost the agent ~0.24 s of imports and ~15 MB
-of RSS for the few questions asked here.
-"""
+"""Dependency graph of apps (networkx): generations, removal order, descendants, cycles. Pure."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
-from typing import TypeVar
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from reconciler.core.spec import AppSpec
 
-K = TypeVar("K", str, int)
+if TYPE_CHECKING:
+    import networkx as nx
 
 
 def format_cycle(cycle: list[str]) -> str:
@@ -20,32 +16,13 @@ def format_cycle(cycle: list[str]) -> str:
     return " -> ".join([*cycle, cycle[0]]) if cycle else ""
 
 
-def _layers(deps: Mapping[K, Collection[K]]) -> list[list[K]]:
-    """Kahn's algorithm: the nodes whose dependencies are all placed, layer by layer, sorted
-    inside a layer. Nodes on a cycle, and what depends on them, are left out."""
-    waiting = {node: len(needed) for node, needed in deps.items()}
-    unlocks: dict[K, list[K]] = {node: [] for node in deps}
-    for node, needed in deps.items():
-        for dep in needed:
-            unlocks[dep].append(node)
-    layer = sorted(node for node, count in waiting.items() if count == 0)
-    layers: list[list[K]] = []
-    while layer:
-        layers.append(layer)
-        ready: list[K] = []
-        for node in layer:
-            for dependent in unlocks[node]:
-                waiting[dependent] -= 1
-                if waiting[dependent] == 0:
-                    ready.append(dependent)
-        layer = sorted(ready)
-    return layers
-
-
 class DependencyGraph:
     """Apps as nodes, an edge dependency -> dependent, so topological order is start order.
 
-    Dependencies that name no app in the graph are left out (the loader reports them)."""
+    Dependencies that name no app in the graph are left out (the loader reports them).
+    Generations are computed on plain dicts (Kahn's algorithm): building a networkx graph
+    costs more than the whole sort, so `graph` (the networkx DiGraph used for cycles,
+    descendants and anything else) is only built when first asked for."""
 
     def __init__(self, depends_on: Mapping[str, Iterable[str]]) -> None:
         self._deps: dict[str, tuple[str, ...]] = {
@@ -53,7 +30,7 @@ class DependencyGraph:
             name: tuple(dict.fromkeys(d for d in deps if d in depends_on))
             for name, deps in depends_on.items()
         }
-        self._dependents: dict[str, list[str]] | None = None
+        self._graph: nx.DiGraph | None = None
         self._generations: list[list[str]] | None = None
         self._acyclic = False  # known once generations() ran
 
@@ -66,15 +43,20 @@ class DependencyGraph:
         """From name -> names it depends on (e.g. the installed apps' recorded dependencies)."""
         return cls(depends_on)
 
-    def _dependents_of(self) -> dict[str, list[str]]:
-        """name -> the apps that depend on it directly (the edges reversed), built once."""
-        if self._dependents is None:
-            dependents: dict[str, list[str]] = {name: [] for name in self._deps}
-            for name, deps in self._deps.items():
-                for dep in deps:
-                    dependents[dep].append(name)
-            self._dependents = dependents
-        return self._dependents
+    @property
+    def graph(self) -> nx.DiGraph:
+        # Imported here: networkx costs ~15 MB of agent RSS, and the common path (an
+        # acyclic tree: generations + the cycle check) never needs it.
+        import networkx as nx
+
+        if self._graph is None:
+            graph: nx.DiGraph = nx.DiGraph()
+            graph.add_nodes_from(self._deps)
+            graph.add_edges_from(
+                (dep, name) for name, deps in self._deps.items() for dep in deps
+            )
+            self._graph = graph
+        return self._graph
 
     def __contains__(self, name: object) -> bool:
         return name in self._deps
@@ -93,65 +75,36 @@ class DependencyGraph:
         return [list(gen) for gen in self._generations]
 
     def _kahn(self) -> list[list[str]] | None:
-        order = _layers(self._deps)
-        return order if sum(map(len, order)) == len(self._deps) else None
+        waiting = {name: len(deps) for name, deps in self._deps.items()}
+        dependents: dict[str, list[str]] = {name: [] for name in self._deps}
+        for name, deps in self._deps.items():
+            for dep in deps:
+                dependents[dep].append(name)
+        generation = sorted(name for name, count in waiting.items() if count == 0)
+        order: list[list[str]] = []
+        placed = 0
+        while generation:
+            order.append(generation)
+            placed += len(generation)
+            ready: list[str] = []
+            for name in generation:
+                for dependent in dependents[name]:
+                    waiting[dependent] -= 1
+                    if waiting[dependent] == 0:
+                        ready.append(dependent)
+            generation = sorted(ready)
+        return order if placed == len(self._deps) else None
 
     def _condensed_generations(self) -> list[list[str]]:
-        """Generations of the graph whose nodes are the strongly connected components: the
-        apps of one cycle share a generation."""
-        components = self._components()
-        component_of = {name: i for i, members in enumerate(components) for name in members}
-        needs: dict[int, set[int]] = {i: set() for i in range(len(components))}
-        for name, deps in self._deps.items():
-            needs[component_of[name]].update(component_of[d] for d in deps)
-        for i, needed in needs.items():
-            needed.discard(i)
-        return [sorted(name for i in layer for name in components[i])
-                for layer in _layers(needs)]
+        import networkx as nx
 
-    def _components(self) -> list[set[str]]:
-        """The strongly connected components (Tarjan's algorithm, iterative: a long chain of
-        dependencies must not hit Python's recursion limit)."""
-        index: dict[str, int] = {}
-        low: dict[str, int] = {}
-        stack: list[str] = []
-        on_stack: set[str] = set()
-        components: list[set[str]] = []
-
-        def visit(node: str) -> None:
-            index[node] = low[node] = len(index)
-            stack.append(node)
-            on_stack.add(node)
-
-        for root in self._deps:
-            if root in index:
-                continue
-            visit(root)
-            work = [(root, iter(self._deps[root]))]
-            while work:
-                node, edges = work[-1]
-                for nxt in edges:
-                    if nxt not in index:
-                        visit(nxt)
-                        work.append((nxt, iter(self._deps[nxt])))
-                        break
-                    if nxt in on_stack:
-                        low[node] = min(low[node], index[nxt])
-                else:
-                    work.pop()
-                    if work:
-                        parent = work[-1][0]
-                        low[parent] = min(low[parent], low[node])
-                    if low[node] == index[node]:
-                        members: set[str] = set()
-                        while True:
-                            member = stack.pop()
-                            on_stack.discard(member)
-                            members.add(member)
-                            if member == node:
-                                break
-                        components.append(members)
-        return components
+        condensed = nx.condensation(self.graph)
+        members = condensed.graph["mapping"]
+        groups: list[list[str]] = []
+        for gen in nx.topological_generations(condensed):
+            ids = set(gen)
+            groups.append(sorted(n for n, scc in members.items() if scc in ids))
+        return groups
 
     def generation_of(self) -> dict[str, int]:
         return {name: i for i, gen in enumerate(self.generations()) for name in gen}
@@ -174,20 +127,13 @@ class DependencyGraph:
 
     def dependents(self, name: str) -> set[str]:
         """Apps that depend on `name` directly."""
-        return set(self._dependents_of()[name])
+        return set(self.graph.successors(name))
 
     def descendants(self, name: str) -> set[str]:
         """Every app that depends on `name`, directly or through others."""
-        dependents = self._dependents_of()
-        seen: set[str] = set()
-        frontier = list(dependents[name])
-        while frontier:
-            node = frontier.pop()
-            if node not in seen:
-                seen.add(node)
-                frontier.extend(dependents[node])
-        seen.discard(name)  # on a cycle through itself: still not its own descendant
-        return seen
+        import networkx as nx
+
+        return set(nx.descendants(self.graph, name))
 
     def find_cycles(self) -> list[list[str]]:
         """One cycle per strongly connected component that has one, in depends-on direction
@@ -198,11 +144,13 @@ class DependencyGraph:
         self.generations()
         if self._acyclic:
             return []
+        import networkx as nx
+
         cycles: list[list[str]] = []
-        for scc in self._components():
+        for scc in nx.strongly_connected_components(self.graph):
             if len(scc) == 1:
                 (only,) = scc
-                if only in self._deps[only]:
+                if self.graph.has_edge(only, only):
                     cycles.append([only])
                 continue
             cycles.append(self._shortest_cycle_through(min(scc), scc))
