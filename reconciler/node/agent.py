@@ -35,13 +35,13 @@ from reconciler.node.recovery import Recovery
 from reconciler.node.rollout_gate import RolloutGate
 from reconciler.node.runtimes.base import ALIVE_STATES, Runtime
 from reconciler.node.runtimes.process import ProcessRuntime
+from reconciler.node.schedule import Schedule
 from reconciler.node.sdnotify import SdNotifier
 from reconciler.node.source import GitSource, SignatureVerifier
 from reconciler.node.status_view import StatusView
 from reconciler.node.store import Store, StoreWriteError
 from reconciler.node.supervision import Supervision
 from reconciler.node.telemetry import Telemetry
-from reconciler.node.ticker import Ticker
 from reconciler.node.transitions import transition
 
 log = logging.getLogger(__name__)
@@ -156,8 +156,7 @@ class Agent:
         self._listeners: list[Callable[[], None]] = []
         self._notify_scheduled = False
         self._aio: asyncio.AbstractEventLoop | None = None
-        self._poll: Ticker | None = None
-        self._heartbeats: Ticker | None = None
+        self._schedule: Schedule | None = None
         self._ready_sent = False
         self._closed = False
 
@@ -193,11 +192,12 @@ class Agent:
     def _start_scheduler(self) -> None:
         assert self._aio is not None
         interval = max(self.config.interval, 0.05)
-        self._poll = Ticker(self._aio, lambda: self.trigger("poll"), interval,
-                            jitter=interval * self.config.jitter)
-        self._heartbeats = Ticker(self._aio, self._heartbeat, self._heartbeat_period())
-        self._poll.start()
-        self._heartbeats.start()
+        schedule = Schedule(self._aio)
+        schedule.every("poll", lambda: self.trigger("poll"), interval,
+                       jitter=interval * self.config.jitter)
+        schedule.every("heartbeat", self._heartbeat, self._heartbeat_period())
+        schedule.start()
+        self._schedule = schedule
 
     def _heartbeat_period(self) -> float:
         period = self.config.heartbeat
@@ -227,9 +227,8 @@ class Agent:
         self._closed = self.supervision.closed = True
         if self.notifier:
             self.notifier.stopping("stopping")
-        for ticker in (self._poll, self._heartbeats):
-            if ticker is not None:
-                ticker.stop()
+        if self._schedule is not None:
+            self._schedule.shutdown()
         self.rollout.close()
         await self.loop.close()
         await self.monitor.close()
@@ -345,8 +344,8 @@ class Agent:
         self.labels = self.config.labels = dict(labels)
         if interval != self.config.interval:
             self.config.interval = interval
-            if self._poll is not None:
-                self._poll.reschedule(interval, jitter=interval * self.config.jitter)
+            if self._schedule is not None:
+                self._schedule.reschedule("poll", interval, jitter=interval * self.config.jitter)
         with self.store.transaction():
             self.store.update_meta(labels=self.labels)
             self.record("node.reconfigured", outcome="success", message=message,

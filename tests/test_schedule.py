@@ -1,36 +1,41 @@
-"""The agent's schedule (node/ticker.py) on a real event loop, and its trace ids without the
-OpenTelemetry SDK (node/telemetry.py): what a node without an OTLP endpoint runs on."""
+"""The agent's schedule (node/schedule.py, APScheduler) on a real event loop, and its trace ids
+without the OpenTelemetry SDK (node/telemetry.py): what a node without an OTLP endpoint runs."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 from conftest import eventually_async
 
+from reconciler.node.schedule import Schedule
 from reconciler.node.telemetry import Telemetry
-from reconciler.node.ticker import Ticker
 
 
-async def test_a_ticker_calls_on_the_loop_thread_until_stopped_and_survives_a_failing_call(
+async def test_scheduled_calls_run_on_the_loop_thread_until_shut_down_and_survive_a_failure(
 ) -> None:
-    loop = asyncio.get_running_loop()
-    calls: list[int] = []
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
 
     def action() -> None:
-        calls.append(len(calls))
-        if len(calls) == 2:
+        threads.append(threading.get_ident())
+        if len(threads) == 2:
             raise RuntimeError("one bad call")  # logged; the schedule goes on
 
-    ticker = Ticker(loop, action, interval=0.05, jitter=0.02)
-    ticker.start()
-    await eventually_async(lambda: asyncio.sleep(0, len(calls) >= 4), what="4 calls")
-    ticker.reschedule(0.05)
-    seen = len(calls)
-    await eventually_async(lambda: asyncio.sleep(0, len(calls) > seen), what="after reschedule")
-    ticker.stop()
-    stopped_at = len(calls)
+    schedule = Schedule(asyncio.get_running_loop())
+    schedule.every("tick", action, interval=0.05, jitter=0.02)
+    schedule.start()
+    await eventually_async(lambda: asyncio.sleep(0, len(threads) >= 4), what="4 calls")
+    # the agent's actions use asyncio APIs that only the loop's own thread may call
+    assert set(threads) == {loop_thread}
+    schedule.reschedule("tick", 0.05)
+    seen = len(threads)
+    await eventually_async(lambda: asyncio.sleep(0, len(threads) > seen), what="after reschedule")
+    schedule.shutdown()
+    stopped_at = len(threads)
     await asyncio.sleep(0.2)
-    assert len(calls) == stopped_at
+    assert len(threads) == stopped_at
+    assert set(threads) == {loop_thread}
 
 
 async def test_trace_ids_without_the_sdk_nest_and_differ_per_run() -> None:
