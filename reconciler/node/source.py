@@ -1,10 +1,11 @@
 """Git source: a bare cache of the spec repo, change detection, tree reads, signatures. I/O shell.
 
-Blocking API: the agent calls it through `asyncio.to_thread`. Everything runs the git CLI
-(gitcmd.run_git): network commands (ls-remote, fetch) in their own process group so a timeout
-kills git *and* its transport helpers (ssh, git-remote-https); trees and blobs are read from
-the local cache with `ls-tree` and one `cat-file --batch`, never from a work tree (there is
-none). Commit signatures: signatures.CommitSignatures.
+Blocking API: the agent calls it through `asyncio.to_thread`. Network commands (ls-remote,
+fetch) run the git CLI (gitcmd.run_git) in their own process group so a timeout kills git *and*
+its transport helpers (ssh, git-remote-https). Revisions, commits, trees and blobs are read
+from the local cache through GitPython (never from a work tree: there is none); its object
+database runs one `git cat-file --batch` (and `--batch-check`) for all reads, ended by close().
+Commit signatures: signatures.CommitSignatures.
 """
 
 from __future__ import annotations
@@ -13,16 +14,18 @@ import logging
 import posixpath
 import re
 import shutil
-import subprocess
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+from git import Repo
+from git.exc import GitError, ODBError
+from git.objects import Blob, Tree
 
 from reconciler.core.errors import ArtifactError, SourceError
 from reconciler.core.loader import SpecFile
 from reconciler.core.redact import redact_url
-from reconciler.node.gitcmd import GitResult, first_error_line, git_env, run_git
+from reconciler.node.gitcmd import GitResult, first_error_line, run_git
 from reconciler.node.signatures import MAX_VERIFIED_COMMITS, CommitSignatures, SignatureVerifier
 
 __all__ = ["FULL_SHA_RE", "MAX_VERIFIED_COMMITS", "GitSource", "SignatureVerifier", "run_git"]
@@ -31,7 +34,7 @@ log = logging.getLogger(__name__)
 
 FULL_SHA_RE = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 SPEC_SUFFIXES = (".yaml", ".yml")
-_REGULAR_FILE_MODES = ("100644", "100755")
+_REGULAR_FILE_MODES = (0o100644, 0o100755)
 # Roughly `git check-ref-format`: no option-like start, no spaces, no ~^:?*[\ or control chars.
 _REF_NAME_RE = re.compile(r"^[^-\s~^:?*\[\\\x00-\x1f\x7f][^\s~^:?*\[\\\x00-\x1f\x7f]*$")
 # Lock files a killed git leaves behind; nothing else uses the cache, so at start they are stale.
@@ -39,8 +42,6 @@ _STALE_LOCKS = ("packed-refs.lock", "shallow.lock", "config.lock", "HEAD.lock")
 # Run `git gc --auto` after this many successful fetches; fetch itself passes --no-auto-gc so
 # a long repack can never eat the fetch timeout and turn into an endless SourceError loop.
 _GC_EVERY = 50
-# Tree reads take a literal path (no glob magic), from the root of the tree.
-_LS_TREE = ("--literal-pathspecs", "ls-tree", "-z", "-l", "--full-tree")
 
 
 def _is_local_path(url: str) -> bool:
@@ -73,7 +74,7 @@ class GitSource:
         self._remote_ref: str | None = "HEAD" if branch == "HEAD" else (
             branch if branch.startswith("refs/") else None
         )
-        self._ready = False
+        self._repo: Repo | None = None
         self._empty = False  # a cache this process just made: no commit to look up in it
         self._lock = threading.RLock()
         self._fetches = 0
@@ -88,10 +89,11 @@ class GitSource:
         return redact_url(self.url)
 
     def close(self) -> None:
-        """Nothing stays running between calls (every read is its own git command); the
-        next call checks the cache again."""
+        """End GitPython's `git cat-file` processes; the next call opens the cache again."""
         with self._lock:
-            self._ready = False
+            if self._repo is not None:
+                self._repo.close()
+                self._repo = None
 
     def __enter__(self) -> GitSource:
         return self
@@ -102,26 +104,29 @@ class GitSource:
     ) -> None:
         self.close()
 
-    def _ensure_cache(self) -> None:
-        if self._ready:
-            return
-        try:
-            self._open_cache()
-        except SourceError as exc:
-            # The cache is only a cache: a half-made one (killed during init) is rebuilt.
-            log.warning("git cache %s is unusable (%s); recreating it", self.cache_dir, exc)
-            shutil.rmtree(self.cache_dir, ignore_errors=True)
-            self._open_cache()
-        self._remove_stale_locks()
-        self._ready = True
+    def _repo_or_init(self) -> Repo:
+        if self._repo is None:
+            try:
+                self._repo = self._open_cache()
+            except (GitError, SourceError) as exc:
+                # The cache is only a cache: a half-made one (killed during init) is rebuilt.
+                log.warning("git cache %s is unusable (%s); recreating it", self.cache_dir, exc)
+                shutil.rmtree(self.cache_dir, ignore_errors=True)
+                try:
+                    self._repo = self._open_cache()
+                except GitError as again:
+                    raise SourceError(
+                        f"git cache {self.cache_dir} is unusable: {again}") from again
+            self._remove_stale_locks()
+        return self._repo
 
-    def _open_cache(self) -> None:
-        """A bare repository at cache_dir (git's own test: objects/, refs/ and HEAD), made if
+    def _open_cache(self) -> Repo:
+        """The bare repository at cache_dir (git's own test: objects/, refs/ and HEAD), made if
         there is none yet; SourceError when one is half there or cannot be made."""
         parts = [(self.cache_dir / "objects").is_dir(), (self.cache_dir / "refs").is_dir(),
                  (self.cache_dir / "HEAD").is_file()]
         if all(parts):
-            return
+            return Repo(self.cache_dir)
         if any(parts):
             raise SourceError(f"git cache {self.cache_dir} is not a git repository")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -130,6 +135,7 @@ class GitSource:
             raise SourceError(
                 f"cannot create git cache {self.cache_dir}: {first_error_line(res.stderr)}")
         self._empty = True
+        return Repo(self.cache_dir)
 
     def _remove_stale_locks(self) -> None:
         # Runs once per process, before our first git command on the cache: a lock that exists
@@ -148,7 +154,7 @@ class GitSource:
             shutil.rmtree(self.cache_dir, ignore_errors=True)
 
     def _git(self, *args: str, timeout: float | None = None, what: str = "git") -> GitResult:
-        self._ensure_cache()
+        self._repo_or_init()
         return run_git(args, cwd=self.cache_dir, timeout=timeout, what=what)
 
     def _fail(self, what: str, res: GitResult) -> SourceError:
@@ -221,11 +227,15 @@ class GitSource:
     def _resolve(self, rev: str) -> str | None:
         if not rev or rev.startswith("-"):  # never let a revision be read as an option
             return None
-        self._ensure_cache()
-        if self._empty:  # the first start: nothing to ask git about before the first fetch
+        repo = self._repo_or_init()
+        if self._empty:  # the first start: nothing to look up before the first fetch
             return None
-        res = self._git("rev-parse", "--verify", "-q", rev + "^{commit}")
-        return res.stdout.strip() if res.returncode == 0 else None
+        try:
+            commit = repo.rev_parse(rev + "^{commit}")
+        except (ODBError, GitError, ValueError):  # unknown, ambiguous, or not a commit
+            return None
+        # GitPython takes a full sha (the all-zero one too) without looking it up
+        return commit.hexsha if repo.odb.has_object(commit.binsha) else None
 
     def _has_commit(self, sha: str) -> bool:
         return self._resolve(sha) == sha
@@ -234,7 +244,7 @@ class GitSource:
         """Fetch the tracked ref (forced: rewritten history replaces the old) and return its
         commit sha. Never merges. A pinned sha already in the cache needs no network."""
         with self._lock:
-            self._ensure_cache()
+            self._repo_or_init()
             if self.pinned:
                 if self._has_commit(self.branch):
                     return self.branch
@@ -297,59 +307,29 @@ class GitSource:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def _ls_tree(self, revision: str, path: str, recursive: bool = False) -> list[_Entry]:
-        """The entries at `path` (below it with `recursive`) of `revision`'s tree."""
-        if not revision or revision.startswith("-"):  # never let a revision be an option
-            raise SourceError(f"revision {revision} is not in the cache of {self.display_url}")
-        res = self._git(*_LS_TREE, *(["-r"] if recursive else []), "--",
-                        f"{revision}^{{commit}}", *([path] if path else []))
-        if res.returncode != 0:
-            raise SourceError(f"revision {revision} is not in the cache of {self.display_url}")
-        entries = []
-        for record in res.stdout.split("\0"):
-            meta, tab, name = record.partition("\t")
-            if tab:
-                mode, kind, sha, size = meta.split()
-                entries.append(_Entry(mode, kind, sha, int(size) if size != "-" else 0, name))
-        return entries
-
-    def _blobs(self, shas: list[str]) -> list[bytes]:
-        """The contents of these blobs, read by one `git cat-file --batch`."""
-        if not shas:
-            return []
-        self._ensure_cache()
+    def _commit_tree(self, revision: str) -> Tree:
+        repo = self._repo_or_init()
         try:
-            proc = subprocess.run(
-                ["git", "cat-file", "--batch"], cwd=self.cache_dir, env=git_env(),
-                input="".join(f"{sha}\n" for sha in shas).encode(), capture_output=True,
-                timeout=max(60.0, self.fetch_timeout), check=False)
-        except subprocess.TimeoutExpired:
-            raise SourceError(f"reading the cache of {self.display_url} timed out") from None
-        out, pos, blobs = proc.stdout, 0, []
-        for sha in shas:
-            end = out.find(b"\n", pos)
-            header = out[pos:end].split() if end >= 0 else []
-            if proc.returncode != 0 or len(header) != 3:
-                raise SourceError(f"object {sha} is not in the cache of {self.display_url}")
-            size = int(header[2])
-            blobs.append(out[end + 1:end + 1 + size])
-            pos = end + 1 + size + 1  # the content, then a newline
-        return blobs
+            if not revision or revision.startswith("-"):  # never let a revision be an option
+                raise ValueError(revision)
+            return repo.commit(revision).tree
+        except (ODBError, GitError, ValueError) as exc:
+            raise SourceError(
+                f"revision {revision} is not in the cache of {self.display_url}") from exc
 
     def spec_files(self, revision: str, apps_path: str = "apps") -> list[SpecFile]:
         """Every regular *.yaml / *.yml file below `apps_path` at `revision`, read from the
         commit's tree (no checkout), sorted by path. A missing apps_path gives []."""
-        prefix = _norm_dir(apps_path)
         with self._lock:
-            entries = [
-                e for e in self._ls_tree(revision, prefix, recursive=True)
-                if e.kind == "blob" and e.mode in _REGULAR_FILE_MODES
-                and e.path.endswith(SPEC_SUFFIXES)
-                and (not prefix or e.path.startswith(prefix + "/"))
+            sub = _subtree(self._commit_tree(revision), apps_path)
+            if sub is None:
+                return []
+            files = [
+                SpecFile(path=str(item.path), data=item.data_stream.read(), key=item.hexsha)
+                for item in sub.traverse()
+                if isinstance(item, Blob) and item.mode in _REGULAR_FILE_MODES
+                and item.name.endswith(SPEC_SUFFIXES)
             ]
-            data = self._blobs([e.sha for e in entries])
-        files = [SpecFile(path=e.path, data=blob, key=e.sha) for e, blob in zip(
-            entries, data, strict=True)]
         return sorted(files, key=lambda f: f.path)
 
     def changed_paths(self, old: str, new: str, apps_path: str = "apps") -> set[str]:
@@ -374,18 +354,19 @@ class GitSource:
         are files larger than `max_bytes` when given (checked before reading)."""
         clean = _safe_repo_path(path)
         with self._lock:
-            item = next((e for e in self._ls_tree(revision, clean) if e.path == clean), None)
-            if item is None:
+            try:
+                item = self._commit_tree(revision) / clean
+            except KeyError:
                 raise ArtifactError(
                     f"{path}: no such file in {self.display_url} at {revision[:12]}"
-                )
-            if item.kind != "blob":
+                ) from None
+            if not isinstance(item, Blob):
                 raise ArtifactError(f"{path}: not a file in the repository at {revision[:12]}")
             if item.mode not in _REGULAR_FILE_MODES:
                 raise ArtifactError(f"{path}: a symlink or special entry, not a regular file")
             if max_bytes is not None and item.size > max_bytes:
                 raise ArtifactError(f"{path}: larger than {max_bytes} bytes; refused")
-            return self._blobs([item.sha])[0]
+            return bytes(item.data_stream.read())
 
     def verify(self, revision: str) -> str:
         """Check `revision`'s signature (signatures.CommitSignatures.verify); without a
@@ -405,20 +386,20 @@ class GitSource:
             self._signatures.verify_move(applied, new, allow_rewind)
 
 
-@dataclass(frozen=True)
-class _Entry:
-    """One line of `git ls-tree -l`."""
-
-    mode: str
-    kind: str
-    sha: str
-    size: int
-    path: str
-
-
 def _norm_dir(apps_path: str) -> str:
     clean = posixpath.normpath(apps_path.strip().strip("/")) if apps_path.strip("/ ") else ""
     return "" if clean == "." else clean
+
+
+def _subtree(tree: Tree, apps_path: str) -> Tree | None:
+    prefix = _norm_dir(apps_path)
+    if not prefix:
+        return tree
+    try:
+        item = tree / prefix
+    except KeyError:
+        return None
+    return item if isinstance(item, Tree) else None
 
 
 def _safe_repo_path(path: str) -> str:
