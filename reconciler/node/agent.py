@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reconciler import __version__
 from reconciler.core.events import Event, make_event
@@ -35,7 +35,6 @@ from reconciler.node.recovery import Recovery
 from reconciler.node.rollout_gate import RolloutGate
 from reconciler.node.runtimes.base import ALIVE_STATES, Runtime
 from reconciler.node.runtimes.process import ProcessRuntime
-from reconciler.node.schedule import Schedule
 from reconciler.node.sdnotify import SdNotifier
 from reconciler.node.source import GitSource, SignatureVerifier
 from reconciler.node.status_view import StatusView
@@ -43,6 +42,9 @@ from reconciler.node.store import Store, StoreWriteError
 from reconciler.node.supervision import Supervision
 from reconciler.node.telemetry import Telemetry
 from reconciler.node.transitions import transition
+
+if TYPE_CHECKING:
+    from reconciler.node.schedule import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +192,9 @@ class Agent:
             self.trigger("startup")
 
     def _start_scheduler(self) -> None:
+        # Imported here, as APScheduler (~50 ms) is only for a serving agent, not `node --once`.
+        from reconciler.node.schedule import Schedule
+
         assert self._aio is not None
         interval = max(self.config.interval, 0.05)
         schedule = Schedule(self._aio)
