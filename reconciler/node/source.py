@@ -232,10 +232,12 @@ class GitSource:
             return None
         try:
             commit = repo.rev_parse(rev + "^{commit}")
+            # GitPython takes a full sha (the all-zero one too) without looking it up; the
+            # object database's has_object() would only see loose objects, info() asks git
+            repo.odb.info(commit.binsha)
         except (ODBError, GitError, ValueError):  # unknown, ambiguous, or not a commit
             return None
-        # GitPython takes a full sha (the all-zero one too) without looking it up
-        return commit.hexsha if repo.odb.has_object(commit.binsha) else None
+        return commit.hexsha
 
     def _has_commit(self, sha: str) -> bool:
         return self._resolve(sha) == sha
