@@ -119,7 +119,7 @@ def bench_verify(tmp: Path, work: Path, bare: Path, rounds: int) -> None:
         head = source.fetch()
 
         def fresh() -> None:
-            source._verified.clear()  # bench the first check of a revision, not the cache
+            source._signatures._verified.clear()  # bench the first check, not the cache
 
         measure("verify (ssh signature, first time)", rounds, lambda: source.verify(head),
                 before=fresh)

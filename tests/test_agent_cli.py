@@ -112,7 +112,7 @@ def test_once_and_status(
 ) -> None:
     from reconciler.cli.main import parse_args
     from reconciler.cli.node_cmds import run_status
-    from reconciler.cli.spec_cmds import run_plan
+    from reconciler.cli.plan_cmds import run_plan
 
     def command(run: Callable[[Any], int], *argv: str) -> str:
         capsys.readouterr()

@@ -403,7 +403,7 @@ def test_plan_names_the_nodes_wave(tmp_path: Path) -> None:
 
 
 def test_plan_says_how_an_action_is_done_when_it_is_not_the_usual_way() -> None:
-    from reconciler.cli.spec_cmds import format_plan
+    from reconciler.cli.plan_cmds import format_plan
     from reconciler.core.plan import Action, ActionKind, Mode, Plan
 
     plan = Plan("abc123", actions=(
@@ -413,3 +413,29 @@ def test_plan_says_how_an_action_is_done_when_it_is_not_the_usual_way() -> None:
     lines = format_plan(plan, "n1", {}, []).splitlines()
     assert any(line.endswith("upgrade (reinstall): version 1 -> 2") for line in lines)
     assert any(line.endswith(" deploy: new app") for line in lines)
+
+
+# What each command loads: `validate` and `plan` run in CI and editors, without NATS; only
+# `plan` reads a spec repository (GitSource, on GitPython), `validate` reads a directory.
+_LOADED = ("import runpy, sys\n"
+           "sys.argv = ['gitops-mesh', *sys.argv[1:]]\n"
+           "try:\n"
+           "    runpy.run_module('reconciler', run_name='__main__')\n"
+           "except SystemExit:\n"
+           "    pass\n"
+           "heavy = ('nats', 'opentelemetry', 'uvicorn', 'starlette', 'console', 'git')\n"
+           "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} & set(heavy))),\n"
+           "      file=sys.stderr)\n")
+
+
+@pytest.mark.parametrize(("command", "loaded"), [("validate", ""), ("plan", "git")])
+def test_validate_and_plan_never_load_nats_telemetry_or_the_console(
+    command: str, loaded: str, example_repo, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    args = (["validate", str(EXAMPLE)] if command == "validate" else
+            ["plan", "--repo", example_repo.url, "--node-id", "n1", "--label", "role=gateway",
+             "--state-dir", str(tmp_path / "no-state")])
+    result = subprocess.run([sys.executable, "-c", _LOADED, *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[-1] == loaded  # the heavy packages it imported

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from conftest import NatsServer
 
 from console.fleet import Fleet
-from reconciler.cli.mesh_cmds import wait_for_revision
+from reconciler.cli.wait_cmd import wait_for_revision
 from reconciler.core.events import EVENT_TYPES, Event, make_event
 from reconciler.core.status import AppStatus, NodeStatus
 from reconciler.mesh.link import NatsOptions, connect

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from reconciler.core.graph import DependencyGraph, format_cycle
@@ -103,3 +105,56 @@ def test_cycles_on_a_large_graph() -> None:
     # and it is the shortest: app0, app9999, then 9899 down to app100 in 98 steps of 100,
     # 14 of 7 and 1 of 1 (113 more names), and app100 depends on app0
     assert len(cycle) == 2 + 113
+
+
+def _reach(edges: dict[str, list[str]]) -> dict[str, set[str]]:
+    """name -> every app it depends on, directly or not (a plain search per app)."""
+    reach: dict[str, set[str]] = {}
+    for start in edges:
+        seen: set[str] = set()
+        todo = list(edges[start])
+        while todo:
+            node = todo.pop()
+            if node not in seen:
+                seen.add(node)
+                todo.extend(edges[node])
+        reach[start] = seen
+    return reach
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_properties_on_random_graphs(seed: int) -> None:
+    """Generations, cycles and descendants against their definitions on small random graphs,
+    with and without cycles."""
+    rng = random.Random(seed)
+    names = [f"a{i}" for i in range(rng.randint(1, 12))]
+    edges = {n: rng.sample(names, rng.randint(0, min(3, len(names)))) for n in names}
+    if seed % 2:  # half of them acyclic: depend only on earlier names
+        edges = {n: [d for d in deps if names.index(d) < names.index(n)]
+                 for n, deps in edges.items()}
+    graph = DependencyGraph.from_edges(edges)
+    reach = _reach(edges)
+    on_cycle = {n for n in names if n in reach[n]}
+
+    generation = graph.generation_of()
+    assert sorted(generation) == sorted(names)
+    for name, deps in edges.items():
+        for dep in deps:
+            same_cycle = name in reach[dep]
+            assert (generation[dep] == generation[name]) if same_cycle else (
+                generation[dep] < generation[name])
+    assert graph.removal_order(names) == [sorted(g) for g in reversed(graph.generations())]
+
+    cycles = graph.find_cycles()
+    assert {n for cycle in cycles for n in cycle} <= on_cycle
+    components = {frozenset(m for m in on_cycle if m in reach[n] and n in reach[m])
+                  for n in on_cycle}
+    assert len(cycles) == len(components)  # one per component, each inside its own
+    assert all(sum(set(cycle) <= comp for comp in components) == 1 for cycle in cycles)
+    for cycle in cycles:
+        assert cycle[0] == min(cycle) and len(set(cycle)) == len(cycle)
+        assert all(b in edges[a] for a, b in zip(cycle, [*cycle[1:], cycle[0]], strict=True))
+
+    for name in names:
+        assert graph.descendants(name) == {n for n in names if name in reach[n]} - {name}
+        assert graph.dependents(name) == {n for n in names if name in edges[n]}

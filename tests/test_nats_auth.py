@@ -338,7 +338,8 @@ async def test_console_and_observer_can_read_like_the_console_and_cli_do(
     ordered consumers (as console/feed.py does); the observer runs a `wait`."""
     from nats.js import api
 
-    from reconciler.cli.mesh_cmds import read_fleet, wait_for_revision
+    from reconciler.cli.mesh_cmds import read_fleet
+    from reconciler.cli.wait_cmd import wait_for_revision
     from reconciler.mesh.subjects import (
         EVENTS_STREAM,
         EVENTS_SUBJECTS,

@@ -49,6 +49,21 @@ def test_fetch_returns_pushed_sha_and_ls_remote_detects_change(
     assert source.poll() == second  # unchanged: no fetch needed, same answer
 
 
+def test_a_packed_cache_is_read_like_a_loose_one(repo: SpecRepo, tmp_path: Path) -> None:
+    """Objects in a pack (a large fetch, or `git gc` every 50 fetches) resolve and read."""
+    for i in range(120):  # more objects than git's unpackLimit (100): the fetch keeps a pack
+        repo.write(f"apps/many/app{i}.yaml", f"name: app{i}\nversion: '1'\n")
+    head = repo.commit_and_push("many apps")
+    with GitSource(repo.url, "main", tmp_path / "cache") as source:
+        assert source.fetch() == head
+        assert len(source.spec_files(head)) == 121
+    git(tmp_path / "cache", "gc", "--quiet", "--prune=now")  # every object and ref packed
+    with GitSource(repo.url, "main", tmp_path / "cache") as source:
+        assert source.poll() == head  # its commit found in the pack
+        assert source.local_revision() == head
+        assert source.read_file(head, "apps/a.yaml") == APP_A.encode()
+
+
 def test_force_push_replaces_history(repo: SpecRepo, source: GitSource) -> None:
     base = repo.head()
     repo.write("apps/b.yaml", APP_B)

@@ -35,5 +35,5 @@ def setup_logging(level: str = "info", json_lines: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("nats", "apscheduler", "git", "uvicorn.access"):
+    for noisy in ("nats", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

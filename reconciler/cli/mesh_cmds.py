@@ -1,13 +1,12 @@
-"""Fleet commands over NATS: status, reconcile, wait, nats-config (thin I/O shells)."""
+"""Fleet commands over NATS: status and reconcile (thin I/O shells), and the helpers every NATS
+command shares (`wait` is wait_cmd, the rollouts rollout_cmds, the node RPCs rpc_cmds)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import sys
-import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -16,6 +15,9 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
+from reconciler.cli.render import format_status
+from reconciler.core.spec import Selector, parse_duration
+from reconciler.core.status import NodeStatus
 from reconciler.mesh.client import (
     FOLLOW_API_TIMEOUT_S,
     TRANSIENT,
@@ -23,28 +25,30 @@ from reconciler.mesh.client import (
     RpcError,
     call,
     get_entry,
-    jetstream,
     open_bucket,
     reply_of,
     retrying,
     scatter,
 )
-from reconciler.mesh.conn import MeshError, NatsOptions, connect, no_jetstream, reason_of
-from reconciler.mesh.subjects import FLEET_RECONCILE, KV_BUCKET, ROLLOUTS_BUCKET
+from reconciler.mesh.conn import MeshError, NatsOptions, connect, reason_of
+from reconciler.mesh.subjects import FLEET_RECONCILE, KV_BUCKET
+from reconciler.mesh.wire import (
+    BadRequest,
+    Observed,
+    fleet_rows,
+    format_table,
+    is_unreachable,
+    observed_state,
+    selector_from_pairs,
+)
 
-# The status/selector modules (pydantic) are imported only by the commands that use them.
 if TYPE_CHECKING:
-    from nats.js.kv import KeyValue
 
-    from reconciler.core.spec import Selector
     from reconciler.mesh.client import KvEntry
-    from reconciler.mesh.wire import Observed
 
 RPC_TIMEOUT_S = 5.0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-# `wait`: 0 synced, 1 a node failed (or the rollout aborted), 2 timeout or mesh unreachable.
-EXIT_SYNCED, EXIT_NODE_FAILED, EXIT_TIMEOUT = 0, 1, 2
 # A dead server is noticed fast and another one of the --nats list taken at once.
 FOLLOW_OPTIONS: dict[str, Any] = {
     "allow_reconnect": True, "max_reconnect_attempts": -1, "reconnect_time_wait": 0.1,
@@ -66,19 +70,12 @@ def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     except (*TRANSIENT, nats.errors.Error) as exc:
         _err(f"NATS: {reason_of(exc)}")
         return EXIT_USAGE
-    except ValueError as exc:
-        from reconciler.mesh.wire import BadRequest
-
-        if not isinstance(exc, BadRequest):
-            raise
+    except BadRequest as exc:
         _err(str(exc))
         return EXIT_USAGE
 
 
 def _timeout(text: str) -> float:
-    from reconciler.core.spec import parse_duration
-    from reconciler.mesh.wire import BadRequest
-
     try:
         return parse_duration(text)
     except ValueError as exc:
@@ -91,9 +88,6 @@ def _now() -> datetime:
 
 def _observe(entries: dict[str, KvEntry]) -> dict[str, Observed]:
     """Statuses of the followed KV entries (deleted and unreadable ones left out)."""
-    from reconciler.core.status import NodeStatus
-    from reconciler.mesh.wire import Observed
-
     fleet: dict[str, Observed] = {}
     for key, entry in entries.items():
         if not entry.value:
@@ -131,8 +125,6 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    from reconciler.mesh.wire import fleet_rows, format_table, observed_state
-
     options = NatsOptions.from_args(args)
     nc = await connect(options, **FOLLOW_OPTIONS)
     try:
@@ -159,9 +151,6 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 async def _node_status(nc: NATS, node: str, as_json: bool, js_domain: str | None) -> int:
-    from reconciler.core.status import NodeStatus
-    from reconciler.mesh.wire import observed_state
-
     written_at = None
     try:
         answer = reply_of(node, "status", await call(nc, node, "status", timeout=3.0))
@@ -193,8 +182,6 @@ async def _node_status(nc: NATS, node: str, as_json: bool, js_domain: str | None
         data["status"] = state
         print(json.dumps(data, indent=2))
         return 0
-    from reconciler.cli.node_cmds import format_status
-
     print(format_status(status.model_copy(update={"status": state})))
     return 0
 
@@ -205,8 +192,6 @@ def run_reconcile(args: argparse.Namespace) -> int:
 
 
 async def _reconcile(args: argparse.Namespace) -> int:
-    from reconciler.mesh.wire import selector_from_pairs
-
     timeout = _timeout(args.timeout)
     selector = selector_from_pairs(args.selector or [])
     options = NatsOptions.from_args(args)
@@ -240,8 +225,6 @@ async def fleet_reconcile(
 ) -> list[dict[str, Any]]:
     """Trigger every matching node; collect replies until the reachable matching nodes known
     from the KV have all answered, or `timeout`."""
-    from reconciler.mesh.wire import is_unreachable
-
     now = _now()
     expected = {
         node for node, obs in (await read_fleet(nc, js_domain=js_domain)).items()
@@ -250,313 +233,3 @@ async def fleet_reconcile(
     }
     body = {"selector": selector.model_dump(by_alias=True)} if selector else {}
     return await scatter(nc, FLEET_RECONCILE, body, timeout, expected)
-
-
-# ---- wait ----------------------------------------------------------------------------------
-def run_wait(args: argparse.Namespace) -> int:
-    return _run(lambda: _wait(args))
-
-
-async def _wait(args: argparse.Namespace) -> int:
-    from reconciler.mesh.wire import selector_from_pairs
-
-    revision = args.revision.strip()
-    timeout = _timeout(args.timeout)
-    selector = selector_from_pairs(args.selector or [])
-    deadline = time.monotonic() + timeout
-    options = NatsOptions.from_args(args)
-    reconnected = asyncio.Event()
-
-    async def on_reconnect() -> None:
-        reconnected.set()
-
-    try:
-        nc = await connect(options, timeout=max(0.5, min(5.0, timeout)), **FOLLOW_OPTIONS,
-                           reconnected_cb=on_reconnect)
-    except MeshError as exc:
-        _err(str(exc))
-        return EXIT_TIMEOUT
-    try:
-        return await wait_for_revision(nc, revision, selector, list(args.node or []), deadline,
-                                       js_domain=options.js_domain, reconnected=reconnected)
-    finally:
-        with contextlib.suppress(Exception):
-            await nc.close()
-
-
-async def wait_for_revision(
-    nc: NATS, revision: str, selector: Selector | None, nodes: list[str], deadline: float,
-    *, js_domain: str | None = None, reconnected: asyncio.Event | None = None,
-) -> int:
-    """Follow the status KV until every targeted node is synced (0) or one failed (1) at
-    `revision`; 2 at the deadline. Failover (server death, leader change) is ridden out:
-    the follow is re-made whenever it breaks and after every reconnect (`reconnected`: the
-    connection's reconnect signal), until the deadline."""
-    from reconciler.mesh.wire import wait_targets, wait_verdict
-
-    trouble: str | None = None
-    follower: KvFollower | None = None
-    rollout = RolloutWatch(nc, revision, js_domain)
-    try:
-        while True:
-            aborted = await rollout.check()
-            if aborted is not None:
-                _err(aborted)
-                return EXIT_NODE_FAILED
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            if reconnected is not None and reconnected.is_set():
-                # our server died: a fresh consumer now beats waiting for nats-py to notice
-                # the old one is gone; the latest value of every key comes again
-                reconnected.clear()
-                if follower is not None:
-                    await follower.stop()
-                    follower = None
-            if follower is None:
-                try:
-                    follower = await _follow(nc, js_domain, left)
-                except MeshError as exc:
-                    if no_jetstream_here_message(exc, js_domain):
-                        _err(str(exc))
-                        return EXIT_TIMEOUT
-                    trouble = str(exc)
-                    follower = None
-                except (*TRANSIENT, nats.errors.Error, nats.js.errors.NotFoundError) as exc:
-                    trouble = reason_of(exc)
-                    follower = None
-                if follower is None:
-                    await asyncio.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
-                    continue
-                trouble = None
-            follower.changed.clear()
-            if follower.caught_up.is_set():
-                fleet = _observe(follower.entries)
-                targets = wait_targets(fleet, nodes, selector)
-                if not targets:
-                    what = selector.describe() if selector else "any node"
-                    _err(f"no node in {KV_BUCKET} matches {what}")
-                    return EXIT_NODE_FAILED
-                verdict = wait_verdict(fleet, targets, revision, _now())
-                if verdict.done:
-                    return _report_wait(revision, verdict.synced, verdict.failed,
-                                        verdict.pending, False)
-            # no news: re-check at least every second (heartbeats age, the deadline nears)
-            await _first(follower.changed, reconnected,
-                         timeout=max(0.05, min(1.0, deadline - time.monotonic())))
-    finally:
-        if follower is not None:
-            await follower.stop()
-    if follower is None or not follower.caught_up.is_set():
-        why = f": {trouble}" if trouble else f" (no node has reported to {KV_BUCKET})"
-        _err(f"timed out reading {KV_BUCKET}{why}")
-        return EXIT_TIMEOUT
-    fleet = _observe(follower.entries)
-    verdict = wait_verdict(fleet, wait_targets(fleet, nodes, selector), revision, _now())
-    return _report_wait(revision, verdict.synced, verdict.failed, verdict.pending, True)
-
-
-async def _first(*events: asyncio.Event | None, timeout: float) -> None:
-    """Until one of `events` is set, or `timeout`."""
-    waits = [asyncio.ensure_future(e.wait()) for e in events if e is not None]
-    try:
-        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
-
-
-def no_jetstream_here_message(exc: MeshError, js_domain: str | None) -> bool:
-    """The server has no JetStream at all (a leaf without --nats-js-domain): waiting is futile."""
-    return str(exc) == no_jetstream(js_domain)
-
-
-async def _follow(nc: NATS, js_domain: str | None, timeout: float) -> KvFollower | None:
-    """A follower of the status bucket, None while the bucket does not exist yet."""
-    if await open_bucket(nc, KV_BUCKET, js_domain, FOLLOW_API_TIMEOUT_S) is None:
-        return None
-    follower = KvFollower(nc, KV_BUCKET, js_domain)
-    try:
-        await asyncio.wait_for(follower.start(), timeout)
-    except BaseException:
-        await follower.stop()
-        raise
-    return follower
-
-
-class RolloutWatch:
-    """`wait`'s view of the revision's rollout entry (gitops_rollouts): prints per-wave
-    progress to stderr when it changes, and tells when the rollout was aborted. Read at most
-    every READ_EVERY_S seconds, so an abort ends a wait within about a second."""
-
-    READ_EVERY_S = 0.5
-
-    def __init__(self, nc: NATS, revision: str, js_domain: str | None) -> None:
-        self.nc, self.revision, self.js_domain = nc, revision, js_domain
-        self._kv: KeyValue | None = None
-        self._key: str | None = None
-        self._next = 0.0
-        self._shown = ""
-
-    async def check(self) -> str | None:
-        """None, or why the wait must end now (the rollout was aborted)."""
-        from reconciler.core.rollout import progress_line
-        from reconciler.mesh.rollouts import read_entry, resolve_revision, rollouts_bucket
-
-        if time.monotonic() < self._next:
-            return None
-        self._next = time.monotonic() + self.READ_EVERY_S
-        try:
-            if self._kv is None:
-                # short API timeouts: a read lost in a failover must not hold `wait` up
-                js = jetstream(self.nc, self.js_domain, timeout=FOLLOW_API_TIMEOUT_S)
-                self._kv = await rollouts_bucket(js, create=False)
-                if self._kv is None:
-                    return None
-            if self._key is None:
-                self._key = await resolve_revision(self._kv, self.revision)
-                if self._key is None:
-                    return None
-            entry, _ = await read_entry(self._kv, self._key)
-        except (TimeoutError, nats.errors.Error):
-            return None  # the node statuses still decide; try again shortly
-        if entry is None:
-            return None
-        line = progress_line(entry, _now())
-        if line != self._shown:
-            self._shown = line
-            _err(f"rollout {line}")
-        if entry.state == "aborted":
-            return f"{self._key[:12]}: rollout aborted: {entry.reason}"
-        return None
-
-
-def _report_wait(revision: str, synced: tuple[str, ...], failed: dict[str, str],
-                 pending: dict[str, str], timed_out: bool) -> int:
-    short = revision[:12]
-    if not failed and not pending:
-        print(f"{short}: synced on {len(synced)} node(s): {', '.join(synced)}")
-        return EXIT_SYNCED
-    for node, why in sorted(failed.items()):
-        _err(f"{node}: failed at {short}: {why}")
-    for node, why in sorted(pending.items()):
-        _err(f"{node}: not synced at {short} {'before the timeout' if timed_out else ''}: {why}")
-    bad = sorted([*failed, *pending])
-    _err(f"{short}: {len(synced)} synced, not synced: {', '.join(bad)}")
-    return EXIT_NODE_FAILED if failed else EXIT_TIMEOUT
-
-
-# ---- rollout -------------------------------------------------------------------------------
-def run_rollout(args: argparse.Namespace) -> int:
-    return _run(lambda: _rollout(args))
-
-
-async def _rollout(args: argparse.Namespace) -> int:
-    from reconciler.core.rollout import RolloutRefused
-    from reconciler.mesh.rollouts import (
-        operate_rollout,
-        read_entry,
-        resolve_revision,
-        rollouts_bucket,
-    )
-
-    options = NatsOptions.from_args(args)
-    nc = await connect(options)
-    try:
-        js = options.jetstream(nc)
-        try:
-            kv = await rollouts_bucket(js, create=False)
-        except nats.js.errors.ServiceUnavailableError:
-            raise MeshError(no_jetstream(options.js_domain)) from None
-        key = await resolve_revision(kv, args.revision) if kv is not None else None
-        entry = (await read_entry(kv, key))[0] if kv is not None and key else None
-        if kv is None or key is None or entry is None:
-            _err(f"no rollout of {args.revision} in {ROLLOUTS_BUCKET} (a revision without "
-                 "rollout.yaml applies everywhere at once)")
-            return EXIT_FAILED
-        if args.action != "status":
-            try:
-                result = await operate_rollout(js, kv, options, key, args.action,
-                                               args.reason, actor="console")
-            except RolloutRefused as exc:
-                _err(str(exc))
-                return EXIT_FAILED
-            assert result.entry is not None
-            entry = result.entry
-            for event in result.events:
-                _err(f"{event.type}: {event.message}")
-    finally:
-        await nc.close()
-    print(json.dumps(_rollout_json(entry), indent=2) if args.json else format_rollout(entry))
-    return 0
-
-
-def rollout_open(args: argparse.Namespace, revision: str, spec: Any,
-                 labels: dict[str, str]) -> tuple[bool | None, str | None]:
-    """For `plan --nats`: (is the node's wave open, the rollout's state) from the entry."""
-    from reconciler.mesh.rollouts import read_entry, rollouts_bucket
-
-    async def read() -> tuple[bool | None, str | None]:
-        options = NatsOptions.from_args(args)
-        nc = await connect(options)
-        try:
-            kv = await rollouts_bucket(options.jetstream(nc), create=False)
-            entry = (await read_entry(kv, revision))[0] if kv is not None else None
-        finally:
-            await nc.close()
-        if entry is None:
-            return spec.wave_of(labels) == 0, None
-        index = entry.wave_of(labels)
-        is_open = entry.state == "complete" or (
-            entry.state == "progressing" and index <= entry.wave_index)
-        return is_open, entry.state
-
-    return asyncio.run(read())
-
-
-def _rollout_json(entry: Any) -> dict[str, Any]:
-    from reconciler.core.rollout import bake_left, wave_rows
-
-    now = _now()
-    return {**entry.model_dump(mode="json"), "bake_left_s": bake_left(entry, now),
-            "progress": wave_rows(entry, now)}
-
-
-def format_rollout(entry: Any) -> str:
-    """A human view of one rollout entry: state, then one row per wave."""
-    from reconciler.core.rollout import wave_rows
-    from reconciler.mesh.wire import format_table
-
-    now = _now()
-    head = f"rollout {entry.revision[:12]}  {entry.state.upper()}"
-    if entry.wave:
-        head += f"  (wave {entry.wave} open)"
-    lines = [head + (f"  base {entry.base[:12]}" if entry.base else "")]
-    if entry.reason:
-        lines.append(f"  reason: {entry.reason}")
-    rows = []
-    for row in wave_rows(entry, now):
-        bake = "-" if row["bake_left_s"] is None else f"{row['bake_left_s']:.0f}s left"
-        rows.append({**row, "bake": bake})
-    columns = ["name", "phase", "nodes", "synced", "failed", "offline", "applying",
-               "max_unavailable", "bake"]
-    lines.append(format_table(rows, columns))
-    for node, why in sorted(entry.failures.items()):
-        lines.append(f"  {node}: {why}")
-    return "\n".join(lines)
-
-
-# ---- nats-config ---------------------------------------------------------------------------
-def run_nats_config(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from reconciler.mesh.permissions import NatsConfigError, write_config
-
-    try:
-        written = write_config(Path(args.out), list(args.node or []), auth=args.auth)
-    except NatsConfigError as exc:
-        _err(str(exc))
-        return EXIT_USAGE
-    for path in written:
-        print(path)
-    return 0

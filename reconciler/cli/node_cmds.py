@@ -6,15 +6,25 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import io
 import logging
 import signal
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from reconciler.core.spec import parse_duration
+from reconciler.cli.logs import setup_logging
+from reconciler.cli.main import parse_args
+from reconciler.cli.status_cmd import local_status, run_status
+from reconciler.core.errors import ReconcileError
+from reconciler.core.redact import redact_server
+from reconciler.core.spec import NAME_RE, parse_duration
 from reconciler.core.status import NodeStatus
+from reconciler.core.targeting import parse_labels
+from reconciler.node.agent import Agent, AgentConfig, StateDirBusy
+from reconciler.node.store import StoreError
+
+__all__ = ["local_status", "run_node", "run_status"]
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +42,6 @@ def _duration(args: argparse.Namespace, name: str) -> float:
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:
-    from reconciler.core.targeting import parse_labels
-
     try:
         return parse_labels(pairs)
     except ValueError as exc:
@@ -49,10 +57,7 @@ def _existing_file(value: str | None, flag: str) -> Path | None:
     return path
 
 
-def agent_config(args: argparse.Namespace) -> Any:
-    from reconciler.core.spec import NAME_RE
-    from reconciler.node.agent import AgentConfig
-
+def agent_config(args: argparse.Namespace) -> AgentConfig:
     if not NAME_RE.match(args.node_id):
         raise UsageError(f"--node-id: {args.node_id!r} is not a valid node id "
                          "(lowercase letters, digits and '-', at most 63)")
@@ -81,11 +86,7 @@ def run_node(args: argparse.Namespace) -> int:
     return asyncio.run(_node(args, config))
 
 
-async def _node(args: argparse.Namespace, config: Any) -> int:
-    from reconciler.core.errors import ReconcileError
-    from reconciler.node.agent import Agent, StateDirBusy
-    from reconciler.node.store import StoreError
-
+async def _node(args: argparse.Namespace, config: AgentConfig) -> int:
     try:
         agent = Agent(config)
     except (StoreError, StateDirBusy, ReconcileError, ValueError, OSError) as exc:
@@ -142,8 +143,6 @@ def _shown(key: str, value: Any) -> str:
     if key == "label":
         return ",".join(f"{k}={v}" for k, v in sorted(value.items())) or "-"
     if key == "nats" and value:
-        from reconciler.core.redact import redact_server
-
         return ",".join(redact_server(s.strip()) for s in str(value).split(","))
     if key == "interval":
         return f"{value:g}s"
@@ -175,10 +174,6 @@ def describe_changes(changed: dict[str, tuple[Any, Any]], restart: list[str]) ->
 
 def _reparse(argv: list[str]) -> argparse.Namespace:
     """The command line again, with the config file and env read anew; UsageError if bad."""
-    import io
-
-    from reconciler.cli.main import parse_args
-
     errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(errors):
@@ -262,8 +257,6 @@ class RunningNode:
             log.info("SIGHUP: reloaded the config: %s", message)
             return
         if {"log_level", "log_json"} & set(changed):
-            from reconciler.cli.logs import setup_logging
-
             setup_logging(new_args.log_level, new_args.log_json)
             log.debug("logging at level %s from now on", new_args.log_level)
         for key in (*RELOADED, *NATS_OPTIONS):
@@ -288,105 +281,3 @@ def print_problems(status: NodeStatus, out: Any) -> None:
         if app.phase != "running" or app.health == "unhealthy" or app.failed_version:
             print(f"  {app.name} {app.version}: {app.phase}/{app.health}: {app.message}",
                   file=out)
-
-
-# -- status --------------------------------------------------------------------------------
-
-def local_status(state_dir: Path) -> NodeStatus | None:
-    """A node's status from its store alone (agent running or not); None without a store.
-    Liveness comes from the recorded pids (/proc, create_time checked). agent_version and
-    the last reconcile's time and duration are what the last agent on this store recorded;
-    cpu_percent stays None (it needs a running agent's samples). Built by the same
-    core.status.node_status as the agent's own status."""
-    import psutil
-
-    from reconciler.core.status import NodeMeta, node_status
-    from reconciler.node.runtimes.process import pid_alive
-    from reconciler.node.status_view import record_facts
-    from reconciler.node.store import read_snapshot
-
-    snap = read_snapshot(state_dir)
-    if snap is None:
-        return None
-    now = datetime.now(UTC)
-    apps = []
-    for record in snap.apps.values():
-        spec = record.spec
-        alive = spec.run is None or pid_alive(record.pid, record.create_time)
-        pid = record.pid if alive and spec.run is not None else None
-        uptime = rss = None
-        if pid is not None and record.create_time is not None:
-            uptime = now.timestamp() - record.create_time
-            with contextlib.suppress(psutil.Error):
-                rss = psutil.Process(pid).memory_info().rss
-        apps.append(record_facts(
-            record, spec, alive=alive, pid=pid,
-            started_at=record.create_time if pid is not None else None,
-            uptime_s=uptime, rss_bytes=rss,
-        ))
-    return node_status(NodeMeta.from_rows(snap.meta), apps, now=now,
-                       outbox_backlog=snap.outbox_backlog)
-
-
-def run_status(args: argparse.Namespace) -> int:
-    from reconciler.cli.main import DEFAULT_STATE_DIR
-    from reconciler.node.store import StoreError
-
-    state_dir = Path(args.state_dir or DEFAULT_STATE_DIR)
-    try:
-        status = local_status(state_dir)
-    except (StoreError, OSError) as exc:
-        print(f"gitops-mesh status: {exc}", file=sys.stderr)
-        return 1
-    if status is None:
-        print(f"gitops-mesh status: no agent state in {state_dir} "
-              "(give --state-dir, or --nats URL --node ID for a remote node)", file=sys.stderr)
-        return 1
-    if args.json:
-        print(status.model_dump_json(indent=2))
-    else:
-        print(format_status(status))
-    return 0
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s"
-
-
-def format_status(status: NodeStatus) -> str:
-    """A human table: node line, then one row per app."""
-    labels = ",".join(f"{k}={v}" for k, v in sorted(status.labels.items())) or "-"
-    lines = [
-        f"node {status.node}  [{labels}]  {status.status.upper()}  "
-        f"revision {(status.revision or '-')[:12]}",
-        f"  {status.message}",
-    ]
-    last = status.last_reconcile_at or "-"
-    if status.last_reconcile_ms is not None:
-        last += f" ({status.last_reconcile_ms:.0f} ms)"
-    lines.append(f"  agent {status.agent_version or '-'}  last reconcile {last}")
-    if status.source_error:
-        lines.append(f"  source error: {status.source_error}")
-    lines += [f"  spec error: {e}" for e in status.spec_errors]
-    rows = [("APP", "VERSION", "PHASE", "HEALTH", "PID", "UPTIME", "CPU", "RESTARTS",
-             "MESSAGE")]
-    for app in sorted(status.apps, key=lambda a: a.name):
-        # CPU is sampled by a running agent: "-" for local status without one
-        cpu = "-" if app.cpu_percent is None else f"{app.cpu_percent:.1f}%"
-        rows.append((
-            app.name + (" (suspended)" if app.suspended else ""), app.version, app.phase,
-            app.health, str(app.pid or "-"), _age(app.uptime_s), cpu, str(app.restarts),
-            app.message[:80],
-        ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False))
-                     + "  " + row[-1])
-    if len(rows) == 1:
-        lines.append("  (no apps)")
-    return "\n".join(line.rstrip() for line in lines)

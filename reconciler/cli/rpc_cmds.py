@@ -23,6 +23,7 @@ from reconciler.mesh.client import RpcError, call
 from reconciler.mesh.conn import MeshError, NatsOptions, connect
 from reconciler.mesh.subjects import KV_BUCKET, rpc_subject
 from reconciler.mesh.wire import BadRequest, format_table, selector_from_pairs
+from reconciler.node.logtail import MAX_LINES
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -272,8 +273,6 @@ def run_logs(args: argparse.Namespace) -> int:
 
 
 async def _logs(caller: Caller, args: argparse.Namespace) -> int:
-    from reconciler.node.logtail import MAX_LINES
-
     if not 1 <= args.lines <= MAX_LINES:
         raise _usage(f"--lines: between 1 and {MAX_LINES} (a node answers at most that many)")
     timeout = _rpc_timeout(args)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from reconciler.core.graph import DependencyGraph
 from reconciler.core.spec import AppSpec
 from reconciler.core.state import CurrentApp, CurrentState, DesiredState
 from reconciler.core.states import BUSY_PHASES, EventType
@@ -172,8 +173,6 @@ def make_plan(desired: DesiredState, current: CurrentState) -> Plan:
     Each action's Mode says how the executor does it (from CurrentApp.installed and .alive),
     so this plan is all the executor decides from.
     """
-    from reconciler.core.graph import DependencyGraph
-
     held: dict[str, str] = {}
     changes: list[Action] = []
     unchanged: list[str] = []
@@ -235,8 +234,6 @@ def make_plan(desired: DesiredState, current: CurrentState) -> Plan:
 def _removals(desired: DesiredState, current: CurrentState, held: dict[str, str]) -> list[Action]:
     """Remove actions for installed apps no longer desired, dependents first; records the
     removals it holds in `held` (spec errors, suspension, still needed by a held app)."""
-    from reconciler.core.graph import DependencyGraph
-
     to_remove: set[str] = set()
     for name, installed_app in current.apps.items():
         if name in desired.apps or name in desired.invalid:

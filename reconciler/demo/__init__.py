@@ -39,11 +39,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+import nats
+import nats.js.errors
 import psutil
 
 import reconciler
 from reconciler.mesh.subjects import KV_BUCKET
+from reconciler.node.health import http_target
 from reconciler.node.runtimes.process import kill_group
+from reconciler.node.spec_dir import load_directory
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -286,9 +290,6 @@ def port_is_free(port: int) -> bool:
 
 def health_ports(specs: Path) -> list[int]:
     """The base ports the specs' health checks use (the apps listen there, plus the offset)."""
-    from reconciler.node.health import http_target
-    from reconciler.node.spec_dir import load_directory
-
     ports: set[int] = set()
     for app in load_directory(specs).apps.values():
         if app.health.tcp is not None:
@@ -444,8 +445,6 @@ async def _wait_listening(port: int, child: Child, timeout: float = 20.0) -> Non
 
 
 async def _read_statuses(kv: Any, nodes: list[str]) -> dict[str, dict[str, Any]]:
-    import nats.js.errors
-
     statuses: dict[str, dict[str, Any]] = {}
     for node in nodes:
         try:
@@ -469,8 +468,6 @@ async def _watch(
 ) -> None:
     """Print the readiness line and the tour once, then each node's status changes, until
     cancelled (by SIGINT / SIGTERM)."""
-    import nats
-
     nc = await nats.connect(nats_url, name="gitops-mesh-demo", max_reconnect_attempts=-1)
     try:
         js = nc.jetstream()

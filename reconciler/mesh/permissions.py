@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nkeys
+
 from reconciler.core.envfile import parse_env
 from reconciler.core.spec import NAME_RE
 from reconciler.mesh.subjects import (
@@ -224,14 +226,10 @@ def check_nodes(nodes: list[str]) -> list[str]:
 
 
 def _new_nkey_seed() -> str:
-    import nkeys
-
     return bytes(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)).decode()
 
 
 def _nkey_public(seed: str) -> str:
-    import nkeys
-
     return bytes(nkeys.from_seed(bytearray(seed.encode())).public_key).decode()
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reconciler import __version__
 from reconciler.core.events import Event, make_event
@@ -29,10 +29,12 @@ from reconciler.core.states import EventType
 from reconciler.core.status import NodeStatus
 from reconciler.node.artifacts import ArtifactStore
 from reconciler.node.executor import Executor
+from reconciler.node.logtail import read_log
 from reconciler.node.loop import ReconcileLoop, RunInfo
 from reconciler.node.recovery import Recovery
 from reconciler.node.rollout_gate import RolloutGate
 from reconciler.node.runtimes.base import ALIVE_STATES, Runtime
+from reconciler.node.runtimes.process import ProcessRuntime
 from reconciler.node.sdnotify import SdNotifier
 from reconciler.node.source import GitSource, SignatureVerifier
 from reconciler.node.status_view import StatusView
@@ -40,6 +42,9 @@ from reconciler.node.store import Store, StoreWriteError
 from reconciler.node.supervision import Supervision
 from reconciler.node.telemetry import Telemetry
 from reconciler.node.transitions import transition
+
+if TYPE_CHECKING:
+    from reconciler.node.schedule import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +117,6 @@ class Agent:
         self.supervision = Supervision(self.store, self.record, self._notify_soon,
                                        workdir=state_dir, port_offset=config.port_offset)
         if runtime is None:
-            from reconciler.node.runtimes.process import ProcessRuntime
-
             runtime = ProcessRuntime(self.supervision)
         self.runtime = runtime
         self.supervision.attach(runtime)
@@ -155,7 +158,7 @@ class Agent:
         self._listeners: list[Callable[[], None]] = []
         self._notify_scheduled = False
         self._aio: asyncio.AbstractEventLoop | None = None
-        self._scheduler: Any = None
+        self._schedule: Schedule | None = None
         self._ready_sent = False
         self._closed = False
 
@@ -189,19 +192,17 @@ class Agent:
             self.trigger("startup")
 
     def _start_scheduler(self) -> None:
-        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+        # Imported here, as APScheduler (~50 ms) is only for a serving agent, not `node --once`.
+        from reconciler.node.schedule import Schedule
 
-        scheduler = AsyncIOScheduler(event_loop=self._aio)
+        assert self._aio is not None
         interval = max(self.config.interval, 0.05)
-        scheduler.add_job(
-            self.trigger, "interval", args=["poll"], seconds=interval,
-            jitter=max(0.0, interval * self.config.jitter) or None, id="poll",
-            coalesce=True, max_instances=1, misfire_grace_time=None,
-        )
-        scheduler.add_job(self._heartbeat, "interval", seconds=self._heartbeat_period(),
-                          id="heartbeat", coalesce=True, max_instances=1)
-        scheduler.start()
-        self._scheduler = scheduler
+        schedule = Schedule(self._aio)
+        schedule.every("poll", lambda: self.trigger("poll"), interval,
+                       jitter=interval * self.config.jitter)
+        schedule.every("heartbeat", self._heartbeat, self._heartbeat_period())
+        schedule.start()
+        self._schedule = schedule
 
     def _heartbeat_period(self) -> float:
         period = self.config.heartbeat
@@ -231,8 +232,8 @@ class Agent:
         self._closed = self.supervision.closed = True
         if self.notifier:
             self.notifier.stopping("stopping")
-        if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
+        if self._schedule is not None:
+            self._schedule.shutdown()
         self.rollout.close()
         await self.loop.close()
         await self.monitor.close()
@@ -348,10 +349,8 @@ class Agent:
         self.labels = self.config.labels = dict(labels)
         if interval != self.config.interval:
             self.config.interval = interval
-            if self._scheduler is not None:
-                self._scheduler.reschedule_job(
-                    "poll", trigger="interval", seconds=max(interval, 0.05),
-                    jitter=max(0.0, interval * self.config.jitter) or None)
+            if self._schedule is not None:
+                self._schedule.reschedule("poll", interval, jitter=interval * self.config.jitter)
         with self.store.transaction():
             self.store.update_meta(labels=self.labels)
             self.record("node.reconfigured", outcome="success", message=message,
@@ -360,8 +359,6 @@ class Agent:
             self.trigger("reconfigured")
 
     async def logs(self, app: str, lines: int, cursor: str | None = None) -> dict[str, Any]:
-        from reconciler.node.logtail import read_log
-
         chunk = await asyncio.to_thread(
             read_log, Path(self.config.state_dir) / "logs", app, lines, cursor)
         return chunk.to_json(self.node_id, app)

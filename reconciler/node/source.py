@@ -1,34 +1,34 @@
 """Git source: a bare cache of the spec repo, change detection, tree reads, signatures. I/O shell.
 
 Blocking API: the agent calls it through `asyncio.to_thread`. Network commands (ls-remote,
-fetch) run the git CLI in their own process group so a timeout kills git *and* its transport
-helpers (ssh, git-remote-https); objects are read through GitPython from the local cache, never
-from a work tree (there is none).
+fetch) run the git CLI (gitcmd.run_git) in their own process group so a timeout kills git *and*
+its transport helpers (ssh, git-remote-https). Revisions, commits, trees and blobs are read
+from the local cache through GitPython (never from a work tree: there is none); its object
+database runs one `git cat-file --batch` (and `--batch-check`) for all reads, ended by close().
+Commit signatures: signatures.CommitSignatures.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import posixpath
 import re
 import shutil
-import subprocess
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from git import BadName, Repo
-from git.exc import GitError
+from git import Repo
+from git.exc import GitError, ODBError
 from git.objects import Blob, Tree
 
-from reconciler.core.errors import ArtifactError, RevisionRefused, SignatureError, SourceError
+from reconciler.core.errors import ArtifactError, SourceError
 from reconciler.core.loader import SpecFile
 from reconciler.core.redact import redact_url
-from reconciler.node.runtimes.process import kill_group
+from reconciler.node.gitcmd import GitResult, first_error_line, run_git
+from reconciler.node.signatures import MAX_VERIFIED_COMMITS, CommitSignatures, SignatureVerifier
+
+__all__ = ["FULL_SHA_RE", "MAX_VERIFIED_COMMITS", "GitSource", "SignatureVerifier", "run_git"]
 
 log = logging.getLogger(__name__)
 
@@ -42,110 +42,11 @@ _STALE_LOCKS = ("packed-refs.lock", "shallow.lock", "config.lock", "HEAD.lock")
 # Run `git gc --auto` after this many successful fetches; fetch itself passes --no-auto-gc so
 # a long repack can never eat the fetch timeout and turn into an endless SourceError loop.
 _GC_EVERY = 50
-# A signed source verifies every new commit; a longer jump is refused rather than slow.
-MAX_VERIFIED_COMMITS = 1000
 
 
 def _is_local_path(url: str) -> bool:
     # git's own rule: no "scheme://" and no colon before the first slash (scp-like host:path).
     return "://" not in url and ":" not in url.split("/", 1)[0]
-
-
-def _git_env() -> dict[str, str]:
-    env = {**os.environ, "LC_ALL": "C", "LANGUAGE": "C", "GIT_TERMINAL_PROMPT": "0"}
-    # An agent has no terminal: never wait for a password or a host-key question.
-    env.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
-    return env
-
-
-@dataclass(frozen=True)
-class GitResult:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run_git(
-    args: Sequence[str],
-    *,
-    cwd: Path | None = None,
-    timeout: float | None = None,
-    env: dict[str, str] | None = None,
-    what: str = "git",
-) -> GitResult:
-    """Run `git args...`; kill its whole process group after `timeout` -> SourceError."""
-    with subprocess.Popen(
-        ["git", *args],
-        cwd=cwd,
-        env=env or _git_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
-        start_new_session=True,  # own process group: the timeout kills helpers too
-    ) as proc:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            kill_group(proc.pid)
-            proc.communicate()
-            raise SourceError(f"{what} timed out after {timeout:g}s") from None
-        except BaseException:
-            kill_group(proc.pid)
-            raise
-    return GitResult(proc.returncode, out, err)
-
-
-def _first_error_line(stderr: str) -> str:
-    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    for line in lines:
-        if line.startswith(("fatal:", "error:")):
-            return line.split(":", 1)[1].strip()
-    return lines[-1] if lines else "no error output"
-
-
-@dataclass(frozen=True)
-class SignatureVerifier:
-    """Which commit signers are trusted.
-
-    `allowed_signers`: an ssh allowed_signers file (`principal key-type base64-key` lines).
-    `gpg_keyring`: a file of exported OpenPGP public keys (binary or armored); imported into a
-    private GNUPGHOME next to the cache, so the user's own keyring is never consulted.
-    `gpg_home`: an existing GNUPGHOME whose public keys are all trusted (instead of a keyring).
-    """
-
-    allowed_signers: Path | None = None
-    gpg_keyring: Path | None = None
-    gpg_home: Path | None = None
-
-    def __post_init__(self) -> None:
-        for field in ("allowed_signers", "gpg_keyring", "gpg_home"):  # accept str paths too
-            value = getattr(self, field)
-            if value is not None and not isinstance(value, Path):
-                object.__setattr__(self, field, Path(value))
-        if not (self.allowed_signers or self.gpg_keyring or self.gpg_home):
-            raise ValueError("a SignatureVerifier needs allowed_signers, gpg_keyring or gpg_home")
-        if self.gpg_keyring and self.gpg_home:
-            raise ValueError("give gpg_keyring or gpg_home, not both")
-        for path in (self.allowed_signers, self.gpg_keyring, self.gpg_home):
-            if path is not None and not path.exists():
-                raise ValueError(f"{path}: no such file or directory")
-
-    def stamp(self) -> tuple[tuple[int, int], ...]:
-        """Changes when a trust file is edited: cached verdicts are then checked again."""
-        stamps = []
-        for path in (self.allowed_signers, self.gpg_keyring, self.gpg_home):
-            try:
-                st = path.stat() if path is not None else None
-            except OSError:
-                st = None
-            stamps.append((st.st_mtime_ns, st.st_size) if st else (0, -1))
-        return tuple(stamps)
-
-    @property
-    def trusts_gpg(self) -> bool:
-        return self.gpg_keyring is not None or self.gpg_home is not None
 
 
 class GitSource:
@@ -174,10 +75,12 @@ class GitSource:
             branch if branch.startswith("refs/") else None
         )
         self._repo: Repo | None = None
+        self._empty = False  # a cache this process just made: no commit to look up in it
         self._lock = threading.RLock()
         self._fetches = 0
-        self._gnupg_home: Path | None = None
-        self._verified: dict[str, tuple[tuple[tuple[int, int], ...], str]] = {}
+        self._signatures = None if verifier is None else CommitSignatures(
+            verifier, self.cache_dir, self.display_url, git=self._git, resolve=self._resolve,
+            fail=self._fail)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -186,9 +89,10 @@ class GitSource:
         return redact_url(self.url)
 
     def close(self) -> None:
+        """End GitPython's `git cat-file` processes; the next call opens the cache again."""
         with self._lock:
             if self._repo is not None:
-                self._repo.close()  # ends GitPython's persistent `git cat-file` processes
+                self._repo.close()
                 self._repo = None
 
     def __enter__(self) -> GitSource:
@@ -210,21 +114,27 @@ class GitSource:
                 shutil.rmtree(self.cache_dir, ignore_errors=True)
                 try:
                     self._repo = self._open_cache()
-                except GitError as exc2:
+                except GitError as again:
                     raise SourceError(
-                        f"git cache {self.cache_dir} is unusable: {exc2}"
-                    ) from exc2
+                        f"git cache {self.cache_dir} is unusable: {again}") from again
             self._remove_stale_locks()
         return self._repo
 
     def _open_cache(self) -> Repo:
-        if not (self.cache_dir / "objects").is_dir() or not (self.cache_dir / "HEAD").is_file():
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            res = run_git(["init", "-q", "--bare", str(self.cache_dir)], timeout=30)
-            if res.returncode != 0:
-                raise SourceError(
-                    f"cannot create git cache {self.cache_dir}: {_first_error_line(res.stderr)}"
-                )
+        """The bare repository at cache_dir (git's own test: objects/, refs/ and HEAD), made if
+        there is none yet; SourceError when one is half there or cannot be made."""
+        parts = [(self.cache_dir / "objects").is_dir(), (self.cache_dir / "refs").is_dir(),
+                 (self.cache_dir / "HEAD").is_file()]
+        if all(parts):
+            return Repo(self.cache_dir)
+        if any(parts):
+            raise SourceError(f"git cache {self.cache_dir} is not a git repository")
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        res = run_git(["init", "-q", "--bare", str(self.cache_dir)], timeout=30)
+        if res.returncode != 0:
+            raise SourceError(
+                f"cannot create git cache {self.cache_dir}: {first_error_line(res.stderr)}")
+        self._empty = True
         return Repo(self.cache_dir)
 
     def _remove_stale_locks(self) -> None:
@@ -248,7 +158,7 @@ class GitSource:
         return run_git(args, cwd=self.cache_dir, timeout=timeout, what=what)
 
     def _fail(self, what: str, res: GitResult) -> SourceError:
-        reason = redact_url(_first_error_line(res.stderr))
+        reason = redact_url(first_error_line(res.stderr))
         return SourceError(f"{what} {self.display_url} ({self.branch}) failed: {reason}")
 
     # -- remote ------------------------------------------------------------------------------
@@ -317,8 +227,17 @@ class GitSource:
     def _resolve(self, rev: str) -> str | None:
         if not rev or rev.startswith("-"):  # never let a revision be read as an option
             return None
-        res = self._git("rev-parse", "--verify", "-q", rev + "^{commit}")
-        return res.stdout.strip() if res.returncode == 0 else None
+        repo = self._repo_or_init()
+        if self._empty:  # the first start: nothing to look up before the first fetch
+            return None
+        try:
+            commit = repo.rev_parse(rev + "^{commit}")
+            # GitPython takes a full sha (the all-zero one too) without looking it up; the
+            # object database's has_object() would only see loose objects, info() asks git
+            repo.odb.info(commit.binsha)
+        except (ODBError, GitError, ValueError):  # unknown, ambiguous, or not a commit
+            return None
+        return commit.hexsha
 
     def _has_commit(self, sha: str) -> bool:
         return self._resolve(sha) == sha
@@ -344,13 +263,16 @@ class GitSource:
                 "--no-auto-gc", "--no-write-fetch-head", "--", self.url, refspec,
                 timeout=self.fetch_timeout, what=f"fetch {self.display_url}",
             )
-            if res.returncode != 0:
+            if res.returncode == 0:
+                self._empty = False
+            else:
                 if "couldn't find remote ref" in res.stderr and not self.pinned:
                     self._remote_ref = None  # it may have become a tag, or been deleted
                 raise self._fail("fetch", res)
             self._after_fetch()
+            # _resolve gives a commit or None: only a pinned sha needs its own check
             sha = self.branch if self.pinned else self._resolve(self.local_ref or "")
-            if sha is None or not self._has_commit(sha):
+            if sha is None or (self.pinned and not self._has_commit(sha)):
                 raise SourceError(
                     f"fetch {self.display_url} ({self.branch}) did not yield a commit"
                 )
@@ -369,7 +291,7 @@ class GitSource:
                 return
             if res.returncode != 0:
                 log.warning("git gc --auto in %s failed: %s", self.cache_dir,
-                            _first_error_line(res.stderr))
+                            first_error_line(res.stderr))
 
     def poll(self) -> str:
         """remote_revision(); fetch only when it differs from the cache. Returns the commit."""
@@ -390,30 +312,27 @@ class GitSource:
     def _commit_tree(self, revision: str) -> Tree:
         repo = self._repo_or_init()
         try:
-            if not revision or revision.startswith("-"):
+            if not revision or revision.startswith("-"):  # never let a revision be an option
                 raise ValueError(revision)
             return repo.commit(revision).tree
-        except (BadName, ValueError, GitError) as exc:
+        except (ODBError, GitError, ValueError) as exc:
             raise SourceError(
-                f"revision {revision} is not in the cache of {self.display_url}"
-            ) from exc
+                f"revision {revision} is not in the cache of {self.display_url}") from exc
 
     def spec_files(self, revision: str, apps_path: str = "apps") -> list[SpecFile]:
         """Every regular *.yaml / *.yml file below `apps_path` at `revision`, read from the
         commit's tree (no checkout), sorted by path. A missing apps_path gives []."""
         with self._lock:
-            tree = self._commit_tree(revision)
-            sub = _subtree(tree, apps_path)
+            sub = _subtree(self._commit_tree(revision), apps_path)
             if sub is None:
                 return []
             files = [
                 SpecFile(path=str(item.path), data=item.data_stream.read(), key=item.hexsha)
                 for item in sub.traverse()
-                if isinstance(item, Blob)
-                and item.mode in _REGULAR_FILE_MODES
+                if isinstance(item, Blob) and item.mode in _REGULAR_FILE_MODES
                 and item.name.endswith(SPEC_SUFFIXES)
             ]
-            return sorted(files, key=lambda f: f.path)
+        return sorted(files, key=lambda f: f.path)
 
     def changed_paths(self, old: str, new: str, apps_path: str = "apps") -> set[str]:
         """Repo-relative paths below `apps_path` that differ between two revisions (added,
@@ -428,7 +347,7 @@ class GitSource:
                 args += ["--", prefix]
             res = self._git(*args)
             if res.returncode != 0:
-                raise SourceError(f"diff {old}..{new} failed: {_first_error_line(res.stderr)}")
+                raise SourceError(f"diff {old}..{new} failed: {first_error_line(res.stderr)}")
             return {p for p in res.stdout.split("\0") if p}
 
     def read_file(self, revision: str, path: str, max_bytes: int | None = None) -> bytes:
@@ -437,9 +356,8 @@ class GitSource:
         are files larger than `max_bytes` when given (checked before reading)."""
         clean = _safe_repo_path(path)
         with self._lock:
-            tree = self._commit_tree(revision)
             try:
-                item = tree / clean
+                item = self._commit_tree(revision) / clean
             except KeyError:
                 raise ArtifactError(
                     f"{path}: no such file in {self.display_url} at {revision[:12]}"
@@ -452,154 +370,22 @@ class GitSource:
                 raise ArtifactError(f"{path}: larger than {max_bytes} bytes; refused")
             return bytes(item.data_stream.read())
 
-    # -- signatures --------------------------------------------------------------------------
-
     def verify(self, revision: str) -> str:
-        """Check `revision`'s signature against the verifier; return a short description of
-        the signer. Without a verifier this does nothing (returns ""). Raises SignatureError
-        for unsigned commits and commits signed by keys that are not trusted."""
-        verifier = self.verifier
-        if verifier is None:
+        """Check `revision`'s signature (signatures.CommitSignatures.verify); without a
+        verifier this does nothing (returns "")."""
+        if self._signatures is None:
             return ""
         with self._lock:
-            stamp = verifier.stamp()
-            cached = self._verified.get(revision)
-            if cached is not None and cached[0] == stamp:
-                return cached[1]  # a commit's signature never changes; only trust files do
-            if self._resolve(revision) is None:
-                raise SourceError(f"revision {revision} is not in the cache of {self.display_url}")
-            header = self._git("cat-file", "commit", revision).stdout.split("\n\n", 1)[0]
-            kind = _signature_kind(header)
-            short = revision[:12]
-            if kind is None:
-                raise SignatureError(f"commit {short} is not signed")
-            if kind == "ssh" and verifier.allowed_signers is None:
-                raise SignatureError(
-                    f"commit {short} has an SSH signature but no allowed_signers file is trusted"
-                )
-            if kind == "gpg" and not verifier.trusts_gpg:
-                raise SignatureError(
-                    f"commit {short} has a GPG signature but only SSH signers are trusted"
-                )
-            if kind == "x509":
-                raise SignatureError(f"commit {short} has an X.509 signature (not supported)")
-            env = _git_env()
-            config = ["-c", "gpg.ssh.program=ssh-keygen"]
-            if verifier.allowed_signers is not None:
-                signers = verifier.allowed_signers.absolute()
-                config += ["-c", f"gpg.ssh.allowedSignersFile={signers}"]
-            if kind == "gpg":
-                env["GNUPGHOME"] = str(self._gnupg_dir(verifier))
-                config += ["-c", "gpg.program=gpg"]
-            res = run_git(
-                [*config, "verify-commit", "--raw", revision], cwd=self.cache_dir, env=env,
-                timeout=60, what="verify-commit",
-            )
-            if res.returncode != 0:
-                detail = _signature_failure(res.stderr)
-                raise SignatureError(
-                    f"commit {short} is signed by a key that is not trusted ({kind}): {detail}"
-                )
-            signer = _signer(kind, res.stderr)
-            if len(self._verified) > 64:
-                self._verified.clear()
-            self._verified[revision] = (stamp, signer)
-            return signer
+            return self._signatures.verify(revision)
 
     def verify_move(self, applied: str | None, new: str, allow_rewind: bool = False) -> None:
-        """Before the node moves from `applied` to `new`, with a verifier: every commit `new`
-        adds over `applied` must verify (not only the tip: an unsigned commit below a signed
-        one would slip in), and a move back to an ancestor of `applied` (a force-push that
-        replays an older signed revision) is refused unless `allow_rewind`. Raises
-        SignatureError / RevisionRefused; without a verifier it does nothing."""
-        if self.verifier is None:
+        """Before the node moves from `applied` to `new`: every commit in between verifies,
+        and a move back is refused unless `allow_rewind`
+        (signatures.CommitSignatures.verify_move); without a verifier it does nothing."""
+        if self._signatures is None:
             return
-        if applied is None or applied == new or not self._has_commit(applied):
-            self.verify(new)  # nothing to compare with: the tip alone
-            return
-        if self._git("merge-base", "--is-ancestor", new, applied).returncode == 0:
-            if not allow_rewind:
-                raise RevisionRefused(
-                    f"refusing to move back from {applied[:12]} to its ancestor {new[:12]} "
-                    "(a force-push replaying an older revision?); start the node with "
-                    "--allow-rewind to allow it"
-                )
-            self.verify(new)
-            return
-        res = self._git("rev-list", f"--max-count={MAX_VERIFIED_COMMITS + 1}",
-                        f"{applied}..{new}", what="rev-list")
-        if res.returncode != 0:
-            raise self._fail("rev-list", res)
-        commits = res.stdout.split()
-        if len(commits) > MAX_VERIFIED_COMMITS:
-            raise RevisionRefused(
-                f"{new[:12]} adds more than {MAX_VERIFIED_COMMITS} commits over "
-                f"{applied[:12]}; not verified one by one (apply an intermediate revision)"
-            )
-        for commit in reversed(commits):  # oldest first: the first bad one is named
-            self.verify(commit)
-
-    def _gnupg_dir(self, verifier: SignatureVerifier) -> Path:
-        if verifier.gpg_home is not None:
-            return verifier.gpg_home.absolute()
-        assert verifier.gpg_keyring is not None
-        keys = verifier.gpg_keyring.read_bytes()
-        digest = hashlib.sha256(keys).hexdigest()
-        home = self.cache_dir / "gitops-gnupg"
-        stamp = home / "imported.sha256"
-        if self._gnupg_home == home and stamp.exists() and stamp.read_text() == digest:
-            return home
-        # Rebuild from scratch when the keyring changes: a removed key must stop verifying.
-        shutil.rmtree(home, ignore_errors=True)
-        home.mkdir(mode=0o700, parents=True)
-        proc = subprocess.run(
-            ["gpg", "--batch", "--quiet", "--homedir", str(home), "--import"],
-            input=keys, capture_output=True, timeout=60, check=False,
-        )
-        if proc.returncode != 0:
-            shutil.rmtree(home, ignore_errors=True)
-            raise SignatureError(
-                f"cannot import GPG keyring {verifier.gpg_keyring}: "
-                f"{_first_error_line(proc.stderr.decode(errors='replace'))}"
-            )
-        stamp.write_text(digest)
-        self._gnupg_home = home
-        return home
-
-
-def _signature_kind(commit_header: str) -> str | None:
-    match = re.search(r"^gpgsig(?:-sha256)? (.*)$", commit_header, re.MULTILINE)
-    if match is None:
-        return None
-    first = match.group(1)
-    if "BEGIN SSH SIGNATURE" in first:
-        return "ssh"
-    if "BEGIN PGP SIGNATURE" in first:
-        return "gpg"
-    return "x509"
-
-
-def _signature_failure(stderr: str) -> str:
-    for line in stderr.splitlines():
-        text = line.strip()
-        if text.startswith("[GNUPG:] ERRSIG"):
-            return "no trusted public key for this signature"
-        if text.startswith(("[GNUPG:] BADSIG", "Signature verification failed")):
-            return "bad signature"
-        if text.startswith(("[GNUPG:] EXPKEYSIG", "[GNUPG:] REVKEYSIG")):
-            return "key expired or revoked"
-    if "No principal matched" in stderr:
-        match = re.search(r"key (SHA256:\S+)", stderr)
-        return f"{match.group(1) if match else 'the key'} is not in allowed_signers"
-    return _first_error_line(stderr)
-
-
-def _signer(kind: str, stderr: str) -> str:
-    if kind == "ssh":
-        match = re.search(r'Good "git" signature for (\S+) with (\S+) key (\S+)', stderr)
-        return f"ssh:{match.group(1)} {match.group(3)}" if match else "ssh"
-    match = re.search(r"^\[GNUPG:\] VALIDSIG (\S+)", stderr, re.MULTILINE)
-    return f"gpg:{match.group(1)}" if match else "gpg"
+        with self._lock:
+            self._signatures.verify_move(applied, new, allow_rewind)
 
 
 def _norm_dir(apps_path: str) -> str:

@@ -1,17 +1,22 @@
-"""OpenTelemetry for the agent: spans, a few metrics, OTLP exporters only when asked."""
+"""The agent's telemetry: spans (trace ids on every event), a few metrics, OTLP export when asked.
+
+Which signals go out is decided here from the standard OTEL_* variables (export_plan). The
+OpenTelemetry SDK (reconciler/node/otel.py, ~0.1 s of imports) is loaded only when something
+reads what it records: an OTLP endpoint, or an exporter or reader a test passes. Otherwise a
+span is only its trace id, made the way the SDK makes them, and the metrics are no-ops.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
+import random
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote
-
-from opentelemetry import metrics, trace
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics.export import MetricReader
@@ -86,14 +91,101 @@ def export_plan(env: Mapping[str, str]) -> ExportPlan:
     return ExportPlan(urls["traces"], urls["metrics"], max(interval, 50.0))
 
 
+class Span(Protocol):
+    def set_attribute(self, key: str, value: Any) -> None: ...
+
+
+class Histogram(Protocol):
+    def record(self, amount: float, attributes: Any = None) -> None: ...
+
+
+class Counter(Protocol):
+    def add(self, amount: float, attributes: Any = None) -> None: ...
+
+
+class Signals(Protocol):
+    """The part of Telemetry that records: OpenTelemetry's SDK, or trace ids alone."""
+
+    @property
+    def reconcile_duration(self) -> Histogram: ...
+
+    @property
+    def actions(self) -> Counter: ...
+
+    @property
+    def fetch_duration(self) -> Histogram: ...
+
+    def span(self, name: str, attributes: dict[str, Any]) -> Any: ...
+
+    def trace_id(self) -> str | None: ...
+
+    def shutdown(self, timeout: float) -> None: ...
+
+
+@dataclass
+class _IdSpan:
+    trace_id: int
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        """Nothing records it."""
+
+
+class _NoOpInstrument:
+    def record(self, amount: float, attributes: Any = None) -> None:
+        """Nothing reads it."""
+
+    def add(self, amount: float, attributes: Any = None) -> None:
+        """Nothing reads it."""
+
+
+_CURRENT_SPAN: ContextVar[_IdSpan | None] = ContextVar("gitops_mesh_span", default=None)
+
+
+class TraceIdsOnly:
+    """Spans that are only trace ids: a random 128-bit id per outermost span, shared by the
+    spans inside it (contextvars: asyncio tasks and to_thread calls inherit it), as the SDK's
+    tracer would give; none at all with OTEL_SDK_DISABLED=true, as the SDK would."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.reconcile_duration = self.actions = self.fetch_duration = _NoOpInstrument()
+
+    @contextmanager
+    def span(self, name: str, attributes: dict[str, Any]) -> Iterator[_IdSpan | None]:
+        if not self.enabled:
+            yield None
+            return
+        parent = _CURRENT_SPAN.get()
+        span = _IdSpan(parent.trace_id if parent is not None else _new_trace_id())
+        token = _CURRENT_SPAN.set(span)
+        try:
+            yield span
+        finally:
+            _CURRENT_SPAN.reset(token)
+
+    def trace_id(self) -> str | None:
+        span = _CURRENT_SPAN.get()
+        return format(span.trace_id, "032x") if span is not None else None
+
+    def shutdown(self, timeout: float) -> None:
+        """Nothing to flush."""
+
+
+def _new_trace_id() -> int:
+    trace_id = 0
+    while trace_id == 0:  # 0 is the invalid trace id
+        trace_id = random.getrandbits(128)
+    return trace_id
+
+
 class Telemetry:
     """Tracer + meter for one agent.
 
-    Spans are always recorded by an SDK tracer (without an exporter they cost little) so
-    every event and status can carry a real trace id. OTLP/HTTP exporters are set up as the
-    standard OTEL_* variables say (export_plan; docs/operations.md); tests pass their own
-    in-memory exporter/reader. Providers are private to the agent (not the global ones), so
-    several agents in one process (benchmarks, tests) do not fight over them."""
+    Spans are always made so every event and status can carry a real trace id. OTLP/HTTP
+    exporters are set up as the standard OTEL_* variables say (export_plan;
+    docs/operations.md); tests pass their own in-memory exporter/reader. Providers are
+    private to the agent (not the global ones), so several agents in one process
+    (benchmarks, tests) do not fight over them."""
 
     def __init__(
         self,
@@ -104,107 +196,42 @@ class Telemetry:
         metric_reader: MetricReader | None = None,
         agent_version: str = "",
     ) -> None:
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-
         env = os.environ if environ is None else environ
-        resource = Resource.create(resource_attributes(node_id, agent_version, env))
         plan = export_plan(env)
         if plan.problem:
             log.error("%s", plan.problem)
-        # we shut down ourselves, bounded (shutdown()); the SDK's atexit hook would not be
-        self._tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-        batch = span_exporter is None and plan.traces_url is not None
-        if batch:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-            span_exporter = OTLPSpanExporter(endpoint=plan.traces_url)
-        if span_exporter is not None:
-            from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-
-            processor = (BatchSpanProcessor(span_exporter) if batch
-                         else SimpleSpanProcessor(span_exporter))
-            self._tracer_provider.add_span_processor(processor)
-        self.tracer = self._tracer_provider.get_tracer(INSTRUMENTATION, agent_version)
-
-        readers: list[MetricReader] = []
-        if metric_reader is not None:
-            readers.append(metric_reader)
-        elif plan.metrics_url is not None:
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-                OTLPMetricExporter,
-            )
-            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-
-            readers.append(PeriodicExportingMetricReader(
-                OTLPMetricExporter(endpoint=plan.metrics_url),
-                export_interval_millis=plan.metrics_interval_ms))
-        if plan.traces_url or plan.metrics_url:
-            log.info("OpenTelemetry: exporting %s over OTLP/HTTP as service %r",
-                     " and ".join(f"{name} to {url}" for name, url in
-                                  (("traces", plan.traces_url), ("metrics", plan.metrics_url))
-                                  if url),
-                     resource.attributes.get("service.name"))
-        self._meter_provider: Any = None
-        if readers:
-            from opentelemetry.sdk.metrics import MeterProvider
-
-            self._meter_provider = MeterProvider(resource=resource, metric_readers=readers,
-                                                 shutdown_on_exit=False)
-            meter = self._meter_provider.get_meter(INSTRUMENTATION, agent_version)
-        else:
-            # nothing would read the numbers: the API's no-op meter costs nothing
-            meter = metrics.NoOpMeter(INSTRUMENTATION)
-        self.reconcile_duration = meter.create_histogram(
-            "gitops.reconcile.duration", unit="s", description="duration of one reconcile",
-        )
-        self.actions = meter.create_counter(
-            "gitops.actions", description="actions applied, by kind and outcome",
-        )
-        self.fetch_duration = meter.create_histogram(
-            "gitops.git.fetch.duration", unit="s", description="git ls-remote + fetch time",
-        )
         self._phases: Mapping[str, int] = {}
-        meter.create_observable_gauge(
-            "gitops.apps", callbacks=[self._observe_phases],
-            description="apps on this node by phase",
-        )
+        self._signals: Signals
+        if span_exporter or metric_reader or plan.traces_url or plan.metrics_url:
+            # the SDK only when something reads what it records
+            from reconciler.node.otel import OtelSignals
+
+            self._signals = OtelSignals(
+                node_id, agent_version, env, plan, span_exporter=span_exporter,
+                metric_reader=metric_reader, phases=lambda: self._phases)
+        else:
+            self._signals = TraceIdsOnly(
+                enabled=env.get("OTEL_SDK_DISABLED", "").strip().lower() != "true")
+        self.reconcile_duration: Histogram = self._signals.reconcile_duration
+        self.actions: Counter = self._signals.actions
+        self.fetch_duration: Histogram = self._signals.fetch_duration
 
     def set_phases(self, counts: Mapping[str, int]) -> None:
         """{phase: number of apps} now. The agent calls this on its loop after changes: the
         exporter collects on its own thread, which must not read the agent's store."""
         self._phases = dict(counts)
 
-    def _observe_phases(self, _options: Any) -> Iterator[metrics.Observation]:
-        for phase, count in sorted(self._phases.items()):
-            yield metrics.Observation(count, {"phase": phase})
-
     @contextmanager
-    def span(self, name: str, **attributes: Any) -> Iterator[trace.Span]:
+    def span(self, name: str, **attributes: Any) -> Iterator[Span | None]:
         clean = {k: v for k, v in attributes.items() if v is not None}
-        with self.tracer.start_as_current_span(name, attributes=clean) as span:
+        with self._signals.span(name, clean) as span:
             yield span
 
-    @staticmethod
-    def trace_id() -> str | None:
+    def trace_id(self) -> str | None:
         """Hex id of the current trace (the one the calling code runs in), or None."""
-        ctx = trace.get_current_span().get_span_context()
-        return format(ctx.trace_id, "032x") if ctx.is_valid else None
+        return self._signals.trace_id()
 
     def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
         """Flush and stop the exporters, waiting at most `timeout`: a collector that is
         unreachable costs that long and a warning, never a hung exit or a traceback."""
-        def stop() -> None:
-            try:
-                self._tracer_provider.shutdown()
-                if self._meter_provider is not None:
-                    self._meter_provider.shutdown(timeout_millis=timeout * 1000)
-            except Exception as exc:  # an exporter's failure is not the agent's
-                log.warning("OpenTelemetry shutdown: %s: %s", type(exc).__name__, exc)
-
-        worker = threading.Thread(target=stop, name="otel-shutdown", daemon=True)
-        worker.start()
-        worker.join(timeout)
-        if worker.is_alive():
-            log.warning("OpenTelemetry: the exporters did not finish within %gs (is the "
-                        "collector reachable?); what was not sent is dropped", timeout)
+        self._signals.shutdown(timeout)

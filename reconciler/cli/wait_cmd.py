@@ -1,0 +1,218 @@
+"""`wait`: block until every targeted node reports synced at a revision (for CI after `git
+push`), riding out failover; a rollout's progress on stderr, its abort ends the wait."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import time
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.js.kv import KeyValue
+
+from reconciler.cli.mesh_cmds import FOLLOW_OPTIONS, _err, _now, _observe, _run, _timeout
+from reconciler.core.rollout import progress_line
+from reconciler.core.spec import Selector
+from reconciler.mesh.client import (
+    FOLLOW_API_TIMEOUT_S,
+    TRANSIENT,
+    KvFollower,
+    jetstream,
+    open_bucket,
+)
+from reconciler.mesh.conn import MeshError, NatsOptions, connect, no_jetstream, reason_of
+from reconciler.mesh.rollouts import read_entry, resolve_revision, rollouts_bucket
+from reconciler.mesh.subjects import KV_BUCKET
+from reconciler.mesh.wire import selector_from_pairs, wait_targets, wait_verdict
+
+# 0 synced, 1 a node failed (or the rollout aborted), 2 timeout or mesh unreachable.
+EXIT_SYNCED, EXIT_NODE_FAILED, EXIT_TIMEOUT = 0, 1, 2
+
+
+def run_wait(args: argparse.Namespace) -> int:
+    return _run(lambda: _wait(args))
+
+
+async def _wait(args: argparse.Namespace) -> int:
+    revision = args.revision.strip()
+    timeout = _timeout(args.timeout)
+    selector = selector_from_pairs(args.selector or [])
+    deadline = time.monotonic() + timeout
+    options = NatsOptions.from_args(args)
+    reconnected = asyncio.Event()
+
+    async def on_reconnect() -> None:
+        reconnected.set()
+
+    try:
+        nc = await connect(options, timeout=max(0.5, min(5.0, timeout)), **FOLLOW_OPTIONS,
+                           reconnected_cb=on_reconnect)
+    except MeshError as exc:
+        _err(str(exc))
+        return EXIT_TIMEOUT
+    try:
+        return await wait_for_revision(nc, revision, selector, list(args.node or []), deadline,
+                                       js_domain=options.js_domain, reconnected=reconnected)
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+async def wait_for_revision(
+    nc: NATS, revision: str, selector: Selector | None, nodes: list[str], deadline: float,
+    *, js_domain: str | None = None, reconnected: asyncio.Event | None = None,
+) -> int:
+    """Follow the status KV until every targeted node is synced (0) or one failed (1) at
+    `revision`; 2 at the deadline. Failover (server death, leader change) is ridden out:
+    the follow is re-made whenever it breaks and after every reconnect (`reconnected`: the
+    connection's reconnect signal), until the deadline."""
+    trouble: str | None = None
+    follower: KvFollower | None = None
+    rollout = RolloutWatch(nc, revision, js_domain)
+    try:
+        while True:
+            aborted = await rollout.check()
+            if aborted is not None:
+                _err(aborted)
+                return EXIT_NODE_FAILED
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if reconnected is not None and reconnected.is_set():
+                # our server died: a fresh consumer now beats waiting for nats-py to notice
+                # the old one is gone; the latest value of every key comes again
+                reconnected.clear()
+                if follower is not None:
+                    await follower.stop()
+                    follower = None
+            if follower is None:
+                try:
+                    follower = await _follow(nc, js_domain, left)
+                except MeshError as exc:
+                    if no_jetstream_here_message(exc, js_domain):
+                        _err(str(exc))
+                        return EXIT_TIMEOUT
+                    trouble = str(exc)
+                    follower = None
+                except (*TRANSIENT, nats.errors.Error, nats.js.errors.NotFoundError) as exc:
+                    trouble = reason_of(exc)
+                    follower = None
+                if follower is None:
+                    await asyncio.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+                    continue
+                trouble = None
+            follower.changed.clear()
+            if follower.caught_up.is_set():
+                fleet = _observe(follower.entries)
+                targets = wait_targets(fleet, nodes, selector)
+                if not targets:
+                    what = selector.describe() if selector else "any node"
+                    _err(f"no node in {KV_BUCKET} matches {what}")
+                    return EXIT_NODE_FAILED
+                verdict = wait_verdict(fleet, targets, revision, _now())
+                if verdict.done:
+                    return _report_wait(revision, verdict.synced, verdict.failed,
+                                        verdict.pending, False)
+            # no news: re-check at least every second (heartbeats age, the deadline nears)
+            await _first(follower.changed, reconnected,
+                         timeout=max(0.05, min(1.0, deadline - time.monotonic())))
+    finally:
+        if follower is not None:
+            await follower.stop()
+    if follower is None or not follower.caught_up.is_set():
+        why = f": {trouble}" if trouble else f" (no node has reported to {KV_BUCKET})"
+        _err(f"timed out reading {KV_BUCKET}{why}")
+        return EXIT_TIMEOUT
+    fleet = _observe(follower.entries)
+    verdict = wait_verdict(fleet, wait_targets(fleet, nodes, selector), revision, _now())
+    return _report_wait(revision, verdict.synced, verdict.failed, verdict.pending, True)
+
+
+async def _first(*events: asyncio.Event | None, timeout: float) -> None:
+    """Until one of `events` is set, or `timeout`."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events if e is not None]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
+def no_jetstream_here_message(exc: MeshError, js_domain: str | None) -> bool:
+    """The server has no JetStream at all (a leaf without --nats-js-domain): waiting is futile."""
+    return str(exc) == no_jetstream(js_domain)
+
+
+async def _follow(nc: NATS, js_domain: str | None, timeout: float) -> KvFollower | None:
+    """A follower of the status bucket, None while the bucket does not exist yet."""
+    if await open_bucket(nc, KV_BUCKET, js_domain, FOLLOW_API_TIMEOUT_S) is None:
+        return None
+    follower = KvFollower(nc, KV_BUCKET, js_domain)
+    try:
+        await asyncio.wait_for(follower.start(), timeout)
+    except BaseException:
+        await follower.stop()
+        raise
+    return follower
+
+
+class RolloutWatch:
+    """`wait`'s view of the revision's rollout entry (gitops_rollouts): prints per-wave
+    progress to stderr when it changes, and tells when the rollout was aborted. Read at most
+    every READ_EVERY_S seconds, so an abort ends a wait within about a second."""
+
+    READ_EVERY_S = 0.5
+
+    def __init__(self, nc: NATS, revision: str, js_domain: str | None) -> None:
+        self.nc, self.revision, self.js_domain = nc, revision, js_domain
+        self._kv: KeyValue | None = None
+        self._key: str | None = None
+        self._next = 0.0
+        self._shown = ""
+
+    async def check(self) -> str | None:
+        """None, or why the wait must end now (the rollout was aborted)."""
+        if time.monotonic() < self._next:
+            return None
+        self._next = time.monotonic() + self.READ_EVERY_S
+        try:
+            if self._kv is None:
+                # short API timeouts: a read lost in a failover must not hold `wait` up
+                js = jetstream(self.nc, self.js_domain, timeout=FOLLOW_API_TIMEOUT_S)
+                self._kv = await rollouts_bucket(js, create=False)
+                if self._kv is None:
+                    return None
+            if self._key is None:
+                self._key = await resolve_revision(self._kv, self.revision)
+                if self._key is None:
+                    return None
+            entry, _ = await read_entry(self._kv, self._key)
+        except (TimeoutError, nats.errors.Error):
+            return None  # the node statuses still decide; try again shortly
+        if entry is None:
+            return None
+        line = progress_line(entry, _now())
+        if line != self._shown:
+            self._shown = line
+            _err(f"rollout {line}")
+        if entry.state == "aborted":
+            return f"{self._key[:12]}: rollout aborted: {entry.reason}"
+        return None
+
+
+def _report_wait(revision: str, synced: tuple[str, ...], failed: dict[str, str],
+                 pending: dict[str, str], timed_out: bool) -> int:
+    short = revision[:12]
+    if not failed and not pending:
+        print(f"{short}: synced on {len(synced)} node(s): {', '.join(synced)}")
+        return EXIT_SYNCED
+    for node, why in sorted(failed.items()):
+        _err(f"{node}: failed at {short}: {why}")
+    for node, why in sorted(pending.items()):
+        _err(f"{node}: not synced at {short} {'before the timeout' if timed_out else ''}: {why}")
+    bad = sorted([*failed, *pending])
+    _err(f"{short}: {len(synced)} synced, not synced: {', '.join(bad)}")
+    return EXIT_NODE_FAILED if failed else EXIT_TIMEOUT
