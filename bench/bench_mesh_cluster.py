@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import nats  # noqa: E402
+import nats.errors  # noqa: E402
 import psutil  # noqa: E402
 from conftest import git, make_spec_repo, start_nats  # noqa: E402
 from nats_cluster import Cluster, start_cluster, stream_leader  # noqa: E402
@@ -250,8 +251,15 @@ async def bench_leader_change(cluster: Cluster, tmp: Path, label: str, pythonpat
     assert t0 is not None and killed_at is not None and leader is not None
     cluster.server(leader).start()
     admin = await cluster.connect("admin")
-    after = (await admin.jetstream().stream_info("GITOPS_EVENTS")).state.messages
+    after = None
+    for _ in range(60):  # the restarted server rejoins; under load an answer may take a while
+        try:
+            after = (await admin.jetstream().stream_info("GITOPS_EVENTS")).state.messages
+            break
+        except (TimeoutError, nats.errors.Error):
+            await asyncio.sleep(0.5)
     await admin.close()
+    assert after is not None, "the stream did not answer after the restart"
     kill_t = killed_at - t0
     elected_t = (elected_at - t0) if elected_at else None
     # the stall: the longest spell without a new ack that begins around the kill

@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -56,6 +58,14 @@ PROBE_ACK_TIMEOUT_S = 0.5
 # its leader is never answered, however long one waits (nats-py's default is 5 s).
 API_TIMEOUT_S = 2.0
 STATUS_WRITE_TIMEOUT_S = 2.0
+
+
+@dataclass
+class Flight:
+    """A batch of outbox entries on the wire and their JetStream ack futures (same order)."""
+
+    batch: list[OutboxEntry]
+    futures: list[asyncio.Future[Any]]
 
 
 class Mesh:
@@ -348,41 +358,65 @@ class Mesh:
                 backoff = min(backoff * 2, PROBE_RETRY_MAX_S if self._probing else RETRY_MAX_S)
 
     async def publish_pending(self) -> bool:
-        """Publish the outbox until it is empty; False if NATS failed on the way."""
+        """Publish the outbox until it is empty; False if NATS failed on the way.
+
+        Two batches overlap: the next one is read and sent before the acks of the one in
+        flight are awaited, so the sqlite work (the read, and the delete of what was acked:
+        a synchronous commit) runs while a batch is on the wire instead of between batches.
+        After a failure (probing) one event goes at a time, with nothing else in flight."""
         nc = self._nc
+        flight: Flight | None = None
         while nc is not None and nc.is_connected:
-            batch = self.outbox.outbox_batch(1 if self._probing else self._batch)
+            limit = 1 if self._probing else self._batch
+            # the rows in flight are still in the outbox (deleted once acked): skip them
+            rows = self.outbox.outbox_batch(limit + (len(flight.batch) if flight else 0))
+            after = flight.batch[-1].seq if flight else 0
+            batch = [entry for entry in rows if entry.seq > after][:limit]
+            held = flight is not None and self._probing  # a probe goes alone
+            sent = await self._send(nc, batch) if batch and not held else None
+            if flight is not None and not await self._settle(nc, flight):
+                if sent is not None:
+                    for fut in sent.futures:  # re-sent later (the stream drops duplicates)
+                        fut.cancel()
+                return False
             if not batch:
                 return True
-            if not await self._publish_batch(nc, batch):
-                return False
+            if sent is None and not held:
+                return False  # the send failed
+            flight = sent  # None when a probe was held back: read again
+        if flight is not None:
+            for fut in flight.futures:
+                fut.cancel()
         return False
 
-    async def _publish_batch(self, nc: NATS, batch: list[OutboxEntry]) -> bool:
-        """Pipeline a batch (all in flight, then wait for acks); delete only what was acked."""
+    async def _send(self, nc: NATS, batch: list[OutboxEntry]) -> Flight | None:
+        """Put a batch on the wire (all in flight); None if that failed."""
         try:
             if not self._stream_ready:
                 self._stream_ready = await self._verify(nc, events_stream())
                 if not self._stream_ready:
-                    return False
+                    return None
             js = self._jetstream(nc)
-            futures = [
+            return Flight(batch, [
                 await js.publish_async(
                     entry.subject, entry.payload, headers={"Nats-Msg-Id": entry.event_id}
                 )
                 for entry in batch
-            ]
+            ])
         except (TimeoutError, nats.errors.Error) as exc:
             self._set_trouble(f"publishing events failed: {self._why(exc)} (will retry)")
-            return False
-        done, pending = await asyncio.wait(futures, timeout=min(
+            return None
+
+    async def _settle(self, nc: NATS, flight: Flight) -> bool:
+        """Wait for a batch's acks; delete only what was acked. False if any failed."""
+        done, pending = await asyncio.wait(flight.futures, timeout=min(
             self._ack_timeout, PROBE_ACK_TIMEOUT_S) if self._probing else self._ack_timeout)
         for fut in pending:
             fut.cancel()
         self._acks_timed_out = bool(pending)
         acked: list[int] = []
         failure: BaseException | None = None
-        for entry, fut in zip(batch, futures, strict=True):
+        for entry, fut in zip(flight.batch, flight.futures, strict=True):
             if fut in done and fut.exception() is None:
                 acked.append(entry.seq)
             elif failure is None:
