@@ -369,9 +369,7 @@ class Mesh:
         while nc is not None and nc.is_connected:
             limit = 1 if self._probing else self._batch
             # the rows in flight are still in the outbox (deleted once acked): skip them
-            rows = self.outbox.outbox_batch(limit + (len(flight.batch) if flight else 0))
-            after = flight.batch[-1].seq if flight else 0
-            batch = [entry for entry in rows if entry.seq > after][:limit]
+            batch = self.outbox.outbox_batch(limit, flight.batch[-1].seq if flight else 0)
             held = flight is not None and self._probing  # a probe goes alone
             sent = await self._send(nc, batch) if batch and not held else None
             if flight is not None and not await self._settle(nc, flight):
