@@ -116,6 +116,9 @@ from fake_agent import FakeAgent
 from reconciler.core.events import make_event
 from reconciler.mesh.link import Mesh, NatsOptions
 from reconciler.node.store import Store
+import os, reconciler
+assert os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] in ("", os.path.dirname(
+    os.path.dirname(reconciler.__file__))), reconciler.__file__  # the tree asked for
 urls, seed, state = sys.argv[2], sys.argv[3], Path(sys.argv[4])
 rate, seconds = int(sys.argv[5]), float(sys.argv[6])
 tuning = json.loads(sys.argv[7])  # Mesh keyword arguments (none for an older tree)
@@ -194,7 +197,8 @@ async def bench_leader_change(cluster: Cluster, tmp: Path, label: str, pythonpat
     proc = await asyncio.create_subprocess_exec(
         PY, "-c", RAW_WORKER if tuning.get("raw") else WORKER, str(ROOT / "tests"),
         cluster.urls, cluster.nkey("cl-1"), str(state), str(rate), str(seconds),
-        json.dumps(tuning), stdout=asyncio.subprocess.PIPE, env=env)
+        json.dumps(tuning), stdout=asyncio.subprocess.PIPE, env=env,
+        cwd=tmp)  # not this checkout: `python -c` puts the cwd before PYTHONPATH
     assert proc.stdout is not None
     samples: list[tuple[float, int, int]] = []
     killed_at = elected_at = None
@@ -306,7 +310,7 @@ async def bench_wait_failover(cluster: Cluster, label: str, pythonpath: str | No
     await js.publish("$KV.gitops_nodes.cl-2", status("0" * 40))
     proc = subprocess.Popen(
         [PY, "-m", "reconciler", "wait", "--nats", cluster.urls, "--node", "cl-2",
-         "--revision", revision, "--timeout", "60s"], env=env,
+         "--revision", revision, "--timeout", "60s"], env=env, cwd=cluster.root,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ports = {s.port: s for s in cluster.servers}
     server = None
