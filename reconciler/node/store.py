@@ -480,7 +480,7 @@ class Store:
         cursor = self._db.execute(
             "SELECT seq, event_id, subject, payload FROM outbox WHERE seq > ? ORDER BY seq "
             "LIMIT ?", (after, limit))
-        cursor.row_factory = None  # plain tuples: by-name Row access cost ~2 ms per 512
+        cursor.row_factory = None  # plain tuples: cheaper than by-name sqlite3.Row access
         return [OutboxEntry(seq, event_id, subject, bytes(payload))
                 for seq, event_id, subject, payload in cursor.fetchall()]
 
