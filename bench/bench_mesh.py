@@ -9,7 +9,10 @@
    its own git clone, apps without processes (`run` absent), so the numbers are the mesh and
    the reconcile loop, not app start-up; `--agents fake`: tests/fake_agent.FakeAgent.
 2. event throughput from one agent's sqlite outbox to the GITOPS_EVENTS stream, next to the
-   NATS floor (raw pipelined js.publish_async of the same payloads) in the same run.
+   NATS floor (raw pipelined js.publish_async of the same payloads) in the same run, 3 rounds
+   interleaved. `--before DIR[,DIR]`: also an older tree's Mesh (a checkout, e.g.
+   `git worktree add /tmp/old-mesh ea496a9`), in a child process against the same server;
+   the current Mesh then runs in a child process too, for a like-for-like comparison.
 3. RPC `status` round trip p50/p99.
 """
 
@@ -35,11 +38,48 @@ from fake_agent import FakeAgent  # noqa: E402
 import reconciler  # noqa: E402
 from reconciler.core.events import make_event  # noqa: E402
 from reconciler.mesh.link import Mesh, NatsOptions, connect  # noqa: E402
+from reconciler.mesh.provision import ensure, events_stream  # noqa: E402
 from reconciler.mesh.subjects import EVENTS_STREAM, rpc_subject  # noqa: E402
 from reconciler.node.store import Store  # noqa: E402
 
 PY = sys.executable
 HOOK = Path(reconciler.__file__).parent / "hooks" / "post-receive"
+# One tree's Mesh draining COUNT events from its own outbox (argv: tree url count); prints
+# events/s. Works for the flat layout of older trees (reconciler.bus) and the current one.
+TREE_WORKER = """
+import asyncio, os, sys, tempfile, time
+tree, url, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sys.path[:0] = [tree, os.path.join(tree, 'tests')]
+# the venv's editable install would fill in modules the older tree lacks from this one
+sys.meta_path = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '')]
+from datetime import UTC, datetime
+from pathlib import Path
+from fake_agent import FakeAgent
+if os.path.exists(os.path.join(tree, 'reconciler', 'mesh', 'link.py')):
+    from reconciler.core.events import make_event
+    from reconciler.mesh.link import Mesh, NatsOptions
+    from reconciler.node.store import Store
+else:
+    from reconciler.bus import Mesh, NatsOptions
+    from reconciler.events import make_event
+    from reconciler.store import Store
+async def main():
+    store = Store(Path(tempfile.mkdtemp()) / 'events', outbox_max=count + 10)
+    node = f'bench-tree-{os.getpid()}'
+    now = datetime.now(UTC)
+    with store.transaction():
+        for _ in range(count):
+            store.add_event(make_event('app.health-changed', node, now, app='web',
+                                       message='health check'))
+    mesh = Mesh(FakeAgent(store, node), store, NatsOptions(servers=[url]))
+    start = time.perf_counter()
+    await mesh.start()
+    while store.outbox_stats()[0]:
+        await asyncio.sleep(0.01)
+    print(count / (time.perf_counter() - start))
+    await mesh.close()
+asyncio.run(main())
+"""
 
 
 async def run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> int:
@@ -111,26 +151,23 @@ async def bench_push_wait(tmp: Path, url: str, n: int, kind: str, rounds: int = 
     return times
 
 
-async def bench_events(tmp: Path, url: str, count: int) -> tuple[float, float]:
-    store = Store(tmp / "events", outbox_max=count + 10)
-    agent = FakeAgent(store, "bench-events")
+async def bench_events(tmp: Path, url: str, count: int, round_: int) -> tuple[float, float]:
+    """(outbox -> stream events/s of this Mesh, in this process; the floor's events/s)."""
     from datetime import UTC, datetime
 
+    node = f"bench-events-{round_}"
+    store = Store(tmp / node, outbox_max=count + 10)
+    agent = FakeAgent(store, node)
     now = datetime.now(UTC)
-    events = [make_event("app.health-changed", "bench-events", now, app="web",
+    events = [make_event("app.health-changed", node, now, app="web",
                          message="health check") for _ in range(count)]
     with store.transaction():
         for event in events:
             store.add_event(event)
     nc = await connect(NatsOptions(servers=[url]))
     js = nc.jetstream()
-    # the floor first (it also makes sure the stream exists): raw pipelined publishes
-    mesh_warm = Mesh(FakeAgent(Store(tmp / "warm"), "bench-warm"), Store(tmp / "warm2"),
-                     NatsOptions(servers=[url]))
-    await mesh_warm.start()
-    while not mesh_warm.ready:
-        await asyncio.sleep(0.05)
-    await mesh_warm.close()
+    await ensure(js, events_stream())
+    # the floor: raw pipelined publishes of the same payloads, in batches of the Mesh's size
     start = time.perf_counter()
     batch = 512
     for i in range(0, count, batch):
@@ -148,13 +185,22 @@ async def bench_events(tmp: Path, url: str, count: int) -> tuple[float, float]:
     while store.outbox_stats()[0]:
         await asyncio.sleep(0.01)
     mesh_rate = count / (time.perf_counter() - start)
-    info = await js.stream_info(EVENTS_STREAM, subjects_filter="gitops.events.bench-events.>")
+    info = await js.stream_info(EVENTS_STREAM, subjects_filter=f"gitops.events.{node}.>")
     stored = sum((info.state.subjects or {}).values())
     assert stored == count, f"{stored} != {count}"
     await mesh.close()
     await nc.close()
     store.close()
     return mesh_rate, floor
+
+
+async def bench_events_tree(tree: str, url: str, count: int) -> float:
+    """Events/s of `tree`'s Mesh (a child process; TREE_WORKER)."""
+    proc = await asyncio.create_subprocess_exec(
+        PY, "-c", TREE_WORKER, tree, url, str(count), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL)
+    out, _ = await proc.communicate()
+    return float(out.decode().strip().splitlines()[-1])
 
 
 async def bench_rpc(tmp: Path, url: str, calls: int) -> tuple[float, float]:
@@ -183,6 +229,8 @@ async def main() -> None:
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--rpc-calls", type=int, default=1000)
     parser.add_argument("--agents", choices=["real", "fake"], default="real")
+    parser.add_argument("--event-rounds", type=int, default=3)
+    parser.add_argument("--before", default="", help="older trees to compare the outbox with")
     args = parser.parse_args()
     import logging
 
@@ -198,9 +246,26 @@ async def main() -> None:
             times = await bench_push_wait(tmp, server.url, n, args.agents)
             print(f"  {n:4d} node(s): median {statistics.median(times):.2f}s  "
                   f"(rounds: {', '.join(f'{t:.2f}' for t in times)})")
-        rate, floor = await bench_events(tmp, server.url, args.events)
-        print(f"events outbox -> stream: {rate:,.0f} events/s; NATS floor (raw pipelined "
-              f"js.publish_async) {floor:,.0f} events/s; ratio {rate / floor:.2f}")
+        trees = [t for t in args.before.split(",") if t]
+        if trees:
+            trees.append(str(ROOT))  # this tree, in a child process like the older ones
+        rates: dict[str, list[float]] = {"mesh": [], "floor": [], **{t: [] for t in trees}}
+        for r in range(args.event_rounds):  # interleaved: the machine's drift hits all alike
+            rate, floor = await bench_events(tmp, server.url, args.events, r)
+            rates["mesh"].append(rate)
+            rates["floor"].append(floor)
+            for tree in trees:
+                rates[tree].append(await bench_events_tree(tree, server.url, args.events))
+        floor = statistics.median(rates["floor"])
+        print(f"events outbox -> stream ({args.event_rounds} rounds, median; load average "
+              f"{os.getloadavg()[0]:.1f}): NATS floor (raw pipelined js.publish_async) "
+              f"{floor:,.0f} events/s")
+        for label, values in rates.items():
+            if label != "floor":
+                name = "this Mesh, in this process" if label == "mesh" else label
+                print(f"  {name}: {statistics.median(values):,.0f} events/s, ratio "
+                      f"{statistics.median(values) / floor:.2f} (rounds: "
+                      f"{', '.join(f'{v:,.0f}' for v in values)})")
         p50, p99 = await bench_rpc(tmp, server.url, args.rpc_calls)
         print(f"RPC status round trip: p50 {p50:.2f} ms, p99 {p99:.2f} ms "
               f"({args.rpc_calls} calls)")

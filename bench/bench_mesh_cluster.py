@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import nats  # noqa: E402
+import nats.errors  # noqa: E402
 import psutil  # noqa: E402
 from conftest import git, make_spec_repo, start_nats  # noqa: E402
 from nats_cluster import Cluster, start_cluster, stream_leader  # noqa: E402
@@ -115,6 +116,9 @@ from fake_agent import FakeAgent
 from reconciler.core.events import make_event
 from reconciler.mesh.link import Mesh, NatsOptions
 from reconciler.node.store import Store
+import os, reconciler
+assert os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] in ("", os.path.dirname(
+    os.path.dirname(reconciler.__file__))), reconciler.__file__  # the tree asked for
 urls, seed, state = sys.argv[2], sys.argv[3], Path(sys.argv[4])
 rate, seconds = int(sys.argv[5]), float(sys.argv[6])
 tuning = json.loads(sys.argv[7])  # Mesh keyword arguments (none for an older tree)
@@ -193,7 +197,8 @@ async def bench_leader_change(cluster: Cluster, tmp: Path, label: str, pythonpat
     proc = await asyncio.create_subprocess_exec(
         PY, "-c", RAW_WORKER if tuning.get("raw") else WORKER, str(ROOT / "tests"),
         cluster.urls, cluster.nkey("cl-1"), str(state), str(rate), str(seconds),
-        json.dumps(tuning), stdout=asyncio.subprocess.PIPE, env=env)
+        json.dumps(tuning), stdout=asyncio.subprocess.PIPE, env=env,
+        cwd=tmp)  # not this checkout: `python -c` puts the cwd before PYTHONPATH
     assert proc.stdout is not None
     samples: list[tuple[float, int, int]] = []
     killed_at = elected_at = None
@@ -205,16 +210,25 @@ async def bench_leader_change(cluster: Cluster, tmp: Path, label: str, pythonpat
         nonlocal elected_at, new_leader
         probe = await nats.connect([s.url for s in cluster.servers if s.name != leader],
                                    nkeys_seed=cluster.nkey("admin"))
+        js = probe.jetstream(timeout=1.0)
+
+        async def ask() -> None:
+            nonlocal elected_at, new_leader
+            with contextlib.suppress(Exception):  # no leader yet: a later ask answers
+                info = await js.stream_info("GITOPS_EVENTS")
+                if (elected_at is None and info.cluster and info.cluster.leader
+                        and info.cluster.leader != leader):
+                    elected_at, new_leader = time.monotonic(), info.cluster.leader
+
+        # a request sent during the election is never answered: ask every 50 ms without
+        # waiting for the earlier ones, so the election is seen within ~50 ms of the answer
+        asks: list[asyncio.Task[None]] = []
         try:
             while elected_at is None:
-                try:
-                    info = await probe.jetstream(timeout=0.5).stream_info("GITOPS_EVENTS")
-                    if info.cluster and info.cluster.leader and info.cluster.leader != leader:
-                        elected_at, new_leader = time.monotonic(), info.cluster.leader
-                except Exception:
-                    pass  # no leader yet: ask again
+                asks.append(asyncio.create_task(ask()))
                 await asyncio.sleep(0.05)
         finally:
+            await asyncio.gather(*asks, return_exceptions=True)
             await probe.close()
 
     t0 = None
@@ -241,8 +255,15 @@ async def bench_leader_change(cluster: Cluster, tmp: Path, label: str, pythonpat
     assert t0 is not None and killed_at is not None and leader is not None
     cluster.server(leader).start()
     admin = await cluster.connect("admin")
-    after = (await admin.jetstream().stream_info("GITOPS_EVENTS")).state.messages
+    after = None
+    for _ in range(60):  # the restarted server rejoins; under load an answer may take a while
+        try:
+            after = (await admin.jetstream().stream_info("GITOPS_EVENTS")).state.messages
+            break
+        except (TimeoutError, nats.errors.Error):
+            await asyncio.sleep(0.5)
     await admin.close()
+    assert after is not None, "the stream did not answer after the restart"
     kill_t = killed_at - t0
     elected_t = (elected_at - t0) if elected_at else None
     # the stall: the longest spell without a new ack that begins around the kill
@@ -289,7 +310,7 @@ async def bench_wait_failover(cluster: Cluster, label: str, pythonpath: str | No
     await js.publish("$KV.gitops_nodes.cl-2", status("0" * 40))
     proc = subprocess.Popen(
         [PY, "-m", "reconciler", "wait", "--nats", cluster.urls, "--node", "cl-2",
-         "--revision", revision, "--timeout", "60s"], env=env,
+         "--revision", revision, "--timeout", "60s"], env=env, cwd=cluster.root,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ports = {s.port: s for s in cluster.servers}
     server = None

@@ -23,8 +23,9 @@ class OutboxEntry:
 
 
 class Outbox(Protocol):
-    def outbox_batch(self, limit: int) -> list[OutboxEntry]:
-        """Oldest first; entries stay until acked."""
+    def outbox_batch(self, limit: int, after: int = 0) -> list[OutboxEntry]:
+        """Oldest first (those with seq > `after`: the publisher skips what is in flight);
+        entries stay until acked."""
 
     def outbox_ack(self, seqs: list[int]) -> None:
         """Delete entries JetStream has acknowledged."""

@@ -98,9 +98,12 @@ class NatsOptions:
         return kw
 
 
-    def jetstream(self, nc: NATS) -> JetStreamContext:
-        """A JetStream context addressing `js_domain` (the local JetStream without one)."""
-        return nc.jetstream(domain=self.js_domain) if self.js_domain else nc.jetstream()
+    def jetstream(self, nc: NATS, timeout: float = 5.0) -> JetStreamContext:
+        """A JetStream context addressing `js_domain` (the local JetStream without one);
+        `timeout` bounds each API request (one sent during a leader election is never
+        answered, so long-lived clients keep it short)."""
+        return nc.jetstream(domain=self.js_domain, timeout=timeout) if self.js_domain \
+            else nc.jetstream(timeout=timeout)
 
     def kv_put_subject(self, bucket: str, key: str) -> str:
         """Where a KV put goes: `$KV.<bucket>.<key>`, or with a domain

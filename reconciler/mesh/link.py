@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -46,7 +48,24 @@ PUBLISH_BATCH = 512
 # (the stream drops the duplicate by Nats-Msg-Id), so events flow right after an election.
 ACK_TIMEOUT_S = 1.0
 RETRY_MIN_S, RETRY_MAX_S = 0.1, 1.0
+# After a failed publish one event goes alone (a probe) until JetStream acks it again: while
+# a stream elects its leader every publish is refused at once ("no responders"), so probing
+# every quarter second costs the servers one message, not a batch, and finds the new leader
+# within 0.25 s of its election.
+PROBE_RETRY_MAX_S = 0.25
+PROBE_ACK_TIMEOUT_S = 0.5
+# The Mesh's JetStream API requests (stream and bucket checks): one sent while a stream elects
+# its leader is never answered, however long one waits (nats-py's default is 5 s).
+API_TIMEOUT_S = 2.0
 STATUS_WRITE_TIMEOUT_S = 2.0
+
+
+@dataclass
+class Flight:
+    """A batch of outbox entries on the wire and their JetStream ack futures (same order)."""
+
+    batch: list[OutboxEntry]
+    futures: list[asyncio.Future[Any]]
 
 
 class Mesh:
@@ -91,6 +110,8 @@ class Mesh:
         # what verification found wrong with the stream / bucket, by label (status message)
         self.problems: dict[str, str] = {}
         self._acks_timed_out = False  # the last batch got no acks in time (a leader change)
+        self._probing = False  # the last publish failed: send one event until one is acked
+        self._stream_check: asyncio.Task[None] | None = None  # after "no responders"
         self.published = 0  # events acknowledged by JetStream (for tests and benchmarks)
         self.nats_errors = 0  # connection errors seen (each retry counts; logged once)
 
@@ -119,6 +140,8 @@ class Mesh:
         loops = self._tasks[1:]  # publisher and status writer finish their last pass
         if loops:
             await asyncio.wait(loops, timeout=timeout)
+        if self._stream_check is not None:
+            self._tasks.append(self._stream_check)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -307,7 +330,7 @@ class Mesh:
     def _jetstream(self, nc: NATS) -> JetStreamContext:
         """One context per connection: each one opens its own publish_async reply inbox."""
         if self._js is None:
-            self._js = self.options.jetstream(nc)
+            self._js = self.options.jetstream(nc, API_TIMEOUT_S)
         return self._js
 
     async def _publisher(self) -> None:
@@ -332,43 +355,66 @@ class Mesh:
                 self._acks_timed_out = False
             else:
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, RETRY_MAX_S)
+                backoff = min(backoff * 2, PROBE_RETRY_MAX_S if self._probing else RETRY_MAX_S)
 
     async def publish_pending(self) -> bool:
-        """Publish the outbox until it is empty; False if NATS failed on the way."""
+        """Publish the outbox until it is empty; False if NATS failed on the way.
+
+        Two batches overlap: the next one is read and sent before the acks of the one in
+        flight are awaited, so the sqlite work (the read, and the delete of what was acked:
+        a synchronous commit) runs while a batch is on the wire instead of between batches.
+        After a failure (probing) one event goes at a time, with nothing else in flight."""
         nc = self._nc
+        flight: Flight | None = None
         while nc is not None and nc.is_connected:
-            batch = self.outbox.outbox_batch(self._batch)
+            limit = 1 if self._probing else self._batch
+            # the rows in flight are still in the outbox (deleted once acked): skip them
+            batch = self.outbox.outbox_batch(limit, flight.batch[-1].seq if flight else 0)
+            held = flight is not None and self._probing  # a probe goes alone
+            sent = await self._send(nc, batch) if batch and not held else None
+            if flight is not None and not await self._settle(nc, flight):
+                if sent is not None:
+                    for fut in sent.futures:  # re-sent later (the stream drops duplicates)
+                        fut.cancel()
+                return False
             if not batch:
                 return True
-            if not await self._publish_batch(nc, batch):
-                return False
+            if sent is None and not held:
+                return False  # the send failed
+            flight = sent  # None when a probe was held back: read again
+        if flight is not None:
+            for fut in flight.futures:
+                fut.cancel()
         return False
 
-    async def _publish_batch(self, nc: NATS, batch: list[OutboxEntry]) -> bool:
-        """Pipeline a batch (all in flight, then wait for acks); delete only what was acked."""
+    async def _send(self, nc: NATS, batch: list[OutboxEntry]) -> Flight | None:
+        """Put a batch on the wire (all in flight); None if that failed."""
         try:
             if not self._stream_ready:
                 self._stream_ready = await self._verify(nc, events_stream())
                 if not self._stream_ready:
-                    return False
+                    return None
             js = self._jetstream(nc)
-            futures = [
+            return Flight(batch, [
                 await js.publish_async(
                     entry.subject, entry.payload, headers={"Nats-Msg-Id": entry.event_id}
                 )
                 for entry in batch
-            ]
+            ])
         except (TimeoutError, nats.errors.Error) as exc:
             self._set_trouble(f"publishing events failed: {self._why(exc)} (will retry)")
-            return False
-        done, pending = await asyncio.wait(futures, timeout=self._ack_timeout)
+            return None
+
+    async def _settle(self, nc: NATS, flight: Flight) -> bool:
+        """Wait for a batch's acks; delete only what was acked. False if any failed."""
+        done, pending = await asyncio.wait(flight.futures, timeout=min(
+            self._ack_timeout, PROBE_ACK_TIMEOUT_S) if self._probing else self._ack_timeout)
         for fut in pending:
             fut.cancel()
         self._acks_timed_out = bool(pending)
         acked: list[int] = []
         failure: BaseException | None = None
-        for entry, fut in zip(batch, futures, strict=True):
+        for entry, fut in zip(flight.batch, flight.futures, strict=True):
             if fut in done and fut.exception() is None:
                 acked.append(entry.seq)
             elif failure is None:
@@ -377,11 +423,25 @@ class Mesh:
             self.outbox.outbox_ack(acked)
             self.published += len(acked)
             self._status_dirty.set()  # the backlog in the status changed
+        self._probing = failure is not None
         if failure is not None:
             if isinstance(failure, nats.js.errors.NoStreamResponseError):
-                self._stream_ready = False  # the stream is gone: create it again
+                self._check_stream(nc)
             self._set_trouble(f"publishing events failed: {reason_of(failure)} (will retry)")
             return False
         if self._trouble and self._trouble.startswith("publishing"):
             self._set_trouble(None, "publishing events again")
         return True
+
+    def _check_stream(self, nc: NATS) -> None:
+        """Publishes met "no responders": the stream is electing a leader (a cluster's
+        failover) or was deleted (then it is created again, in dev mode). Find out beside the
+        publisher, not in its way: a check sent during an election is never answered, and
+        waiting for it kept events stuck for its whole timeout after the new leader was up."""
+        if self._stream_check is None or self._stream_check.done():
+            self._stream_check = asyncio.create_task(self._recheck_stream(nc),
+                                                     name=f"stream-check-{self.node}")
+
+    async def _recheck_stream(self, nc: NATS) -> None:
+        with contextlib.suppress(TimeoutError, nats.errors.Error):  # electing: publishes tell
+            await self._verify(nc, events_stream())

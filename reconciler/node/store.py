@@ -476,15 +476,13 @@ class Store:
                 self.update_meta(outbox_dropped=self.node_meta().outbox_dropped + deleted)
             return int(cursor.lastrowid or 0)
 
-    def outbox_batch(self, limit: int) -> list[OutboxEntry]:
-        rows = self._db.execute(
-            "SELECT seq, event_id, subject, payload FROM outbox ORDER BY seq LIMIT ?", (limit,)
-        ).fetchall()
-        return [
-            OutboxEntry(seq=r["seq"], event_id=r["event_id"], subject=r["subject"],
-                        payload=bytes(r["payload"]))
-            for r in rows
-        ]
+    def outbox_batch(self, limit: int, after: int = 0) -> list[OutboxEntry]:
+        cursor = self._db.execute(
+            "SELECT seq, event_id, subject, payload FROM outbox WHERE seq > ? ORDER BY seq "
+            "LIMIT ?", (after, limit))
+        cursor.row_factory = None  # plain tuples: cheaper than by-name sqlite3.Row access
+        return [OutboxEntry(seq, event_id, subject, bytes(payload))
+                for seq, event_id, subject, payload in cursor.fetchall()]
 
     def outbox_ack(self, seqs: list[int]) -> None:
         if not seqs:
