@@ -94,6 +94,16 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
                      "--state-dir", str(root / node), "--nats", cluster.urls,
                      "--interval", "1h", "--heartbeat", "1s"],
                     stdout=log, stderr=subprocess.STDOUT, env=cluster.env(node))
+
+        def all_reported() -> bool:
+            try:
+                return len(asyncio.run(_statuses(cluster))) == len(NODES)
+            except nats.js.errors.KeyNotFoundError:
+                return False
+
+        # `wait` on an empty bucket exits 1 (no node matches): the tests start from a fleet
+        # whose agents have all reported once, as a fleet that runs does
+        eventually(all_reported, timeout=60, interval=0.2, what="every agent reported")
         yield Mesh(cluster, repo, agents, root)
     finally:
         for proc in agents.values():
