@@ -72,11 +72,13 @@ async def wait_for_revision(
     trouble: str | None = None
     follower: KvFollower | None = None
     rollout = RolloutWatch(nc, revision, js_domain)
+    # the rollout entry is read beside the status follow, never in its way: a read sent
+    # while a server dies waits out its API timeout, and the follow must be re-made at once
+    watching = asyncio.create_task(rollout.run(), name="wait-rollout-watch")
     try:
         while True:
-            aborted = await rollout.check()
-            if aborted is not None:
-                _err(aborted)
+            if rollout.aborted is not None:
+                _err(rollout.aborted)
                 return EXIT_NODE_FAILED
             left = deadline - time.monotonic()
             if left <= 0:
@@ -117,9 +119,12 @@ async def wait_for_revision(
                     return _report_wait(revision, verdict.synced, verdict.failed,
                                         verdict.pending, False)
             # no news: re-check at least every second (heartbeats age, the deadline nears)
-            await _first(follower.changed, reconnected,
+            await _first(follower.changed, reconnected, rollout.ended,
                          timeout=max(0.05, min(1.0, deadline - time.monotonic())))
     finally:
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
         if follower is not None:
             await follower.stop()
     if follower is None or not follower.caught_up.is_set():
@@ -161,8 +166,9 @@ async def _follow(nc: NATS, js_domain: str | None, timeout: float) -> KvFollower
 
 class RolloutWatch:
     """`wait`'s view of the revision's rollout entry (gitops_rollouts): prints per-wave
-    progress to stderr when it changes, and tells when the rollout was aborted. Read at most
-    every READ_EVERY_S seconds, so an abort ends a wait within about a second."""
+    progress to stderr when it changes, and tells when the rollout was aborted (`aborted`,
+    and `ended` is set). Read every READ_EVERY_S seconds, so an abort ends a wait within
+    about a second."""
 
     READ_EVERY_S = 0.5
 
@@ -170,14 +176,24 @@ class RolloutWatch:
         self.nc, self.revision, self.js_domain = nc, revision, js_domain
         self._kv: KeyValue | None = None
         self._key: str | None = None
-        self._next = 0.0
         self._shown = ""
+        self.aborted: str | None = None
+        self.ended = asyncio.Event()
+
+    async def run(self) -> None:
+        """Read the entry until the rollout is aborted (the caller cancels it otherwise)."""
+        while self.aborted is None:
+            try:
+                self.aborted = await self.check()
+            except Exception:  # an unreadable entry: the node statuses still decide the wait
+                self.aborted = None
+            if self.aborted is not None:
+                self.ended.set()
+                return
+            await asyncio.sleep(self.READ_EVERY_S)
 
     async def check(self) -> str | None:
         """None, or why the wait must end now (the rollout was aborted)."""
-        if time.monotonic() < self._next:
-            return None
-        self._next = time.monotonic() + self.READ_EVERY_S
         try:
             if self._kv is None:
                 # short API timeouts: a read lost in a failover must not hold `wait` up
