@@ -127,17 +127,21 @@ def start_nats(tmp: Path) -> tuple[subprocess.Popen[bytes], str] | None:
 def import_breakdown(tree: Path, bare: Path, state: Path) -> dict[str, float]:
     """ms per package of one `node --once` under -X importtime: each module's own time goes
     to the nearest package of SHOWN it was imported for (json for pydantic is pydantic's),
-    else to `reconciler` or `other` (the standard library the project itself imports)."""
+    else to `reconciler` or `other` (the standard library the project itself imports).
+    The project's own modules also appear one by one, as `reconciler.x.y` keys."""
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "reconciler", "node", "--once", "--repo",
          str(bare), "--node-id", "n1", "--state-dir", str(state)],
         cwd=state.parent, env=tree_env(tree), capture_output=True, text=True, check=True)
     rows = []
+    modules: list[tuple[int, int, str]] = []  # the project's own modules: (own us, -, name)
     for line in proc.stderr.splitlines():
         m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)", line)
         if m:
             rows.append((int(m[1]), len(m[3]) // 2, m[4].split(".")[0]))
-    out: collections.Counter[str] = collections.Counter()
+            if m[4].startswith("reconciler."):
+                modules.append((int(m[1]), 0, m[4]))
+    out: collections.defaultdict[str, float] = collections.defaultdict(float)
     stack: list[tuple[int, str]] = []  # the importing modules' (depth, top-level package)
     for own_us, depth, top in reversed(rows):  # a parent comes after its children
         while stack and stack[-1][0] >= depth:
@@ -147,6 +151,8 @@ def import_breakdown(tree: Path, bare: Path, state: Path) -> dict[str, float]:
                      top if top == "reconciler" else "other")
         out[owner] += own_us / 1000
     out["total"] = sum(out.values())
+    for own_us, _, name in modules:
+        out[name] += own_us / 1000
     return out
 
 
@@ -155,6 +161,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--imports", type=int, default=5, help="-X importtime runs per tree")
     parser.add_argument("--old", type=Path, default=None, help="checkout of the old code")
+    parser.add_argument("--modules", type=int, default=12,
+                        help="how many of the project's own modules to list (0: none)")
     opts = parser.parse_args()
     trees = {"new": ROOT}
     if opts.old is not None:
@@ -227,11 +235,22 @@ def main() -> None:
           "dependencies counted under it)")
     groups = sorted({g for runs in imports.values() for r in runs for g in r} - {"total"},
                     key=lambda g: -statistics.median(r.get(g, 0.0) for r in imports["new"]))
+    packages = [g for g in groups if "." not in g]
     print(f"{'package':14}" + "".join(f"{n:>9}" for n in trees))
-    for group in [*groups, "total"]:
+    for group in [*packages, "total"]:
         print(f"{group:14}" + "".join(
             f"{statistics.median(r.get(group, 0.0) for r in imports[n]):9.1f}"
             for n in trees))
+    if opts.modules:
+        print(f"\nthe project's own modules, self ms (median of {opts.imports}), the "
+              f"{opts.modules} costliest in either tree")
+        median = {(g, n): statistics.median(r.get(g, 0.0) for r in imports[n])
+                  for g in groups if "." in g for n in trees}
+        ranked = sorted({g for g, _ in median}, key=lambda g: -max(
+            median[(g, n)] for n in trees))[:opts.modules]
+        print(f"{'module':34}" + "".join(f"{n:>9}" for n in trees))
+        for module in ranked:
+            print(f"{module:34}" + "".join(f"{median[(module, n)]:9.1f}" for n in trees))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from reconciler.cli.logs import setup_logging
@@ -185,6 +186,14 @@ def _reparse(argv: list[str]) -> argparse.Namespace:
         raise UsageError(f"{type(exc).__name__}: {exc}") from None
 
 
+def mesh_link() -> ModuleType:
+    """reconciler.mesh.link, loaded only when --nats is given: nats-py and the mesh would cost
+    every `node --once` and every agent without a mesh their imports."""
+    import reconciler.mesh.link
+
+    return reconciler.mesh.link
+
+
 class RunningNode:
     """The node process's parts that SIGHUP may replace: its config and its mesh."""
 
@@ -200,13 +209,13 @@ class RunningNode:
         if not getattr(self.args, "nats", None):
             return
         try:
-            from reconciler.mesh.link import Mesh, NatsOptions
+            link = mesh_link()
         except ImportError as exc:  # the mesh is optional: the node still reconciles
             log.error("--nats given but the mesh is unavailable: %s", exc)
             return
-        self.mesh = Mesh(agent=self.agent, outbox=self.agent.store,
-                         options=NatsOptions.from_args(self.args),
-                         heartbeat=self.config.heartbeat)
+        self.mesh = link.Mesh(agent=self.agent, outbox=self.agent.store,
+                              options=link.NatsOptions.from_args(self.args),
+                              heartbeat=self.config.heartbeat)
         self.agent.coordinator = self.mesh.coordinator  # rollout.yaml enforced over NATS
         await self.mesh.start()
 
@@ -239,11 +248,10 @@ class RunningNode:
             new_args = _reparse(list(getattr(self.args, "argv", None) or sys.argv[1:]))
             new_config = agent_config(new_args)
             if getattr(new_args, "nats", None):
-                from reconciler.mesh.conn import MeshError, NatsOptions
-
+                link = mesh_link()
                 try:
-                    NatsOptions.from_args(new_args).connect_kwargs()  # files exist, domain ok
-                except MeshError as exc:
+                    link.NatsOptions.from_args(new_args).connect_kwargs()  # files, domain ok
+                except link.MeshError as exc:
                     raise UsageError(str(exc)) from None
         except UsageError as exc:
             message = f"config not reloaded, the running one is kept: {exc}"

@@ -54,7 +54,9 @@ class RolloutRefused(ValueError):
 
 
 class WaveEntry(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # defer_build (here and below): built on first use; a node outside any rollout and
+    # `node --once` never validate these, so their start does not pay the schema build.
+    model_config = ConfigDict(extra="ignore", defer_build=True)
 
     name: str
     selector: Selector = Field(default_factory=Selector)
@@ -75,7 +77,7 @@ class WaveEntry(BaseModel):
 class RolloutEntry(BaseModel):
     """One revision's rollout, as stored in gitops_rollouts."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
 
     revision: str
     state: RolloutState = "progressing"
@@ -415,7 +417,7 @@ FOLD_EVERY_S = 2.0
 class NodeReport(BaseModel):
     """One node's outcome at a revision, as its report key `<sha>.<node>` holds it."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
 
     node: str
     outcome: NodeOutcome

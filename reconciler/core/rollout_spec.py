@@ -12,7 +12,14 @@ import math
 import re
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, ValidationError, WithJsonSchema, model_validator
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
 
 from reconciler.core.errors import SpecProblem
 from reconciler.core.spec import Duration, Selector, StrictModel
@@ -67,6 +74,8 @@ def resolve_count(value: int | str, total: int, *, at_least_one: bool) -> int:
 class Wave(StrictModel):
     """One wave: which nodes, and how many of them may be applying at once."""
 
+    model_config = ConfigDict(defer_build=True)  # built on first use (see RolloutSpec)
+
     name: str = Field(pattern=WAVE_NAME_PATTERN, description="[a-z0-9-], unique")
     nodes: Selector = Field(default_factory=Selector,
                             description="app selector language; {} = every remaining node")
@@ -76,6 +85,9 @@ class Wave(StrictModel):
 
 class RolloutSpec(StrictModel):
     """How a revision rolls across the fleet (rollout.yaml at the repository root)."""
+
+    # Built on first use: a repository without rollout.yaml (and `node --once`) never pays it.
+    model_config = ConfigDict(defer_build=True)
 
     waves: list[Wave] = Field(min_length=1, max_length=64)
     bake: Duration = Field(default=0.0, description="a wave synced and healthy this long "
