@@ -122,9 +122,12 @@ async def wait_for_revision(
             await _first(follower.changed, reconnected, rollout.ended,
                          timeout=max(0.05, min(1.0, deadline - time.monotonic())))
     finally:
+        # a stop flag as well as the cancel: Python 3.11's wait_for (inside nats-py's request)
+        # can lose a cancel that lands as its reply arrives, and the watch would go on; the
+        # wait for it is bounded, so `wait` always exits
+        rollout.stopping = True
         watching.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watching
+        await asyncio.wait({watching}, timeout=1.0)
         if follower is not None:
             await follower.stop()
     if follower is None or not follower.caught_up.is_set():
@@ -179,10 +182,11 @@ class RolloutWatch:
         self._shown = ""
         self.aborted: str | None = None
         self.ended = asyncio.Event()
+        self.stopping = False
 
     async def run(self) -> None:
         """Read the entry until the rollout is aborted (the caller cancels it otherwise)."""
-        while self.aborted is None:
+        while self.aborted is None and not self.stopping:
             try:
                 self.aborted = await self.check()
             except Exception:  # an unreadable entry: the node statuses still decide the wait
