@@ -70,6 +70,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_listening(process: subprocess.Popen[bytes], port: int, what: str,
+                   why_exited: Callable[[], str], timeout: float = 10.0) -> None:
+    """Until `process` accepts connections on `port`; RuntimeError(why_exited()) if it dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError(why_exited()) from None
+            time.sleep(0.02)
+    raise RuntimeError(f"{what} did not listen within {timeout:g}s")
+
+
 @dataclass
 class NatsServer:
     """A real nats-server subprocess with JetStream, on loopback; restartable on its port."""
@@ -89,18 +104,14 @@ class NatsServer:
         cmd = [binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
         if self.config_file:
             cmd += ["-c", str(self.config_file)]
-        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                if self.process.poll() is not None:
-                    err = self.process.stderr.read().decode() if self.process.stderr else ""
-                    raise RuntimeError(f"nats-server exited: {err}") from None
-                time.sleep(0.02)
-        raise RuntimeError("nats-server did not listen within 10s")
+        self.process = process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                                  stderr=subprocess.PIPE)
+
+        def why_exited() -> str:
+            err = process.stderr.read().decode() if process.stderr else ""
+            return f"nats-server exited: {err}"
+
+        wait_listening(process, self.port, "nats-server", why_exited)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -150,16 +161,8 @@ class ConfiguredServer:
         self.log = open(self.config.with_suffix(".log"), "ab")  # noqa: SIM115 - closed in stop
         self.process = subprocess.Popen([binary, "-c", str(self.config)], stdout=self.log,
                                         stderr=subprocess.STDOUT, env=self.env)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                if self.process.poll() is not None:
-                    raise RuntimeError(self.config.with_suffix(".log").read_text()) from None
-                time.sleep(0.02)
-        raise RuntimeError(f"nats-server ({self.config.name}) did not listen within 10s")
+        wait_listening(self.process, self.port, f"nats-server ({self.config.name})",
+                       self.config.with_suffix(".log").read_text)
 
     def kill(self) -> None:
         """SIGKILL: no goodbye to the cluster, like a crashed host."""
