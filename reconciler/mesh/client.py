@@ -281,7 +281,6 @@ class KvFollower:
         self.entries: dict[str, KvEntry] = {}
         self.changed = asyncio.Event()
         self.caught_up = asyncio.Event()
-        self._received = 0
         self._sub: Any = None
 
     async def start(self) -> None:
@@ -291,9 +290,11 @@ class KvFollower:
             f"{self._prefix}>", stream=f"KV_{self.bucket}", cb=self._on_msg,
             ordered_consumer=True, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
             idle_heartbeat=self._heartbeat, inactive_threshold=60.0)
-        # each delivery says how many are still pending; an empty bucket delivers nothing
+        # each delivery says how many are still pending, and the one with none left sets
+        # caught_up; only a bucket that delivered nothing at all is caught up here (a value
+        # already delivered but not yet through _on_msg leaves num_pending at 0 too)
         info = await self._sub.consumer_info()
-        if info.num_pending == 0 and self._received == 0:
+        if info.num_pending == 0 and not (info.delivered and info.delivered.consumer_seq):
             self.caught_up.set()
 
     async def _on_msg(self, msg: Msg) -> None:
@@ -307,7 +308,6 @@ class KvFollower:
             created = msg.metadata.timestamp
             pending = msg.metadata.num_pending
         self.entries[key] = KvEntry(key, None if op in ("DEL", "PURGE") else msg.data, created)
-        self._received += 1
         if pending == 0:
             self.caught_up.set()
         self.changed.set()
