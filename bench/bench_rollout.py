@@ -50,7 +50,7 @@ async def run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | Non
         stderr=asyncio.subprocess.PIPE)
     _, err = await proc.communicate()
     if proc.returncode:
-        print(f"  ! {' '.join(cmd[:4])}... exited {proc.returncode}: {err.decode()[-300:]}")
+        print(f"  ! {' '.join(cmd[:4])}... exited {proc.returncode}:\n{err.decode()[-4000:]}")
     return proc.returncode or 0
 
 
@@ -133,6 +133,17 @@ async def bench_overhead(tmp: Path, url: str, n: int, rounds: int
     return plain, governed
 
 
+async def print_history(kv: Any, sha: str) -> None:
+    """The entry's kept revisions (the bucket keeps a few), to tell what went wrong."""
+    try:
+        history = await kv.history(sha)
+    except Exception as exc:  # a diagnostic: never the bench's failure
+        print(f"    (no history: {exc!r})")
+        return
+    for update in history:
+        print(f"    rev {update.revision}: {update.value.decode() if update.value else None}")
+
+
 async def bench_handover(tmp: Path, url: str, n: int, rounds: int) -> list[float]:
     tag = f"h{n}"
     repo = make_spec_repo(tmp / f"specs-{tag}", {"apps/web.yaml": 'name: web\nversion: "0"\n'})
@@ -167,12 +178,17 @@ async def bench_handover(tmp: Path, url: str, n: int, rounds: int) -> list[float
             entry, _ = await read_entry(kv, sha)
             if entry is None or sha not in first_claim:
                 print(f"  ! round {r}: no fleet claim seen")
+                await print_history(kv, sha)
                 continue
             synced = parse_time(entry.waves[0].synced_at)
             claimed = parse_time(first_claim[sha])
             if synced is None or claimed is None:
                 continue
             gaps.append((claimed - synced).total_seconds() - entry.bake_s)
+            if gaps[-1] < 0:
+                print(f"  ! round {r}: a fleet node claimed {-gaps[-1]:.3f}s before the bake"
+                      " ended")
+                await print_history(kv, sha)
     finally:
         await nc.close()
         await stop_fleet(agents, meshes)

@@ -103,13 +103,17 @@ class Fleet:
             await item.mesh.close()
         await item.agent.close(stop_apps=True)
 
-    def push(self, files: dict[str, str], message: str) -> str:
+    def push(self, files: dict[str, str], message: str, tell: list[str] | None = None) -> str:
+        """Commit and push; tell the nodes (`tell`: only these, the others hear later)."""
         for path, text in files.items():
             self.repo.write(path, text)
         sha = self.repo.commit_and_push(message)
-        for node in self.nodes.values():  # what `gitops-mesh notify` does over NATS
-            node.agent.trigger("source.changed")
+        for name in tell if tell is not None else list(self.nodes):
+            self.tell(name)
         return sha
+
+    def tell(self, node: str) -> None:
+        self.nodes[node].agent.trigger("source.changed")  # what `gitops-mesh notify` does
 
     async def synced(self, revision: str, nodes: list[str] | None = None,
                      timeout: float = 30.0) -> None:
@@ -425,6 +429,54 @@ async def test_an_offline_node_does_not_hold_its_wave_and_joins_later(
             return True
 
         await eventually_async(joined, what="node-2 counted synced")
+
+
+async def test_a_canary_still_at_a_superseded_revision_holds_the_next_rollout(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    """A push while the canary bakes the previous one: the canary runs a revision that is
+    neither the new one nor the last completed one (the new rollout's base). It is still
+    of this repository's history, so it belongs to the new rollout's canary wave: the
+    fleet wave must not open before it synced and baked (it once opened at once when a
+    fleet node, still at the base, created the entry), and the superseded rollout ends."""
+    async with fleet_of(tmp_path, nats_server, THREE) as fleet:
+        before = {n: fleet.nodes[n].pid() for n in ("node-1", "node-2")}
+        first = fleet.push({"rollout.yaml": rollout_yaml("60s"), "apps/api.yaml": api_yaml("2")},
+                           "api 2, baking a minute")
+        await fleet.synced(first, ["canary-1"])
+        # the next commit reaches a fleet node first: it creates the entry and places the
+        # waves while the canary still reports the superseded revision
+        second = fleet.push({"rollout.yaml": rollout_yaml("1s"), "apps/api.yaml": api_yaml("3")},
+                            "api 3", tell=["node-1"])
+
+        async def placed() -> RolloutEntry:
+            entry = await entry_of(nats_server.url, second)
+            assert entry is not None and entry.placed, entry
+            return entry
+
+        entry = await eventually_async(placed, what="the new rollout placed")
+        assert entry.waves[0].nodes == ["canary-1"], entry.waves
+        assert entry.wave == "canary" and entry.waves[1].opened_at is None, entry
+        fleet.tell("canary-1")
+        fleet.tell("node-2")
+        await fleet.synced(second, ["canary-1"])
+        for name in ("node-1", "node-2"):
+            st = fleet.nodes[name].status()
+            assert st.revision != second and fleet.nodes[name].pid() == before[name], st
+        await fleet.synced(second)
+        entry = await entry_of(nats_server.url, second)
+        assert entry is not None and entry.state == "complete", entry
+        canary = entry.waves[0]
+        from reconciler.core.events import parse_time
+
+        synced_at, baked_at = parse_time(canary.synced_at), parse_time(canary.baked_at)
+        assert synced_at and baked_at and (baked_at - synced_at).total_seconds() >= 1.0
+
+        async def superseded() -> RolloutEntry:
+            old = await entry_of(nats_server.url, first)
+            assert old is not None and (old.state, old.superseded_by) == ("aborted", second)
+            return old
+
+        await eventually_async(superseded, what="the first rollout superseded")
 
 
 async def test_max_unavailable_percent_is_never_exceeded(

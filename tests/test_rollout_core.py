@@ -318,6 +318,31 @@ def test_only_nodes_of_this_repository_join_a_wave() -> None:
     assert ro.advance(e, moved, at(1)).entry.waves[1].nodes == ["n0", "n1"]
 
 
+def test_a_node_at_an_earlier_commit_of_the_history_holds_its_wave() -> None:
+    """A canary still at a superseded revision (neither the new one nor the base) is of this
+    repository when git says its revision is an earlier commit: it is placed, and the fleet
+    wave waits for it; without that word it would count as another repository's and the
+    empty canary wave would open the fleet wave at once."""
+    older = "c" * 40
+    members = {"c0": ro.Member({"ring": "canary"}, True, (older,)),
+               "n0": ro.Member({}, True, (BASE,)), "n1": ro.Member({}, True, (BASE, REV))}
+    blind = ro.advance(entry(), members, at(0)).entry
+    assert (blind.waves[0].nodes, blind.wave) == ([], "fleet")  # what went wrong
+    assert ro.revisions_to_trace(members, REV, ()) == [BASE, older]
+    assert ro.revisions_to_trace(members, REV, (BASE,)) == [older]
+    traced = ro.with_history(members, {older})
+    assert traced["c0"].same_history and not traced["n0"].same_history
+    e = ro.advance(entry(), traced, at(0)).entry
+    assert (e.waves[0].nodes, e.wave, e.waves[1].opened_at) == (["c0"], "canary", None)
+
+
+def test_revisions_to_trace_are_bounded_most_common_first() -> None:
+    members = {f"n{i}": ro.Member({}, True, (f"{i % 50:040x}",)) for i in range(200)}
+    members["odd"] = ro.Member({}, True, ("e" * 40,))
+    todo = ro.revisions_to_trace(members, REV, ())
+    assert len(todo) == ro.MAX_TRACED_REVISIONS and "e" * 40 not in todo
+
+
 def test_an_entry_created_before_the_fleet_is_read_opens_no_wave() -> None:
     """The first node to see a push creates the entry with only itself (cheap); no wave
     may open (an empty canary wave must not be skipped) until a fleet read placed all."""

@@ -90,6 +90,23 @@ def test_rollback_to_a_cached_commit_is_followed(repo: SpecRepo, source: GitSour
     assert source.poll() == base
 
 
+def test_ancestors_among_other_nodes_revisions(repo: SpecRepo, source: GitSource,
+                                               tmp_path: Path) -> None:
+    """Which revisions other nodes report are earlier commits of ours (rollout membership):
+    our history's commits are; a later one, another repository's and junk are not, and
+    nothing that is not a full SHA reaches git's command line."""
+    first = repo.head()
+    second = repo.commit_and_push("second")
+    third = repo.commit_and_push("third")
+    other = make_spec_repo(tmp_path / "other", {"apps/x.yaml": "name: x\nversion: '2'\n"})
+    assert source.fetch() == third
+    junk = tmp_path / "written-by-git"
+    candidates = [first, second, third, other.head(), "f" * 40, f"--output={junk}", first[:12]]
+    assert source.ancestors_among(third, candidates) == {first, second}
+    assert source.ancestors_among(second, candidates) == {first}
+    assert not junk.exists()
+
+
 def test_tag_lightweight_and_annotated(repo: SpecRepo, tmp_path: Path) -> None:
     tagged = repo.head()
     git(repo.work, "tag", "v1")

@@ -26,8 +26,8 @@ contending ones.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
@@ -135,15 +135,47 @@ class Member:
     labels: Mapping[str, str]
     online: bool = True
     revisions: tuple[str, ...] = ()
+    # one of `revisions` is an earlier commit of the rollout's revision (the shell asked
+    # git): a node still at a superseded revision, or at one that never had a rollout
+    same_history: bool = False
 
     def concerns(self, entry: RolloutEntry) -> bool:
-        """Is this node part of the entry's rollout? It is when it wants the revision or
-        still runs the rollout's base: nodes of the same repository. Nodes following other
-        repositories or branches (never at those revisions) neither join nor hold a wave."""
-        if not self.revisions:
+        """Is this node part of the entry's rollout? It is when it wants the revision, still
+        runs the rollout's base, or runs an earlier commit of the revision's history: nodes
+        of the same repository. Nodes following other repositories or branches (never at
+        those revisions) neither join nor hold a wave."""
+        if not self.revisions or self.same_history:
             return True
         wanted = {entry.revision, *([entry.base] if entry.base else [])}
         return not wanted.isdisjoint(self.revisions)
+
+
+# how many distinct revisions of a fleet read are traced in git per rollout revision (a
+# bucket shared by many repositories must not cost a git call per node)
+MAX_TRACED_REVISIONS = 32
+
+
+def revisions_to_trace(members: Mapping[str, Member], revision: str,
+                       traced: Collection[str]) -> list[str]:
+    """The revisions nodes run or want, other than `revision` and those already `traced`,
+    most common first, at most MAX_TRACED_REVISIONS: the shell asks git which of them are
+    earlier commits of `revision` (so those nodes are of the rollout's repository)."""
+    counts: dict[str, int] = {}
+    for member in members.values():
+        for seen in member.revisions:
+            if seen and seen != revision and seen not in traced:
+                counts[seen] = counts.get(seen, 0) + 1
+    ranked = sorted(counts, key=lambda r: (-counts[r], r))
+    return ranked[:MAX_TRACED_REVISIONS]
+
+
+def with_history(members: Mapping[str, Member], earlier: Collection[str]
+                 ) -> dict[str, Member]:
+    """`members`, those running or wanting one of the `earlier` commits marked same_history."""
+    found = set(earlier)
+    return {node: replace(m, same_history=True)
+            if found and not m.same_history and not found.isdisjoint(m.revisions) else m
+            for node, m in members.items()}
 
 
 @dataclass(frozen=True)
@@ -152,6 +184,7 @@ class RolloutEvent:
     message: str
     id: str
     data: dict[str, Any] = field(default_factory=dict)
+    revision: str = ""  # the rollout's (a consult of a new revision may end an older one)
 
 
 @dataclass(frozen=True)
@@ -214,7 +247,7 @@ def _event(e: RolloutEntry, type: RolloutEventType, message: str, **data: Any
            ) -> RolloutEvent:
     e.transitions += 1
     event_id = uuid.uuid5(_EVENT_NAMESPACE, f"{e.revision}:{e.transitions}:{type}").hex
-    return RolloutEvent(type, message, event_id, data)
+    return RolloutEvent(type, message, event_id, data, e.revision)
 
 
 def _place(e: RolloutEntry, node: str, wave: int) -> None:
@@ -699,17 +732,24 @@ class RolloutUnavailable(Exception):
     """The rollout state cannot be read or written (no NATS, bucket missing, timeout)."""
 
 
+# which of some revisions are earlier commits of the rollout's revision (the node's git)
+History = Callable[[list[str]], set[str]]
+
+
 class RolloutCoordinator(Protocol):
     """What the agent needs for a governed revision; the mesh implements it over KV."""
 
     async def consult(self, revision: str, spec: RolloutSpec, node: str,
                       labels: Mapping[str, str], previous: str | None,
-                      later: Any = None) -> tuple[Verdict, tuple[RolloutEvent, ...]]:
+                      later: Any = None, history: History | None = None
+                      ) -> tuple[Verdict, tuple[RolloutEvent, ...]]:
         """May this node apply `revision` now? Creates the entry if this is the first node
         to see the revision (`previous`: the revision it followed before, for the base).
         Returns the verdict and the events this node's write caused (to record once);
-        `later(events)` gets those of work it left running (placing a new entry's waves).
-        Raises RolloutUnavailable."""
+        `later(events)` gets those of work it left running (placing a new entry's waves);
+        `history(revisions)`: which of them are earlier commits of `revision` (git;
+        blocking), so that nodes still at one of them join the rollout. Raises
+        RolloutUnavailable."""
 
     async def report(self, revision: str, node: str, labels: Mapping[str, str],
                      outcome: NodeOutcome, message: str, later: Any = None

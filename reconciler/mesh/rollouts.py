@@ -36,6 +36,7 @@ from nats.js.kv import KeyValue
 
 from reconciler.core.events import iso_time, make_event
 from reconciler.core.rollout import (
+    History,
     Member,
     NodeOutcome,
     NodeReport,
@@ -53,8 +54,10 @@ from reconciler.core.rollout import (
     fold_due,
     new_entry,
     operate,
+    revisions_to_trace,
     supersede,
     wave_reported,
+    with_history,
 )
 from reconciler.core.rollout_spec import RolloutSpec
 from reconciler.core.status import heartbeat_stale
@@ -234,7 +237,8 @@ async def read_members(js: JetStreamContext, now: datetime) -> dict[str, Member]
 def rollout_event_payload(event: RolloutEvent, node: str, revision: str, now: datetime
                           ) -> tuple[str, bytes]:
     """(subject, JSON) of a rollout event announced by `node` (an operator: "console")."""
-    built = make_event(event.type, node, now, event_id=event.id, revision=revision,
+    built = make_event(event.type, node, now, event_id=event.id,
+                       revision=event.revision or revision,
                        message=event.message, data=event.data or None)
     return event_subject(node, event.type), built.to_json_bytes()
 
@@ -301,6 +305,8 @@ class MeshCoordinator:
         self._js: JetStreamContext | None = None
         self._js_of: NATS | None = None
         self._members: tuple[float, str, dict[str, Member]] | None = None
+        # (revision, its History, what git said of each revision traced so far)
+        self._history: tuple[str, History, dict[str, bool]] | None = None
         self._watch: tuple[str, asyncio.Task[None]] | None = None
         self.cas_attempts = 0  # writes tried in total (for tests and benchmarks)
         self._background: set[asyncio.Task[None]] = set()
@@ -326,9 +332,29 @@ class MeshCoordinator:
         cached = self._members
         if (cached is None or cached[1] != revision
                 or time.monotonic() - cached[0] > FLEET_CACHE_S):
-            cached = (time.monotonic(), revision, await read_members(js, self._now()))
+            members = await self._traced(revision, await read_members(js, self._now()))
+            cached = (time.monotonic(), revision, members)
             self._members = cached
         return {**cached[2], node: Member(dict(labels), True)}
+
+    async def _traced(self, revision: str, members: dict[str, Member]) -> dict[str, Member]:
+        """`members`, those at an earlier commit of `revision` marked so (a node still at a
+        superseded revision belongs to the rollout as much as one at its base). Git is
+        asked once per revision seen, in a thread."""
+        traced = self._history
+        if traced is None or traced[0] != revision:
+            return members
+        _, ask, known = traced
+        todo = revisions_to_trace(members, revision, known)
+        if todo:
+            try:
+                earlier = await asyncio.to_thread(ask, todo)
+            except Exception as exc:  # git trouble: judge by the statuses alone this time
+                log.warning("rollout %s: could not trace revisions in git: %s",
+                            revision[:12], exc)
+                return members
+            known.update((r, r in earlier) for r in todo)
+        return with_history(members, [r for r, earlier in known.items() if earlier])
 
     async def _guarded(self, work: Any) -> Any:
         try:
@@ -342,8 +368,11 @@ class MeshCoordinator:
 
     async def consult(self, revision: str, spec: RolloutSpec, node: str,
                       labels: Mapping[str, str], previous: str | None,
-                      later: Callable[[tuple[RolloutEvent, ...]], None] | None = None
+                      later: Callable[[tuple[RolloutEvent, ...]], None] | None = None,
+                      history: History | None = None
                       ) -> tuple[Verdict, tuple[RolloutEvent, ...]]:
+        if history is not None and (self._history is None or self._history[0] != revision):
+            self._history = (revision, history, {})
         result: tuple[Verdict, tuple[RolloutEvent, ...]] = await self._guarded(
             self._consult(revision, spec, node, labels, previous, later))
         return result
@@ -360,6 +389,11 @@ class MeshCoordinator:
         if existing is None:
             base, superseded = await self._supersede(js, kv, previous, revision)
             events += superseded
+        elif previous not in (None, revision, existing.base):
+            # this node ran a revision the entry's creator did not (a rollout it baked, say):
+            # that rollout ends as superseded too, off this node's way to applying
+            self._start(f"rollout-supersede-{previous[:8]}",
+                        self._superseding(js, kv, previous, revision), later)
         # The fleet (membership, offline nodes) is read only where it matters. Every node
         # hears of a push at once; the first to create the entry creates it unplaced (no
         # wave opens yet), then reads the fleet and places every wave's nodes. The others,
@@ -474,6 +508,10 @@ class MeshCoordinator:
                                                                    self._now()))
         return base, result.events
 
+    async def _superseding(self, js: JetStreamContext, kv: KeyValue, previous: str | None,
+                           revision: str) -> tuple[RolloutEvent, ...]:
+        return (await self._supersede(js, kv, previous, revision))[1]
+
     async def supersede(self, previous: str | None, revision: str
                         ) -> tuple[RolloutEvent, ...]:
         """A node moved from `previous` to a revision without rollout.yaml: an unfinished
@@ -483,8 +521,7 @@ class MeshCoordinator:
                 js, kv = await self._open(create=False)  # no bucket: no rollout to end
             except RolloutUnavailable:
                 return ()
-            _, events = await self._supersede(js, kv, previous, revision)
-            return events
+            return await self._superseding(js, kv, previous, revision)
         result: tuple[RolloutEvent, ...] = await self._guarded(work())
         return result
 

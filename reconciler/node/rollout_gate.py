@@ -106,7 +106,8 @@ class RolloutGate:
         try:
             verdict, events = await self.coordinator.consult(
                 revision, spec, self.node_id, self._labels(), previous,
-                later=lambda events: None if self.closed else self._record(revision, events))
+                later=lambda events: None if self.closed else self._record(revision, events),
+                history=lambda revisions: self.source.ancestors_among(revision, revisions))
         except RolloutUnavailable as exc:
             self._failures += 1  # NATS not up yet, or away: look again soon
             self._recheck(min(5.0, 0.5 * 2 ** (self._failures - 1)))
@@ -224,7 +225,7 @@ class RolloutGate:
             for event in events:
                 self.store.add_event(make_event(
                     event.type, self.node_id, self._now(), event_id=event.id,
-                    revision=revision, message=event.message, data=event.data or None,
-                    run_id=self.current_run()))
+                    revision=event.revision or revision, message=event.message,
+                    data=event.data or None, run_id=self.current_run()))
                 log.info("%s: %s", event.type, event.message)
         self._notify()

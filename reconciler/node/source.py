@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 FULL_SHA_RE = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 SPEC_SUFFIXES = (".yaml", ".yml")
+ANCESTRY_TIMEOUT_S = 10.0  # one `git merge-base --is-ancestor` (local, normally milliseconds)
 _REGULAR_FILE_MODES = (0o100644, 0o100755)
 # Roughly `git check-ref-format`: no option-like start, no spaces, no ~^:?*[\ or control chars.
 _REF_NAME_RE = re.compile(r"^[^-\s~^:?*\[\\\x00-\x1f\x7f][^\s~^:?*\[\\\x00-\x1f\x7f]*$")
@@ -349,6 +350,20 @@ class GitSource:
             if res.returncode != 0:
                 raise SourceError(f"diff {old}..{new} failed: {first_error_line(res.stderr)}")
             return {p for p in res.stdout.split("\0") if p}
+
+    def ancestors_among(self, revision: str, candidates: list[str]) -> set[str]:
+        """Which of `candidates` (other nodes' revisions, as their statuses say: checked to be
+        full SHAs before they reach git) are earlier commits of `revision` in this cache; a
+        commit of another repository is not here, so it is not one."""
+        found: set[str] = set()
+        for candidate in candidates:
+            if candidate == revision or not FULL_SHA_RE.match(candidate):
+                continue
+            res = self._git("merge-base", "--is-ancestor", candidate, revision,
+                            timeout=ANCESTRY_TIMEOUT_S, what="git merge-base")
+            if res.returncode == 0:
+                found.add(candidate)
+        return found
 
     def read_file(self, revision: str, path: str, max_bytes: int | None = None) -> bytes:
         """A repo-relative file's bytes at `revision` (an artifact archive kept in the repo).
