@@ -297,9 +297,12 @@ async def bench_wait_failover(cluster: Cluster, label: str, pythonpath: str | No
     env = cluster.env("observer")
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
+    async def quiet(_exc: Exception) -> None:  # the writer rides the failover: no noise
+        pass
+
     writer = await nats.connect([s.url for s in cluster.servers], nkeys_seed=cluster.nkey("cl-2"),
                                 inbox_prefix=b"_INBOX.cl-2", max_reconnect_attempts=-1,
-                                reconnect_time_wait=0.1)
+                                reconnect_time_wait=0.1, error_cb=quiet)
     js = writer.jetstream(timeout=1)
 
     def status(rev: str) -> bytes:
@@ -307,6 +310,7 @@ async def bench_wait_failover(cluster: Cluster, label: str, pythonpath: str | No
                            "updated_at": datetime.now(UTC).isoformat(),
                            "heartbeat_interval_s": 1.0}).encode()
 
+    await _when_replicated(cluster)  # the server killed last trial is back and current
     await js.publish("$KV.gitops_nodes.cl-2", status("0" * 40))
     proc = subprocess.Popen(
         [PY, "-m", "reconciler", "wait", "--nats", cluster.urls, "--node", "cl-2",
@@ -342,6 +346,23 @@ async def bench_wait_failover(cluster: Cluster, label: str, pythonpath: str | No
     return {"label": label, "seconds": seen, "code": proc.returncode, "written": written,
             "killed": server.name, "kv_leader_killed": kv_leader == server.name,
             "traceback": "Traceback" in err}
+
+
+async def _when_replicated(cluster: Cluster, timeout: float = 60.0) -> None:
+    """Until the status bucket has a leader and every replica is current again."""
+    admin = await cluster.connect("admin")
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                info = await admin.jetstream(timeout=1).stream_info("KV_gitops_nodes")
+                peers = info.cluster.replicas or [] if info.cluster else []
+                if info.cluster and info.cluster.leader and len(peers) == 2 and all(
+                        p.current for p in peers):
+                    return
+            await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
 
 
 # ---- 4. push -> wait with N agent processes -------------------------------------------------

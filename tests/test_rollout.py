@@ -735,3 +735,81 @@ async def test_reports_whose_fold_was_lost_complete_the_wave_and_two_folders_rac
     finally:
         await nc1.close()
         await nc2.close()
+
+
+async def test_report_keys_expire_and_the_entries_stay(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    """A node's report key carries its expiry (Nats-TTL, the bucket allows it); the entry,
+    which keeps an aborted revision from ever applying again, has none. A bucket made
+    before TTLs (an older nats-init) still takes reports, without expiry, and nats-init
+    says what to update."""
+    from reconciler.mesh import provision
+    from reconciler.mesh.rollouts import MeshCoordinator, report_key
+    from reconciler.mesh.subjects import ROLLOUT_REPORT_TTL, ROLLOUTS_STREAM
+
+    async def headers_of(js: Any, key: str) -> dict[str, str]:
+        msg = await js.get_last_msg(ROLLOUTS_STREAM, f"$KV.gitops_rollouts.{key}")
+        return dict(msg.headers or {})
+
+    options = NatsOptions(servers=[nats_server.url])
+    nc = await connect(options)
+    try:
+        js = nc.jetstream()
+        kv = await rollouts_bucket(js)
+        assert kv is not None and (await js.stream_info(ROLLOUTS_STREAM)).config.allow_msg_ttl
+        revision = "5" * 40
+        await _placed_entry(js, kv, options, revision, ["t-0", "t-1"])
+        await MeshCoordinator(lambda: nc, options).report(revision, "t-0", {}, "synced", "")
+        assert (await headers_of(js, report_key(revision, "t-0")))["Nats-TTL"] == \
+            ROLLOUT_REPORT_TTL
+        assert "Nats-TTL" not in await headers_of(js, revision)
+        await kv.purge(revision)
+    finally:
+        await nc.close()
+
+    from conftest import start_nats
+
+    older = start_nats(tmp_path / "older")
+    try:
+        nc = await connect(NatsOptions(servers=[older.url]))
+        js = nc.jetstream()
+        await js.add_stream(provision.rollouts_bucket().config.evolve(allow_msg_ttl=None))
+        kv = await rollouts_bucket(js)  # verified: usable as it is
+        assert kv is not None
+        await _placed_entry(js, kv, NatsOptions(servers=[older.url]), revision, ["t-0"])
+        entry, _ = await MeshCoordinator(lambda: nc, NatsOptions(servers=[older.url])).report(
+            revision, "t-0", {}, "synced", "")
+        assert entry is not None and entry.state == "complete"
+        assert "Nats-TTL" not in await headers_of(js, report_key(revision, "t-0"))
+        await nc.close()
+        said = await cli(older.url, "nats-init")
+        assert said.returncode == 1 and \
+            "bucket gitops_rollouts differs: allow_msg_ttl is False (documented: True)" \
+            in said.stdout, said.stdout + said.stderr
+        updated = await cli(older.url, "nats-init", "--update")
+        assert updated.returncode == 0, updated.stdout + updated.stderr
+        assert "bucket gitops_rollouts matching" in (await cli(older.url, "nats-init")).stdout
+    finally:
+        older.stop()
+
+
+async def test_an_entry_deleted_by_an_operator_is_made_again(nats_server: NatsServer) -> None:
+    """`nats kv del gitops_rollouts <sha>` (an operator resetting a rollout) leaves a delete
+    marker; the next compare-and-set must expect the marker's sequence, not "no key" (it
+    failed 200 times, and the revision could never be governed again)."""
+    options = NatsOptions(servers=[nats_server.url])
+    nc = await connect(options)
+    try:
+        js = nc.jetstream()
+        kv = await rollouts_bucket(js)
+        assert kv is not None
+        revision = "7" * 40
+        await _placed_entry(js, kv, options, revision, ["x-0"])
+        for how in ("delete", "purge"):
+            await getattr(kv, how)(revision)
+            assert (await read_entry(kv, revision))[0] is None
+            await _placed_entry(js, kv, options, revision, ["x-0"])  # asserts it wrote
+            entry, _ = await read_entry(kv, revision)
+            assert entry is not None and entry.waves[0].nodes == ["x-0"], how
+    finally:
+        await nc.close()

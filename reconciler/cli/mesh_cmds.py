@@ -31,6 +31,7 @@ from reconciler.mesh.client import (
     scatter,
 )
 from reconciler.mesh.conn import MeshError, NatsOptions, connect, reason_of
+from reconciler.mesh.direct import direct_last_values
 from reconciler.mesh.subjects import FLEET_RECONCILE, KV_BUCKET
 from reconciler.mesh.wire import (
     BadRequest,
@@ -106,6 +107,11 @@ async def read_fleet(nc: NATS, *, js_domain: str | None = None,
     a failover within `timeout`."""
 
     async def once() -> dict[str, Observed]:
+        # any replica answers a direct read (no leader needed, no consumer to make); a
+        # bucket that allows none, or too big a fleet for one, is followed instead
+        direct = await direct_last_values(nc, KV_BUCKET, None, js_domain)
+        if direct:
+            return _observe(direct)
         if await open_bucket(nc, KV_BUCKET, js_domain, FOLLOW_API_TIMEOUT_S) is None:
             return {}
         follower = KvFollower(nc, KV_BUCKET, js_domain)

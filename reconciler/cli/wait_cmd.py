@@ -19,17 +19,20 @@ from reconciler.core.spec import Selector
 from reconciler.mesh.client import (
     FOLLOW_API_TIMEOUT_S,
     TRANSIENT,
+    KvEntry,
     KvFollower,
     jetstream,
     open_bucket,
 )
 from reconciler.mesh.conn import MeshError, NatsOptions, connect, no_jetstream, reason_of
+from reconciler.mesh.direct import direct_last_values
 from reconciler.mesh.rollouts import read_entry, resolve_revision, rollouts_bucket
 from reconciler.mesh.subjects import KV_BUCKET
 from reconciler.mesh.wire import selector_from_pairs, wait_targets, wait_verdict
 
 # 0 synced, 1 a node failed (or the rollout aborted), 2 timeout or mesh unreachable.
 EXIT_SYNCED, EXIT_NODE_FAILED, EXIT_TIMEOUT = 0, 1, 2
+DIRECT_EVERY_S = 0.25  # replicas read this often while there is no follow
 
 
 def run_wait(args: argparse.Namespace) -> int:
@@ -68,9 +71,13 @@ async def wait_for_revision(
     """Follow the status KV until every targeted node is synced (0) or one failed (1) at
     `revision`; 2 at the deadline. Failover (server death, leader change) is ridden out:
     the follow is re-made whenever it breaks and after every reconnect (`reconnected`: the
-    connection's reconnect signal), until the deadline."""
+    connection's reconnect signal), until the deadline; while there is no follow, the
+    statuses are read straight from any replica (direct gets need no leader)."""
     trouble: str | None = None
     follower: KvFollower | None = None
+    seen: dict[str, KvEntry] | None = None  # the statuses of the last direct read
+    making: asyncio.Task[KvFollower | None] | None = None  # the follow being made
+    targets: list[str] = []  # of the last full view: what a direct read asks for
     rollout = RolloutWatch(nc, revision, js_domain)
     # the rollout entry is read beside the status follow, never in its way: a read sent
     # while a server dies waits out its API timeout, and the follow must be re-made at once
@@ -91,33 +98,42 @@ async def wait_for_revision(
                     await follower.stop()
                     follower = None
             if follower is None:
+                # no follow yet, or it broke: a stream or meta leader may be electing, which
+                # holds a new consumer up for seconds but not a direct read of any replica;
+                # so the follow is made in the background and the replicas are read meanwhile
+                if making is None:
+                    making = asyncio.create_task(_follow(nc, js_domain, left),
+                                                 name="wait-follow")
+                seen = await direct_last_values(nc, KV_BUCKET, nodes or targets or None,
+                                                js_domain) or seen
+                if seen is not None:
+                    decided = _decide(seen, nodes, selector, revision, targets)
+                    if decided is not None:
+                        return decided
+                await asyncio.wait({making}, timeout=min(DIRECT_EVERY_S, max(
+                    0.0, deadline - time.monotonic())))
+                if not making.done():
+                    continue
+                made, making = making, None
                 try:
-                    follower = await _follow(nc, js_domain, left)
+                    follower = made.result()
                 except MeshError as exc:
                     if no_jetstream_here_message(exc, js_domain):
                         _err(str(exc))
                         return EXIT_TIMEOUT
                     trouble = str(exc)
-                    follower = None
                 except (*TRANSIENT, nats.errors.Error, nats.js.errors.NotFoundError) as exc:
                     trouble = reason_of(exc)
-                    follower = None
                 if follower is None:
-                    await asyncio.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+                    await asyncio.sleep(min(DIRECT_EVERY_S, max(0.0, deadline - time.monotonic())))
                     continue
                 trouble = None
             follower.changed.clear()
             if follower.caught_up.is_set():
-                fleet = _observe(follower.entries)
-                targets = wait_targets(fleet, nodes, selector)
-                if not targets:
-                    what = selector.describe() if selector else "any node"
-                    _err(f"no node in {KV_BUCKET} matches {what}")
-                    return EXIT_NODE_FAILED
-                verdict = wait_verdict(fleet, targets, revision, _now())
-                if verdict.done:
-                    return _report_wait(revision, verdict.synced, verdict.failed,
-                                        verdict.pending, False)
+                seen = None
+                decided = _decide(follower.entries, nodes, selector, revision, targets)
+                if decided is not None:
+                    return decided
             # no news: re-check at least every second (heartbeats age, the deadline nears)
             await _first(follower.changed, reconnected, rollout.ended,
                          timeout=max(0.05, min(1.0, deadline - time.monotonic())))
@@ -128,15 +144,40 @@ async def wait_for_revision(
         rollout.stopping = True
         watching.cancel()
         await asyncio.wait({watching}, timeout=1.0)
+        if making is not None:
+            making.cancel()  # _follow stops what it made; one made just now is stopped here
+            await asyncio.wait({making}, timeout=1.0)
+            if making.done() and not making.cancelled() and making.exception() is None:
+                late = making.result()
+                if late is not None:
+                    await late.stop()
         if follower is not None:
             await follower.stop()
-    if follower is None or not follower.caught_up.is_set():
+    entries = follower.entries if follower is not None and follower.caught_up.is_set() \
+        else seen
+    if entries is None:
         why = f": {trouble}" if trouble else f" (no node has reported to {KV_BUCKET})"
         _err(f"timed out reading {KV_BUCKET}{why}")
         return EXIT_TIMEOUT
-    fleet = _observe(follower.entries)
+    fleet = _observe(entries)
     verdict = wait_verdict(fleet, wait_targets(fleet, nodes, selector), revision, _now())
     return _report_wait(revision, verdict.synced, verdict.failed, verdict.pending, True)
+
+
+def _decide(entries: dict[str, KvEntry], nodes: list[str], selector: Selector | None,
+            revision: str, targets: list[str]) -> int | None:
+    """The exit code once every target is synced or one failed (None: keep waiting);
+    `targets` is set to this view's targeted nodes."""
+    fleet = _observe(entries)
+    targets[:] = wait_targets(fleet, nodes, selector)
+    if not targets:
+        what = selector.describe() if selector else "any node"
+        _err(f"no node in {KV_BUCKET} matches {what}")
+        return EXIT_NODE_FAILED
+    verdict = wait_verdict(fleet, targets, revision, _now())
+    if verdict.done:
+        return _report_wait(revision, verdict.synced, verdict.failed, verdict.pending, False)
+    return None
 
 
 async def _first(*events: asyncio.Event | None, timeout: float) -> None:

@@ -69,14 +69,16 @@ def events_stream(replicas: int = 1) -> Wanted:
     ))
 
 
-def bucket(name: str, history: int, description: str, replicas: int = 1) -> Wanted:
-    """The stream behind a KV bucket, as nats-py's create_key_value and the nats CLI make it."""
+def bucket(name: str, history: int, description: str, replicas: int = 1,
+           msg_ttl: bool = False) -> Wanted:
+    """The stream behind a KV bucket, as nats-py's create_key_value and the nats CLI make it;
+    `msg_ttl`: values may carry their own expiry (a Nats-TTL header; nats-server 2.11+)."""
     return Wanted("bucket", name, StreamConfig(
         name=f"KV_{name}", description=description, subjects=[f"$KV.{name}.>"],
         retention=RetentionPolicy.LIMITS, storage=StorageType.FILE, discard=DiscardPolicy.NEW,
         max_msgs_per_subject=history, max_msgs=-1, max_bytes=-1, max_age=0.0,
         duplicate_window=KV_DUPLICATE_WINDOW_S, allow_rollup_hdrs=True, deny_delete=True,
-        allow_direct=True, num_replicas=replicas,
+        allow_direct=True, num_replicas=replicas, allow_msg_ttl=True if msg_ttl else None,
     ))
 
 
@@ -85,7 +87,9 @@ def nodes_bucket(replicas: int = 1) -> Wanted:
 
 
 def rollouts_bucket(replicas: int = 1) -> Wanted:
-    return bucket(ROLLOUTS_BUCKET, ROLLOUTS_HISTORY, "gitops-mesh fleet rollouts", replicas)
+    # the nodes' report keys expire (ROLLOUT_REPORT_TTL); the entries stay (a revert sticks)
+    return bucket(ROLLOUTS_BUCKET, ROLLOUTS_HISTORY, "gitops-mesh fleet rollouts", replicas,
+                  msg_ttl=True)
 
 
 def desired(replicas: int = 1) -> list[Wanted]:
@@ -103,6 +107,8 @@ def _value(config: StreamConfig, name: str) -> object:
         return 0.0
     if name == "num_replicas" and value is None:
         return 1
+    if name == "allow_msg_ttl":
+        return bool(value)
     if hasattr(value, "value"):
         return value.value
     return value
@@ -114,9 +120,15 @@ CHECKED = ("subjects", "retention", "max_msgs", "max_bytes", "max_age",
            "max_msgs_per_subject", "discard", "duplicate_window", "storage")
 
 
+# What nats-init also sees to (agents and the console do not flag it: without it the mesh
+# works, only the rollouts' report keys do not expire; a report is then written without TTL).
+PROVISIONED = ("num_replicas", "allow_msg_ttl")
+
+
 def differences(want: Wanted, got: StreamConfig, *, replicas: bool = False) -> list[str]:
-    """Every checked setting of `got` that is not the documented one (pure)."""
-    names = (*CHECKED, "num_replicas") if replicas else CHECKED
+    """Every checked setting of `got` that is not the documented one (pure); `replicas`:
+    nats-init's view (PROVISIONED too)."""
+    names = (*CHECKED, *PROVISIONED) if replicas else CHECKED
     out = []
     for name in names:
         if name == "duplicate_window" and want.kind == "bucket":

@@ -66,6 +66,7 @@ from reconciler.mesh.conn import NatsOptions, reason_of
 from reconciler.mesh.subjects import (
     KV_STREAM,
     KV_SUBJECT_PREFIX,
+    ROLLOUT_REPORT_TTL,
     ROLLOUTS_BUCKET,
     ROLLOUTS_STREAM,
     ROLLOUTS_SUBJECT_PREFIX,
@@ -78,6 +79,7 @@ CAS_ATTEMPTS = 200
 OP_TIMEOUT_S = 5.0
 FLEET_CACHE_S = 1.0
 _WRONG_LAST = (10071, 10164)
+_TTL_DISABLED = 10166  # "per-message TTL is disabled" on the stream
 STATE_HEADER = "Gitops-Rollout-State"
 
 
@@ -164,11 +166,13 @@ async def reported_nodes(js: JetStreamContext, revision: str) -> tuple[set[str],
 
 
 async def read_entry(kv: KeyValue, revision: str) -> tuple[RolloutEntry | None, int]:
-    """(entry or None, its KV revision: 0 when the key does not exist)."""
+    """(entry or None, its KV revision: 0 when the key does not exist; a deleted or purged
+    key's marker has one, which the next compare-and-set must expect)."""
     try:
         got = await kv.get(revision)
-    except nats.js.errors.KeyNotFoundError:
-        return None, 0
+    except nats.js.errors.KeyNotFoundError as exc:
+        marker = exc.entry  # nats-py hands a delete marker over with the error
+        return None, int(marker.revision or 0) if marker is not None else 0
     if got.value is None or got.operation in ("DEL", "PURGE"):
         return None, int(got.revision or 0)
     try:
@@ -309,6 +313,7 @@ class MeshCoordinator:
         self._history: tuple[str, History, dict[str, bool]] | None = None
         self._watch: tuple[str, asyncio.Task[None]] | None = None
         self.cas_attempts = 0  # writes tried in total (for tests and benchmarks)
+        self._report_ttl = True  # False once the bucket refused a Nats-TTL header
         self._background: set[asyncio.Task[None]] = set()
 
     async def _open(self, create: bool = True) -> tuple[JetStreamContext, KeyValue]:
@@ -542,9 +547,7 @@ class MeshCoordinator:
                           labels=dict(labels), at=iso_time(self._now()))
         # written before looking at the others' (so of several nodes reporting last at once,
         # at least one sees them all): a plain put, nobody waits for anybody
-        ack = await js.publish(
-            self.options.kv_put_subject(ROLLOUTS_BUCKET, report_key(revision, node)),
-            mine.to_json_bytes())
+        ack = await self._put_report(js, revision, node, mine)
         # the entry and who reported, side by side (one round trip on this node's way)
         read, (reported, last_seq) = await asyncio.gather(
             read_entry(kv, revision), reported_nodes(js, revision))
@@ -580,6 +583,23 @@ class MeshCoordinator:
         # this node's write won the progress fold: everybody's reports now
         entry, events = await self._fold_all(js, kv, revision, node, labels, {node: mine})
         return entry or result.entry, (*result.events, *events)
+
+    async def _put_report(self, js: JetStreamContext, revision: str, node: str,
+                          mine: NodeReport) -> api.PubAck:
+        """The report, with its expiry when the bucket allows per-message TTLs (one made by
+        an older nats-init does not: then without, and `nats-init --update` is advised)."""
+        subject = self.options.kv_put_subject(ROLLOUTS_BUCKET, report_key(revision, node))
+        if self._report_ttl:
+            try:
+                return await js.publish(subject, mine.to_json_bytes(),
+                                        headers={"Nats-TTL": ROLLOUT_REPORT_TTL})
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != _TTL_DISABLED:
+                    raise
+                self._report_ttl = False
+                log.warning("%s does not allow per-message TTLs: rollout report keys will "
+                            "not expire (run `gitops-mesh nats-init --update`)", ROLLOUTS_BUCKET)
+        return await js.publish(subject, mine.to_json_bytes())
 
     def _known(self, revision: str, node: str, labels: Mapping[str, str]) -> dict[str, Member]:
         """The fleet as last read for this revision (consult read it), and this node: placing

@@ -20,6 +20,10 @@ ROLLOUTS_BUCKET = "gitops_rollouts"
 ROLLOUTS_HISTORY = 10
 ROLLOUTS_STREAM = f"KV_{ROLLOUTS_BUCKET}"
 ROLLOUTS_SUBJECT_PREFIX = f"$KV.{ROLLOUTS_BUCKET}"
+# A node's report key `<sha>.<node>` expires this long after its last write (a Nats-TTL
+# header): folded into the entry within seconds, it is kept a week for late folds and
+# for reading; the entries themselves stay (an aborted revision must never apply again).
+ROLLOUT_REPORT_TTL = "168h"
 
 RPC_SERVICE = "gitops-node"
 RPC_PREFIX = "gitops.rpc"
