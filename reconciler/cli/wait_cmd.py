@@ -9,30 +9,21 @@ import contextlib
 import time
 
 import nats.errors
-import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
 from reconciler.cli.mesh_cmds import FOLLOW_OPTIONS, _err, _now, _observe, _run, _timeout
 from reconciler.core.rollout import progress_line
 from reconciler.core.spec import Selector
-from reconciler.mesh.client import (
-    FOLLOW_API_TIMEOUT_S,
-    TRANSIENT,
-    KvEntry,
-    KvFollower,
-    jetstream,
-    open_bucket,
-)
-from reconciler.mesh.conn import MeshError, NatsOptions, connect, no_jetstream, reason_of
-from reconciler.mesh.direct import direct_last_values
+from reconciler.mesh.client import FOLLOW_API_TIMEOUT_S, KvEntry, jetstream
+from reconciler.mesh.conn import MeshError, NatsOptions, connect
 from reconciler.mesh.rollouts import read_entry, resolve_revision, rollouts_bucket
+from reconciler.mesh.statuses import LiveStatuses
 from reconciler.mesh.subjects import KV_BUCKET
 from reconciler.mesh.wire import selector_from_pairs, wait_targets, wait_verdict
 
 # 0 synced, 1 a node failed (or the rollout aborted), 2 timeout or mesh unreachable.
 EXIT_SYNCED, EXIT_NODE_FAILED, EXIT_TIMEOUT = 0, 1, 2
-DIRECT_EVERY_S = 0.25  # replicas read this often while there is no follow
 
 
 def run_wait(args: argparse.Namespace) -> int:
@@ -72,12 +63,9 @@ async def wait_for_revision(
     `revision`; 2 at the deadline. Failover (server death, leader change) is ridden out:
     the follow is re-made whenever it breaks and after every reconnect (`reconnected`: the
     connection's reconnect signal), until the deadline; while there is no follow, the
-    statuses are read straight from any replica (direct gets need no leader)."""
-    trouble: str | None = None
-    follower: KvFollower | None = None
-    seen: dict[str, KvEntry] | None = None  # the statuses of the last direct read
-    making: asyncio.Task[KvFollower | None] | None = None  # the follow being made
-    targets: list[str] = []  # of the last full view: what a direct read asks for
+    statuses are read straight from any replica (LiveStatuses)."""
+    statuses = LiveStatuses(nc, js_domain)
+    targets: list[str] = []  # of the last view: what a direct read asks for
     rollout = RolloutWatch(nc, revision, js_domain)
     # the rollout entry is read beside the status follow, never in its way: a read sent
     # while a server dies waits out its API timeout, and the follow must be re-made at once
@@ -91,52 +79,20 @@ async def wait_for_revision(
             if left <= 0:
                 break
             if reconnected is not None and reconnected.is_set():
-                # our server died: a fresh consumer now beats waiting for nats-py to notice
-                # the old one is gone; the latest value of every key comes again
                 reconnected.clear()
-                if follower is not None:
-                    await follower.stop()
-                    follower = None
-            if follower is None:
-                # no follow yet, or it broke: a stream or meta leader may be electing, which
-                # holds a new consumer up for seconds but not a direct read of any replica;
-                # so the follow is made in the background and the replicas are read meanwhile
-                if making is None:
-                    making = asyncio.create_task(_follow(nc, js_domain, left),
-                                                 name="wait-follow")
-                seen = await direct_last_values(nc, KV_BUCKET, nodes or targets or None,
-                                                js_domain) or seen
-                if seen is not None:
-                    decided = _decide(seen, nodes, selector, revision, targets)
-                    if decided is not None:
-                        return decided
-                await asyncio.wait({making}, timeout=min(DIRECT_EVERY_S, max(
-                    0.0, deadline - time.monotonic())))
-                if not making.done():
-                    continue
-                made, making = making, None
-                try:
-                    follower = made.result()
-                except MeshError as exc:
-                    if no_jetstream_here_message(exc, js_domain):
-                        _err(str(exc))
-                        return EXIT_TIMEOUT
-                    trouble = str(exc)
-                except (*TRANSIENT, nats.errors.Error, nats.js.errors.NotFoundError) as exc:
-                    trouble = reason_of(exc)
-                if follower is None:
-                    await asyncio.sleep(min(DIRECT_EVERY_S, max(0.0, deadline - time.monotonic())))
-                    continue
-                trouble = None
-            follower.changed.clear()
-            if follower.caught_up.is_set():
-                seen = None
-                decided = _decide(follower.entries, nodes, selector, revision, targets)
+                await statuses.restart()
+            try:
+                entries = await statuses.read(nodes or targets or None, left)
+            except MeshError as exc:  # no JetStream on this server at all: futile
+                _err(str(exc))
+                return EXIT_TIMEOUT
+            if entries is not None:
+                decided = _decide(entries, nodes, selector, revision, targets)
                 if decided is not None:
                     return decided
             # no news: re-check at least every second (heartbeats age, the deadline nears)
-            await _first(follower.changed, reconnected, rollout.ended,
-                         timeout=max(0.05, min(1.0, deadline - time.monotonic())))
+            await statuses.news(reconnected, rollout.ended,
+                                timeout=max(0.05, min(1.0, deadline - time.monotonic())))
     finally:
         # a stop flag as well as the cancel: Python 3.11's wait_for (inside nats-py's request)
         # can lose a cancel that lands as its reply arrives, and the watch would go on; the
@@ -144,19 +100,11 @@ async def wait_for_revision(
         rollout.stopping = True
         watching.cancel()
         await asyncio.wait({watching}, timeout=1.0)
-        if making is not None:
-            making.cancel()  # _follow stops what it made; one made just now is stopped here
-            await asyncio.wait({making}, timeout=1.0)
-            if making.done() and not making.cancelled() and making.exception() is None:
-                late = making.result()
-                if late is not None:
-                    await late.stop()
-        if follower is not None:
-            await follower.stop()
-    entries = follower.entries if follower is not None and follower.caught_up.is_set() \
-        else seen
+        await statuses.close()
+    entries = statuses.latest
     if entries is None:
-        why = f": {trouble}" if trouble else f" (no node has reported to {KV_BUCKET})"
+        why = f": {statuses.trouble}" if statuses.trouble else \
+            f" (no node has reported to {KV_BUCKET})"
         _err(f"timed out reading {KV_BUCKET}{why}")
         return EXIT_TIMEOUT
     fleet = _observe(entries)
@@ -178,34 +126,6 @@ def _decide(entries: dict[str, KvEntry], nodes: list[str], selector: Selector | 
     if verdict.done:
         return _report_wait(revision, verdict.synced, verdict.failed, verdict.pending, False)
     return None
-
-
-async def _first(*events: asyncio.Event | None, timeout: float) -> None:
-    """Until one of `events` is set, or `timeout`."""
-    waits = [asyncio.ensure_future(e.wait()) for e in events if e is not None]
-    try:
-        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
-
-
-def no_jetstream_here_message(exc: MeshError, js_domain: str | None) -> bool:
-    """The server has no JetStream at all (a leaf without --nats-js-domain): waiting is futile."""
-    return str(exc) == no_jetstream(js_domain)
-
-
-async def _follow(nc: NATS, js_domain: str | None, timeout: float) -> KvFollower | None:
-    """A follower of the status bucket, None while the bucket does not exist yet."""
-    if await open_bucket(nc, KV_BUCKET, js_domain, FOLLOW_API_TIMEOUT_S) is None:
-        return None
-    follower = KvFollower(nc, KV_BUCKET, js_domain)
-    try:
-        await asyncio.wait_for(follower.start(), timeout)
-    except BaseException:
-        await follower.stop()
-        raise
-    return follower
 
 
 class RolloutWatch:
