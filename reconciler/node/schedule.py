@@ -37,7 +37,11 @@ class Schedule:
         self._scheduler.start()
 
     def shutdown(self) -> None:
+        """No call starts after this. AsyncIOScheduler defers its shutdown to the next loop
+        turn: a call falling due in this one would still be handed over, then cancelled
+        with an ERROR traceback. Pausing takes effect at once."""
         if self._scheduler.running:
+            self._scheduler.pause()
             self._scheduler.shutdown(wait=False)
 
 
