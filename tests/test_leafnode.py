@@ -37,6 +37,7 @@ from reconciler.core.events import Event
 from reconciler.core.status import NodeStatus
 from reconciler.mesh.client import call
 from reconciler.mesh.conn import MeshError, NatsOptions
+from reconciler.mesh.direct import direct_last_values
 from reconciler.mesh.subjects import EVENTS_STREAM, KV_BUCKET
 
 PY = sys.executable
@@ -254,6 +255,15 @@ async def test_wait_at_the_hub_after_a_push_notified_at_the_hub(site: Site, hub:
                "--revision", revision, "--timeout", "20s")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"{revision[:12]}: synced on 1 node(s): {NODE}"
+    # what `wait` and `status` read first: the hub's replicas answer a direct get across
+    # the leaf connection, addressed to the hub's domain
+    nc = await nats.connect(site.leaf.url())
+    try:
+        read = await direct_last_values(nc, KV_BUCKET, None, "hub")
+    finally:
+        await nc.close()
+    assert read is not None and read[NODE].value is not None
+    assert NodeStatus.from_json(read[NODE].value).revision == revision
 
 
 async def test_console_feed_at_the_site_reads_the_hub(site: Site, hub: NATS) -> None:
