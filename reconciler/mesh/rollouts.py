@@ -314,6 +314,7 @@ class MeshCoordinator:
         self._watch: tuple[str, asyncio.Task[None]] | None = None
         self.cas_attempts = 0  # writes tried in total (for tests and benchmarks)
         self._report_ttl = True  # False once the bucket refused a Nats-TTL header
+        self._superseding_asked: tuple[str, str] | None = None  # (older, newer), last asked
         self._background: set[asyncio.Task[None]] = set()
 
     async def _open(self, create: bool = True) -> tuple[JetStreamContext, KeyValue]:
@@ -394,9 +395,11 @@ class MeshCoordinator:
         if existing is None:
             base, superseded = await self._supersede(js, kv, previous, revision)
             events += superseded
-        elif previous not in (None, revision, existing.base):
+        elif previous not in (None, revision, existing.base) and \
+                (previous, revision) != self._superseding_asked:
             # this node ran a revision the entry's creator did not (a rollout it baked, say):
-            # that rollout ends as superseded too, off this node's way to applying
+            # that rollout ends as superseded too, off this node's way to applying (once)
+            self._superseding_asked = (previous, revision)
             self._start(f"rollout-supersede-{previous[:8]}",
                         self._superseding(js, kv, previous, revision), later)
         # The fleet (membership, offline nodes) is read only where it matters. Every node
