@@ -181,7 +181,14 @@ def test_sigterm_while_apps_are_still_starting_leaves_nothing(tmp_path: Path) ->
         state = re.search(r"state in (\S+)", demo.output)
         assert state, demo.output
         demo.process.send_signal(signal.SIGTERM)
-        assert demo.process.wait(90) == 0, demo.output
+        try:
+            code = demo.process.wait(90)
+        except subprocess.TimeoutExpired:
+            logs = "".join(f"\n--- {log.name}:\n{log.read_text(errors='replace')[-3000:]}"
+                           for log in sorted((Path(state.group(1)) / "logs").glob("*.log")))
+            pytest.fail(f"the demo did not stop within 90 s of SIGTERM:\n"
+                        f"{demo.output[-4000:]}{logs}")
+        assert code == 0, demo.output
         assert demo.alive() == []
         assert not Path(state.group(1)).exists(), "the temp state dir is removed"
     finally:

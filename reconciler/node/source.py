@@ -356,13 +356,14 @@ class GitSource:
         full SHAs before they reach git) are earlier commits of `revision` in this cache; a
         commit of another repository is not here, so it is not one."""
         found: set[str] = set()
-        for candidate in candidates:
-            if candidate == revision or not FULL_SHA_RE.match(candidate):
-                continue
-            res = self._git("merge-base", "--is-ancestor", candidate, revision,
-                            timeout=ANCESTRY_TIMEOUT_S, what="git merge-base")
-            if res.returncode == 0:
-                found.add(candidate)
+        with self._lock:  # as every reader: a close() meanwhile must not see it reopen
+            for candidate in candidates:
+                if candidate == revision or not FULL_SHA_RE.match(candidate):
+                    continue
+                res = self._git("merge-base", "--is-ancestor", candidate, revision,
+                                timeout=ANCESTRY_TIMEOUT_S, what="git merge-base")
+                if res.returncode == 0:
+                    found.add(candidate)
         return found
 
     def read_file(self, revision: str, path: str, max_bytes: int | None = None) -> bytes:
