@@ -509,6 +509,19 @@ async def _watch(
             await nc.close()
 
 
+RECANCEL_EVERY_S = 0.2
+
+
+def cancel_until_done(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -> None:
+    """Cancel `task`, and again every RECANCEL_EVERY_S until it has ended: Python 3.11's
+    wait_for (inside nats-py's requests) loses a cancel that lands as its inner future
+    completes, and the demo then went on running after a SIGTERM, never stopping."""
+    if task.done():
+        return
+    task.cancel()
+    loop.call_later(RECANCEL_EVERY_S, cancel_until_done, loop, task)
+
+
 def _stop_child(child: Child, sig: int, timeout: float) -> None:
     if child.process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
@@ -644,7 +657,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     def on_signal(sig: signal.Signals) -> None:
         received.append(sig.name)
-        main.cancel()  # wherever it is: starting things or watching them
+        cancel_until_done(loop, main)  # wherever it is: starting things or watching them
 
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
