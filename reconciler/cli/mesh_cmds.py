@@ -19,9 +19,7 @@ from reconciler.cli.render import format_status
 from reconciler.core.spec import Selector, parse_duration
 from reconciler.core.status import NodeStatus
 from reconciler.mesh.client import (
-    FOLLOW_API_TIMEOUT_S,
     TRANSIENT,
-    KvFollower,
     RpcError,
     call,
     get_entry,
@@ -32,6 +30,7 @@ from reconciler.mesh.client import (
 )
 from reconciler.mesh.conn import MeshError, NatsOptions, connect, reason_of
 from reconciler.mesh.direct import direct_last_values
+from reconciler.mesh.statuses import follow_statuses
 from reconciler.mesh.subjects import FLEET_RECONCILE, KV_BUCKET
 from reconciler.mesh.wire import (
     BadRequest,
@@ -112,11 +111,10 @@ async def read_fleet(nc: NATS, *, js_domain: str | None = None,
         direct = await direct_last_values(nc, KV_BUCKET, None, js_domain)
         if direct:
             return _observe(direct)
-        if await open_bucket(nc, KV_BUCKET, js_domain, FOLLOW_API_TIMEOUT_S) is None:
+        follower = await follow_statuses(nc, js_domain, timeout)
+        if follower is None:
             return {}
-        follower = KvFollower(nc, KV_BUCKET, js_domain)
         try:
-            await follower.start()
             await asyncio.wait_for(follower.caught_up.wait(), timeout)
             return _observe(follower.entries)
         finally:

@@ -183,8 +183,8 @@ class RolloutEvent:
     type: RolloutEventType
     message: str
     id: str
+    revision: str  # the rollout's (a consult of a new revision may end an older one)
     data: dict[str, Any] = field(default_factory=dict)
-    revision: str = ""  # the rollout's (a consult of a new revision may end an older one)
 
 
 @dataclass(frozen=True)
@@ -247,7 +247,7 @@ def _event(e: RolloutEntry, type: RolloutEventType, message: str, **data: Any
            ) -> RolloutEvent:
     e.transitions += 1
     event_id = uuid.uuid5(_EVENT_NAMESPACE, f"{e.revision}:{e.transitions}:{type}").hex
-    return RolloutEvent(type, message, event_id, data, e.revision)
+    return RolloutEvent(type, message, event_id, e.revision, data)
 
 
 def _place(e: RolloutEntry, node: str, wave: int) -> None:

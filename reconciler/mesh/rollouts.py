@@ -238,20 +238,19 @@ async def read_members(js: JetStreamContext, now: datetime) -> dict[str, Member]
     return members
 
 
-def rollout_event_payload(event: RolloutEvent, node: str, revision: str, now: datetime
+def rollout_event_payload(event: RolloutEvent, node: str, now: datetime
                           ) -> tuple[str, bytes]:
     """(subject, JSON) of a rollout event announced by `node` (an operator: "console")."""
-    built = make_event(event.type, node, now, event_id=event.id,
-                       revision=event.revision or revision,
+    built = make_event(event.type, node, now, event_id=event.id, revision=event.revision,
                        message=event.message, data=event.data or None)
     return event_subject(node, event.type), built.to_json_bytes()
 
 
 async def publish_events(js: JetStreamContext, events: tuple[RolloutEvent, ...], node: str,
-                         revision: str, now: datetime) -> None:
+                         now: datetime) -> None:
     """Publish operator-caused events straight to the stream (Nats-Msg-Id = event id)."""
     for event in events:
-        subject, payload = rollout_event_payload(event, node, revision, now)
+        subject, payload = rollout_event_payload(event, node, now)
         try:
             await js.publish(subject, payload, headers={"Nats-Msg-Id": event.id})
         except (TimeoutError, nats.errors.Error) as exc:
@@ -277,7 +276,7 @@ async def operate_rollout(
         return Step(after.entry, (*step.events, *after.events))
 
     result = await cas_update(js, kv, options, revision, change)
-    await publish_events(js, result.events, actor, revision, now())
+    await publish_events(js, result.events, actor, now())
     return result
 
 

@@ -49,7 +49,7 @@ class LiveStatuses:
             self._follower.changed.clear()
             return self.latest
         if self._making is None:
-            self._making = asyncio.create_task(_follow(self._nc, self._js_domain, left),
+            self._making = asyncio.create_task(follow_statuses(self._nc, self._js_domain, left),
                                                name="statuses-follow")
         elif self._making.done():
             self._take_made()
@@ -95,7 +95,7 @@ class LiveStatuses:
     async def close(self) -> None:
         making, self._making = self._making, None
         if making is not None:
-            making.cancel()  # _follow stops what it made; one made just now is stopped here
+            making.cancel()  # follow_statuses stops what it made; one made just now is stopped here
             await asyncio.wait({making}, timeout=1.0)
             if making.done() and not making.cancelled() and making.exception() is None:
                 late = making.result()
@@ -118,7 +118,8 @@ class LiveStatuses:
             self.trouble = None
 
 
-async def _follow(nc: NATS, js_domain: str | None, timeout: float) -> KvFollower | None:
+async def follow_statuses(nc: NATS, js_domain: str | None, timeout: float
+                          ) -> KvFollower | None:
     """A follower of the status bucket, None while the bucket does not exist yet."""
     if await open_bucket(nc, KV_BUCKET, js_domain, FOLLOW_API_TIMEOUT_S) is None:
         return None

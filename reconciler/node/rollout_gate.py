@@ -106,7 +106,7 @@ class RolloutGate:
         try:
             verdict, events = await self.coordinator.consult(
                 revision, spec, self.node_id, self._labels(), previous,
-                later=lambda events: None if self.closed else self._record(revision, events),
+                later=lambda events: None if self.closed else self._record(events),
                 history=lambda revisions: self.source.ancestors_among(revision, revisions))
         except RolloutUnavailable as exc:
             self._failures += 1  # NATS not up yet, or away: look again soon
@@ -115,7 +115,7 @@ class RolloutGate:
                                           f"({exc}): not enforceable, so {short} is not "
                                           "applied (retrying)")
         self._failures = 0
-        self._record(revision, events)
+        self._record(events)
         self._state = verdict.state
         self.coordinator.watch(revision, self._on_change)
         if verdict.kind == "apply":
@@ -147,13 +147,13 @@ class RolloutGate:
         try:
             entry, events = await self.coordinator.report(
                 revision, self.node_id, self._labels(), kind, outcome[1],
-                later=lambda events: None if self.closed else self._record(revision, events))
+                later=lambda events: None if self.closed else self._record(events))
         except RolloutUnavailable as exc:
             log.warning("rollout: could not report %s for %s: %s", kind, revision[:12], exc)
             self._recheck(5.0)
             return
         self._reported = (revision, kind)
-        self._record(revision, events)
+        self._record(events)
         if entry is not None and entry.state == "aborted" and self._state != "aborted":
             self._state = entry.state
             self._trigger("rollout")  # this report aborted it: revert now
@@ -195,7 +195,7 @@ class RolloutGate:
         except RolloutUnavailable as exc:  # best effort: the old entry only shows as stale
             log.debug("rollout: could not mark %s superseded: %s", previous[:12], exc)
             return
-        self._record(previous, events)
+        self._record(events)
 
     def _recheck(self, delay: float) -> None:
         """Reconcile again in `delay` s (a bake ends, a deadline passes, NATS may be back)."""
@@ -216,16 +216,16 @@ class RolloutGate:
         if self._waiting or (state == "aborted" and self._state != "aborted"):
             self._trigger("rollout")
 
-    def _record(self, revision: str, events: tuple[RolloutEvent, ...]) -> None:
+    def _record(self, events: tuple[RolloutEvent, ...]) -> None:
         """Events of transitions this node's write caused (it won the CAS): once, via the
-        outbox, with the transition's deterministic id."""
+        outbox, with the transition's deterministic id, under its rollout's revision."""
         if not events:
             return
         with self.store.transaction():
             for event in events:
                 self.store.add_event(make_event(
                     event.type, self.node_id, self._now(), event_id=event.id,
-                    revision=event.revision or revision, message=event.message,
+                    revision=event.revision, message=event.message,
                     data=event.data or None, run_id=self.current_run()))
                 log.info("%s: %s", event.type, event.message)
         self._notify()
